@@ -1,0 +1,1759 @@
+"""AITBC Coordinator: a single-file, SQLite-backed job coordinator for GPU miners.
+
+Clients submit compute jobs; miners register, heartbeat and long-poll for work; the coordinator
+matches each job to a miner whose capabilities satisfy its constraints and tracks it to its end.
+
+Run it:   aitbc-coord serve [--host 127.0.0.1] [--port 8011] [--db PATH]   (or python -m aitbc_coord)
+Schema:   aitbc-coord migrate [--db PATH]
+
+Transactions: every write is a unit of work run on the one writer thread; units that arrive
+together share one BEGIN IMMEDIATE ... COMMIT (group commit), each inside its own SAVEPOINT, and
+no response is sent before its commit. Reads use their own connections and never wait on the
+writer (WAL).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import enum
+import hashlib
+import json
+import logging
+import math
+import os
+import queue
+import re
+import secrets
+import socket
+import sqlite3
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+import uvicorn
+from dotenv import dotenv_values
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic.json_schema import models_json_schema
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+__version__ = "0.1.0"
+log = logging.getLogger("aitbc_coord")
+T = TypeVar("T")
+
+
+# === Settings ===
+
+ROLES = ("client", "miner", "admin")
+DEV_KEYS = {"client": "REDACTED_CLIENT_KEY", "miner": "REDACTED_MINER_KEY", "admin": "REDACTED_ADMIN_KEY"}
+KEY_NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+SYNCHRONOUS_MODES = ("OFF", "NORMAL", "FULL", "EXTRA")
+
+
+class ConfigError(Exception):
+    """A setting is missing or malformed; reported at start-up as one line, never a traceback."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Every tunable in one place; built once by `Settings.load` and passed down."""
+
+    app_env: str = "dev"
+    host: str = "127.0.0.1"
+    port: int = 8011
+    db_path: str = "./coordinator.db"
+    api_keys: Mapping[str, Mapping[str, str]] = dataclasses.field(default_factory=dict)
+    dev_key_roles: tuple[str, ...] = ()
+    allow_origins: tuple[str, ...] = ("*",)
+    job_ttl_seconds: int = 900
+    job_ttl_max_seconds: int = 604800
+    heartbeat_timeout_seconds: float = 30.0
+    job_max_attempts: int = 3
+    poll_max_wait_seconds: float = 30.0
+    max_body_bytes: int = 1048576
+    coordinator_id: str = "aitbc-coordinator"
+    db_synchronous: str = "FULL"
+    sweep_interval_seconds: float = 0.5  # 0 turns the background sweeper off (tests drive it)
+    idempotency_ttl_seconds: int = 86400
+
+    @classmethod
+    def load(
+        cls, environ: Mapping[str, str], env_file: str | None = None, **overrides: Any
+    ) -> Settings:
+        """Build settings from `environ` over the .env file, then non-None `overrides`; raises ConfigError."""
+        env = {k.upper(): v for k, v in _read_env_file(env_file).items() if v is not None}
+        env.update({k.upper(): v for k, v in environ.items()})
+        values: dict[str, Any] = {}
+        for name, (field, parse) in ENV_VARS.items():
+            raw = env.get(name, "").strip()
+            if raw:
+                try:
+                    values[field] = parse(raw)
+                except (ValueError, TypeError) as exc:
+                    raise ConfigError(f"{name}: {exc}") from None
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        app_env = values.get("app_env", cls.app_env)
+        values["api_keys"], values["dev_key_roles"] = _load_api_keys(env, app_env)
+        return cls(**values)
+
+
+def _read_env_file(env_file: str | None) -> dict[str, str | None]:
+    """The .env file's values (or none); raises ConfigError when a named file is missing."""
+    if env_file is None:
+        return dotenv_values(".env") if Path(".env").is_file() else {}
+    if not Path(env_file).is_file():
+        raise ConfigError(f"--env-file: no such file: {env_file}")
+    return dotenv_values(env_file)
+
+
+def parse_list(raw: str) -> list[str]:
+    """A JSON array of strings or a comma-separated list; raises ValueError."""
+    if raw.startswith("["):
+        try:
+            items = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"not a valid JSON array ({exc.msg})") from None
+        if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
+            raise ValueError("must be a JSON array of strings")
+        return [i.strip() for i in items if i.strip()]
+    return [i.strip() for i in raw.split(",") if i.strip()]
+
+
+def _parse_int(low: int) -> Callable[[str], int]:
+    def parse(raw: str) -> int:
+        value = int(raw)
+        if value < low:
+            raise ValueError(f"must be at least {low}, got {value}")
+        return value
+
+    return parse
+
+
+def _parse_seconds(raw: str) -> float:
+    value = float(raw)
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"must be a non-negative number of seconds, got {raw}")
+    return value
+
+
+def _parse_database_url(raw: str) -> str:
+    if not raw.startswith("sqlite:///") or raw == "sqlite:///":
+        raise ValueError("must look like sqlite:///relative/path.db or sqlite:////absolute/path.db")
+    return raw[len("sqlite:///") :]
+
+
+def _parse_choice(choices: Sequence[str]) -> Callable[[str], str]:
+    def parse(raw: str) -> str:
+        if raw.upper() not in choices:
+            raise ValueError(f"must be one of {', '.join(choices)}, got {raw!r}")
+        return raw.upper()
+
+    return parse
+
+
+def _parse_app_env(raw: str) -> str:
+    if not re.fullmatch(r"[a-z][a-z0-9_-]{0,31}", raw):
+        raise ValueError(f"must be a short lower-case name such as dev or prod, got {raw!r}")
+    return raw
+
+
+ENV_VARS: dict[str, tuple[str, Callable[[str], Any]]] = {
+    "APP_ENV": ("app_env", _parse_app_env),
+    "APP_HOST": ("host", str),
+    "APP_PORT": ("port", _parse_int(0)),
+    "DATABASE_URL": ("db_path", _parse_database_url),
+    "ALLOW_ORIGINS": ("allow_origins", lambda raw: tuple(parse_list(raw))),
+    "JOB_TTL_SECONDS": ("job_ttl_seconds", _parse_int(1)),
+    "JOB_TTL_MAX_SECONDS": ("job_ttl_max_seconds", _parse_int(1)),
+    "HEARTBEAT_TIMEOUT_SECONDS": ("heartbeat_timeout_seconds", _parse_seconds),
+    "JOB_MAX_ATTEMPTS": ("job_max_attempts", _parse_int(1)),
+    "POLL_MAX_WAIT_SECONDS": ("poll_max_wait_seconds", _parse_seconds),
+    "MAX_BODY_BYTES": ("max_body_bytes", _parse_int(1024)),
+    "COORDINATOR_ID": ("coordinator_id", str),
+    "DB_SYNCHRONOUS": ("db_synchronous", _parse_choice(SYNCHRONOUS_MODES)),
+}
+
+
+def key_digest(key: str) -> str:
+    """The SHA-256 hex digest under which a key is held in memory."""
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def parse_key_entry(role: str, entry: str) -> tuple[str, str]:
+    """(digest, identity) of one `KEY` or `NAME=KEY` entry; raises ValueError."""
+    name, sep, key = entry.partition("=")
+    if not sep or not KEY_NAME_RE.fullmatch(name) or not key.strip("="):
+        name, key = "", entry  # no usable NAME= prefix: the whole entry is the key (e.g. base64 "ab==")
+    if not key:
+        raise ValueError("empty key")
+    digest = key_digest(key)
+    return digest, name or f"{role}-{digest[:12]}"
+
+
+def _load_api_keys(env: Mapping[str, str], app_env: str) -> tuple[dict[str, dict[str, str]], tuple[str, ...]]:
+    """Per role, digest -> identity; dev keys fill empty roles only in dev; raises ConfigError."""
+    keys: dict[str, dict[str, str]] = {}
+    dev_roles: list[str] = []
+    for role in ROLES:
+        var = f"{role.upper()}_API_KEYS"
+        try:
+            entries = parse_list(env.get(var, "").strip())
+            keys[role] = dict(parse_key_entry(role, e) for e in entries)
+        except ValueError as exc:
+            raise ConfigError(f"{var}: {exc}") from None
+        if not keys[role]:
+            if app_env != "dev":
+                raise ConfigError(f"{var} is empty; APP_ENV={app_env} needs at least one {role} key")
+            keys[role] = dict([parse_key_entry(role, DEV_KEYS[role])])
+            dev_roles.append(role)
+    return keys, tuple(dev_roles)
+
+
+# === Errors ===
+
+
+class ApiError(Exception):
+    """A handled error: rendered by `render_error` as {"detail": ...} with `status`."""
+
+    status = 400
+    default = "bad request"
+
+    def __init__(self, detail: Any = None, headers: Mapping[str, str] | None = None) -> None:
+        super().__init__(detail or self.default)
+        self.detail = detail or self.default
+        self.headers = dict(headers or {})
+
+
+class BadRequest(ApiError):
+    status, default = 400, "bad request"
+
+
+class Unauthorized(ApiError):
+    status, default = 401, "invalid api key"
+
+
+class NotFound(ApiError):
+    status, default = 404, "not found"
+
+
+class Conflict(ApiError):
+    status, default = 409, "conflict"
+
+
+class PayloadTooLarge(ApiError):
+    status, default = 413, "request body too large"
+
+
+class Unprocessable(ApiError):
+    """422 with a plain message (validation errors use `Invalid`)."""
+
+    status, default = 422, "unprocessable request"
+
+
+class Invalid(ApiError):
+    """422 with pydantic's error list: [{"type", "loc", "msg", "input"}, ...]."""
+
+    status = 422
+
+    @classmethod
+    def one(cls, loc: Sequence[str | int], msg: str, value: Any, kind: str = "value_error") -> Invalid:
+        return cls([{"type": kind, "loc": list(loc), "msg": msg, "input": value}])
+
+
+class NotReady(ApiError):
+    status, default = 425, "job not ready"
+
+
+class Unavailable(ApiError):
+    status, default = 503, "database unavailable"
+
+    def __init__(self, detail: Any = None) -> None:
+        super().__init__(detail, headers={"Retry-After": "1"})
+
+
+# === Domain types ===
+
+
+class JobState(enum.StrEnum):
+    QUEUED = "QUEUED"
+    RUNNING = "RUNNING"
+    COMPLETED = "COMPLETED"
+    FAILED = "FAILED"
+    CANCELED = "CANCELED"
+    EXPIRED = "EXPIRED"
+
+
+ACTIVE_STATES = (JobState.QUEUED, JobState.RUNNING)
+NO_WORK_STATUSES = ("DRAINING", "OFFLINE")
+CONSTRAINT_KEYS = ("gpu", "cuda", "min_vram_gb", "models", "region", "max_price")
+
+
+@dataclasses.dataclass(frozen=True)
+class Caller:
+    role: str
+    identity: str
+
+
+@dataclasses.dataclass(frozen=True)
+class MinerProfile:
+    """What matching needs to know about a registered miner."""
+
+    miner_id: str
+    capabilities: dict[str, Any]
+    region: str | None
+    concurrency: int
+    status: str
+    session_token: str
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> MinerProfile:
+        return cls(row["miner_id"], json.loads(row["capabilities"]), row["region"],
+                   row["concurrency"], row["status"], row["session_token"])
+
+
+@dataclasses.dataclass
+class Wake:
+    """Who may have work after a commit: constraints of newly QUEUED jobs, miners with a freed slot."""
+
+    queued: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    miners: set[str] = dataclasses.field(default_factory=set)
+
+    def add_rows(self, rows: Iterable[sqlite3.Row]) -> Wake:
+        for row in rows:
+            if row["state"] == JobState.QUEUED:
+                self.queued.append(json.loads(row["constraints"]))
+        return self
+
+
+@dataclasses.dataclass
+class Outcome:
+    """What a unit of work hands back: its value, whom to wake, and an error to raise after commit."""
+
+    value: Any = None
+    wake: Wake = dataclasses.field(default_factory=Wake)
+    error: ApiError | None = None
+
+
+# === Database ===
+
+SCHEMA_VERSION = 1
+# Upgrade steps: UPGRADES[n] takes a version n-1 database to version n (none yet: version 1 is the first).
+UPGRADES: dict[int, str] = {}
+MIN_SQLITE = (3, 35, 0)  # RETURNING
+
+
+def schema_sql() -> str:
+    """The text of schema.sql, beside the module in a checkout or installed with the wheel."""
+    here = Path(__file__).resolve().parent
+    for name in ("schema.sql", "aitbc_coord_schema.sql"):
+        if (here / name).is_file():
+            return (here / name).read_text(encoding="utf-8")
+    raise ConfigError(f"schema.sql not found beside {__file__}")
+
+
+def check_sqlite_version(version: str = sqlite3.sqlite_version) -> None:
+    """Raises ConfigError when the SQLite library is older than 3.35 (no RETURNING)."""
+    if tuple(int(p) for p in version.split(".")[:3]) < MIN_SQLITE:
+        raise ConfigError(f"SQLite {version} is too old; the coordinator needs 3.35 or newer")
+
+
+def connect(path: str, synchronous: str = "FULL", readonly: bool = False) -> sqlite3.Connection:
+    """Open `path` with every pragma the coordinator relies on; transactions are managed by hand."""
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=5.0)
+    conn.row_factory = sqlite3.Row
+    conn.execute("PRAGMA busy_timeout = 5000")  # wait out other processes (migrate, backup) briefly
+    if not readonly:
+        conn.execute("PRAGMA journal_mode = WAL")  # readers never block the writer, nor it them
+    conn.execute(f"PRAGMA synchronous = {_parse_choice(SYNCHRONOUS_MODES)(synchronous)}")  # FULL: acked = durable
+    conn.execute("PRAGMA foreign_keys = ON")  # jobs.shape_id must name a shape
+    if readonly:
+        conn.execute("PRAGMA query_only = ON")  # a read path can never write by mistake
+    return conn
+
+
+def split_statements(script: str) -> list[str]:
+    """Split an SQL script into whole statements (trigger bodies included)."""
+    statements, current = [], ""
+    for line in script.splitlines(keepends=True):
+        current += line
+        if sqlite3.complete_statement(current):
+            statements.append(current.strip())
+            current = ""
+    if current.strip() and not all(ln.strip().startswith("--") for ln in current.strip().splitlines()):
+        raise ConfigError("schema.sql ends with an incomplete statement")
+    return statements
+
+
+def migrate(path: str) -> tuple[int, int]:
+    """Create or upgrade the database at `path` in one transaction; (before, after); raises ConfigError."""
+    check_sqlite_version()
+    if path != ":memory:":
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    conn = connect(path)
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        before = conn.execute("PRAGMA user_version").fetchone()[0]
+        if before > SCHEMA_VERSION:
+            raise ConfigError(f"database {path} has schema version {before}, newer than this "
+                              f"coordinator's {SCHEMA_VERSION}; upgrade aitbc-coord")
+        steps = [schema_sql()] if before == 0 else [UPGRADES[v] for v in range(before + 1, SCHEMA_VERSION + 1)]
+        for script in steps:
+            for statement in split_statements(script):
+                conn.execute(statement)
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        conn.execute("COMMIT")
+        return before, SCHEMA_VERSION
+    except sqlite3.Error as exc:
+        raise ConfigError(f"cannot migrate {path}: {exc}") from None
+    finally:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        conn.close()
+
+
+def _settle(fut: asyncio.Future[Any], result: Any, exc: BaseException | None) -> None:
+    if fut.done():  # the awaiting request went away; the write has still happened
+        return
+    if exc is not None:
+        fut.set_exception(exc)
+    else:
+        fut.set_result(result)
+
+
+class Database:
+    """One writer thread that group-commits units of work, and a pool of read-only connections."""
+
+    MAX_BATCH = 256
+
+    def __init__(self, path: str, synchronous: str = "FULL", readers: int = 4) -> None:
+        self.path, self.synchronous, self.reader_count = path, synchronous, readers
+        self.abort_hooks: list[Callable[[], None]] = []  # run on the writer thread after a failed COMMIT
+        self._queue: queue.SimpleQueue[tuple[Callable[..., Any], tuple[Any, ...], asyncio.Future[Any]] | None]
+        self._queue = queue.SimpleQueue()
+        self._local = threading.local()
+        self._reader_conns: list[sqlite3.Connection] = []
+        self._lock = threading.Lock()
+
+    async def start(self) -> None:
+        """Open the writer connection and thread, and the reader pool."""
+        self._loop = asyncio.get_running_loop()
+        self._wconn = connect(self.path, self.synchronous)
+        self._thread = threading.Thread(target=self._run_writer, name="aitbc-writer", daemon=True)
+        self._thread.start()
+        self._readers = ThreadPoolExecutor(self.reader_count, thread_name_prefix="aitbc-reader")
+
+    async def close(self) -> None:
+        """Finish queued writes, then close every connection."""
+        self._queue.put(None)
+        await asyncio.to_thread(self._thread.join)
+        self._readers.shutdown(wait=True)
+        self._wconn.close()
+        for conn in self._reader_conns:
+            conn.close()
+
+    async def write(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run fn(conn, *args) as one unit of work; returns once it is committed. Raises what fn raised."""
+        fut: asyncio.Future[T] = self._loop.create_future()
+        self._queue.put((fn, args, fut))
+        return await fut
+
+    async def read(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run fn(conn, *args) on a reader connection inside one read snapshot."""
+        return await self._loop.run_in_executor(self._readers, self._read, fn, args)
+
+    def _read(self, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._local.conn = connect(self.path, self.synchronous, readonly=True)
+            with self._lock:
+                self._reader_conns.append(conn)
+        conn.execute("BEGIN")  # one snapshot for every statement of this read
+        try:
+            return fn(conn, *args)
+        finally:
+            conn.execute("ROLLBACK")
+
+    def _run_writer(self) -> None:
+        while (item := self._queue.get()) is not None:
+            batch = [item]
+            while len(batch) < self.MAX_BATCH:
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    self._queue.put(None)  # finish this batch, then stop
+                    break
+                batch.append(nxt)
+            self._commit_batch(batch)
+
+    def _commit_batch(self, batch: list[tuple[Callable[..., Any], tuple[Any, ...], asyncio.Future[Any]]]) -> None:
+        conn, outcomes = self._wconn, []
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for fn, args, fut in batch:
+                outcomes.append((fut, *self._run_unit(conn, fn, args)))
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:  # nothing of this batch is durable, so nothing is acknowledged
+            log.error("write batch of %d aborted: %s", len(batch), exc)
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            for hook in self.abort_hooks:
+                hook()
+            outcomes = [(fut, None, Unavailable()) for _, _, fut in batch]
+        for fut, result, exc in outcomes:
+            self._loop.call_soon_threadsafe(_settle, fut, result, exc)
+
+    @staticmethod
+    def _run_unit(conn: sqlite3.Connection, fn: Callable[..., Any], args: tuple[Any, ...]) -> tuple[Any, BaseException | None]:
+        conn.execute("SAVEPOINT unit")
+        try:
+            result = fn(conn, *args)
+        except Exception as exc:  # this unit's writes are undone; the rest of the batch commits
+            conn.execute("ROLLBACK TO unit")
+            conn.execute("RELEASE unit")
+            if isinstance(exc, sqlite3.OperationalError):
+                log.error("unit %s failed: %s", fn.__name__, exc)
+                exc = Unavailable()
+            return None, exc
+        conn.execute("RELEASE unit")
+        return result, None
+
+
+# === Data layer ===
+# Helpers below take an open transaction and never commit; the tx_* units of work further down
+# are what Database.write runs.
+
+JOB_VIEW_COLUMNS = ("seq, job_id, client_id, state, payload, constraints, requested_at, expires_at, attempts, "
+                    "assigned_miner_id, assigned_at, finished_at, error")
+
+
+def canonical_json(value: Any) -> str:
+    """Compact JSON with sorted keys: the stored form of results, and what equality is judged on."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
+def compact_json(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"))
+
+
+def ensure_shape(conn: sqlite3.Connection, constraints_json: str) -> int:
+    """The shape id of a canonical constraints object, created if new."""
+    row = conn.execute("SELECT shape_id FROM shapes WHERE constraints = ?", (constraints_json,)).fetchone()
+    if row is not None:
+        return int(row[0])
+    return int(conn.execute("INSERT INTO shapes (constraints) VALUES (?) RETURNING shape_id",
+                            (constraints_json,)).fetchone()[0])
+
+
+def list_shapes_after(conn: sqlite3.Connection, shape_id: int) -> list[sqlite3.Row]:
+    return conn.execute("SELECT shape_id, constraints FROM shapes WHERE shape_id > ? ORDER BY shape_id",
+                        (shape_id,)).fetchall()
+
+
+def insert_job(conn: sqlite3.Connection, job_id: str, client_id: str, payload: str, constraints: str,
+               shape_id: int, requested_at: int, expires_at: int) -> sqlite3.Row:
+    return conn.execute(
+        "INSERT INTO jobs (job_id, client_id, state, payload, constraints, shape_id, requested_at, expires_at)"
+        f" VALUES (?, ?, 'QUEUED', ?, ?, ?, ?, ?) RETURNING {JOB_VIEW_COLUMNS}",
+        (job_id, client_id, payload, constraints, shape_id, requested_at, expires_at)).fetchone()
+
+
+def get_job(conn: sqlite3.Connection, job_id: str) -> sqlite3.Row | None:
+    return conn.execute("SELECT * FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+
+
+def list_jobs(conn: sqlite3.Connection, client_id: str | None, state: str | None,
+              limit: int, offset: int) -> list[sqlite3.Row]:
+    """Jobs newest first, optionally of one client and/or one state."""
+    where, params = [], []
+    if client_id is not None:
+        where.append("client_id = ?")
+        params.append(client_id)
+    if state is not None:
+        where.append("state = ?")
+        params.append(state)
+    sql = (f"SELECT {JOB_VIEW_COLUMNS} FROM jobs {'WHERE ' + ' AND '.join(where) if where else ''}"
+           " ORDER BY seq DESC LIMIT ? OFFSET ?")
+    return conn.execute(sql, (*params, limit, offset)).fetchall()
+
+
+def oldest_queued_in_shape(conn: sqlite3.Connection, shape_id: int, now: int) -> int | None:
+    row = conn.execute("SELECT seq FROM jobs WHERE state = 'QUEUED' AND shape_id = ? AND expires_at > ?"
+                       " ORDER BY seq LIMIT 1", (shape_id, now)).fetchone()
+    return None if row is None else int(row[0])
+
+
+def assign_job(conn: sqlite3.Connection, seq: int, miner_id: str, now: int) -> sqlite3.Row | None:
+    """Claim one QUEUED job for a miner; None if it is no longer QUEUED."""
+    return conn.execute(
+        "UPDATE jobs SET state = 'RUNNING', assigned_miner_id = ?, assigned_at = ?, attempts = attempts + 1"
+        " WHERE seq = ? AND state = 'QUEUED' RETURNING job_id, payload, constraints, attempts, expires_at",
+        (miner_id, now, seq)).fetchone()
+
+
+def count_running(conn: sqlite3.Connection, miner_id: str) -> int:
+    return int(conn.execute("SELECT COUNT(*) FROM jobs WHERE state = 'RUNNING' AND assigned_miner_id = ?",
+                            (miner_id,)).fetchone()[0])
+
+
+def count_running_by_miner(conn: sqlite3.Connection) -> dict[str, int]:
+    rows = conn.execute("SELECT assigned_miner_id, COUNT(*) FROM jobs WHERE state = 'RUNNING'"
+                        " GROUP BY assigned_miner_id").fetchall()
+    return {r[0]: r[1] for r in rows}
+
+
+def finish_job(conn: sqlite3.Connection, seq: int, state: str, now: int, error: str | None = None,
+               result: str | None = None, metrics: str | None = None) -> sqlite3.Row:
+    """Move an active job to a terminal state."""
+    return conn.execute(
+        "UPDATE jobs SET state = ?, finished_at = ?, error = ?, result = COALESCE(?, result),"
+        f" metrics = COALESCE(?, metrics) WHERE seq = ? RETURNING {JOB_VIEW_COLUMNS}",
+        (state, now, error, result, metrics, seq)).fetchone()
+
+
+def requeue_job(conn: sqlite3.Connection, seq: int) -> sqlite3.Row:
+    return conn.execute(
+        "UPDATE jobs SET state = 'QUEUED', assigned_miner_id = NULL, assigned_at = NULL"
+        " WHERE seq = ? RETURNING state, constraints", (seq,)).fetchone()
+
+
+def release_running(conn: sqlite3.Connection, where: str, params: Mapping[str, Any], max_attempts: int,
+                    now: int, reason: str) -> list[sqlite3.Row]:
+    """Re-queue RUNNING jobs matching `where`, or fail those that used up their attempts.
+
+    The failure error is 'miner <id> <reason>'.
+    """
+    return conn.execute(
+        "UPDATE jobs SET"
+        " state = CASE WHEN attempts >= :max THEN 'FAILED' ELSE 'QUEUED' END,"
+        " error = CASE WHEN attempts >= :max THEN 'miner ' || assigned_miner_id || :reason END,"
+        " finished_at = CASE WHEN attempts >= :max THEN :now END,"
+        " assigned_miner_id = CASE WHEN attempts >= :max THEN assigned_miner_id END,"
+        " assigned_at = CASE WHEN attempts >= :max THEN assigned_at END"
+        f" WHERE state = 'RUNNING' AND {where} RETURNING state, constraints",
+        {"max": max_attempts, "now": now, "reason": " " + reason, **params}).fetchall()
+
+
+def expire_due_jobs(conn: sqlite3.Connection, now: int) -> list[sqlite3.Row]:
+    """Expire every active job at or past its deadline; returns the miners whose slots were freed."""
+    return conn.execute(
+        "UPDATE jobs SET state = 'EXPIRED', error = 'job expired', finished_at = ?"
+        " WHERE state IN ('QUEUED', 'RUNNING') AND expires_at <= ? RETURNING assigned_miner_id",
+        (now, now)).fetchall()
+
+
+def get_idempotency(conn: sqlite3.Connection, client_id: str, key: str, since: int) -> sqlite3.Row | None:
+    return conn.execute("SELECT request_hash, job_id FROM idempotency_keys"
+                        " WHERE client_id = ? AND key = ? AND created_at >= ?", (client_id, key, since)).fetchone()
+
+
+def put_idempotency(conn: sqlite3.Connection, client_id: str, key: str, request_hash: str,
+                    job_id: str, now: int) -> None:
+    conn.execute(
+        "INSERT INTO idempotency_keys (client_id, key, request_hash, job_id, created_at) VALUES (?, ?, ?, ?, ?)"
+        " ON CONFLICT (client_id, key) DO UPDATE SET request_hash = excluded.request_hash,"
+        " job_id = excluded.job_id, created_at = excluded.created_at",
+        (client_id, key, request_hash, job_id, now))
+
+
+def delete_idempotency_before(conn: sqlite3.Connection, cutoff: int) -> None:
+    conn.execute("DELETE FROM idempotency_keys WHERE created_at < ?", (cutoff,))
+
+
+def get_miner(conn: sqlite3.Connection, miner_id: str) -> sqlite3.Row | None:
+    return conn.execute("SELECT * FROM miners WHERE miner_id = ?", (miner_id,)).fetchone()
+
+
+def upsert_miner(conn: sqlite3.Connection, miner_id: str, capabilities: str, concurrency: int,
+                 region: str | None, token: str, now: int) -> None:
+    """Create or replace a registration; the miner's history (counters) survives re-registration."""
+    conn.execute(
+        "INSERT INTO miners (miner_id, capabilities, concurrency, region, status, session_token,"
+        " registered_at, last_seen) VALUES (?, ?, ?, ?, 'ONLINE', ?, ?, ?)"
+        " ON CONFLICT (miner_id) DO UPDATE SET capabilities = excluded.capabilities,"
+        " concurrency = excluded.concurrency, region = excluded.region, status = 'ONLINE',"
+        " reported_inflight = NULL, metadata = NULL, session_token = excluded.session_token,"
+        " registered_at = excluded.registered_at, last_seen = excluded.last_seen",
+        (miner_id, capabilities, concurrency, region, token, now, now))
+
+
+def touch_miner(conn: sqlite3.Connection, miner_id: str, now: int) -> sqlite3.Row | None:
+    """Mark a miner alive; its row, or None when it is not registered."""
+    return conn.execute("UPDATE miners SET last_seen = MAX(last_seen, ?) WHERE miner_id = ? RETURNING *",
+                        (now, miner_id)).fetchone()
+
+
+def touch_miners(conn: sqlite3.Connection, miner_ids: Sequence[str], now: int) -> None:
+    conn.executemany("UPDATE miners SET last_seen = MAX(last_seen, ?) WHERE miner_id = ?",
+                     [(now, m) for m in miner_ids])
+
+
+def update_heartbeat(conn: sqlite3.Connection, miner_id: str, inflight: int | None, status: str,
+                     metadata: str | None, now: int) -> sqlite3.Row | None:
+    return conn.execute(
+        "UPDATE miners SET reported_inflight = ?, status = ?, metadata = COALESCE(?, metadata),"
+        " last_heartbeat = ?, last_seen = MAX(last_seen, ?) WHERE miner_id = ? RETURNING miner_id",
+        (inflight, status, metadata, now, now, miner_id)).fetchone()
+
+
+def add_miner_outcome(conn: sqlite3.Connection, miner_id: str, completed: int, failed: int, busy_ms: int) -> None:
+    conn.execute("UPDATE miners SET jobs_completed = jobs_completed + ?, jobs_failed = jobs_failed + ?,"
+                 " busy_ms_total = busy_ms_total + ? WHERE miner_id = ?", (completed, failed, busy_ms, miner_id))
+
+
+def list_miners(conn: sqlite3.Connection) -> list[sqlite3.Row]:
+    return conn.execute("SELECT * FROM miners ORDER BY miner_id").fetchall()
+
+
+def count_online_miners(conn: sqlite3.Connection, cutoff: int) -> int:
+    return int(conn.execute("SELECT COUNT(*) FROM miners WHERE last_seen >= ?", (cutoff,)).fetchone()[0])
+
+
+def get_job_counts(conn: sqlite3.Connection) -> dict[str, int]:
+    return {r[0]: r[1] for r in conn.execute("SELECT state, n FROM job_counts")}
+
+
+def get_duration_totals(conn: sqlite3.Connection) -> tuple[int, int]:
+    row = conn.execute("SELECT COALESCE(SUM(busy_ms_total), 0), COALESCE(SUM(jobs_completed), 0) FROM miners").fetchone()
+    return int(row[0]), int(row[1])
+
+
+# === Domain logic ===
+
+
+def now_ms(clock: Callable[[], float]) -> int:
+    return int(clock() * 1000)
+
+
+def iso(ms: int | None) -> str | None:
+    """Unix milliseconds as ISO 8601 UTC with a Z suffix."""
+    if ms is None:
+        return None
+    return datetime.fromtimestamp(ms // 1000, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S") + f".{ms % 1000:03d}Z"
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def normalise_capabilities(caps: dict[str, Any]) -> dict[str, Any]:
+    """Bring the later CLI's `gpu: {model, memory_gb, cuda_version}` into `gpus: [{name, memory_mb}]`, `cuda`."""
+    caps = dict(caps)
+    gpu = caps.get("gpu")
+    if isinstance(gpu, dict) and not isinstance(caps.get("gpus"), list):
+        entry: dict[str, Any] = {"name": gpu.get("model")}
+        if _is_number(gpu.get("memory_gb")):
+            entry["memory_mb"] = int(gpu["memory_gb"] * 1024)
+        caps["gpus"] = [entry]
+        if caps.get("cuda") is None and gpu.get("cuda_version") is not None:
+            caps["cuda"] = gpu["cuda_version"]
+    return caps
+
+
+def satisfies(constraints: Mapping[str, Any], miner: MinerProfile) -> bool:
+    """Whether a miner meets every set constraint of a job (spec section 7)."""
+    caps = miner.capabilities
+    gpus = [g for g in caps.get("gpus") or [] if isinstance(g, dict)] if isinstance(caps.get("gpus"), list) else []
+    c = constraints
+    if c.get("region") is not None and c["region"] != miner.region:
+        return False
+    if c.get("gpu") is not None and not any(g.get("name") == c["gpu"] for g in gpus):
+        return False
+    if c.get("min_vram_gb") and not any(
+            _is_number(g.get("memory_mb")) and g["memory_mb"] >= c["min_vram_gb"] * 1024 for g in gpus):
+        return False
+    if c.get("cuda") is not None and (caps.get("cuda") is None or c["cuda"] not in str(caps["cuda"])):
+        return False
+    if c.get("models"):
+        offered = caps.get("models") if isinstance(caps.get("models"), list) else []
+        if not all(m in offered for m in c["models"]):
+            return False
+    if c.get("max_price") is not None:
+        price = caps.get("price")
+        if not _is_number(price) or price > c["max_price"]:
+            return False
+    return True
+
+
+class Matcher:
+    """Which shapes each miner satisfies. Used only on the writer thread, so it needs no lock."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget everything (after an aborted batch, a cached shape may not exist)."""
+        self.shapes: dict[int, dict[str, Any]] = {}
+        self.seen = 0
+        self.by_miner: dict[str, tuple[str, int, list[int]]] = {}
+
+    def shapes_for(self, conn: sqlite3.Connection, miner: MinerProfile) -> list[int]:
+        """Ids of the shapes `miner` satisfies, learning shapes created since the last call."""
+        for row in list_shapes_after(conn, self.seen):
+            self.shapes[row["shape_id"]] = json.loads(row["constraints"])
+            self.seen = row["shape_id"]
+        token, upto, ids = self.by_miner.get(miner.miner_id, (miner.session_token, 0, []))
+        if token != miner.session_token:  # re-registered: capabilities may have changed
+            upto, ids = 0, []
+        if upto < self.seen:
+            ids = ids + [sid for sid, c in self.shapes.items() if sid > upto and satisfies(c, miner)]
+            self.by_miner[miner.miner_id] = (miner.session_token, self.seen, ids)
+        return ids
+
+
+@dataclasses.dataclass(eq=False)  # compared and hashed by identity
+class Waiter:
+    miner_id: str
+    event: asyncio.Event
+    profile: MinerProfile | None = None  # None until the first claim attempt read it
+
+
+class PollHub:
+    """Long-polling miners, woken the moment a job they could take is queued or a slot frees up."""
+
+    def __init__(self) -> None:
+        self.waiters: set[Waiter] = set()
+        self.closing = False
+
+    def add(self, miner_id: str) -> Waiter:
+        waiter = Waiter(miner_id, asyncio.Event())
+        self.waiters.add(waiter)
+        return waiter
+
+    def remove(self, waiter: Waiter) -> None:
+        self.waiters.discard(waiter)
+
+    def waiting_miners(self) -> list[str]:
+        return sorted({w.miner_id for w in self.waiters})
+
+    def notify(self, wake: Wake) -> None:
+        """Wake each waiter that the change may concern."""
+        if not wake.queued and not wake.miners:
+            return
+        for w in self.waiters:
+            if (w.miner_id in wake.miners or w.profile is None
+                    or any(satisfies(c, w.profile) for c in wake.queued)):
+                w.event.set()
+
+    def close(self) -> None:
+        """Release every waiter at once (shutdown)."""
+        self.closing = True
+        for w in self.waiters:
+            w.event.set()
+
+
+# --- Units of work (run by Database.write inside the writer's transaction) ---
+
+
+def tx_submit(conn: sqlite3.Connection, client_id: str, payload: str, constraints: str, ttl_ms: int, now: int,
+              idem: tuple[str, str] | None, idem_since: int) -> Outcome:
+    """Queue a job, or return the job an earlier request with the same Idempotency-Key made."""
+    if idem is not None:
+        seen = get_idempotency(conn, client_id, idem[0], idem_since)
+        if seen is not None:
+            if seen["request_hash"] != idem[1]:
+                raise Unprocessable("idempotency key reused with a different request")
+            return Outcome(get_job(conn, seen["job_id"]))
+    job_id = secrets.token_hex(16)
+    row = insert_job(conn, job_id, client_id, payload, constraints, ensure_shape(conn, constraints), now, now + ttl_ms)
+    if idem is not None:
+        put_idempotency(conn, client_id, idem[0], idem[1], job_id, now)
+    return Outcome(row, Wake(queued=[json.loads(constraints)]))
+
+
+def tx_cancel(conn: sqlite3.Connection, client_id: str, job_id: str, now: int) -> Outcome:
+    """Cancel a client's QUEUED or RUNNING job; raises NotFound; returns Conflict when not cancelable."""
+    job = get_job(conn, job_id)
+    if job is None or job["client_id"] != client_id:
+        raise NotFound("job not found")
+    wake = Wake(miners={job["assigned_miner_id"]} if job["assigned_miner_id"] else set())
+    if job["state"] in ACTIVE_STATES and job["expires_at"] <= now:
+        finish_job(conn, job["seq"], JobState.EXPIRED, now, "job expired")
+        return Outcome(wake=wake, error=Conflict("job not cancelable"))
+    if job["state"] not in ACTIVE_STATES:
+        raise Conflict("job not cancelable")
+    return Outcome(finish_job(conn, job["seq"], JobState.CANCELED, now, "canceled by client"), wake)
+
+
+def tx_register(conn: sqlite3.Connection, miner_id: str, capabilities: str, concurrency: int,
+                region: str | None, now: int, max_attempts: int) -> Outcome:
+    """Create or replace a registration; jobs the miner still held go back to the queue."""
+    token = secrets.token_hex(16)
+    released = release_running(conn, "assigned_miner_id = :miner", {"miner": miner_id}, max_attempts,
+                               now, "re-registered")
+    upsert_miner(conn, miner_id, capabilities, concurrency, region, token, now)
+    return Outcome(token, Wake(miners={miner_id}).add_rows(released))
+
+
+def tx_heartbeat(conn: sqlite3.Connection, miner_id: str, inflight: int | None, status: str,
+                 metadata: str | None, now: int) -> Outcome:
+    """Record a heartbeat; raises NotFound for an unregistered miner."""
+    if update_heartbeat(conn, miner_id, inflight, status, metadata, now) is None:
+        raise NotFound("miner not registered")
+    return Outcome("ok", Wake(miners={miner_id}))  # a status change may let its own poll take work
+
+
+def tx_poll(conn: sqlite3.Connection, miner_id: str, now: int, matcher: Matcher) -> tuple[sqlite3.Row | None, MinerProfile]:
+    """Claim the oldest QUEUED job the miner can run, if it has a free slot; raises NotFound."""
+    row = touch_miner(conn, miner_id, now)
+    if row is None:
+        raise NotFound("miner not registered")
+    miner = MinerProfile.from_row(row)
+    if miner.status.upper() in NO_WORK_STATUSES or count_running(conn, miner_id) >= miner.concurrency:
+        return None, miner
+    candidates = [s for s in (oldest_queued_in_shape(conn, sid, now) for sid in matcher.shapes_for(conn, miner))
+                  if s is not None]
+    if not candidates:
+        return None, miner
+    return assign_job(conn, min(candidates), miner_id, now), miner
+
+
+def _check_holder(conn: sqlite3.Connection, miner_id: str, job: sqlite3.Row, now: int) -> ApiError | None:
+    """Why `miner_id` may not report on `job` (None if it may); expires a job found past its deadline."""
+    state = job["state"]
+    if state == JobState.RUNNING and job["expires_at"] <= now:
+        finish_job(conn, job["seq"], JobState.EXPIRED, now, "job expired")
+        return Conflict("job expired")
+    if state == JobState.RUNNING and job["assigned_miner_id"] != miner_id:
+        return Conflict("job is assigned to another miner")
+    if state == JobState.QUEUED:
+        return Conflict("job is not assigned to this miner (stale assignment)")
+    if state != JobState.RUNNING:
+        return Conflict(f"job already {state.lower()}")
+    return None
+
+
+def _load_reported_job(conn: sqlite3.Connection, miner_id: str, job_id: str, now: int) -> sqlite3.Row:
+    if touch_miner(conn, miner_id, now) is None:
+        raise NotFound("miner not registered")
+    job = get_job(conn, job_id)
+    if job is None:
+        raise NotFound("job not found")
+    return job
+
+
+def tx_result(conn: sqlite3.Connection, miner_id: str, job_id: str, result: str, metrics: str, now: int) -> Outcome:
+    """Complete a RUNNING job held by `miner_id`; a repeat of the same result is a no-op. Conflict otherwise."""
+    job = _load_reported_job(conn, miner_id, job_id, now)
+    if job["state"] == JobState.COMPLETED and job["assigned_miner_id"] == miner_id and job["result"] == result:
+        return Outcome({"status": "ok", "receipt": None})
+    error = _check_holder(conn, miner_id, job, now)
+    if error is not None:
+        return Outcome(error=error, wake=Wake(miners={miner_id}))
+    finish_job(conn, job["seq"], JobState.COMPLETED, now, None, result, metrics)
+    add_miner_outcome(conn, miner_id, 1, 0, now - job["assigned_at"])
+    return Outcome({"status": "ok", "receipt": None}, Wake(miners={miner_id}))
+
+
+def tx_fail(conn: sqlite3.Connection, miner_id: str, job_id: str, error_text: str, metrics: str,
+            retryable: bool, now: int, max_attempts: int) -> Outcome:
+    """A miner gives up a job: re-queued when retryable with attempts left, else FAILED. Conflict if not held."""
+    job = _load_reported_job(conn, miner_id, job_id, now)
+    if job["state"] == JobState.FAILED and job["assigned_miner_id"] == miner_id and job["error"] == error_text:
+        return Outcome({"status": "ok"})
+    error = _check_holder(conn, miner_id, job, now)
+    if error is not None:
+        return Outcome(error=error, wake=Wake(miners={miner_id}))
+    add_miner_outcome(conn, miner_id, 0, 1, 0)
+    wake = Wake(miners={miner_id})
+    if retryable and job["attempts"] < max_attempts:
+        wake.add_rows([requeue_job(conn, job["seq"])])
+    else:
+        finish_job(conn, job["seq"], JobState.FAILED, now, error_text, None, metrics)
+    return Outcome({"status": "ok"}, wake)
+
+
+def tx_sweep(conn: sqlite3.Connection, now: int, waiting: Sequence[str], heartbeat_timeout_ms: int,
+             max_attempts: int, idem_cutoff: int) -> Outcome:
+    """Expire jobs past their deadline and take running jobs back from miners silent too long."""
+    touch_miners(conn, waiting, now)  # a miner blocked in a long-poll is alive
+    wake = Wake()
+    wake.miners.update(r[0] for r in expire_due_jobs(conn, now) if r[0] is not None)
+    lost = release_running(
+        conn, "assigned_miner_id IN (SELECT miner_id FROM miners WHERE last_seen < :cutoff)",
+        {"cutoff": now - heartbeat_timeout_ms}, max_attempts, now,
+        f"lost (no request for {heartbeat_timeout_ms / 1000:g}s)")
+    wake.add_rows(lost)
+    delete_idempotency_before(conn, idem_cutoff)
+    return Outcome(len(lost), wake)
+
+
+class Coordinator:
+    """The domain service behind the HTTP edge: owns the database, the poll hub and the sweeper."""
+
+    def __init__(self, settings: Settings, clock: Callable[[], float] = time.time) -> None:
+        self.settings, self.clock = settings, clock
+        self.db = Database(settings.db_path, settings.db_synchronous)
+        self.hub = PollHub()
+        self.matcher = Matcher()
+        self.db.abort_hooks.append(self.matcher.reset)
+        self._sweeper: asyncio.Task[None] | None = None
+
+    def now(self) -> int:
+        return now_ms(self.clock)
+
+    async def start(self) -> None:
+        """Migrate, open the database and start the background sweeper; raises ConfigError."""
+        before, after = migrate(self.settings.db_path)
+        log.info("aitbc-coord %s database %s schema version %d (was %d)",
+                 __version__, self.settings.db_path, after, before)
+        for role in self.settings.dev_key_roles:
+            log.warning("no %s keys configured: accepting the development key (APP_ENV=dev only)", role)
+        await self.db.start()
+        if self.settings.sweep_interval_seconds > 0:
+            self._sweeper = asyncio.create_task(self._sweep_forever())
+
+    async def stop(self) -> None:
+        self.hub.close()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+        await self.db.close()
+
+    async def apply(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run a unit of work; wake the pollers it concerns; raise the error it returned."""
+        out = await self.db.write(fn, *args)
+        if not isinstance(out, Outcome):
+            return out
+        self.hub.notify(out.wake)
+        if out.error is not None:
+            raise out.error
+        return out.value
+
+    async def sweep(self) -> int:
+        """One pass of expiry and lost-miner recovery; the number of jobs taken back."""
+        s, now = self.settings, self.now()
+        return int(await self.apply(tx_sweep, now, self.hub.waiting_miners(),
+                                    int(s.heartbeat_timeout_seconds * 1000), s.job_max_attempts,
+                                    now - s.idempotency_ttl_seconds * 1000))
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.sweep_interval_seconds)
+            try:
+                await self.sweep()
+            except Exception:  # keep sweeping; the next pass retries
+                log.exception("sweep failed")
+
+    async def poll(self, miner_id: str, max_wait: float) -> sqlite3.Row | None:
+        """Assign a job now, or wait up to `max_wait` seconds for one; None if none came."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + min(max_wait, self.settings.poll_max_wait_seconds)
+        waiter = self.hub.add(miner_id)  # before the first claim, so no wake-up is lost in between
+        try:
+            while True:
+                waiter.event.clear()
+                job, waiter.profile = await self.apply(tx_poll, miner_id, self.now(), self.matcher)
+                remaining = deadline - loop.time()
+                if job is not None or remaining <= 0 or self.hub.closing:
+                    return job
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(waiter.event.wait(), remaining)
+        finally:
+            self.hub.remove(waiter)
+
+
+def job_view(row: sqlite3.Row, now: int) -> dict[str, Any]:
+    """The public job view; a job past its deadline shows as EXPIRED even before the sweeper runs."""
+    state, error = row["state"], row["error"]
+    if state in ACTIVE_STATES and row["expires_at"] <= now:
+        state, error = JobState.EXPIRED.value, "job expired"
+    return {"job_id": row["job_id"], "state": state, "assigned_miner_id": row["assigned_miner_id"],
+            "requested_at": iso(row["requested_at"]), "expires_at": iso(row["expires_at"]), "error": error,
+            "attempts": row["attempts"], "constraints": json.loads(row["constraints"]),
+            "assigned_at": iso(row["assigned_at"]), "finished_at": iso(row["finished_at"])}
+
+
+def miner_view(row: sqlite3.Row, inflight: int, online_cutoff: int) -> dict[str, Any]:
+    completed = row["jobs_completed"]
+    return {"miner_id": row["miner_id"], "status": row["status"], "online": row["last_seen"] >= online_cutoff,
+            "inflight": inflight, "reported_inflight": row["reported_inflight"],
+            "concurrency": row["concurrency"], "region": row["region"],
+            "capabilities": json.loads(row["capabilities"]),
+            "last_heartbeat": iso(row["last_heartbeat"]), "last_seen": iso(row["last_seen"]),
+            "jobs_completed": completed, "jobs_failed": row["jobs_failed"],
+            "average_job_duration_ms": row["busy_ms_total"] / completed if completed else 0.0,
+            "last_receipt_id": row["last_receipt_id"]}
+
+
+def page(items: list[Any], limit: int, offset: int) -> dict[str, Any]:
+    """{"items", "next_offset"} from up to limit+1 fetched rows: next_offset only if more exist."""
+    return {"items": items[:limit], "next_offset": offset + limit if len(items) > limit else None}
+
+
+# === HTTP edge ===
+
+
+class Model(BaseModel):
+    """Request models: unknown fields are ignored (clients send extras); NaN and Infinity refused."""
+
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+
+class Constraints(Model):
+    gpu: str | None = None
+    cuda: str | None = None
+    min_vram_gb: int | None = Field(None, ge=0, le=1_000_000)
+    models: list[str] | None = None
+    region: str | None = None
+    max_price: float | None = None
+
+
+class JobSubmit(Model):
+    payload: dict[str, Any]
+    constraints: Constraints | None = None
+    ttl_seconds: int | None = Field(None, description="values below 1 count as 1; above JOB_TTL_MAX_SECONDS: 422")
+
+
+class JobListQuery(Model):
+    state: JobState | None = None
+    limit: int = Field(50, ge=1, le=500)
+    offset: int = Field(0, ge=0, le=2**53)
+
+    @field_validator("state", mode="before")
+    @classmethod
+    def _upper(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
+
+
+class ReceiptListQuery(Model):
+    limit: int = Field(100, ge=1, le=500)
+    cursor: str | None = None
+
+
+class MinerRegister(Model):
+    capabilities: dict[str, Any]
+    concurrency: int = Field(1, ge=1, le=4096)
+    region: str | None = Field(None, max_length=128)
+
+
+class MinerHeartbeat(Model):
+    inflight: int | None = Field(None, ge=0, le=1_000_000)
+    status: str = Field("ONLINE", min_length=1, max_length=32)
+    metadata: dict[str, Any] | None = None
+
+
+class MinerPoll(Model):
+    max_wait_seconds: float = Field(0, ge=0)
+
+
+class MinerResult(Model):
+    result: dict[str, Any]
+    metrics: dict[str, Any] = Field(default_factory=dict)
+
+
+class MinerFail(Model):
+    error_code: str = Field(max_length=256)
+    error_message: str = Field(max_length=8192)
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    retryable: bool = False
+
+
+class Out(BaseModel):
+    """Response models: they document the wire shapes in /openapi.json."""
+
+
+class Detail(Out):
+    detail: str
+
+
+class ValidationItem(Out):
+    type: str
+    loc: list[str | int]
+    msg: str
+    input: Any = None
+
+
+class ValidationDetail(Out):
+    detail: list[ValidationItem]
+
+
+class JobView(Out):
+    job_id: str
+    state: JobState
+    assigned_miner_id: str | None
+    requested_at: str
+    expires_at: str
+    error: str | None
+    attempts: int
+    constraints: dict[str, Any]
+    assigned_at: str | None
+    finished_at: str | None
+
+
+class JobPage(Out):
+    items: list[JobView]
+    next_offset: int | None
+
+
+class JobResultView(Out):
+    result: dict[str, Any] | None
+    receipt: dict[str, Any] | None
+
+
+class ReceiptPage(Out):
+    items: list[dict[str, Any]]
+    next_cursor: str | None
+
+
+class StatusOk(Out):
+    status: str
+
+
+class Registered(Out):
+    status: str
+    session_token: str
+
+
+class ResultAccepted(Out):
+    status: str
+    receipt: dict[str, Any] | None
+
+
+class Assignment(Out):
+    job_id: str
+    payload: dict[str, Any]
+    constraints: dict[str, Any]
+    attempts: int
+    expires_at: str
+
+
+class Health(Out):
+    status: str
+    env: str
+    db: str
+    version: str
+
+
+class AdminStats(Out):
+    total_jobs: int
+    active_jobs: int
+    online_miners: int
+    avg_miner_job_duration_ms: float
+    jobs_by_state: dict[str, int]
+    receipts_total: int
+
+
+class AdminJob(JobView):
+    client_id: str
+
+
+class AdminJobPage(Out):
+    items: list[AdminJob]
+    next_offset: int | None
+
+
+class AdminMiner(Out):
+    miner_id: str
+    status: str
+    online: bool
+    inflight: int
+    reported_inflight: int | None
+    concurrency: int
+    region: str | None
+    capabilities: dict[str, Any]
+    last_heartbeat: str | None
+    last_seen: str | None
+    jobs_completed: int
+    jobs_failed: int
+    average_job_duration_ms: float
+    last_receipt_id: str | None
+
+
+class AdminMinerList(Out):
+    items: list[AdminMiner]
+
+
+@dataclasses.dataclass
+class Call:
+    """One parsed request as handlers see it."""
+
+    request: Request
+    coord: Coordinator
+    caller: Caller | None
+    body: Any
+    query: Any
+
+    def path(self, name: str) -> str:
+        return str(self.request.path_params[name])
+
+
+Handler = Callable[[Call], Awaitable[Response]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Endpoint:
+    method: str
+    path: str
+    handler: Handler
+    role: str | None
+    body: type[Model] | None
+    query: type[Model] | None
+    responses: Mapping[int, type[Out] | None]
+    optional_body: bool = False
+
+
+ENDPOINTS: list[Endpoint] = []
+
+
+def endpoint(method: str, path: str, *, role: str | None = None, body: type[Model] | None = None,
+             query: type[Model] | None = None, responses: Mapping[int, type[Out] | None],
+             optional_body: bool = False) -> Callable[[Handler], Handler]:
+    """Register a handler with what /openapi.json and the request parser need to know."""
+    def register(handler: Handler) -> Handler:
+        ENDPOINTS.append(Endpoint(method, path, handler, role, body, query, responses, optional_body))
+        return handler
+    return register
+
+
+SURROGATE_ESCAPE_RE = re.compile(rb"\\u[dD][89abAB]|\\u[dD][c-fC-F]")
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a valid JSON number here")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number out of range: {text[:40]}")
+    return value
+
+
+def decode_json(raw: bytes) -> Any:
+    """Parse a request body; raises Invalid for malformed JSON, NaN/Infinity and lone surrogates."""
+    try:
+        value = json.loads(raw, parse_constant=_reject_constant, parse_float=_finite_float)
+        if SURROGATE_ESCAPE_RE.search(raw):  # an escaped surrogate: make sure they all pair up
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except (ValueError, RecursionError) as exc:
+        msg = exc.msg if isinstance(exc, json.JSONDecodeError) else str(exc) or "JSON nested too deeply"
+        pos = exc.pos if isinstance(exc, json.JSONDecodeError) else 0
+        raise Invalid.one(["body", pos], f"JSON decode error: {msg}"[:200], None, "json_invalid") from None
+    return value
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 past `limit` bytes whether or not Content-Length says so."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge()
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge()
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def validate(model: type[Model], data: Any, where: str) -> Any:
+    """Validate `data` with `model`; raises Invalid with `loc` starting with `where`."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise Invalid([{"type": e["type"], "loc": [where, *e["loc"]], "msg": e["msg"], "input": e.get("input")}
+                       for e in exc.errors(include_url=False, include_context=False)]) from None
+
+
+def authenticate(request: Request, settings: Settings, role: str) -> Caller:
+    """The caller behind X-Api-Key or Authorization: Bearer; raises Unauthorized."""
+    key = request.headers.get("x-api-key")
+    if key is None:
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        key = token.strip() if scheme.lower() == "bearer" else None
+    identity = settings.api_keys.get(role, {}).get(key_digest(key)) if key else None
+    if identity is None:
+        raise Unauthorized()
+    return Caller(role, identity)
+
+
+def make_route(ep: Endpoint) -> Route:
+    async def run(request: Request) -> Response:
+        coord: Coordinator = request.app.state.coord
+        caller = authenticate(request, coord.settings, ep.role) if ep.role else None
+        body = None
+        if ep.body is not None:
+            raw = await read_body(request, coord.settings.max_body_bytes)
+            data = {} if ep.optional_body and not raw.strip() else decode_json(raw)
+            body = validate(ep.body, data, "body")
+        query = validate(ep.query, dict(request.query_params), "query") if ep.query else None
+        return await ep.handler(Call(request, coord, caller, body, query))
+
+    return Route(ep.path, run, methods=[ep.method], name=ep.handler.__name__)
+
+
+def json_response(data: Any, status: int = 200) -> JSONResponse:
+    return JSONResponse(data, status_code=status)
+
+
+async def render_error(request: Request, exc: Exception) -> Response:
+    """The one place errors become responses: {"detail": ...} with the error's status."""
+    if isinstance(exc, ApiError):
+        return JSONResponse({"detail": exc.detail}, status_code=exc.status, headers=exc.headers)
+    if isinstance(exc, HTTPException):
+        return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
+    raise exc
+
+
+# --- Handlers ---
+
+ERRORS = {401: Detail, 404: Detail, 409: Detail, 413: Detail, 422: ValidationDetail, 425: Detail, 503: Detail}
+
+
+def _errors(*codes: int) -> dict[int, type[Out]]:
+    return {c: ERRORS[c] for c in codes}
+
+
+@endpoint("GET", "/v1/health", responses={200: Health, 503: Health})
+async def health(call: Call) -> Response:
+    """Liveness and database readability."""
+    settings = call.coord.settings
+    try:
+        await call.coord.db.read(get_job_counts)
+        db, status, code = "ok", "ok", 200
+    except (sqlite3.Error, RuntimeError):
+        db, status, code = "error", "degraded", 503
+    return json_response({"status": status, "env": settings.app_env, "db": db, "version": __version__}, code)
+
+
+async def _client_job(call: Call) -> sqlite3.Row:
+    row = await call.coord.db.read(get_job, call.path("job_id"))
+    if row is None or row["client_id"] != call.caller.identity:  # type: ignore[union-attr]
+        raise NotFound("job not found")
+    return row
+
+
+@endpoint("POST", "/v1/jobs", role="client", body=JobSubmit, responses={201: JobView, **_errors(401, 413, 422)})
+async def submit_job(call: Call) -> Response:
+    """Queue a job (Idempotency-Key makes a retry return the original)."""
+    coord, body, settings = call.coord, call.body, call.coord.settings
+    ttl = settings.job_ttl_seconds if body.ttl_seconds is None else max(1, body.ttl_seconds)
+    if ttl > settings.job_ttl_max_seconds:
+        raise Invalid.one(["body", "ttl_seconds"], f"Input should be less than or equal to "
+                          f"{settings.job_ttl_max_seconds}", body.ttl_seconds, "less_than_equal")
+    constraints = (body.constraints or Constraints()).model_dump()
+    idem = None
+    if (key := call.request.headers.get("idempotency-key")) is not None:
+        if not 1 <= len(key) <= 255:
+            raise Invalid.one(["header", "idempotency-key"], "must be 1-255 characters", key)
+        idem = (key, hashlib.sha256(canonical_json(body.model_dump(mode="json")).encode()).hexdigest())
+    now = coord.now()
+    row = await coord.apply(tx_submit, call.caller.identity, compact_json(body.payload),  # type: ignore[union-attr]
+                            compact_json(constraints), ttl * 1000, now, idem,
+                            now - settings.idempotency_ttl_seconds * 1000)
+    return json_response(job_view(row, coord.now()), 201)
+
+
+@endpoint("GET", "/v1/jobs", role="client", query=JobListQuery, responses={200: JobPage, **_errors(401, 422)})
+async def list_client_jobs(call: Call) -> Response:
+    """The caller's jobs, newest first."""
+    q = call.query
+    rows = await call.coord.db.read(list_jobs, call.caller.identity, q.state, q.limit + 1, q.offset)  # type: ignore[union-attr]
+    now = call.coord.now()
+    return json_response(page([job_view(r, now) for r in rows], q.limit, q.offset))
+
+
+@endpoint("GET", "/v1/jobs/{job_id}", role="client", responses={200: JobView, **_errors(401, 404)})
+async def get_client_job(call: Call) -> Response:
+    """One of the caller's jobs."""
+    return json_response(job_view(await _client_job(call), call.coord.now()))
+
+
+@endpoint("GET", "/v1/jobs/{job_id}/result", role="client", responses={200: JobResultView, **_errors(401, 404, 425)})
+async def get_job_result(call: Call) -> Response:
+    """The result (and receipt) of a finished job; 425 until there is one."""
+    row = await _client_job(call)
+    finished = job_view(row, call.coord.now())["state"] not in ACTIVE_STATES
+    if not finished or row["result"] is None:
+        raise NotReady()
+    return json_response({"result": json.loads(row["result"]), "receipt": None})
+
+
+@endpoint("POST", "/v1/jobs/{job_id}/cancel", role="client", responses={200: JobView, **_errors(401, 404, 409)})
+async def cancel_job(call: Call) -> Response:
+    """Cancel a QUEUED or RUNNING job; 409 otherwise."""
+    coord = call.coord
+    row = await coord.apply(tx_cancel, call.caller.identity, call.path("job_id"), coord.now())  # type: ignore[union-attr]
+    return json_response(job_view(row, coord.now()))
+
+
+@endpoint("DELETE", "/v1/jobs/{job_id}", role="client", responses={200: JobView, **_errors(401, 404, 409)})
+async def delete_job(call: Call) -> Response:
+    """Same as POST /v1/jobs/{job_id}/cancel."""
+    return await cancel_job(call)
+
+
+@endpoint("GET", "/v1/jobs/{job_id}/receipt", role="client", responses={200: None, **_errors(401, 404)})
+async def get_job_receipt(call: Call) -> Response:
+    """The job's latest signed receipt."""
+    await _client_job(call)
+    raise NotFound("receipt not available")
+
+
+@endpoint("GET", "/v1/jobs/{job_id}/receipts", role="client", query=ReceiptListQuery,
+          responses={200: ReceiptPage, **_errors(401, 404, 422)})
+async def list_job_receipts(call: Call) -> Response:
+    """Every receipt of the job, oldest first."""
+    await _client_job(call)
+    return json_response({"items": [], "next_cursor": None})
+
+
+@endpoint("POST", "/v1/miners/register", role="miner", body=MinerRegister,
+          responses={200: Registered, **_errors(401, 413, 422)})
+async def register_miner(call: Call) -> Response:
+    """Create or replace the caller's registration."""
+    coord, body = call.coord, call.body
+    caps = normalise_capabilities(body.capabilities)
+    region = body.region if body.region is not None else (caps.get("region") if isinstance(caps.get("region"), str) else None)
+    token = await coord.apply(tx_register, call.caller.identity, compact_json(caps), body.concurrency,  # type: ignore[union-attr]
+                              region, coord.now(), coord.settings.job_max_attempts)
+    return json_response({"status": "ok", "session_token": token})
+
+
+@endpoint("POST", "/v1/miners/heartbeat", role="miner", body=MinerHeartbeat, optional_body=True,
+          responses={200: StatusOk, **_errors(401, 404, 413, 422)})
+async def miner_heartbeat(call: Call) -> Response:
+    """Record liveness, reported in-flight count, status and metadata."""
+    b, coord = call.body, call.coord
+    await coord.apply(tx_heartbeat, call.caller.identity, b.inflight, b.status.upper(),  # type: ignore[union-attr]
+                      None if b.metadata is None else compact_json(b.metadata), coord.now())
+    return json_response({"status": "ok"})
+
+
+@endpoint("POST", "/v1/miners/poll", role="miner", body=MinerPoll, optional_body=True,
+          responses={200: Assignment, 204: None, **_errors(401, 404, 413, 422)})
+async def miner_poll(call: Call) -> Response:
+    """Take the oldest matching job, waiting up to max_wait_seconds for one; 204 if none."""
+    job = await call.coord.poll(call.caller.identity, call.body.max_wait_seconds)  # type: ignore[union-attr]
+    if job is None:
+        return Response(status_code=204)
+    return json_response({"job_id": job["job_id"], "payload": json.loads(job["payload"]),
+                          "constraints": json.loads(job["constraints"]), "attempts": job["attempts"],
+                          "expires_at": iso(job["expires_at"])})
+
+
+@endpoint("POST", "/v1/miners/{job_id}/result", role="miner", body=MinerResult,
+          responses={200: ResultAccepted, **_errors(401, 404, 409, 413, 422)})
+async def miner_result(call: Call) -> Response:
+    """Complete a job the caller holds."""
+    b, coord = call.body, call.coord
+    out = await coord.apply(tx_result, call.caller.identity, call.path("job_id"),  # type: ignore[union-attr]
+                            canonical_json(b.result), compact_json(b.metrics), coord.now())
+    return json_response(out)
+
+
+@endpoint("POST", "/v1/miners/{job_id}/fail", role="miner", body=MinerFail,
+          responses={200: StatusOk, **_errors(401, 404, 409, 413, 422)})
+async def miner_fail(call: Call) -> Response:
+    """Give up a job the caller holds (re-queued if retryable and attempts remain)."""
+    b, coord = call.body, call.coord
+    out = await coord.apply(tx_fail, call.caller.identity, call.path("job_id"),  # type: ignore[union-attr]
+                            f"{b.error_code}: {b.error_message}", compact_json(b.metrics), b.retryable,
+                            coord.now(), coord.settings.job_max_attempts)
+    return json_response(out)
+
+
+def read_admin_stats(conn: sqlite3.Connection, online_cutoff: int) -> dict[str, Any]:
+    counts = get_job_counts(conn)
+    busy_ms, completed = get_duration_totals(conn)
+    return {"total_jobs": sum(counts.values()),
+            "active_jobs": counts.get(JobState.QUEUED, 0) + counts.get(JobState.RUNNING, 0),
+            "online_miners": count_online_miners(conn, online_cutoff),
+            "avg_miner_job_duration_ms": busy_ms / completed if completed else 0.0,
+            "jobs_by_state": {s.value: counts.get(s.value, 0) for s in JobState}, "receipts_total": 0}
+
+
+def _online_cutoff(coord: Coordinator) -> int:
+    return coord.now() - int(coord.settings.heartbeat_timeout_seconds * 1000)
+
+
+@endpoint("GET", "/v1/admin/stats", role="admin", responses={200: AdminStats, **_errors(401)})
+async def admin_stats(call: Call) -> Response:
+    """Job, miner and duration totals."""
+    return json_response(await call.coord.db.read(read_admin_stats, _online_cutoff(call.coord)))
+
+
+@endpoint("GET", "/v1/admin/jobs", role="admin", query=JobListQuery, responses={200: AdminJobPage, **_errors(401, 422)})
+async def admin_jobs(call: Call) -> Response:
+    """Every client's jobs, newest first."""
+    q, now = call.query, call.coord.now()
+    rows = await call.coord.db.read(list_jobs, None, q.state, q.limit + 1, q.offset)
+    return json_response(page([{**job_view(r, now), "client_id": r["client_id"]} for r in rows], q.limit, q.offset))
+
+
+@endpoint("GET", "/v1/admin/miners", role="admin", responses={200: AdminMinerList, **_errors(401)})
+async def admin_miners(call: Call) -> Response:
+    """Every registered miner with its derived in-flight count and history."""
+    def read(conn: sqlite3.Connection) -> tuple[list[sqlite3.Row], dict[str, int]]:
+        return list_miners(conn), count_running_by_miner(conn)
+    rows, running = await call.coord.db.read(read)
+    cutoff = _online_cutoff(call.coord)
+    return json_response({"items": [miner_view(r, running.get(r["miner_id"], 0), cutoff) for r in rows]})
+
+
+def openapi_document() -> dict[str, Any]:
+    """An OpenAPI 3.1 description of every endpoint, generated from the pydantic models."""
+    models = {m for ep in ENDPOINTS for m in (ep.body, ep.query, *ep.responses.values()) if m is not None}
+    keyed = sorted(models, key=lambda m: m.__name__)
+    refs, top = models_json_schema([(m, "validation") for m in keyed], ref_template="#/components/schemas/{model}")
+    schemas = top.get("$defs", {})
+    paths: dict[str, dict[str, Any]] = {}
+    for ep in ENDPOINTS:
+        op: dict[str, Any] = {"operationId": ep.handler.__name__, "summary": (ep.handler.__doc__ or "").strip(),
+                              "responses": {}, "parameters": []}
+        for code, model in sorted(ep.responses.items()):
+            resp: dict[str, Any] = {"description": str(code)}
+            if model is not None:
+                resp["content"] = {"application/json": {"schema": refs[(model, "validation")]}}
+            elif code != 204:
+                resp["content"] = {"application/json": {"schema": {"type": "object"}}}
+            op["responses"][str(code)] = resp
+        op["parameters"] += [{"name": n, "in": "path", "required": True, "schema": {"type": "string"}}
+                             for n in re.findall(r"{(\w+)}", ep.path)]
+        if ep.query is not None:
+            props = schemas[ep.query.__name__]["properties"]
+            op["parameters"] += [{"name": n, "in": "query", "required": False, "schema": s} for n, s in props.items()]
+        if ep.body is not None:
+            op["requestBody"] = {"required": not ep.optional_body,
+                                 "content": {"application/json": {"schema": refs[(ep.body, "validation")]}}}
+        if ep.role is not None:
+            op["security"] = [{"ApiKey": []}, {"Bearer": []}]
+            op["description"] = f"Needs a {ep.role} key."
+        paths.setdefault(ep.path, {})[ep.method.lower()] = op
+    return {"openapi": "3.1.0", "info": {"title": "AITBC Coordinator", "version": __version__},
+            "paths": paths, "components": {"schemas": schemas, "securitySchemes": {
+                "ApiKey": {"type": "apiKey", "in": "header", "name": "X-Api-Key"},
+                "Bearer": {"type": "http", "scheme": "bearer"}}}}
+
+
+async def openapi(request: Request) -> Response:
+    return JSONResponse(request.app.state.openapi)
+
+
+def create_app(settings: Settings, clock: Callable[[], float] = time.time) -> Starlette:
+    """The ASGI app; its lifespan migrates, opens the database and runs the sweeper."""
+    coord = Coordinator(settings, clock)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await coord.start()
+        try:
+            yield
+        finally:
+            await coord.stop()
+
+    routes = [make_route(ep) for ep in ENDPOINTS]
+    routes += [Route("/openapi.json", openapi), Route("/v1/openapi.json", openapi)]
+    middleware = [Middleware(CORSMiddleware, allow_origins=list(settings.allow_origins),
+                             allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
+                             allow_headers=["content-type", "authorization", "cache-control", "x-api-key",
+                                            "idempotency-key"], max_age=600)]
+    app = Starlette(routes=routes, middleware=middleware, lifespan=lifespan,
+                    exception_handlers={ApiError: render_error, HTTPException: render_error})
+    app.state.coord = coord
+    app.state.openapi = openapi_document()
+    return app
+
+
+# === CLI ===
+
+
+def _settings_or_exit(env_file: str | None, **overrides: Any) -> Settings:
+    try:
+        check_sqlite_version()
+        return Settings.load(os.environ, env_file, **overrides)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A listening-ready socket on host:port (port 0 picks a free one)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise click.ClickException(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    return sock
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="aitbc-coord")
+def cli() -> None:
+    """AITBC job coordinator: one module, one SQLite file.
+
+    \b
+    Example:
+      aitbc-coord serve --port 8011
+    """
+
+
+@cli.command()
+@click.option("--host", help="Bind address (APP_HOST, default 127.0.0.1).")
+@click.option("--port", type=click.IntRange(0, 65535), help="Port, 0 picks a free one (APP_PORT, default 8011).")
+@click.option("--db", "db_path", help="Database file (DATABASE_URL, default ./coordinator.db).")
+@click.option("--env-file", type=click.Path(dir_okay=False), help="Read settings from this file instead of ./.env.")
+@click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
+def serve(host: str | None, port: int | None, db_path: str | None, env_file: str | None, log_level: str) -> None:
+    """Apply pending migrations, then serve the API.
+
+    \b
+    Example:
+      aitbc-coord serve --host 0.0.0.0 --port 8011 --db /var/lib/aitbc/coordinator.db
+    """
+    settings = _settings_or_exit(env_file, host=host, port=port, db_path=db_path)
+    _setup_logging(log_level)
+    try:
+        migrate(settings.db_path)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+    sock = bind_socket(settings.host, settings.port)
+    log.info("listening on http://%s:%d", settings.host, sock.getsockname()[1])
+    config = uvicorn.Config(create_app(settings), log_level=log_level, lifespan="on",
+                            timeout_graceful_shutdown=5, server_header=False)
+    uvicorn.Server(config).run(sockets=[sock])
+
+
+@cli.command("migrate")
+@click.option("--db", "db_path", help="Database file (DATABASE_URL, default ./coordinator.db).")
+@click.option("--env-file", type=click.Path(dir_okay=False), help="Read settings from this file instead of ./.env.")
+def migrate_command(db_path: str | None, env_file: str | None) -> None:
+    """Create or upgrade the database schema (safe to repeat).
+
+    \b
+    Example:
+      aitbc-coord migrate --db /var/lib/aitbc/coordinator.db
+    """
+    settings = _settings_or_exit(env_file, db_path=db_path)
+    try:
+        before, after = migrate(settings.db_path)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"{settings.db_path}: schema version {before} -> {after}")
+
+
+if __name__ == "__main__":
+    cli()
