@@ -1,0 +1,104 @@
+"""Shared fixtures: a coordinator per test on its own database under tmp_path, driven in-process."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+import aitbc_coord as ac
+
+CLIENT_KEY, MINER_KEY, ADMIN_KEY = ac.DEV_KEYS["client"], ac.DEV_KEYS["miner"], ac.DEV_KEYS["admin"]
+CLIENT = {"X-Api-Key": CLIENT_KEY}
+MINER = {"X-Api-Key": MINER_KEY}
+ADMIN = {"X-Api-Key": ADMIN_KEY}
+T0 = 1_764_000_000.0
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # no developer's .env leaks into a test
+
+
+class FakeClock:
+    """An injectable clock: leases and deadlines move only when a test says so."""
+
+    def __init__(self, start: float = T0) -> None:
+        self.t = start
+
+    def __call__(self) -> float:
+        return self.t
+
+    def advance(self, seconds: float) -> None:
+        self.t += seconds
+
+
+@dataclasses.dataclass
+class Harness:
+    app: Any
+    coord: ac.Coordinator
+    clock: FakeClock
+    client: httpx.AsyncClient
+
+    async def submit(self, payload: dict[str, Any] | None = None, headers: dict[str, str] = CLIENT,
+                     **body: Any) -> dict[str, Any]:
+        r = await self.client.post("/v1/jobs", json={"payload": payload or {"task": "t"}, **body}, headers=headers)
+        assert r.status_code == 201, r.text
+        return r.json()
+
+    async def register(self, headers: dict[str, str] = MINER, **body: Any) -> dict[str, Any]:
+        body.setdefault("capabilities", {})
+        r = await self.client.post("/v1/miners/register", json=body, headers=headers)
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    async def poll(self, headers: dict[str, str] = MINER, wait: float = 0) -> httpx.Response:
+        return await self.client.post("/v1/miners/poll", json={"max_wait_seconds": wait}, headers=headers)
+
+    async def take(self, headers: dict[str, str] = MINER) -> dict[str, Any]:
+        r = await self.poll(headers)
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    async def job(self, job_id: str, headers: dict[str, str] = CLIENT) -> dict[str, Any]:
+        r = await self.client.get(f"/v1/jobs/{job_id}", headers=headers)
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    async def result(self, job_id: str, result: dict[str, Any] | None = None, headers: dict[str, str] = MINER,
+                     **body: Any) -> httpx.Response:
+        return await self.client.post(f"/v1/miners/{job_id}/result", json={"result": result or {"ok": 1}, **body},
+                                      headers=headers)
+
+
+def make_settings(tmp_path: Path, env: dict[str, str] | None = None, **overrides: Any) -> ac.Settings:
+    overrides.setdefault("db_path", str(tmp_path / "coord.db"))
+    overrides.setdefault("sweep_interval_seconds", 0)  # tests sweep by hand, on the fake clock
+    return ac.Settings.load({"APP_ENV": "dev", **(env or {})}, **overrides)
+
+
+@contextlib.asynccontextmanager
+async def harness(tmp_path: Path, env: dict[str, str] | None = None, clock: FakeClock | None = None,
+                  **overrides: Any) -> AsyncIterator[Harness]:
+    clock = clock or FakeClock()
+    app = ac.create_app(make_settings(tmp_path, env, **overrides), clock)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://coord.test") as client:
+            yield Harness(app, app.state.coord, clock, client)
+
+
+@pytest.fixture
+async def h(tmp_path: Path) -> AsyncIterator[Harness]:
+    async with harness(tmp_path) as hh:
+        yield hh
