@@ -26,6 +26,7 @@ import os
 import queue
 import re
 import secrets
+import signal
 import socket
 import sqlite3
 import sys
@@ -402,8 +403,9 @@ def migrate(path: str) -> tuple[int, int]:
     check_sqlite_version()
     if path != ":memory:":
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-    conn = connect(path)
+    conn = None
     try:
+        conn = connect(path)
         conn.execute("BEGIN IMMEDIATE")
         before = conn.execute("PRAGMA user_version").fetchone()[0]
         if before > SCHEMA_VERSION:
@@ -419,9 +421,10 @@ def migrate(path: str) -> tuple[int, int]:
     except sqlite3.Error as exc:
         raise ConfigError(f"cannot migrate {path}: {exc}") from None
     finally:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        conn.close()
+        if conn is not None:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            conn.close()
 
 
 def _settle(fut: asyncio.Future[Any], result: Any, exc: BaseException | None) -> None:
@@ -1700,6 +1703,43 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+class Server(uvicorn.Server):
+    """uvicorn's server, except that SIGTERM/SIGINT release waiting long-polls at once (204) and a
+    graceful shutdown ends with exit status 0 instead of re-raising the signal."""
+
+    def __init__(self, config: uvicorn.Config, coord: Coordinator) -> None:
+        super().__init__(config)
+        self.coord = coord
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Any:
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        loop = asyncio.get_running_loop()
+
+        def on_signal(sig: int, frame: Any) -> None:
+            self.handle_exit(sig, frame)
+            loop.call_soon_threadsafe(self.coord.hub.close)
+
+        originals = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in originals.items():
+                signal.signal(sig, handler)
+
+
+def run_server(settings: Settings) -> None:
+    """Serve until SIGTERM/SIGINT; raises click.ClickException when the address is taken."""
+    sock = bind_socket(settings.host, settings.port)
+    log.info("listening on http://%s:%d", settings.host, sock.getsockname()[1])
+    app = create_app(settings)
+    config = uvicorn.Config(app, log_level=logging.getLevelName(log.getEffectiveLevel()).lower(),
+                            lifespan="on", timeout_graceful_shutdown=5, server_header=False)
+    Server(config, app.state.coord).run(sockets=[sock])
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="aitbc-coord")
 def cli() -> None:
@@ -1730,11 +1770,7 @@ def serve(host: str | None, port: int | None, db_path: str | None, env_file: str
         migrate(settings.db_path)
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
-    sock = bind_socket(settings.host, settings.port)
-    log.info("listening on http://%s:%d", settings.host, sock.getsockname()[1])
-    config = uvicorn.Config(create_app(settings), log_level=log_level, lifespan="on",
-                            timeout_graceful_shutdown=5, server_header=False)
-    uvicorn.Server(config).run(sockets=[sock])
+    run_server(settings)
 
 
 @cli.command("migrate")

@@ -1,0 +1,110 @@
+"""Configuration (spec section 3) and the CLI's handling of bad settings."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+import aitbc_coord as ac
+
+
+def load(env: dict[str, str], **kw: object) -> ac.Settings:
+    return ac.Settings.load(env, **kw)
+
+
+def test_defaults_in_dev_use_the_development_keys() -> None:
+    s = load({})
+    assert (s.app_env, s.host, s.port, s.db_path) == ("dev", "127.0.0.1", 8011, "./coordinator.db")
+    assert (s.job_ttl_seconds, s.job_ttl_max_seconds, s.heartbeat_timeout_seconds) == (900, 604800, 30)
+    assert (s.job_max_attempts, s.poll_max_wait_seconds, s.max_body_bytes) == (3, 30, 1048576)
+    assert (s.db_synchronous, s.coordinator_id, s.allow_origins) == ("FULL", "aitbc-coordinator", ("*",))
+    assert s.dev_key_roles == ("client", "miner", "admin")
+    digest = hashlib.sha256(b"REDACTED_CLIENT_KEY").hexdigest()
+    assert s.api_keys["client"] == {digest: f"client-{digest[:12]}"}
+
+
+@pytest.mark.parametrize("raw", ['["alice=k1", "k2"]', "alice=k1,k2", " alice=k1 , k2 ,"])
+def test_key_lists_accept_json_or_commas(raw: str) -> None:
+    keys = load({"CLIENT_API_KEYS": raw}).api_keys["client"]
+    d2 = hashlib.sha256(b"k2").hexdigest()
+    assert keys == {hashlib.sha256(b"k1").hexdigest(): "alice", d2: f"client-{d2[:12]}"}
+
+
+def test_keys_are_held_only_as_digests() -> None:
+    s = load({"MINER_API_KEYS": "rig-1=super-secret-miner-key", "CLIENT_API_KEYS": "secret-client-key"})
+    assert "super-secret-miner-key" not in repr(s) and "secret-client-key" not in repr(s)
+    assert list(s.api_keys["miner"].values()) == ["rig-1"]
+    assert s.dev_key_roles == ("admin",)
+
+
+def test_a_base64_key_with_padding_is_a_bare_key() -> None:
+    keys = load({"CLIENT_API_KEYS": "c2VjcmV0=="}).api_keys["client"]
+    assert hashlib.sha256(b"c2VjcmV0==").hexdigest() in keys
+
+
+def test_origins_accept_both_list_forms() -> None:
+    assert load({"ALLOW_ORIGINS": "https://a.example,https://b.example"}).allow_origins == (
+        "https://a.example", "https://b.example")
+    assert load({"ALLOW_ORIGINS": '["https://a.example"]'}).allow_origins == ("https://a.example",)
+
+
+@pytest.mark.parametrize("env", [{"APP_ENV": "prod"}, {"APP_ENV": "staging", "CLIENT_API_KEYS": "k"}])
+def test_outside_dev_every_role_needs_keys(env: dict[str, str]) -> None:
+    with pytest.raises(ac.ConfigError, match=r"(CLIENT|MINER)_API_KEYS"):
+        load(env)
+    full = {**env, "CLIENT_API_KEYS": "c", "MINER_API_KEYS": "m", "ADMIN_API_KEYS": "a"}
+    assert load(full).dev_key_roles == ()
+
+
+@pytest.mark.parametrize(("env", "name"), [
+    ({"JOB_TTL_SECONDS": "soon"}, "JOB_TTL_SECONDS"), ({"JOB_TTL_SECONDS": "0"}, "JOB_TTL_SECONDS"),
+    ({"APP_PORT": "http"}, "APP_PORT"), ({"HEARTBEAT_TIMEOUT_SECONDS": "-1"}, "HEARTBEAT_TIMEOUT_SECONDS"),
+    ({"POLL_MAX_WAIT_SECONDS": "nan"}, "POLL_MAX_WAIT_SECONDS"), ({"JOB_MAX_ATTEMPTS": "0"}, "JOB_MAX_ATTEMPTS"),
+    ({"DATABASE_URL": "postgres://db/x"}, "DATABASE_URL"), ({"DB_SYNCHRONOUS": "SOMETIMES"}, "DB_SYNCHRONOUS"),
+    ({"CLIENT_API_KEYS": '["a",'}, "CLIENT_API_KEYS"), ({"ALLOW_ORIGINS": '["a", 1]'}, "ALLOW_ORIGINS"),
+    ({"APP_ENV": "Prod!"}, "APP_ENV"), ({"MAX_BODY_BYTES": "10"}, "MAX_BODY_BYTES"),
+])
+def test_malformed_values_name_the_variable(env: dict[str, str], name: str) -> None:
+    with pytest.raises(ac.ConfigError, match=name):
+        load(env)
+
+
+def test_database_url_forms() -> None:
+    assert load({"DATABASE_URL": "sqlite:///./data/c.db"}).db_path == "./data/c.db"
+    assert load({"DATABASE_URL": "sqlite:////var/lib/aitbc/c.db"}).db_path == "/var/lib/aitbc/c.db"
+    assert load({"DATABASE_URL": "sqlite:///x.db"}, db_path="other.db").db_path == "other.db"
+
+
+def test_env_file_is_read_and_the_real_environment_wins(tmp_path: Path) -> None:
+    env_file = tmp_path / "coord.env"
+    env_file.write_text("JOB_TTL_SECONDS=120\nCOORDINATOR_ID=from-file\nDB_SYNCHRONOUS=normal\n")
+    s = load({"COORDINATOR_ID": "from-env"}, env_file=str(env_file))
+    assert (s.job_ttl_seconds, s.coordinator_id, s.db_synchronous) == (120, "from-env", "NORMAL")
+    (tmp_path / ".env").write_text("JOB_TTL_SECONDS=77\n")  # tests run in tmp_path: ./.env is picked up
+    assert load({}).job_ttl_seconds == 77
+    with pytest.raises(ac.ConfigError, match="no such file"):
+        load({}, env_file=str(tmp_path / "missing.env"))
+
+
+def test_cli_reports_bad_settings_in_one_line(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    runner = CliRunner()
+    monkeypatch.setenv("APP_ENV", "prod")
+    result = runner.invoke(ac.cli, ["serve", "--db", str(tmp_path / "c.db")])
+    assert result.exit_code == 1
+    assert "CLIENT_API_KEYS" in result.output and "Traceback" not in result.output
+    monkeypatch.setenv("APP_ENV", "dev")
+    monkeypatch.setenv("JOB_TTL_SECONDS", "forever")
+    result = runner.invoke(ac.cli, ["migrate", "--db", str(tmp_path / "c.db")])
+    assert result.exit_code == 1 and "JOB_TTL_SECONDS" in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+
+
+def test_cli_help_has_examples_and_version() -> None:
+    runner = CliRunner()
+    for args in ([], ["serve"], ["migrate"]):
+        out = runner.invoke(ac.cli, [*args, "--help"]).output
+        assert "Example" in out and "aitbc-coord" in out, args
+    assert ac.__version__ in runner.invoke(ac.cli, ["--version"]).output

@@ -1,0 +1,151 @@
+"""Database: schema, migrations, pragmas, the single writer and group commit (spec section 13)."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+import aitbc_coord as ac
+from conftest import CLIENT, Harness, harness
+
+pytestmark = pytest.mark.anyio
+
+
+def schema_of(path: Path) -> list[tuple[str, str]]:
+    conn = sqlite3.connect(path)
+    try:
+        return sorted(conn.execute("SELECT name, sql FROM sqlite_master WHERE name NOT LIKE 'sqlite_%'"))
+    finally:
+        conn.close()
+
+
+def test_migrate_creates_then_is_idempotent(tmp_path: Path) -> None:
+    db = tmp_path / "sub" / "c.db"
+    assert ac.migrate(str(db)) == (0, ac.SCHEMA_VERSION)
+    first = schema_of(db)
+    assert ac.migrate(str(db)) == (ac.SCHEMA_VERSION, ac.SCHEMA_VERSION)
+    assert schema_of(db) == first
+    names = {n for n, _ in first}
+    assert {"jobs", "miners", "shapes", "idempotency_keys", "job_counts", "jobs_queued", "jobs_running"} <= names
+
+
+def test_schema_file_ends_with_its_version() -> None:
+    text = ac.schema_sql().rstrip()
+    assert text.endswith(f"PRAGMA user_version = {ac.SCHEMA_VERSION};")
+    assert "DROP TABLE" not in text.upper()
+
+
+def test_every_upgrade_step_is_numbered_up_to_the_current_version() -> None:
+    assert sorted(ac.UPGRADES) == list(range(2, ac.SCHEMA_VERSION + 1))
+
+
+def test_a_newer_database_is_refused(tmp_path: Path) -> None:
+    db = tmp_path / "c.db"
+    ac.migrate(str(db))
+    conn = sqlite3.connect(db)
+    conn.execute(f"PRAGMA user_version = {ac.SCHEMA_VERSION + 1}")
+    conn.close()
+    with pytest.raises(ac.ConfigError, match="newer"):
+        ac.migrate(str(db))
+
+
+def test_an_unreadable_database_is_a_clear_error(tmp_path: Path) -> None:
+    db = tmp_path / "c.db"
+    db.write_bytes(b"this is not a database" * 100)
+    with pytest.raises(ac.ConfigError, match="cannot migrate"):
+        ac.migrate(str(db))
+
+
+def test_old_sqlite_is_refused() -> None:
+    with pytest.raises(ac.ConfigError, match="3.35"):
+        ac.check_sqlite_version("3.34.1")
+    ac.check_sqlite_version("3.35.0")
+
+
+@pytest.mark.parametrize(("mode", "level"), [("FULL", 2), ("NORMAL", 1)])
+def test_connections_carry_the_pragmas(tmp_path: Path, mode: str, level: int) -> None:
+    db = str(tmp_path / "c.db")
+    ac.migrate(db)
+    writer, reader = ac.connect(db, mode), ac.connect(db, mode, readonly=True)
+    try:
+        assert writer.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert writer.execute("PRAGMA synchronous").fetchone()[0] == level
+        assert writer.execute("PRAGMA foreign_keys").fetchone()[0] == 1
+        assert writer.execute("PRAGMA busy_timeout").fetchone()[0] == 5000
+        with pytest.raises(sqlite3.OperationalError):
+            reader.execute("DELETE FROM jobs")
+    finally:
+        writer.close()
+        reader.close()
+
+
+async def test_an_acknowledged_submit_is_already_committed(h: Harness) -> None:
+    job = await h.submit()
+    other = sqlite3.connect(h.coord.settings.db_path)  # a separate connection sees it at once
+    try:
+        assert other.execute("SELECT state FROM jobs WHERE job_id = ?", (job["job_id"],)).fetchone() == ("QUEUED",)
+    finally:
+        other.close()
+
+
+async def test_concurrent_writes_share_commits_and_a_failing_unit_stays_alone(h: Harness) -> None:
+    db = h.coord.db
+    batches: list[int] = []
+    original = db._commit_batch
+
+    def counting(batch: list) -> None:
+        batches.append(len(batch))
+        original(batch)
+
+    db._commit_batch = counting  # type: ignore[method-assign]
+
+    def boom(conn: sqlite3.Connection) -> None:
+        conn.execute("INSERT INTO shapes (constraints) VALUES ('doomed')")
+        raise ac.Conflict("boom")
+
+    results = await asyncio.gather(*(h.submit({"n": i}) for i in range(40)), db.write(boom),
+                                   return_exceptions=True)
+    assert isinstance(results[-1], ac.Conflict)
+    assert all(isinstance(r, dict) for r in results[:-1])
+    assert sum(batches) == 41 and len(batches) < 41  # commits were shared
+    counts = (await h.client.get("/v1/admin/stats", headers={"X-Api-Key": ac.DEV_KEYS["admin"]})).json()
+    assert counts["total_jobs"] == 40
+    assert await db.read(lambda c: c.execute("SELECT COUNT(*) FROM shapes WHERE constraints = 'doomed'").fetchone()[0]) == 0
+
+
+async def test_a_failed_commit_acknowledges_nothing(h: Harness) -> None:
+    db = h.coord.db
+    real = db._wconn
+    failures = []
+
+    class FailingCommit:
+        def execute(self, sql: str, *args: object) -> object:
+            if sql == "COMMIT":
+                failures.append(sql)
+                raise sqlite3.OperationalError("disk full")
+            return real.execute(sql, *args)
+
+    db._wconn = FailingCommit()  # type: ignore[assignment]
+    r = await h.client.post("/v1/jobs", json={"payload": {}}, headers=CLIENT)
+    db._wconn = real
+    assert failures and r.status_code == 503 and r.headers["retry-after"] == "1"
+    assert (await h.client.get("/v1/jobs", headers=CLIENT)).json()["items"] == []
+    assert (await h.client.post("/v1/jobs", json={"payload": {}}, headers=CLIENT)).status_code == 201
+
+
+async def test_job_counts_follow_every_transition(tmp_path: Path) -> None:
+    async with harness(tmp_path) as h:
+        for i in range(4):
+            await h.submit({"n": i}, ttl_seconds=100 if i else 5)
+        await h.register(concurrency=3)
+        jobs = [await h.take() for _ in range(2)]
+        await h.result(jobs[1]["job_id"])
+        h.clock.advance(6)
+        await h.coord.sweep()
+        db_counts = await h.coord.db.read(
+            lambda c: dict(c.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall()))
+        kept = await h.coord.db.read(ac.get_job_counts)
+        assert {k: v for k, v in kept.items() if v} == db_counts

@@ -1,0 +1,160 @@
+"""HTTP conventions (spec section 4): auth, error shapes, limits, hostile input, CORS, OpenAPI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import aitbc_coord as ac
+from conftest import ADMIN, CLIENT, CLIENT_KEY, MINER, MINER_KEY, Harness, harness
+
+pytestmark = pytest.mark.anyio
+PROTECTED = [("POST", "/v1/jobs", "client"), ("GET", "/v1/jobs", "client"), ("GET", "/v1/jobs/x", "client"),
+             ("GET", "/v1/jobs/x/result", "client"), ("POST", "/v1/jobs/x/cancel", "client"),
+             ("DELETE", "/v1/jobs/x", "client"), ("GET", "/v1/jobs/x/receipt", "client"),
+             ("GET", "/v1/jobs/x/receipts", "client"), ("POST", "/v1/miners/register", "miner"),
+             ("POST", "/v1/miners/heartbeat", "miner"), ("POST", "/v1/miners/poll", "miner"),
+             ("POST", "/v1/miners/x/result", "miner"), ("POST", "/v1/miners/x/fail", "miner"),
+             ("GET", "/v1/admin/stats", "admin"), ("GET", "/v1/admin/jobs", "admin"),
+             ("GET", "/v1/admin/miners", "admin")]
+KEYS = {"client": CLIENT, "miner": MINER, "admin": ADMIN}
+
+
+async def test_every_protected_route_refuses_missing_unknown_and_wrong_role_keys(h: Harness) -> None:
+    assert {(ep.method, ep.path) for ep in ac.ENDPOINTS if ep.role} == {
+        (m, p.replace("/x", "/{job_id}")) for m, p, _ in PROTECTED}
+    for method, path, role in PROTECTED:
+        wrong = [hdrs for r, hdrs in KEYS.items() if r != role]
+        for headers in ({}, {"X-Api-Key": "nope"}, {"Authorization": "Bearer nope"},
+                        {"Authorization": f"Basic {CLIENT_KEY}"}, *wrong):
+            r = await h.client.request(method, path, headers=headers, json={})
+            assert (r.status_code, r.json()) == (401, {"detail": "invalid api key"}), (method, path, headers)
+
+
+async def test_bearer_is_the_same_as_x_api_key(h: Harness) -> None:
+    r = await h.client.post("/v1/miners/register", json={"capabilities": {}},
+                            headers={"Authorization": f"Bearer {MINER_KEY}"})
+    assert r.status_code == 200
+    r = await h.client.post("/v1/jobs", json={"payload": {}}, headers={"Authorization": f"bearer {CLIENT_KEY}"})
+    assert r.status_code == 201
+
+
+@pytest.mark.parametrize("body", [b"{", b"not json", b"[1,2", b"\xff\xfe", b'{"payload": {"x": NaN}}',
+                                  b'{"payload": {"x": Infinity}}', b'{"payload": {"x": -Infinity}}',
+                                  b'{"payload": {"x": 1e999}}', b'{"payload": {"s": "\\ud800"}}',
+                                  b"[" * 100_000 + b"]" * 100_000, b'{"payload": {"n": 1' + b"0" * 5000 + b"}}"])
+async def test_malformed_json_is_a_422_list(h: Harness, body: bytes) -> None:
+    r = await h.client.post("/v1/jobs", content=body, headers={**CLIENT, "content-type": "application/json"})
+    assert r.status_code == 422
+    detail = r.json()["detail"]
+    assert isinstance(detail, list) and detail[0]["loc"][0] == "body" and {"type", "loc", "msg", "input"} <= set(detail[0])
+
+
+@pytest.mark.parametrize(("body", "loc"), [
+    ({}, ["body", "payload"]), ({"payload": []}, ["body", "payload"]), ({"payload": "x"}, ["body", "payload"]),
+    ({"payload": {}, "ttl_seconds": "soon"}, ["body", "ttl_seconds"]),
+    ({"payload": {}, "ttl_seconds": 10**40}, ["body", "ttl_seconds"]),
+    ({"payload": {}, "constraints": {"models": "llama"}}, ["body", "constraints", "models"]),
+    ({"payload": {}, "constraints": {"max_price": "cheap"}}, ["body", "constraints", "max_price"]),
+])
+async def test_validation_errors_point_at_the_field(h: Harness, body: object, loc: list) -> None:
+    r = await h.client.post("/v1/jobs", json=body, headers=CLIENT)
+    assert r.status_code == 422
+    assert r.json()["detail"][0]["loc"] == loc
+    assert json.loads(json.dumps(r.json()))  # the error list itself is plain JSON
+
+
+async def test_a_non_object_body_and_an_empty_body(h: Harness) -> None:
+    for content in (b"[]", b"3", b'"x"', b""):
+        r = await h.client.post("/v1/jobs", content=content, headers=CLIENT)
+        assert r.status_code == 422, content
+
+
+async def test_unicode_nul_and_big_numbers_round_trip(h: Harness) -> None:
+    payload = {"text": "café ☕ 𝄞 \u0000 end", "big": 10**30, "neg": -1.5e-300, "nested": {"a": [None, True]}}
+    job = await h.submit(payload)
+    await h.register()
+    got = await h.take()
+    assert got["payload"] == payload and got["job_id"] == job["job_id"]
+
+
+async def test_bodies_over_the_limit_get_413_with_or_without_content_length(tmp_path) -> None:
+    async with harness(tmp_path, {"MAX_BODY_BYTES": "2048"}) as h:
+        big = json.dumps({"payload": {"blob": "x" * 4000}}).encode()
+        r = await h.client.post("/v1/jobs", content=big, headers=CLIENT)
+        assert (r.status_code, r.json()) == (413, {"detail": "request body too large"})
+
+        async def chunks():
+            for i in range(0, len(big), 500):
+                yield big[i:i + 500]
+
+        r = await h.client.post("/v1/jobs", content=chunks(), headers=CLIENT)  # chunked: no Content-Length
+        assert "content-length" not in r.request.headers
+        assert r.status_code == 413
+        ok = json.dumps({"payload": {"blob": "x" * 1500}}).encode()
+        assert (await h.client.post("/v1/jobs", content=ok, headers=CLIENT)).status_code == 201
+
+
+async def test_unknown_routes_and_wrong_methods(h: Harness) -> None:
+    r = await h.client.get("/v1/nope")
+    assert (r.status_code, r.json()) == (404, {"detail": "Not Found"})
+    r = await h.client.put("/v1/jobs", headers=CLIENT)
+    assert r.status_code == 405 and "detail" in r.json()
+    assert (await h.client.get("/v1/miners/poll", headers=MINER)).status_code == 405
+
+
+async def test_unknown_fields_are_ignored(h: Harness) -> None:
+    r = await h.client.post("/v1/miners/register", json={"capabilities": {}, "extra": [1], "miner_id": "x"},
+                            headers=MINER, params={"miner_id": "cli-sends-this"})
+    assert r.status_code == 200
+
+
+async def test_cors_preflight_and_simple_requests(h: Harness) -> None:
+    r = await h.client.options("/v1/jobs", headers={
+        "Origin": "https://dash.example", "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "content-type, authorization, cache-control, x-api-key, idempotency-key"})
+    assert r.status_code == 200
+    assert r.headers["access-control-allow-origin"] == "*"
+    allowed = r.headers["access-control-allow-headers"].lower()
+    for header in ("content-type", "authorization", "cache-control", "x-api-key", "idempotency-key"):
+        assert header in allowed
+    r = await h.client.get("/v1/health", headers={"Origin": "https://dash.example"})
+    assert r.headers["access-control-allow-origin"] == "*"
+
+
+async def test_cors_origins_come_from_settings(tmp_path) -> None:
+    async with harness(tmp_path, {"ALLOW_ORIGINS": '["https://ok.example"]'}) as h:
+        good = await h.client.get("/v1/health", headers={"Origin": "https://ok.example"})
+        bad = await h.client.get("/v1/health", headers={"Origin": "https://evil.example"})
+        assert good.headers["access-control-allow-origin"] == "https://ok.example"
+        assert "access-control-allow-origin" not in bad.headers
+
+
+async def test_health(h: Harness) -> None:
+    r = await h.client.get("/v1/health")
+    assert (r.status_code, r.json()) == (200, {"status": "ok", "env": "dev", "db": "ok", "version": ac.__version__})
+
+
+async def test_health_is_degraded_when_the_database_cannot_be_read(h: Harness) -> None:
+    async def broken(*args: object) -> None:
+        raise ac.sqlite3.OperationalError("disk I/O error")
+
+    h.coord.db.read = broken  # type: ignore[method-assign]
+    r = await h.client.get("/v1/health")
+    assert r.status_code == 503 and r.json()["status"] == "degraded" and r.json()["db"] == "error"
+
+
+async def test_openapi_describes_every_route_with_schemas(h: Harness) -> None:
+    for path in ("/openapi.json", "/v1/openapi.json"):
+        doc = (await h.client.get(path)).json()
+        assert doc["openapi"].startswith("3.")
+        for ep in ac.ENDPOINTS:
+            op = doc["paths"][ep.path][ep.method.lower()]
+            assert op["responses"], ep.path
+            if ep.body is not None:
+                ref = op["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+                assert ref.rsplit("/", 1)[1] in doc["components"]["schemas"]
+        submit = doc["components"]["schemas"]["JobSubmit"]
+        assert "payload" in submit["required"]
+        assert doc["paths"]["/v1/jobs"]["post"]["responses"]["201"]["content"]["application/json"]["schema"]

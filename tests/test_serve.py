@@ -1,0 +1,109 @@
+"""The real `aitbc-coord serve` in a subprocess, driven over HTTP like the existing clients do."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+import aitbc_coord as ac
+
+CLIENT = {"X-Api-Key": ac.DEV_KEYS["client"]}
+MINER = {"X-Api-Key": ac.DEV_KEYS["miner"]}
+
+
+def start_server(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
+    """Start serve on a free port; returns the process and its base URL once it answers."""
+    log = open(tmp_path / "serve.log", "wb")  # noqa: SIM115 - closed with the process below
+    proc = subprocess.Popen([sys.executable, "-m", "aitbc_coord", "serve", "--port", "0", *args],
+                            cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
+                            env={k: v for k, v in os.environ.items() if not k.endswith("_API_KEYS")} | (env or {}))
+    log.close()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        text = (tmp_path / "serve.log").read_text()
+        m = re.search(r"listening on (http://[\d.]+:\d+)", text)
+        if m and "Application startup complete" in text:
+            return proc, m.group(1)
+        if proc.poll() is not None:
+            raise AssertionError(f"serve exited early:\n{text}")
+        time.sleep(0.05)
+    proc.kill()
+    raise AssertionError("serve did not start")
+
+
+def test_serve_runs_a_whole_job_the_way_upstream_clients_do(tmp_path: Path) -> None:
+    proc, base = start_server(tmp_path, "--db", str(tmp_path / "c.db"), env={"APP_ENV": "dev"})
+    try:
+        with httpx.Client(base_url=base + "/v1", timeout=10) as http:
+            assert http.get("/health").json()["status"] == "ok"
+            r = http.post("/miners/register", params={"miner_id": "cli-miner"},
+                          json={"capabilities": {"price": 1}}, headers=MINER)
+            assert r.status_code == 200
+            r = http.post("/jobs", json={"payload": {"task": "receipt"}}, headers=CLIENT)
+            assert r.status_code == 201 and "job_id" in r.json()
+            job_id = r.json()["job_id"]
+            r = http.post("/miners/poll", json={"max_wait_seconds": 1},
+                          headers={"Authorization": f"Bearer {ac.DEV_KEYS['miner']}"})
+            assert r.status_code == 200 and r.json()["job_id"] == job_id
+            r = http.post(f"/miners/{job_id}/result", headers=MINER, json={
+                "result": {"units": 1, "unit_type": "gpu_seconds", "price": 1},
+                "metrics": {"units": 1, "duration_ms": 500}})
+            assert r.status_code == 200
+            view = http.get(f"/jobs/{job_id}", headers=CLIENT).json()
+            assert view["state"] == "COMPLETED" and view["assigned_miner_id"].startswith("miner-")
+            assert http.get(f"/jobs/{job_id}/result", headers=CLIENT).json()["result"]["units"] == 1
+            r = http.post("/miners/poll", json={"max_wait_seconds": 0.2}, headers=MINER)
+            assert r.status_code == 204
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0
+    log = (tmp_path / "serve.log").read_text()
+    assert "Traceback" not in log
+    for key in ac.DEV_KEYS.values():
+        assert key not in log
+
+
+def test_serve_refuses_a_newer_database_without_a_traceback(tmp_path: Path) -> None:
+    import sqlite3
+
+    db = tmp_path / "c.db"
+    ac.migrate(str(db))
+    conn = sqlite3.connect(db)
+    conn.execute("PRAGMA user_version = 999")
+    conn.close()
+    out = subprocess.run([sys.executable, "-m", "aitbc_coord", "serve", "--port", "0", "--db", str(db)],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=30)
+    assert out.returncode == 1 and "newer" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_sigterm_releases_a_waiting_long_poll_and_exits_cleanly(tmp_path: Path) -> None:
+    import threading
+
+    proc, base = start_server(tmp_path, "--db", str(tmp_path / "c.db"), env={"APP_ENV": "dev"})
+    outcome: dict[str, object] = {}
+    try:
+        with httpx.Client(base_url=base + "/v1", timeout=30) as http:
+            assert http.post("/miners/register", json={"capabilities": {}}, headers=MINER).status_code == 200
+
+            def wait() -> None:
+                started = time.monotonic()
+                r = http.post("/miners/poll", json={"max_wait_seconds": 25}, headers=MINER)
+                outcome.update(status=r.status_code, seconds=time.monotonic() - started)
+
+            poller = threading.Thread(target=wait)
+            poller.start()
+            time.sleep(0.5)
+            proc.send_signal(signal.SIGTERM)
+            poller.join(timeout=20)
+        assert outcome["status"] == 204 and outcome["seconds"] < 10  # not the 25 s it asked for
+        assert proc.wait(timeout=15) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
