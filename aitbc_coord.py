@@ -1325,6 +1325,23 @@ def endpoint(method: str, path: str, *, role: str | None = None, body: type[Mode
 
 
 SURROGATE_ESCAPE_RE = re.compile(rb"\\u[dD][89abAB]|\\u[dD][c-fC-F]")
+# Deeper documents parse, but re-encoding them for a miner (one level deeper) can hit Python's
+# recursion limit; nothing legitimate nests this far.
+MAX_JSON_DEPTH = 64
+
+
+def nested_deeper_than(value: Any, limit: int) -> bool:
+    """Whether a parsed JSON value nests more than `limit` arrays/objects deep (iterative)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        if children is None:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children)
+    return False
 
 
 def _reject_constant(name: str) -> Any:
@@ -1344,6 +1361,8 @@ def decode_json(raw: bytes) -> Any:
         value = json.loads(raw, parse_constant=_reject_constant, parse_float=_finite_float)
         if SURROGATE_ESCAPE_RE.search(raw):  # an escaped surrogate: make sure they all pair up
             json.dumps(value, ensure_ascii=False).encode("utf-8")
+        if raw.count(b"[") + raw.count(b"{") > MAX_JSON_DEPTH and nested_deeper_than(value, MAX_JSON_DEPTH):
+            raise ValueError(f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
     except (ValueError, RecursionError) as exc:
         msg = exc.msg if isinstance(exc, json.JSONDecodeError) else str(exc) or "JSON nested too deeply"
         pos = exc.pos if isinstance(exc, json.JSONDecodeError) else 0

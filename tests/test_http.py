@@ -43,7 +43,8 @@ async def test_bearer_is_the_same_as_x_api_key(h: Harness) -> None:
 @pytest.mark.parametrize("body", [b"{", b"not json", b"[1,2", b"\xff\xfe", b'{"payload": {"x": NaN}}',
                                   b'{"payload": {"x": Infinity}}', b'{"payload": {"x": -Infinity}}',
                                   b'{"payload": {"x": 1e999}}', b'{"payload": {"s": "\\ud800"}}',
-                                  b"[" * 100_000 + b"]" * 100_000, b'{"payload": {"n": 1' + b"0" * 5000 + b"}}"])
+                                  b"[" * 100_000 + b"]" * 100_000, b'{"payload": {"a": ' + b"[" * 950 + b"]" * 950 + b"}}",
+                                  b'{"payload": {"a": ' + b"[" * 64 + b"]" * 64 + b"}}", b'{"payload": {"n": 1' + b"0" * 5000 + b"}}"])
 async def test_malformed_json_is_a_422_list(h: Harness, body: bytes) -> None:
     r = await h.client.post("/v1/jobs", content=body, headers={**CLIENT, "content-type": "application/json"})
     assert r.status_code == 422
@@ -72,7 +73,10 @@ async def test_a_non_object_body_and_an_empty_body(h: Harness) -> None:
 
 
 async def test_unicode_nul_and_big_numbers_round_trip(h: Harness) -> None:
-    payload = {"text": "café ☕ 𝄞 \u0000 end", "big": 10**30, "neg": -1.5e-300, "nested": {"a": [None, True]}}
+    deep: object = 1
+    for _ in range(60):
+        deep = [deep, {"k": deep}] if isinstance(deep, int) else [deep]
+    payload = {"deep": deep, "text": "café ☕ 𝄞 \u0000 end", "big": 10**30, "neg": -1.5e-300, "nested": {"a": [None, True]}}
     job = await h.submit(payload)
     await h.register()
     got = await h.take()
