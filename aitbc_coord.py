@@ -15,6 +15,7 @@ writer (WAL).
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import dataclasses
 import enum
@@ -41,6 +42,8 @@ from typing import Any, TypeVar
 import click
 import uvicorn
 from dotenv import dotenv_values
+from nacl.exceptions import CryptoError
+from nacl.signing import SigningKey, VerifyKey
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic.json_schema import models_json_schema
 from starlette.applications import Starlette
@@ -89,6 +92,8 @@ class Settings:
     db_synchronous: str = "FULL"
     sweep_interval_seconds: float = 0.5  # 0 turns the background sweeper off (tests drive it)
     idempotency_ttl_seconds: int = 86400
+    signing_seed: bytes | None = dataclasses.field(default=None, repr=False)
+    attestation_seed: bytes | None = dataclasses.field(default=None, repr=False)
 
     @classmethod
     def load(
@@ -108,6 +113,8 @@ class Settings:
         values.update({k: v for k, v in overrides.items() if v is not None})
         app_env = values.get("app_env", cls.app_env)
         values["api_keys"], values["dev_key_roles"] = _load_api_keys(env, app_env)
+        values["signing_seed"] = load_seed(env, "RECEIPT_SIGNING_KEY")
+        values["attestation_seed"] = load_seed(env, "RECEIPT_ATTESTATION_KEY")
         return cls(**values)
 
 
@@ -186,6 +193,35 @@ ENV_VARS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "COORDINATOR_ID": ("coordinator_id", str),
     "DB_SYNCHRONOUS": ("db_synchronous", _parse_choice(SYNCHRONOUS_MODES)),
 }
+
+
+def parse_seed(text: str) -> bytes:
+    """A 32-byte Ed25519 seed from 64 hex chars; raises ValueError."""
+    text = text.strip()
+    if not re.fullmatch(r"[0-9a-fA-F]{64}", text):
+        raise ValueError("must be 64 hex characters (an Ed25519 seed, as `aitbc-coord keygen` prints)")
+    return bytes.fromhex(text)
+
+
+def load_seed(env: Mapping[str, str], prefix: str) -> bytes | None:
+    """The seed from PREFIX_HEX or the file named by PREFIX_FILE, or None; raises ConfigError."""
+    hex_var, file_var = f"{prefix}_HEX", f"{prefix}_FILE"
+    raw, path = env.get(hex_var, "").strip(), env.get(file_var, "").strip()
+    if raw and path:
+        raise ConfigError(f"set only one of {hex_var} and {file_var}")
+    if path:
+        try:
+            if os.stat(path).st_mode & 0o044:
+                raise ConfigError(f"{file_var}: {path} is readable by group or others; chmod 600 it")
+            raw = Path(path).read_text(encoding="ascii")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{file_var}: cannot read {path}: {getattr(exc, 'strerror', None) or exc}") from None
+    if not raw:
+        return None
+    try:
+        return parse_seed(raw)
+    except ValueError as exc:
+        raise ConfigError(f"{file_var if path else hex_var}: {exc}") from None
 
 
 def key_digest(key: str) -> str:
@@ -350,9 +386,7 @@ class Outcome:
 
 # === Database ===
 
-SCHEMA_VERSION = 1
-# Upgrade steps: UPGRADES[n] takes a version n-1 database to version n (none yet: version 1 is the first).
-UPGRADES: dict[int, str] = {}
+SCHEMA_VERSION = 2
 MIN_SQLITE = (3, 35, 0)  # RETURNING
 
 
@@ -363,6 +397,22 @@ def schema_sql() -> str:
         if (here / name).is_file():
             return (here / name).read_text(encoding="utf-8")
     raise ConfigError(f"schema.sql not found beside {__file__}")
+
+
+def schema_section(version: int) -> str:
+    """The part of schema.sql headed `-- Version N:`: the additive upgrade step to version N."""
+    text = schema_sql()
+    start = text.index(f"-- Version {version}:")
+    ends = [i for i in (text.find(f"-- Version {version + 1}:", start), text.find("PRAGMA user_version", start))
+            if i >= 0]
+    return text[start:min(ends)]
+
+
+# Upgrade steps: UPGRADES[n] takes a version n-1 database to version n. Steps that only add objects
+# are the tail sections of schema.sql; one that must alter existing tables is written out here.
+UPGRADES: dict[int, Callable[[], str]] = {
+    2: lambda: schema_section(2),  # receipts, signing_keys, counters
+}
 
 
 def check_sqlite_version(version: str = sqlite3.sqlite_version) -> None:
@@ -411,7 +461,7 @@ def migrate(path: str) -> tuple[int, int]:
         if before > SCHEMA_VERSION:
             raise ConfigError(f"database {path} has schema version {before}, newer than this "
                               f"coordinator's {SCHEMA_VERSION}; upgrade aitbc-coord")
-        steps = [schema_sql()] if before == 0 else [UPGRADES[v] for v in range(before + 1, SCHEMA_VERSION + 1)]
+        steps = [schema_sql()] if before == 0 else [UPGRADES[v]() for v in range(before + 1, SCHEMA_VERSION + 1)]
         for script in steps:
             for statement in split_statements(script):
                 conn.execute(statement)
@@ -726,6 +776,40 @@ def count_online_miners(conn: sqlite3.Connection, cutoff: int) -> int:
     return int(conn.execute("SELECT COUNT(*) FROM miners WHERE last_seen >= ?", (cutoff,)).fetchone()[0])
 
 
+def insert_receipt(conn: sqlite3.Connection, receipt: dict[str, Any], client_id: str, issued_at: int) -> None:
+    conn.execute(
+        "INSERT INTO receipts (receipt_id, job_id, provider, client_id, issued_at, price, attested, body)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        (receipt["receipt_id"], receipt["job_id"], receipt["provider"], client_id, issued_at,
+         receipt.get("price"), int("attestations" in receipt), json.dumps(receipt)))
+    conn.execute("UPDATE miners SET last_receipt_id = ? WHERE miner_id = ?", (receipt["receipt_id"], receipt["provider"]))
+
+
+def get_latest_receipt(conn: sqlite3.Connection, job_id: str) -> dict[str, Any] | None:
+    row = conn.execute("SELECT body FROM receipts WHERE job_id = ? ORDER BY seq DESC LIMIT 1", (job_id,)).fetchone()
+    return None if row is None else json.loads(row[0])
+
+
+def list_receipts_for_job(conn: sqlite3.Connection, job_id: str, after_seq: int, limit: int) -> list[sqlite3.Row]:
+    """A job's receipts oldest first, after the cursor `after_seq`."""
+    return conn.execute("SELECT seq, body FROM receipts WHERE job_id = ? AND seq > ? ORDER BY seq LIMIT ?",
+                        (job_id, after_seq, limit)).fetchall()
+
+
+def add_signing_keys(conn: sqlite3.Connection, keys: Sequence[tuple[str, str]], now: int) -> None:
+    conn.executemany("INSERT INTO signing_keys (key_id, role, first_seen_at) VALUES (?, ?, ?)"
+                     " ON CONFLICT (key_id) DO NOTHING", [(k, role, now) for k, role in keys])
+
+
+def list_signing_keys(conn: sqlite3.Connection) -> list[sqlite3.Row]:
+    return conn.execute("SELECT key_id, role FROM signing_keys ORDER BY first_seen_at, key_id").fetchall()
+
+
+def get_counter(conn: sqlite3.Connection, name: str) -> int:
+    row = conn.execute("SELECT n FROM counters WHERE name = ?", (name,)).fetchone()
+    return 0 if row is None else int(row[0])
+
+
 def get_job_counts(conn: sqlite3.Connection) -> dict[str, int]:
     return {r[0]: r[1] for r in conn.execute("SELECT state, n FROM job_counts")}
 
@@ -816,6 +900,145 @@ class Matcher:
             ids = ids + [sid for sid, c in self.shapes.items() if sid > upto and satisfies(c, miner)]
             self.by_miner[miner.miner_id] = (miner.session_token, self.seen, ids)
         return ids
+
+
+# --- Receipts: canonical JSON and Ed25519 signatures (spec section 8) ---
+
+RECEIPT_VERSION = "1.0"
+
+
+def b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def b64url_decode(text: str) -> bytes:
+    """Raises ValueError (or TypeError for a non-string)."""
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def drop_nulls(value: Any) -> Any:
+    """`value` without null dict values and null list elements, recursively."""
+    if isinstance(value, dict):
+        return {k: drop_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [drop_nulls(v) for v in value if v is not None]
+    return value
+
+
+def canonical_receipt_bytes(receipt: Mapping[str, Any]) -> bytes:
+    """The signed bytes: the receipt without its signatures, nulls dropped, sorted compact ASCII JSON."""
+    body = {k: v for k, v in receipt.items() if k not in ("signature", "attestations")}
+    return json.dumps(drop_nulls(body), sort_keys=True, separators=(",", ":")).encode("utf-8")
+
+
+def key_id_of(key: SigningKey | VerifyKey) -> str:
+    """The public key, base64url without padding (43 chars)."""
+    return b64url(bytes(key.verify_key if isinstance(key, SigningKey) else key))
+
+
+def signature_of(key: SigningKey, message: bytes) -> dict[str, str]:
+    return {"alg": "Ed25519", "key_id": key_id_of(key), "sig": b64url(key.sign(message).signature)}
+
+
+def check_signature(sig: Any, message: bytes) -> bool:
+    """Whether `sig` ({alg, key_id, sig}) is a valid Ed25519 signature of `message` by its own key_id."""
+    if not isinstance(sig, dict) or sig.get("alg") != "Ed25519":
+        return False
+    try:
+        VerifyKey(b64url_decode(sig["key_id"])).verify(message, b64url_decode(sig["sig"]))
+    except (KeyError, TypeError, ValueError, CryptoError):
+        return False
+    return True
+
+
+@dataclasses.dataclass(frozen=True)
+class Signer:
+    """The receipt signing key and the optional coordinator attestation key."""
+
+    signing: SigningKey
+    attestation: SigningKey | None = None
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Signer | None:
+        if settings.signing_seed is None:
+            return None
+        att = settings.attestation_seed
+        return cls(SigningKey(settings.signing_seed), None if att is None else SigningKey(att))
+
+    def key_ids(self) -> list[tuple[str, str]]:
+        """(key_id, role) of every configured key."""
+        keys = [(key_id_of(self.signing), "signing")]
+        return keys + ([(key_id_of(self.attestation), "attestation")] if self.attestation else [])
+
+    def seal(self, body: Mapping[str, Any]) -> dict[str, Any]:
+        """`body` without nulls, signed (and attested): exactly what is stored and returned."""
+        receipt = drop_nulls(dict(body))
+        message = canonical_receipt_bytes(receipt)
+        receipt["signature"] = signature_of(self.signing, message)
+        if self.attestation is not None:
+            receipt["attestations"] = [signature_of(self.attestation, message)]
+        return receipt
+
+
+def first_of(kind: type | tuple[type, ...], *values: Any) -> Any:
+    """The first value of `kind` (never a bool, never a non-finite float), or None."""
+    for value in values:
+        if isinstance(value, kind) and not isinstance(value, bool):
+            if not isinstance(value, float) or math.isfinite(value):
+                return value
+    return None
+
+
+def build_receipt(job: sqlite3.Row, provider: str, capabilities: Mapping[str, Any], result: Mapping[str, Any],
+                  metrics: Mapping[str, Any], now: int, coordinator_id: str) -> dict[str, Any]:
+    """The unsigned receipt of a job completing at `now` (table in spec section 8)."""
+    units = first_of((int, float), metrics.get("units"), result.get("units"))
+    if units is None:
+        units = (now - job["assigned_at"]) / 1000
+    unit_price = first_of((int, float), capabilities.get("price"))
+    price = first_of((int, float), metrics.get("price"), result.get("price"))
+    if price is None and unit_price is not None:
+        price = round(units * unit_price, 6)
+    return {"version": RECEIPT_VERSION, "receipt_id": secrets.token_hex(16), "job_id": job["job_id"],
+            "provider": provider, "client": job["client_id"], "coordinator_id": coordinator_id,
+            "status": "COMPLETED", "units": units,
+            "unit_type": first_of(str, metrics.get("unit_type"), result.get("unit_type")) or "gpu_seconds",
+            "unit_price": unit_price, "price": price,
+            "started_at": job["assigned_at"] // 1000, "completed_at": now // 1000,
+            "metadata": {"job_payload": json.loads(job["payload"]), "job_constraints": json.loads(job["constraints"]),
+                         "result": dict(result), "metrics": dict(metrics)}}
+
+
+def verify_receipt(receipt: Mapping[str, Any], signing_keys: set[str],
+                   attestation_keys: set[str] | None = None) -> dict[str, Any]:
+    """Check a receipt's signature and attestations, and whether its signing key is one of `signing_keys`.
+
+    An attestation counts only if it verifies, is not by the signing key itself, and (when
+    `attestation_keys` is given) is by one of those keys.
+    """
+    message = canonical_receipt_bytes(receipt)
+    sig, atts = receipt.get("signature"), receipt.get("attestations", [])
+    signing_key_id = sig.get("key_id") if isinstance(sig, dict) else None
+    signature_valid = check_signature(sig, message)
+
+    def attests(att: Any) -> bool:
+        key = att.get("key_id") if isinstance(att, dict) else None
+        trusted = attestation_keys is None or key in attestation_keys
+        return trusted and key != signing_key_id and check_signature(att, message)
+
+    attestations_valid = [attests(a) for a in atts] if isinstance(atts, list) else [False]
+    known = signing_key_id in signing_keys
+    reason = None
+    if not isinstance(sig, dict):
+        reason = "receipt has no signature"
+    elif not signature_valid:
+        reason = "signature does not verify (receipt altered or wrong key)"
+    elif not all(attestations_valid):
+        reason = f"attestation {attestations_valid.index(False)} does not verify with an attestation key"
+    elif not known:
+        reason = "signed by a key that is not one of this coordinator's keys"
+    return {"valid": reason is None, "signature_valid": signature_valid, "attestations_valid": attestations_valid,
+            "known_key": known, "reason": reason}
 
 
 @dataclasses.dataclass(eq=False)  # compared and hashed by identity
@@ -940,32 +1163,43 @@ def _check_holder(conn: sqlite3.Connection, miner_id: str, job: sqlite3.Row, now
     return None
 
 
-def _load_reported_job(conn: sqlite3.Connection, miner_id: str, job_id: str, now: int) -> sqlite3.Row:
-    if touch_miner(conn, miner_id, now) is None:
+def _load_reported_job(conn: sqlite3.Connection, miner_id: str, job_id: str, now: int) -> tuple[sqlite3.Row, sqlite3.Row]:
+    miner = touch_miner(conn, miner_id, now)
+    if miner is None:
         raise NotFound("miner not registered")
     job = get_job(conn, job_id)
     if job is None:
         raise NotFound("job not found")
-    return job
+    return job, miner
 
 
-def tx_result(conn: sqlite3.Connection, miner_id: str, job_id: str, result: str, metrics: str, now: int) -> Outcome:
-    """Complete a RUNNING job held by `miner_id`; a repeat of the same result is a no-op. Conflict otherwise."""
-    job = _load_reported_job(conn, miner_id, job_id, now)
-    if job["state"] == JobState.COMPLETED and job["assigned_miner_id"] == miner_id and job["result"] == result:
-        return Outcome({"status": "ok", "receipt": None})
+def tx_result(conn: sqlite3.Connection, miner_id: str, job_id: str, result: dict[str, Any], metrics: dict[str, Any],
+              now: int, signer: Signer | None, coordinator_id: str) -> Outcome:
+    """Complete a RUNNING job held by `miner_id` and issue its receipt in the same transaction.
+
+    A repeat of the same result returns the same receipt; any other report is a Conflict.
+    """
+    job, miner = _load_reported_job(conn, miner_id, job_id, now)
+    result_json = canonical_json(result)
+    if job["state"] == JobState.COMPLETED and job["assigned_miner_id"] == miner_id and job["result"] == result_json:
+        return Outcome({"status": "ok", "receipt": get_latest_receipt(conn, job_id)})
     error = _check_holder(conn, miner_id, job, now)
     if error is not None:
         return Outcome(error=error, wake=Wake(miners={miner_id}))
-    finish_job(conn, job["seq"], JobState.COMPLETED, now, None, result, metrics)
+    finish_job(conn, job["seq"], JobState.COMPLETED, now, None, result_json, compact_json(metrics))
     add_miner_outcome(conn, miner_id, 1, 0, now - job["assigned_at"])
-    return Outcome({"status": "ok", "receipt": None}, Wake(miners={miner_id}))
+    receipt = None
+    if signer is not None:
+        capabilities = json.loads(miner["capabilities"])
+        receipt = signer.seal(build_receipt(job, miner_id, capabilities, result, metrics, now, coordinator_id))
+        insert_receipt(conn, receipt, job["client_id"], now)
+    return Outcome({"status": "ok", "receipt": receipt}, Wake(miners={miner_id}))
 
 
 def tx_fail(conn: sqlite3.Connection, miner_id: str, job_id: str, error_text: str, metrics: str,
             retryable: bool, now: int, max_attempts: int) -> Outcome:
     """A miner gives up a job: re-queued when retryable with attempts left, else FAILED. Conflict if not held."""
-    job = _load_reported_job(conn, miner_id, job_id, now)
+    job, _ = _load_reported_job(conn, miner_id, job_id, now)
     if job["state"] == JobState.FAILED and job["assigned_miner_id"] == miner_id and job["error"] == error_text:
         return Outcome({"status": "ok"})
     error = _check_holder(conn, miner_id, job, now)
@@ -1003,6 +1237,7 @@ class Coordinator:
         self.db = Database(settings.db_path, settings.db_synchronous)
         self.hub = PollHub()
         self.matcher = Matcher()
+        self.signer = Signer.from_settings(settings)
         self.db.abort_hooks.append(self.matcher.reset)
         self._sweeper: asyncio.Task[None] | None = None
 
@@ -1017,6 +1252,12 @@ class Coordinator:
         for role in self.settings.dev_key_roles:
             log.warning("no %s keys configured: accepting the development key (APP_ENV=dev only)", role)
         await self.db.start()
+        if self.signer is not None:
+            await self.db.write(add_signing_keys, self.signer.key_ids(), self.now())
+            for key_id, role in self.signer.key_ids():
+                log.info("receipt %s key %s", role, key_id)
+        else:
+            log.warning("no RECEIPT_SIGNING_KEY_HEX/_FILE: completed jobs get no receipts")
         if self.settings.sweep_interval_seconds > 0:
             self._sweeper = asyncio.create_task(self._sweep_forever())
 
@@ -1139,6 +1380,10 @@ class ReceiptListQuery(Model):
     cursor: str | None = None
 
 
+class ReceiptVerify(Model):
+    receipt: dict[str, Any]
+
+
 class MinerRegister(Model):
     capabilities: dict[str, Any]
     concurrency: int = Field(1, ge=1, le=4096)
@@ -1186,6 +1431,50 @@ class ValidationDetail(Out):
     detail: list[ValidationItem]
 
 
+class Signature(Out):
+    alg: str
+    key_id: str
+    sig: str
+
+
+class Receipt(Out):
+    version: str
+    receipt_id: str
+    job_id: str
+    provider: str
+    client: str
+    coordinator_id: str
+    status: str
+    units: float
+    unit_type: str
+    unit_price: float | None = None
+    price: float | None = None
+    started_at: int
+    completed_at: int
+    metadata: dict[str, Any]
+    signature: Signature
+    attestations: list[Signature] | None = None
+
+
+class KeyInfo(Out):
+    key_id: str
+    alg: str
+    role: str
+    status: str
+
+
+class KeyList(Out):
+    items: list[KeyInfo]
+
+
+class VerifyResult(Out):
+    valid: bool
+    signature_valid: bool
+    attestations_valid: list[bool]
+    known_key: bool
+    reason: str | None
+
+
 class JobView(Out):
     job_id: str
     state: JobState
@@ -1206,11 +1495,11 @@ class JobPage(Out):
 
 class JobResultView(Out):
     result: dict[str, Any] | None
-    receipt: dict[str, Any] | None
+    receipt: Receipt | None
 
 
 class ReceiptPage(Out):
-    items: list[dict[str, Any]]
+    items: list[Receipt]
     next_cursor: str | None
 
 
@@ -1225,7 +1514,7 @@ class Registered(Out):
 
 class ResultAccepted(Out):
     status: str
-    receipt: dict[str, Any] | None
+    receipt: Receipt | None
 
 
 class Assignment(Out):
@@ -1502,9 +1791,10 @@ async def get_job_result(call: Call) -> Response:
     """The result (and receipt) of a finished job; 425 until there is one."""
     row = await _client_job(call)
     finished = job_view(row, call.coord.now())["state"] not in ACTIVE_STATES
-    if not finished or row["result"] is None:
+    receipt = await call.coord.db.read(get_latest_receipt, row["job_id"]) if finished else None
+    if not finished or (row["result"] is None and receipt is None):
         raise NotReady()
-    return json_response({"result": json.loads(row["result"]), "receipt": None})
+    return json_response({"result": None if row["result"] is None else json.loads(row["result"]), "receipt": receipt})
 
 
 @endpoint("POST", "/v1/jobs/{job_id}/cancel", role="client", responses={200: JobView, **_errors(401, 404, 409)})
@@ -1521,19 +1811,48 @@ async def delete_job(call: Call) -> Response:
     return await cancel_job(call)
 
 
-@endpoint("GET", "/v1/jobs/{job_id}/receipt", role="client", responses={200: None, **_errors(401, 404)})
+@endpoint("GET", "/v1/jobs/{job_id}/receipt", role="client", responses={200: Receipt, **_errors(401, 404)})
 async def get_job_receipt(call: Call) -> Response:
     """The job's latest signed receipt."""
-    await _client_job(call)
-    raise NotFound("receipt not available")
+    row = await _client_job(call)
+    receipt = await call.coord.db.read(get_latest_receipt, row["job_id"])
+    if receipt is None:
+        raise NotFound("receipt not available")
+    return json_response(receipt)
 
 
 @endpoint("GET", "/v1/jobs/{job_id}/receipts", role="client", query=ReceiptListQuery,
           responses={200: ReceiptPage, **_errors(401, 404, 422)})
 async def list_job_receipts(call: Call) -> Response:
     """Every receipt of the job, oldest first."""
-    await _client_job(call)
-    return json_response({"items": [], "next_cursor": None})
+    row, q = await _client_job(call), call.query
+    after = 0
+    if q.cursor is not None:
+        if not q.cursor.isdigit() or len(q.cursor) > 18:
+            raise Invalid.one(["query", "cursor"], "not a cursor this server issued", q.cursor)
+        after = int(q.cursor)
+    rows = await call.coord.db.read(list_receipts_for_job, row["job_id"], after, q.limit + 1)
+    more = len(rows) > q.limit
+    return json_response({"items": [json.loads(r["body"]) for r in rows[:q.limit]],
+                          "next_cursor": str(rows[q.limit - 1]["seq"]) if more else None})
+
+
+@endpoint("GET", "/v1/receipts/keys", responses={200: KeyList})
+async def receipt_keys(call: Call) -> Response:
+    """Every public key this coordinator has signed receipts with, current and retired."""
+    rows = await call.coord.db.read(list_signing_keys)
+    active = set(call.coord.signer.key_ids()) if call.coord.signer else set()
+    return json_response({"items": [
+        {"key_id": r["key_id"], "alg": "Ed25519", "role": r["role"],
+         "status": "active" if (r["key_id"], r["role"]) in active else "retired"} for r in rows]})
+
+
+@endpoint("POST", "/v1/receipts/verify", body=ReceiptVerify, responses={200: VerifyResult, **_errors(413, 422)})
+async def verify_receipt_route(call: Call) -> Response:
+    """Check a receipt's signatures and whether this coordinator signed it."""
+    rows = await call.coord.db.read(list_signing_keys)
+    keys = {role: {r["key_id"] for r in rows if r["role"] == role} for role in ("signing", "attestation")}
+    return json_response(verify_receipt(call.body.receipt, keys["signing"], keys["attestation"]))
 
 
 @endpoint("POST", "/v1/miners/register", role="miner", body=MinerRegister,
@@ -1576,7 +1895,7 @@ async def miner_result(call: Call) -> Response:
     """Complete a job the caller holds."""
     b, coord = call.body, call.coord
     out = await coord.apply(tx_result, call.caller.identity, call.path("job_id"),  # type: ignore[union-attr]
-                            canonical_json(b.result), compact_json(b.metrics), coord.now())
+                            b.result, b.metrics, coord.now(), coord.signer, coord.settings.coordinator_id)
     return json_response(out)
 
 
@@ -1598,7 +1917,8 @@ def read_admin_stats(conn: sqlite3.Connection, online_cutoff: int) -> dict[str, 
             "active_jobs": counts.get(JobState.QUEUED, 0) + counts.get(JobState.RUNNING, 0),
             "online_miners": count_online_miners(conn, online_cutoff),
             "avg_miner_job_duration_ms": busy_ms / completed if completed else 0.0,
-            "jobs_by_state": {s.value: counts.get(s.value, 0) for s in JobState}, "receipts_total": 0}
+            "jobs_by_state": {s.value: counts.get(s.value, 0) for s in JobState},
+            "receipts_total": get_counter(conn, "receipts")}
 
 
 def _online_cutoff(coord: Coordinator) -> int:
@@ -1808,6 +2128,73 @@ def migrate_command(db_path: str | None, env_file: str | None) -> None:
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"{settings.db_path}: schema version {before} -> {after}")
+
+
+def write_secret(path: str, text: str, force: bool) -> None:
+    """Write `text` to a new file readable only by its owner; raises click.ClickException if it exists."""
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if force else os.O_EXCL)
+    try:
+        fd = os.open(path, flags, 0o600)
+    except FileExistsError:
+        raise click.ClickException(f"{path} exists; use --force to replace it") from None
+    except OSError as exc:
+        raise click.ClickException(f"cannot write {path}: {exc.strerror}") from None
+    with os.fdopen(fd, "w", encoding="ascii") as f:
+        os.fchmod(fd, 0o600)  # an existing file replaced with --force keeps no looser mode
+        f.write(text)
+
+
+@cli.command()
+@click.option("--out", type=click.Path(dir_okay=False), help="Write the seed to this new file (mode 0600).")
+@click.option("--force", is_flag=True, help="Replace --out if it exists.")
+def keygen(out: str | None, force: bool) -> None:
+    """Make a new Ed25519 receipt key.
+
+    Prints the 64-hex-char seed (the value RECEIPT_SIGNING_KEY_HEX takes) and its public key_id.
+    With --out, writes the seed to a file only its owner can read and prints only the key_id.
+
+    \b
+    Example:
+      aitbc-coord keygen --out /etc/aitbc-coordinator/receipt-signing.key
+    """
+    key = SigningKey.generate()
+    if out is None:
+        click.echo(f"seed: {key.encode().hex()}")
+    else:
+        write_secret(out, key.encode().hex() + "\n", force)
+    click.echo(f"key_id: {key_id_of(key)}")
+
+
+@cli.command("verify")
+@click.argument("receipt_file", type=click.File("rb"))
+@click.option("--key-id", "key_ids", multiple=True, help="A trusted signing key_id (repeatable).")
+def verify_command(receipt_file: Any, key_ids: tuple[str, ...]) -> None:
+    """Verify a receipt file offline; exit status 1 (with the reason) if it is invalid.
+
+    Checks the signature and every attestation over the canonical bytes; with --key-id, the
+    receipt must also be signed by one of those keys (see GET /v1/receipts/keys).
+
+    \b
+    Example:
+      curl -s -H "X-Api-Key: $KEY" http://127.0.0.1:8011/v1/jobs/$JOB/receipt > receipt.json
+      aitbc-coord verify receipt.json --key-id TJvH0A9pkk0c3uQMNlCivLs3GR3i1T2TtfIbLT0n29Q
+    """
+    try:
+        data = decode_json(receipt_file.read())
+    except Invalid:
+        raise click.ClickException(f"{receipt_file.name} is not valid JSON") from None
+    receipt = data["receipt"] if isinstance(data, dict) and isinstance(data.get("receipt"), dict) else data
+    if not isinstance(receipt, dict):
+        raise click.ClickException(f"{receipt_file.name} holds no receipt object")
+    sig = receipt.get("signature")
+    own_key = sig.get("key_id") if isinstance(sig, dict) else None
+    report = verify_receipt(receipt, set(key_ids) if key_ids else {own_key})
+    if not report["valid"]:
+        click.echo(f"invalid: {report['reason']}", err=True)
+        sys.exit(1)
+    trust = "" if key_ids else " (signing key not checked: pass --key-id)"
+    click.echo(f"valid: receipt {receipt.get('receipt_id')} for job {receipt.get('job_id')} "
+               f"signed by {own_key}{trust}")
 
 
 if __name__ == "__main__":

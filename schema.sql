@@ -87,4 +87,39 @@ BEGIN
     UPDATE job_counts SET n = n + 1 WHERE state = NEW.state;
 END;
 
-PRAGMA user_version = 1;
+-- Version 2: signed receipts.
+
+-- Receipts exactly as signed and returned (body), with the columns the read models need.
+CREATE TABLE receipts (
+    seq        INTEGER PRIMARY KEY,          -- issue order: the paging cursor
+    receipt_id TEXT NOT NULL UNIQUE,
+    job_id     TEXT NOT NULL,
+    provider   TEXT NOT NULL,
+    client_id  TEXT NOT NULL,
+    issued_at  INTEGER NOT NULL,
+    price      REAL,
+    attested   INTEGER NOT NULL,
+    body       TEXT NOT NULL
+);
+CREATE INDEX receipts_by_job ON receipts (job_id, seq);
+
+-- Every public key this coordinator has signed with; one no longer configured is 'retired'.
+CREATE TABLE signing_keys (
+    key_id        TEXT PRIMARY KEY,
+    role          TEXT NOT NULL CHECK (role IN ('signing', 'attestation')),
+    first_seen_at INTEGER NOT NULL
+);
+
+-- Totals kept in step by triggers, so stats never count rows.
+CREATE TABLE counters (
+    name TEXT PRIMARY KEY,
+    n    INTEGER NOT NULL
+);
+INSERT INTO counters (name, n) VALUES ('receipts', 0);
+
+CREATE TRIGGER receipts_count_insert AFTER INSERT ON receipts
+BEGIN
+    UPDATE counters SET n = n + 1 WHERE name = 'receipts';
+END;
+
+PRAGMA user_version = 2;

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import sqlite3
 from pathlib import Path
 
@@ -40,6 +41,37 @@ def test_schema_file_ends_with_its_version() -> None:
 
 def test_every_upgrade_step_is_numbered_up_to_the_current_version() -> None:
     assert sorted(ac.UPGRADES) == list(range(2, ac.SCHEMA_VERSION + 1))
+
+
+def normalised_schema(path: Path) -> list[tuple[str, ...]]:
+    """sqlite_master without comments and layout, plus the rows the schema seeds."""
+    conn = sqlite3.connect(path)
+    try:
+        rows = conn.execute("SELECT type, name, tbl_name, sql FROM sqlite_master WHERE name NOT LIKE 'sqlite_%'")
+        objects = sorted((t, n, tb, " ".join(re.sub(r"--[^\n]*", "", sql or "").split())) for t, n, tb, sql in rows)
+        seeded = sorted(conn.execute("SELECT 'job_counts', state, 0 FROM job_counts"))
+        seeded += sorted(conn.execute("SELECT 'counters', name, 0 FROM counters"))
+        return objects + seeded
+    finally:
+        conn.close()
+
+
+def test_an_upgraded_database_ends_identical_to_a_fresh_one(tmp_path: Path) -> None:
+    old, fresh = tmp_path / "old.db", tmp_path / "fresh.db"
+    conn = sqlite3.connect(old)
+    conn.executescript((Path(__file__).parent / "data" / "schema_v1.sql").read_text())
+    conn.execute("INSERT INTO shapes (constraints) VALUES ('{}')")
+    conn.execute("INSERT INTO jobs (job_id, client_id, state, payload, constraints, shape_id, requested_at, expires_at)"
+                 " VALUES ('a', 'c', 'QUEUED', '{}', '{}', 1, 0, 1)")
+    conn.commit()
+    conn.close()
+    assert ac.migrate(str(old)) == (1, ac.SCHEMA_VERSION)
+    assert ac.migrate(str(fresh)) == (0, ac.SCHEMA_VERSION)
+    assert normalised_schema(old) == normalised_schema(fresh)
+    conn = sqlite3.connect(old)
+    assert conn.execute("SELECT job_id FROM jobs").fetchall() == [("a",)]  # data survives the upgrade
+    assert conn.execute("SELECT n FROM job_counts WHERE state = 'QUEUED'").fetchone() == (1,)
+    conn.close()
 
 
 def test_a_newer_database_is_refused(tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import httpx
+from nacl.signing import SigningKey
 
 import aitbc_coord as ac
 
@@ -39,7 +40,9 @@ def start_server(tmp_path: Path, *args: str, env: dict[str, str] | None = None) 
 
 
 def test_serve_runs_a_whole_job_the_way_upstream_clients_do(tmp_path: Path) -> None:
-    proc, base = start_server(tmp_path, "--db", str(tmp_path / "c.db"), env={"APP_ENV": "dev"})
+    seed = SigningKey.generate().encode().hex()
+    proc, base = start_server(tmp_path, "--db", str(tmp_path / "c.db"),
+                              env={"APP_ENV": "dev", "RECEIPT_SIGNING_KEY_HEX": seed})
     try:
         with httpx.Client(base_url=base + "/v1", timeout=10) as http:
             assert http.get("/health").json()["status"] == "ok"
@@ -56,6 +59,10 @@ def test_serve_runs_a_whole_job_the_way_upstream_clients_do(tmp_path: Path) -> N
                 "result": {"units": 1, "unit_type": "gpu_seconds", "price": 1},
                 "metrics": {"units": 1, "duration_ms": 500}})
             assert r.status_code == 200
+            receipt = r.json()["receipt"]
+            assert (receipt["units"], receipt["price"], receipt["unit_price"]) == (1, 1, 1)
+            assert http.get(f"/jobs/{job_id}/receipt", headers=CLIENT).json() == receipt
+            assert http.post("/receipts/verify", json={"receipt": receipt}).json()["valid"] is True
             view = http.get(f"/jobs/{job_id}", headers=CLIENT).json()
             assert view["state"] == "COMPLETED" and view["assigned_miner_id"].startswith("miner-")
             assert http.get(f"/jobs/{job_id}/result", headers=CLIENT).json()["result"]["units"] == 1
@@ -66,8 +73,9 @@ def test_serve_runs_a_whole_job_the_way_upstream_clients_do(tmp_path: Path) -> N
         assert proc.wait(timeout=15) == 0
     log = (tmp_path / "serve.log").read_text()
     assert "Traceback" not in log
-    for key in ac.DEV_KEYS.values():
+    for key in (*ac.DEV_KEYS.values(), seed):
         assert key not in log
+    assert "receipt signing key" in log
 
 
 def test_serve_refuses_a_newer_database_without_a_traceback(tmp_path: Path) -> None:
