@@ -618,11 +618,11 @@ def list_shapes_after(conn: sqlite3.Connection, shape_id: int) -> list[sqlite3.R
 
 
 def insert_job(conn: sqlite3.Connection, job_id: str, client_id: str, payload: str, constraints: str,
-               shape_id: int, requested_at: int, expires_at: int) -> sqlite3.Row:
+               shape_id: int, requested_at: int, expires_at: int, value: str | None = None) -> sqlite3.Row:
     return conn.execute(
-        "INSERT INTO jobs (job_id, client_id, state, payload, constraints, shape_id, requested_at, expires_at)"
-        f" VALUES (?, ?, 'QUEUED', ?, ?, ?, ?, ?) RETURNING {JOB_VIEW_COLUMNS}",
-        (job_id, client_id, payload, constraints, shape_id, requested_at, expires_at)).fetchone()
+        "INSERT INTO jobs (job_id, client_id, state, payload, constraints, shape_id, requested_at, expires_at,"
+        f" value) VALUES (?, ?, 'QUEUED', ?, ?, ?, ?, ?, ?) RETURNING {JOB_VIEW_COLUMNS}",
+        (job_id, client_id, payload, constraints, shape_id, requested_at, expires_at, value)).fetchone()
 
 
 def get_job(conn: sqlite3.Connection, job_id: str) -> sqlite3.Row | None:
@@ -731,17 +731,20 @@ def get_miner(conn: sqlite3.Connection, miner_id: str) -> sqlite3.Row | None:
     return conn.execute("SELECT * FROM miners WHERE miner_id = ?", (miner_id,)).fetchone()
 
 
-def upsert_miner(conn: sqlite3.Connection, miner_id: str, capabilities: str, concurrency: int,
+def upsert_miner(conn: sqlite3.Connection, miner_id: str, capabilities: dict[str, Any], concurrency: int,
                  region: str | None, token: str, now: int) -> None:
-    """Create or replace a registration; the miner's history (counters) survives re-registration."""
+    """Create or replace a registration; the miner's history (counters, offer id) survives re-registration."""
+    price = first_of((int, float), capabilities.get("price")) or 0
+    sla = first_of(str, capabilities.get("sla")) or ""
     conn.execute(
-        "INSERT INTO miners (miner_id, capabilities, concurrency, region, status, session_token,"
-        " registered_at, last_seen) VALUES (?, ?, ?, ?, 'ONLINE', ?, ?, ?)"
-        " ON CONFLICT (miner_id) DO UPDATE SET capabilities = excluded.capabilities,"
-        " concurrency = excluded.concurrency, region = excluded.region, status = 'ONLINE',"
+        "INSERT INTO miners (miner_id, offer_id, capabilities, price, sla, concurrency, region, status,"
+        " session_token, created_at, registered_at, last_seen) VALUES (?, ?, ?, ?, ?, ?, ?, 'ONLINE', ?, ?, ?, ?)"
+        " ON CONFLICT (miner_id) DO UPDATE SET capabilities = excluded.capabilities, price = excluded.price,"
+        " sla = excluded.sla, concurrency = excluded.concurrency, region = excluded.region, status = 'ONLINE',"
         " reported_inflight = NULL, metadata = NULL, session_token = excluded.session_token,"
         " registered_at = excluded.registered_at, last_seen = excluded.last_seen",
-        (miner_id, capabilities, concurrency, region, token, now, now))
+        (miner_id, secrets.token_hex(16), compact_json(capabilities), price, sla, concurrency, region, token,
+         now, now, now))
 
 
 def touch_miner(conn: sqlite3.Connection, miner_id: str, now: int) -> sqlite3.Row | None:
@@ -808,6 +811,105 @@ def list_signing_keys(conn: sqlite3.Connection) -> list[sqlite3.Row]:
 def get_counter(conn: sqlite3.Connection, name: str) -> int:
     row = conn.execute("SELECT n FROM counters WHERE name = ?", (name,)).fetchone()
     return 0 if row is None else int(row[0])
+
+
+# Marketplace. Miner offers are derived here from liveness and RUNNING jobs; admin offers are rows.
+OFFERS_SQL = """
+SELECT * FROM (
+    SELECT offer_id AS id, miner_id AS provider, concurrency AS capacity, price, sla, created_at, 'miner' AS kind,
+           CASE WHEN last_seen < :cutoff OR upper(miners.status) IN ('DRAINING', 'OFFLINE') THEN 'closed'
+                WHEN (SELECT COUNT(*) FROM jobs WHERE jobs.state = 'RUNNING'
+                        AND jobs.assigned_miner_id = miners.miner_id) >= concurrency THEN 'reserved'
+                ELSE 'open' END AS status
+      FROM miners
+    UNION ALL
+    SELECT offer_id, provider, capacity, price, sla, created_at, 'admin', status FROM offers
+) AS all_offers"""
+
+
+def list_offers(conn: sqlite3.Connection, status: str | None, cutoff: int, limit: int, offset: int) -> list[sqlite3.Row]:
+    """Offers of both kinds, newest first; `cutoff` is the oldest last_seen of a live miner."""
+    return conn.execute(OFFERS_SQL + " WHERE (:status IS NULL OR status = :status)"
+                        " ORDER BY created_at DESC, id LIMIT :limit OFFSET :offset",
+                        {"status": status, "cutoff": cutoff, "limit": limit, "offset": offset}).fetchall()
+
+
+def get_offer(conn: sqlite3.Connection, offer_id: str, cutoff: int) -> sqlite3.Row | None:
+    return conn.execute(OFFERS_SQL + " WHERE id = :id", {"id": offer_id, "cutoff": cutoff}).fetchone()
+
+
+def cheapest_open_offer(conn: sqlite3.Connection, price: float, capacity: int, cutoff: int) -> sqlite3.Row | None:
+    return conn.execute(OFFERS_SQL + " WHERE status = 'open' AND price <= :price AND capacity >= :capacity"
+                        " ORDER BY price, created_at, id LIMIT 1",
+                        {"price": price, "capacity": capacity, "cutoff": cutoff}).fetchone()
+
+
+def get_offer_totals(conn: sqlite3.Connection, cutoff: int) -> sqlite3.Row:
+    return conn.execute("SELECT COUNT(*) AS total, COALESCE(SUM(CASE WHEN status = 'open' THEN capacity END), 0)"
+                        " AS open_capacity, AVG(CASE WHEN status = 'open' THEN price END) AS open_price FROM ("
+                        + OFFERS_SQL + ") AS o", {"cutoff": cutoff}).fetchone()
+
+
+def insert_offer(conn: sqlite3.Connection, provider: str, capacity: int, price: float, sla: str, status: str,
+                 now: int) -> str:
+    offer_id = secrets.token_hex(16)
+    conn.execute("INSERT INTO offers (offer_id, provider, capacity, price, sla, status, created_at)"
+                 " VALUES (?, ?, ?, ?, ?, ?, ?)", (offer_id, provider, capacity, price, sla, status, now))
+    return offer_id
+
+
+def update_offer_status(conn: sqlite3.Connection, offer_id: str, status: str) -> bool:
+    """Set an admin offer's status; False when no admin offer has that id."""
+    return conn.execute("UPDATE offers SET status = ? WHERE offer_id = ? RETURNING offer_id",
+                        (status, offer_id)).fetchone() is not None
+
+
+def insert_bid(conn: sqlite3.Connection, provider: str, capacity: int, price: float, notes: str | None,
+               status: str, offer_id: str | None, now: int) -> sqlite3.Row:
+    return conn.execute("INSERT INTO bids (bid_id, provider, capacity, price, notes, status, offer_id, created_at)"
+                        " VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING *",
+                        (secrets.token_hex(16), provider, capacity, price, notes, status, offer_id, now)).fetchone()
+
+
+def get_bid(conn: sqlite3.Connection, bid_id: str) -> sqlite3.Row | None:
+    return conn.execute("SELECT * FROM bids WHERE bid_id = ?", (bid_id,)).fetchone()
+
+
+# Explorer: every list reads one page through an index.
+
+def list_job_page(conn: sqlite3.Connection, limit: int, offset: int) -> list[sqlite3.Row]:
+    return conn.execute("SELECT seq, job_id, client_id, assigned_miner_id, state, requested_at, expires_at, value"
+                        " FROM jobs ORDER BY seq DESC LIMIT ? OFFSET ?", (limit, offset)).fetchall()
+
+
+def get_receipt_prices(conn: sqlite3.Connection, job_ids: Sequence[str]) -> dict[str, float | None]:
+    """The latest receipt price of each job that has a receipt."""
+    if not job_ids:
+        return {}
+    marks = ",".join("?" * len(job_ids))
+    rows = conn.execute(f"SELECT job_id, price FROM receipts WHERE job_id IN ({marks}) ORDER BY seq", job_ids)
+    return {r[0]: r[1] for r in rows}
+
+
+def list_addresses(conn: sqlite3.Connection, limit: int, offset: int) -> list[sqlite3.Row]:
+    return conn.execute("SELECT * FROM addresses ORDER BY last_active DESC, address DESC LIMIT ? OFFSET ?",
+                        (limit, offset)).fetchall()
+
+
+def list_recent_job_ids(conn: sqlite3.Connection, address: str, limit: int) -> list[str]:
+    """Ids of the newest jobs an identity submitted or holds, newest first."""
+    rows = conn.execute("SELECT seq, job_id FROM jobs WHERE client_id = ? ORDER BY seq DESC LIMIT ?",
+                        (address, limit)).fetchall()
+    rows += conn.execute("SELECT seq, job_id FROM jobs WHERE assigned_miner_id = ? ORDER BY seq DESC LIMIT ?",
+                         (address, limit)).fetchall()
+    return [job_id for _, job_id in sorted(set(map(tuple, rows)), reverse=True)[:limit]]
+
+
+def list_receipts(conn: sqlite3.Connection, job_id: str | None, limit: int, offset: int) -> list[sqlite3.Row]:
+    """Receipts newest first, of one job or of all."""
+    where = "WHERE job_id = :job" if job_id is not None else ""
+    return conn.execute(f"SELECT issued_at, attested, body FROM receipts {where} ORDER BY seq DESC"
+                        " LIMIT :limit OFFSET :offset", {"job": job_id, "limit": limit, "offset": offset}).fetchall()
 
 
 def get_job_counts(conn: sqlite3.Connection) -> dict[str, int]:
@@ -1086,7 +1188,7 @@ class PollHub:
 
 
 def tx_submit(conn: sqlite3.Connection, client_id: str, payload: str, constraints: str, ttl_ms: int, now: int,
-              idem: tuple[str, str] | None, idem_since: int) -> Outcome:
+              idem: tuple[str, str] | None, idem_since: int, value: str | None = None) -> Outcome:
     """Queue a job, or return the job an earlier request with the same Idempotency-Key made."""
     if idem is not None:
         seen = get_idempotency(conn, client_id, idem[0], idem_since)
@@ -1095,7 +1197,8 @@ def tx_submit(conn: sqlite3.Connection, client_id: str, payload: str, constraint
                 raise Unprocessable("idempotency key reused with a different request")
             return Outcome(get_job(conn, seen["job_id"]))
     job_id = secrets.token_hex(16)
-    row = insert_job(conn, job_id, client_id, payload, constraints, ensure_shape(conn, constraints), now, now + ttl_ms)
+    row = insert_job(conn, job_id, client_id, payload, constraints, ensure_shape(conn, constraints), now,
+                     now + ttl_ms, value)
     if idem is not None:
         put_idempotency(conn, client_id, idem[0], idem[1], job_id, now)
     return Outcome(row, Wake(queued=[json.loads(constraints)]))
@@ -1115,7 +1218,7 @@ def tx_cancel(conn: sqlite3.Connection, client_id: str, job_id: str, now: int) -
     return Outcome(finish_job(conn, job["seq"], JobState.CANCELED, now, "canceled by client"), wake)
 
 
-def tx_register(conn: sqlite3.Connection, miner_id: str, capabilities: str, concurrency: int,
+def tx_register(conn: sqlite3.Connection, miner_id: str, capabilities: dict[str, Any], concurrency: int,
                 region: str | None, now: int, max_attempts: int) -> Outcome:
     """Create or replace a registration; jobs the miner still held go back to the queue."""
     token = secrets.token_hex(16)
@@ -1229,6 +1332,29 @@ def tx_sweep(conn: sqlite3.Connection, now: int, waiting: Sequence[str], heartbe
     return Outcome(len(lost), wake)
 
 
+def tx_create_offer(conn: sqlite3.Connection, provider: str, capacity: int, price: float, sla: str, status: str,
+                    now: int, cutoff: int) -> sqlite3.Row:
+    """An admin offer; returns it as listed."""
+    return get_offer(conn, insert_offer(conn, provider, capacity, price, sla, status, now), cutoff)
+
+
+def tx_set_offer_status(conn: sqlite3.Connection, offer_id: str, status: str, cutoff: int) -> sqlite3.Row:
+    """Set an admin offer's status; raises NotFound, or Conflict for a miner's offer (it follows the miner)."""
+    if not update_offer_status(conn, offer_id, status):
+        if get_offer(conn, offer_id, cutoff) is None:
+            raise NotFound("offer not found")
+        raise Conflict("a miner's offer follows the miner; its status cannot be set")
+    return get_offer(conn, offer_id, cutoff)
+
+
+def tx_place_bid(conn: sqlite3.Connection, provider: str, capacity: int, price: float, notes: str | None,
+                 now: int, cutoff: int) -> sqlite3.Row:
+    """Record a bid, matched at once to the cheapest open offer that fits it, else pending."""
+    offer = cheapest_open_offer(conn, price, capacity, cutoff)
+    status, offer_id = ("matched", offer["id"]) if offer is not None else ("pending", None)
+    return insert_bid(conn, provider, capacity, price, notes, status, offer_id, now)
+
+
 class Coordinator:
     """The domain service behind the HTTP edge: owns the database, the poll hub and the sweeper."""
 
@@ -1312,11 +1438,15 @@ class Coordinator:
             self.hub.remove(waiter)
 
 
+def effective_state(row: sqlite3.Row, now: int) -> str:
+    """A job's state as reads show it: past its deadline, an active job is EXPIRED even before the sweep."""
+    return JobState.EXPIRED.value if row["state"] in ACTIVE_STATES and row["expires_at"] <= now else row["state"]
+
+
 def job_view(row: sqlite3.Row, now: int) -> dict[str, Any]:
-    """The public job view; a job past its deadline shows as EXPIRED even before the sweeper runs."""
-    state, error = row["state"], row["error"]
-    if state in ACTIVE_STATES and row["expires_at"] <= now:
-        state, error = JobState.EXPIRED.value, "job expired"
+    """The public job view."""
+    state = effective_state(row, now)
+    error = "job expired" if state != row["state"] else row["error"]
     return {"job_id": row["job_id"], "state": state, "assigned_miner_id": row["assigned_miner_id"],
             "requested_at": iso(row["requested_at"]), "expires_at": iso(row["expires_at"]), "error": error,
             "attempts": row["attempts"], "constraints": json.loads(row["constraints"]),
@@ -1336,8 +1466,37 @@ def miner_view(row: sqlite3.Row, inflight: int, online_cutoff: int) -> dict[str,
 
 
 def page(items: list[Any], limit: int, offset: int) -> dict[str, Any]:
-    """{"items", "next_offset"} from up to limit+1 fetched rows: next_offset only if more exist."""
-    return {"items": items[:limit], "next_offset": offset + limit if len(items) > limit else None}
+    """{"items", "next_offset"}: next_offset = offset + len(items) when the page is full, else null."""
+    return {"items": items, "next_offset": offset + len(items) if len(items) == limit else None}
+
+
+def display_value(value: Any) -> str | None:
+    """A JSON value as the explorer shows it: strings as they are, anything else as JSON."""
+    if value is None:
+        return None
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def micro_str(micro: int) -> str:
+    """Millionths as a decimal string with 6 places, exactly."""
+    sign = "-" if micro < 0 else ""
+    return f"{sign}{abs(micro) // 1_000_000}.{abs(micro) % 1_000_000:06d}"
+
+
+def offer_view(row: sqlite3.Row) -> dict[str, Any]:
+    return {"id": row["id"], "provider": row["provider"], "capacity": row["capacity"], "price": row["price"],
+            "sla": row["sla"], "status": row["status"], "created_at": iso(row["created_at"]), "source": row["kind"]}
+
+
+def bid_view(row: sqlite3.Row) -> dict[str, Any]:
+    return {"id": row["bid_id"], "provider": row["provider"], "capacity": row["capacity"], "price": row["price"],
+            "notes": row["notes"], "status": row["status"], "offer_id": row["offer_id"],
+            "created_at": iso(row["created_at"])}
+
+
+EXPLORER_STATUS = {"QUEUED": "Queued", "RUNNING": "Running", "COMPLETED": "Succeeded", "FAILED": "Failed",
+                   "CANCELED": "Canceled", "EXPIRED": "Expired"}
+HEIGHT_BASE = 100000
 
 
 # === HTTP edge ===
@@ -1382,6 +1541,54 @@ class ReceiptListQuery(Model):
 
 class ReceiptVerify(Model):
     receipt: dict[str, Any]
+
+
+OFFER_STATUSES = ("open", "reserved", "closed")
+
+
+class OfferStatusBody(Model):
+    status: str = Field("open", description="open, reserved or closed (any case)")
+
+    @field_validator("status")
+    @classmethod
+    def _known(cls, value: str) -> str:
+        if value.lower() not in OFFER_STATUSES:
+            raise ValueError(f"must be one of {', '.join(OFFER_STATUSES)}")
+        return value.lower()
+
+
+class OfferCreate(OfferStatusBody):
+    provider: str = Field(min_length=1, max_length=256)
+    capacity: int = Field(gt=0, le=1_000_000_000)
+    price: float = Field(gt=0)
+    sla: str = Field("", max_length=256)
+
+
+class BidCreate(Model):
+    provider: str = Field(min_length=1, max_length=256)
+    capacity: int = Field(gt=0, le=1_000_000_000)
+    price: float = Field(gt=0)
+    notes: str | None = Field(None, max_length=1024)
+
+
+class OfferQuery(Model):
+    status: str | None = None
+    limit: int = Field(100, ge=1, le=500)
+    offset: int = Field(0, ge=0, le=2**53)
+
+
+class BlockQuery(Model):
+    limit: int = Field(20, ge=1, le=200)
+    offset: int = Field(0, ge=0, le=2**53)
+
+
+class ExplorerQuery(Model):
+    limit: int = Field(50, ge=1, le=500)
+    offset: int = Field(0, ge=0, le=2**53)
+
+
+class ExplorerReceiptQuery(ExplorerQuery):
+    job_id: str | None = Field(None, max_length=128)
 
 
 class MinerRegister(Model):
@@ -1473,6 +1680,98 @@ class VerifyResult(Out):
     attestations_valid: list[bool]
     known_key: bool
     reason: str | None
+
+
+class Offer(Out):
+    id: str
+    provider: str
+    capacity: int
+    price: float
+    sla: str
+    status: str
+    created_at: str
+    source: str
+
+
+class MarketStats(Out):
+    totalOffers: int
+    openCapacity: int
+    averagePrice: float
+    activeBids: int
+
+
+class BidAccepted(Out):
+    id: str
+    status: str
+    offer_id: str | None
+
+
+class Bid(Out):
+    id: str
+    provider: str
+    capacity: int
+    price: float
+    notes: str | None
+    status: str
+    offer_id: str | None
+    created_at: str
+
+
+class Block(Out):
+    height: int
+    hash: str
+    timestamp: str
+    txCount: int
+    proposer: str
+
+
+class BlockPage(Out):
+    items: list[Block]
+    next_offset: int | None
+
+
+class Transaction(Out):
+    hash: str
+    block: int
+    from_: str = Field(alias="from")
+    to: str
+    value: str
+    status: str
+    timestamp: str
+
+
+class TransactionPage(Out):
+    items: list[Transaction]
+    next_offset: int | None
+
+
+class Address(Out):
+    address: str
+    balance: str
+    txCount: int
+    lastActive: str
+    recentTransactions: list[str]
+
+
+class AddressPage(Out):
+    items: list[Address]
+    next_offset: int | None
+
+
+class ExplorerReceipt(Out):
+    jobId: str
+    receiptId: str
+    miner: str
+    coordinator: str
+    issuedAt: str
+    status: str
+    payload: Receipt
+
+
+class ExplorerReceiptPage(Out):
+    jobId: str
+    items: list[ExplorerReceipt]
+    next_offset: int | None
 
 
 class JobView(Out):
@@ -1767,7 +2066,7 @@ async def submit_job(call: Call) -> Response:
     now = coord.now()
     row = await coord.apply(tx_submit, call.caller.identity, compact_json(body.payload),  # type: ignore[union-attr]
                             compact_json(constraints), ttl * 1000, now, idem,
-                            now - settings.idempotency_ttl_seconds * 1000)
+                            now - settings.idempotency_ttl_seconds * 1000, display_value(body.payload.get("value")))
     return json_response(job_view(row, coord.now()), 201)
 
 
@@ -1775,7 +2074,7 @@ async def submit_job(call: Call) -> Response:
 async def list_client_jobs(call: Call) -> Response:
     """The caller's jobs, newest first."""
     q = call.query
-    rows = await call.coord.db.read(list_jobs, call.caller.identity, q.state, q.limit + 1, q.offset)  # type: ignore[union-attr]
+    rows = await call.coord.db.read(list_jobs, call.caller.identity, q.state, q.limit, q.offset)  # type: ignore[union-attr]
     now = call.coord.now()
     return json_response(page([job_view(r, now) for r in rows], q.limit, q.offset))
 
@@ -1862,7 +2161,7 @@ async def register_miner(call: Call) -> Response:
     coord, body = call.coord, call.body
     caps = normalise_capabilities(body.capabilities)
     region = body.region if body.region is not None else (caps.get("region") if isinstance(caps.get("region"), str) else None)
-    token = await coord.apply(tx_register, call.caller.identity, compact_json(caps), body.concurrency,  # type: ignore[union-attr]
+    token = await coord.apply(tx_register, call.caller.identity, caps, body.concurrency,  # type: ignore[union-attr]
                               region, coord.now(), coord.settings.job_max_attempts)
     return json_response({"status": "ok", "session_token": token})
 
@@ -1935,7 +2234,7 @@ async def admin_stats(call: Call) -> Response:
 async def admin_jobs(call: Call) -> Response:
     """Every client's jobs, newest first."""
     q, now = call.query, call.coord.now()
-    rows = await call.coord.db.read(list_jobs, None, q.state, q.limit + 1, q.offset)
+    rows = await call.coord.db.read(list_jobs, None, q.state, q.limit, q.offset)
     return json_response(page([{**job_view(r, now), "client_id": r["client_id"]} for r in rows], q.limit, q.offset))
 
 
@@ -1947,6 +2246,128 @@ async def admin_miners(call: Call) -> Response:
     rows, running = await call.coord.db.read(read)
     cutoff = _online_cutoff(call.coord)
     return json_response({"items": [miner_view(r, running.get(r["miner_id"], 0), cutoff) for r in rows]})
+
+
+# Marketplace (public, except creating and changing offers)
+
+@endpoint("GET", "/v1/marketplace/offers", query=OfferQuery, responses={200: None, 400: Detail, 422: ValidationDetail})
+async def list_market_offers(call: Call) -> Response:
+    """Offers newest first, as a bare JSON array; `status` filter (any case)."""
+    q = call.query
+    status = q.status.lower() if q.status is not None else None
+    if status is not None and status not in OFFER_STATUSES:
+        raise BadRequest("invalid status filter")
+    rows = await call.coord.db.read(list_offers, status, _online_cutoff(call.coord), q.limit, q.offset)
+    return json_response([offer_view(r) for r in rows])
+
+
+@endpoint("GET", "/v1/marketplace/stats", responses={200: MarketStats})
+async def market_stats(call: Call) -> Response:
+    """Offer count, open capacity, mean open price and active bids."""
+    def read(conn: sqlite3.Connection, cutoff: int) -> tuple[sqlite3.Row, int]:
+        return get_offer_totals(conn, cutoff), get_counter(conn, "active_bids")
+    totals, bids = await call.coord.db.read(read, _online_cutoff(call.coord))
+    price = totals["open_price"]
+    return json_response({"totalOffers": totals["total"], "openCapacity": totals["open_capacity"],
+                          "averagePrice": round(price, 4) if price is not None else 0.0, "activeBids": bids})
+
+
+@endpoint("POST", "/v1/marketplace/bids", body=BidCreate, responses={202: BidAccepted, **_errors(413, 422)})
+async def place_bid(call: Call) -> Response:
+    """A bid, matched at once to the cheapest open offer that fits, else pending."""
+    b, coord = call.body, call.coord
+    row = await coord.apply(tx_place_bid, b.provider, b.capacity, b.price, b.notes, coord.now(), _online_cutoff(coord))
+    return json_response({"id": row["bid_id"], "status": row["status"], "offer_id": row["offer_id"]}, 202)
+
+
+@endpoint("GET", "/v1/marketplace/bids/{bid_id}", responses={200: Bid, 404: Detail})
+async def get_market_bid(call: Call) -> Response:
+    """One bid."""
+    row = await call.coord.db.read(get_bid, call.path("bid_id"))
+    if row is None:
+        raise NotFound("bid not found")
+    return json_response(bid_view(row))
+
+
+@endpoint("POST", "/v1/marketplace/offers", role="admin", body=OfferCreate,
+          responses={201: Offer, **_errors(401, 413, 422)})
+async def create_offer(call: Call) -> Response:
+    """An admin-made offer."""
+    b, coord = call.body, call.coord
+    row = await coord.apply(tx_create_offer, b.provider, b.capacity, b.price, b.sla, b.status, coord.now(),
+                            _online_cutoff(coord))
+    return json_response(offer_view(row), 201)
+
+
+@endpoint("POST", "/v1/marketplace/offers/{offer_id}/status", role="admin", body=OfferStatusBody,
+          responses={200: Offer, **_errors(401, 404, 409, 413, 422)})
+async def set_offer_status(call: Call) -> Response:
+    """Open, reserve or close an admin-made offer."""
+    coord = call.coord
+    row = await coord.apply(tx_set_offer_status, call.path("offer_id"), call.body.status, _online_cutoff(coord))
+    return json_response(offer_view(row))
+
+
+# Explorer (public, read-only): one block and one transaction per job.
+
+@endpoint("GET", "/v1/explorer/blocks", query=BlockQuery, responses={200: BlockPage, 422: ValidationDetail})
+async def explorer_blocks(call: Call) -> Response:
+    """One block per job, newest (highest) first."""
+    q = call.query
+    rows = await call.coord.db.read(list_job_page, q.limit, q.offset)
+    return json_response(page([
+        {"height": HEIGHT_BASE + r["seq"], "hash": r["job_id"], "timestamp": iso(r["requested_at"]), "txCount": 1,
+         "proposer": r["assigned_miner_id"] or "unassigned"} for r in rows], q.limit, q.offset))
+
+
+@endpoint("GET", "/v1/explorer/transactions", query=ExplorerQuery,
+          responses={200: TransactionPage, 422: ValidationDetail})
+async def explorer_transactions(call: Call) -> Response:
+    """One transaction per job, newest first; value is the receipt price, else payload.value, else "0"."""
+    q = call.query
+
+    def read(conn: sqlite3.Connection) -> tuple[list[sqlite3.Row], dict[str, float | None]]:
+        rows = list_job_page(conn, q.limit, q.offset)
+        return rows, get_receipt_prices(conn, [r["job_id"] for r in rows])
+
+    rows, prices = await call.coord.db.read(read)
+    now = call.coord.now()
+    return json_response(page([
+        {"hash": r["job_id"], "block": HEIGHT_BASE + r["seq"], "from": r["client_id"],
+         "to": r["assigned_miner_id"] or "unassigned",
+         "value": display_value(prices.get(r["job_id"])) or r["value"] or "0",
+         "status": EXPLORER_STATUS[effective_state(r, now)], "timestamp": iso(r["requested_at"])}
+        for r in rows], q.limit, q.offset))
+
+
+@endpoint("GET", "/v1/explorer/addresses", query=ExplorerQuery, responses={200: AddressPage, 422: ValidationDetail})
+async def explorer_addresses(call: Call) -> Response:
+    """Every client and miner identity seen in jobs, most recently active first."""
+    q = call.query
+
+    def read(conn: sqlite3.Connection) -> list[tuple[sqlite3.Row, list[str]]]:
+        return [(r, list_recent_job_ids(conn, r["address"], 5)) for r in list_addresses(conn, q.limit, q.offset)]
+
+    rows = await call.coord.db.read(read)
+    return json_response(page([
+        {"address": r["address"], "balance": micro_str(r["balance_micro"]), "txCount": r["tx_count"],
+         "lastActive": iso(r["last_active"]), "recentTransactions": recent} for r, recent in rows],
+        q.limit, q.offset))
+
+
+@endpoint("GET", "/v1/explorer/receipts", query=ExplorerReceiptQuery,
+          responses={200: ExplorerReceiptPage, 422: ValidationDetail})
+async def explorer_receipts(call: Call) -> Response:
+    """Receipts newest first, of every job or of `job_id`."""
+    q = call.query
+    rows = await call.coord.db.read(list_receipts, q.job_id, q.limit, q.offset)
+    items = []
+    for r in rows:
+        receipt = json.loads(r["body"])
+        items.append({"jobId": receipt["job_id"], "receiptId": receipt["receipt_id"], "miner": receipt["provider"],
+                      "coordinator": receipt["coordinator_id"], "issuedAt": iso(r["issued_at"]),
+                      "status": "Attested" if r["attested"] else "Signed", "payload": receipt})
+    return json_response({"jobId": q.job_id or "all", **page(items, q.limit, q.offset)})
 
 
 def openapi_document() -> dict[str, Any]:
@@ -1963,6 +2384,9 @@ def openapi_document() -> dict[str, Any]:
             resp: dict[str, Any] = {"description": str(code)}
             if model is not None:
                 resp["content"] = {"application/json": {"schema": refs[(model, "validation")]}}
+            elif ep.handler is list_market_offers:  # the dashboard reads a bare array
+                resp["content"] = {"application/json": {"schema": {
+                    "type": "array", "items": {"$ref": "#/components/schemas/Offer"}}}}
             elif code != 204:
                 resp["content"] = {"application/json": {"schema": {"type": "object"}}}
             op["responses"][str(code)] = resp

@@ -28,11 +28,13 @@ CREATE TABLE jobs (
     finished_at       INTEGER,
     error             TEXT,
     result            TEXT,                  -- canonical JSON, compared on a repeated result
-    metrics           TEXT
+    metrics           TEXT,
+    value             TEXT                   -- payload.value as the explorer shows it, or NULL
 );
 CREATE INDEX jobs_by_client ON jobs (client_id, seq);
 CREATE INDEX jobs_by_client_state ON jobs (client_id, state, seq);
 CREATE INDEX jobs_by_state ON jobs (state, seq);
+CREATE INDEX jobs_by_miner ON jobs (assigned_miner_id, seq);
 -- The queue: only QUEUED rows, ordered by age within each shape.
 CREATE INDEX jobs_queued ON jobs (shape_id, seq) WHERE state = 'QUEUED';
 -- A miner's in-flight slots are derived from this index, never counted separately.
@@ -41,14 +43,18 @@ CREATE INDEX jobs_deadline ON jobs (state, expires_at) WHERE state IN ('QUEUED',
 
 CREATE TABLE miners (
     miner_id          TEXT PRIMARY KEY,      -- the miner key's public identity
+    offer_id          TEXT NOT NULL UNIQUE,  -- every miner is a marketplace offer
     capabilities      TEXT NOT NULL,         -- normalised: gpus [{name, memory_mb}], cuda, ...
+    price             REAL NOT NULL,         -- capabilities.price when a number, else 0
+    sla               TEXT NOT NULL,         -- capabilities.sla when a string, else ''
     concurrency       INTEGER NOT NULL,
     region            TEXT,
     status            TEXT NOT NULL,         -- as last reported: ONLINE, DRAINING, OFFLINE, ...
     reported_inflight INTEGER,
     metadata          TEXT,
     session_token     TEXT NOT NULL,
-    registered_at     INTEGER NOT NULL,
+    created_at        INTEGER NOT NULL,      -- first registration
+    registered_at     INTEGER NOT NULL,      -- latest registration
     last_seen         INTEGER NOT NULL,      -- any authenticated miner request
     last_heartbeat    INTEGER,
     jobs_completed    INTEGER NOT NULL DEFAULT 0,
@@ -87,7 +93,7 @@ BEGIN
     UPDATE job_counts SET n = n + 1 WHERE state = NEW.state;
 END;
 
--- Version 2: signed receipts.
+-- Version 2: signed receipts, the marketplace and the explorer.
 
 -- Receipts exactly as signed and returned (body), with the columns the read models need.
 CREATE TABLE receipts (
@@ -115,11 +121,99 @@ CREATE TABLE counters (
     name TEXT PRIMARY KEY,
     n    INTEGER NOT NULL
 );
-INSERT INTO counters (name, n) VALUES ('receipts', 0);
+INSERT INTO counters (name, n) VALUES ('receipts', 0), ('active_bids', 0);
 
 CREATE TRIGGER receipts_count_insert AFTER INSERT ON receipts
 BEGIN
     UPDATE counters SET n = n + 1 WHERE name = 'receipts';
+END;
+
+-- Offers an admin created. Every registered miner is an offer too; its row lives in miners and its
+-- status is derived from the miner's liveness and free slots when read.
+CREATE TABLE offers (
+    seq        INTEGER PRIMARY KEY,
+    offer_id   TEXT NOT NULL UNIQUE,
+    provider   TEXT NOT NULL,
+    capacity   INTEGER NOT NULL,
+    price      REAL NOT NULL,
+    sla        TEXT NOT NULL,
+    status     TEXT NOT NULL CHECK (status IN ('open', 'reserved', 'closed')),
+    created_at INTEGER NOT NULL
+);
+
+CREATE TABLE bids (
+    seq        INTEGER PRIMARY KEY,
+    bid_id     TEXT NOT NULL UNIQUE,
+    provider   TEXT NOT NULL,
+    capacity   INTEGER NOT NULL,
+    price      REAL NOT NULL,
+    notes      TEXT,
+    status     TEXT NOT NULL CHECK (status IN ('pending', 'matched', 'closed')),
+    offer_id   TEXT,
+    created_at INTEGER NOT NULL
+);
+
+CREATE TRIGGER bids_count_insert AFTER INSERT ON bids WHEN NEW.status IN ('pending', 'matched')
+BEGIN
+    UPDATE counters SET n = n + 1 WHERE name = 'active_bids';
+END;
+
+CREATE TRIGGER bids_count_update AFTER UPDATE OF status ON bids
+BEGIN
+    UPDATE counters SET n = n + (NEW.status IN ('pending', 'matched')) - (OLD.status IN ('pending', 'matched'))
+     WHERE name = 'active_bids';
+END;
+
+-- Every client and miner identity seen in jobs: the explorer's addresses. tx_count counts the jobs
+-- it submitted or currently holds; balance is receipt prices earned minus spent, in millionths.
+CREATE TABLE addresses (
+    address       TEXT PRIMARY KEY,
+    tx_count      INTEGER NOT NULL,
+    balance_micro INTEGER NOT NULL,
+    last_active   INTEGER NOT NULL
+);
+CREATE INDEX addresses_by_activity ON addresses (last_active, address);
+
+-- Upgrading a version 1 database: the addresses its jobs already imply.
+INSERT INTO addresses (address, tx_count, balance_micro, last_active)
+SELECT address, COUNT(*), 0, MAX(t) FROM (
+    SELECT client_id AS address, COALESCE(finished_at, requested_at) AS t FROM jobs
+    UNION ALL
+    SELECT assigned_miner_id, COALESCE(finished_at, assigned_at) FROM jobs WHERE assigned_miner_id IS NOT NULL
+) AS touched GROUP BY address;
+
+CREATE TRIGGER jobs_address_insert AFTER INSERT ON jobs
+BEGIN
+    INSERT INTO addresses (address, tx_count, balance_micro, last_active)
+    SELECT NEW.client_id, 1, 0, NEW.requested_at WHERE true
+    ON CONFLICT (address) DO UPDATE SET tx_count = tx_count + 1,
+        last_active = MAX(last_active, excluded.last_active);
+END;
+
+CREATE TRIGGER jobs_address_assign AFTER UPDATE OF assigned_miner_id ON jobs
+WHEN NEW.assigned_miner_id IS NOT OLD.assigned_miner_id
+BEGIN
+    UPDATE addresses SET tx_count = tx_count - 1 WHERE address = OLD.assigned_miner_id;
+    INSERT INTO addresses (address, tx_count, balance_micro, last_active)
+    SELECT NEW.assigned_miner_id, 1, 0, COALESCE(NEW.assigned_at, NEW.requested_at)
+     WHERE NEW.assigned_miner_id IS NOT NULL
+    ON CONFLICT (address) DO UPDATE SET tx_count = tx_count + 1,
+        last_active = MAX(last_active, excluded.last_active);
+END;
+
+CREATE TRIGGER jobs_address_finish AFTER UPDATE OF finished_at ON jobs
+WHEN NEW.finished_at IS NOT NULL AND OLD.finished_at IS NULL
+BEGIN
+    UPDATE addresses SET last_active = MAX(last_active, NEW.finished_at)
+     WHERE address IN (NEW.client_id, NEW.assigned_miner_id);
+END;
+
+CREATE TRIGGER receipts_balance AFTER INSERT ON receipts WHEN NEW.price IS NOT NULL
+BEGIN
+    UPDATE addresses SET balance_micro = balance_micro + CAST(ROUND(NEW.price * 1000000) AS INTEGER)
+     WHERE address = NEW.provider;
+    UPDATE addresses SET balance_micro = balance_micro - CAST(ROUND(NEW.price * 1000000) AS INTEGER)
+     WHERE address = NEW.client_id;
 END;
 
 PRAGMA user_version = 2;

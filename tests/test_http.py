@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -10,21 +11,22 @@ import aitbc_coord as ac
 from conftest import ADMIN, CLIENT, CLIENT_KEY, MINER, MINER_KEY, Harness, harness
 
 pytestmark = pytest.mark.anyio
-PROTECTED = [("POST", "/v1/jobs", "client"), ("GET", "/v1/jobs", "client"), ("GET", "/v1/jobs/x", "client"),
-             ("GET", "/v1/jobs/x/result", "client"), ("POST", "/v1/jobs/x/cancel", "client"),
-             ("DELETE", "/v1/jobs/x", "client"), ("GET", "/v1/jobs/x/receipt", "client"),
-             ("GET", "/v1/jobs/x/receipts", "client"), ("POST", "/v1/miners/register", "miner"),
+PROTECTED = [("POST", "/v1/jobs", "client"), ("GET", "/v1/jobs", "client"), ("GET", "/v1/jobs/{job_id}", "client"),
+             ("GET", "/v1/jobs/{job_id}/result", "client"), ("POST", "/v1/jobs/{job_id}/cancel", "client"),
+             ("DELETE", "/v1/jobs/{job_id}", "client"), ("GET", "/v1/jobs/{job_id}/receipt", "client"),
+             ("GET", "/v1/jobs/{job_id}/receipts", "client"), ("POST", "/v1/miners/register", "miner"),
              ("POST", "/v1/miners/heartbeat", "miner"), ("POST", "/v1/miners/poll", "miner"),
-             ("POST", "/v1/miners/x/result", "miner"), ("POST", "/v1/miners/x/fail", "miner"),
+             ("POST", "/v1/miners/{job_id}/result", "miner"), ("POST", "/v1/miners/{job_id}/fail", "miner"),
              ("GET", "/v1/admin/stats", "admin"), ("GET", "/v1/admin/jobs", "admin"),
-             ("GET", "/v1/admin/miners", "admin")]
+             ("GET", "/v1/admin/miners", "admin"), ("POST", "/v1/marketplace/offers", "admin"),
+             ("POST", "/v1/marketplace/offers/{offer_id}/status", "admin")]
 KEYS = {"client": CLIENT, "miner": MINER, "admin": ADMIN}
 
 
 async def test_every_protected_route_refuses_missing_unknown_and_wrong_role_keys(h: Harness) -> None:
-    assert {(ep.method, ep.path) for ep in ac.ENDPOINTS if ep.role} == {
-        (m, p.replace("/x", "/{job_id}")) for m, p, _ in PROTECTED}
-    for method, path, role in PROTECTED:
+    assert {(ep.method, ep.path) for ep in ac.ENDPOINTS if ep.role} == {(m, p) for m, p, _ in PROTECTED}
+    for method, template, role in PROTECTED:
+        path = re.sub(r"{\w+}", "x", template)
         wrong = [hdrs for r, hdrs in KEYS.items() if r != role]
         for headers in ({}, {"X-Api-Key": "nope"}, {"Authorization": "Bearer nope"},
                         {"Authorization": f"Basic {CLIENT_KEY}"}, *wrong):

@@ -277,7 +277,7 @@ def test_poll_cost_does_not_grow_with_jobs_the_miner_cannot_run(tmp_path) -> Non
     conn = ac.connect(path)
     now = int(T0 * 1000)
     conn.execute("BEGIN")
-    ac.upsert_miner(conn, "eu-miner", "{}", 1, "eu", "t" * 32, now)
+    ac.upsert_miner(conn, "eu-miner", {}, 1, "eu", "t" * 32, now)
     other = ac.compact_json({**dict.fromkeys(ac.CONSTRAINT_KEYS), "region": "us"})
     mine = ac.compact_json(dict.fromkeys(ac.CONSTRAINT_KEYS))
     us, anywhere = ac.ensure_shape(conn, other), ac.ensure_shape(conn, mine)

@@ -29,11 +29,13 @@ CREATE TABLE jobs (
     finished_at       INTEGER,
     error             TEXT,
     result            TEXT,                  -- canonical JSON, compared on a repeated result
-    metrics           TEXT
+    metrics           TEXT,
+    value             TEXT                   -- payload.value as the explorer shows it, or NULL
 );
 CREATE INDEX jobs_by_client ON jobs (client_id, seq);
 CREATE INDEX jobs_by_client_state ON jobs (client_id, state, seq);
 CREATE INDEX jobs_by_state ON jobs (state, seq);
+CREATE INDEX jobs_by_miner ON jobs (assigned_miner_id, seq);
 -- The queue: only QUEUED rows, ordered by age within each shape.
 CREATE INDEX jobs_queued ON jobs (shape_id, seq) WHERE state = 'QUEUED';
 -- A miner's in-flight slots are derived from this index, never counted separately.
@@ -42,14 +44,18 @@ CREATE INDEX jobs_deadline ON jobs (state, expires_at) WHERE state IN ('QUEUED',
 
 CREATE TABLE miners (
     miner_id          TEXT PRIMARY KEY,      -- the miner key's public identity
+    offer_id          TEXT NOT NULL UNIQUE,  -- every miner is a marketplace offer
     capabilities      TEXT NOT NULL,         -- normalised: gpus [{name, memory_mb}], cuda, ...
+    price             REAL NOT NULL,         -- capabilities.price when a number, else 0
+    sla               TEXT NOT NULL,         -- capabilities.sla when a string, else ''
     concurrency       INTEGER NOT NULL,
     region            TEXT,
     status            TEXT NOT NULL,         -- as last reported: ONLINE, DRAINING, OFFLINE, ...
     reported_inflight INTEGER,
     metadata          TEXT,
     session_token     TEXT NOT NULL,
-    registered_at     INTEGER NOT NULL,
+    created_at        INTEGER NOT NULL,      -- first registration
+    registered_at     INTEGER NOT NULL,      -- latest registration
     last_seen         INTEGER NOT NULL,      -- any authenticated miner request
     last_heartbeat    INTEGER,
     jobs_completed    INTEGER NOT NULL DEFAULT 0,
