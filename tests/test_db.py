@@ -71,6 +71,7 @@ def test_an_upgraded_database_ends_identical_to_a_fresh_one(tmp_path: Path) -> N
     conn = sqlite3.connect(old)
     assert conn.execute("SELECT job_id FROM jobs").fetchall() == [("a",)]  # data survives the upgrade
     assert conn.execute("SELECT n FROM job_counts WHERE state = 'QUEUED'").fetchone() == (1,)
+    assert conn.execute("SELECT address, tx_count FROM addresses").fetchall() == [("c", 1)]  # backfilled
     conn.close()
 
 
