@@ -31,8 +31,11 @@ import signal
 import socket
 import sqlite3
 import sys
+import tempfile
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
@@ -44,6 +47,8 @@ import uvicorn
 from dotenv import dotenv_values
 from nacl.exceptions import CryptoError
 from nacl.signing import SigningKey, VerifyKey
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic.json_schema import models_json_schema
 from starlette.applications import Starlette
@@ -92,15 +97,20 @@ class Settings:
     db_synchronous: str = "FULL"
     sweep_interval_seconds: float = 0.5  # 0 turns the background sweeper off (tests drive it)
     idempotency_ttl_seconds: int = 86400
+    metrics_require_admin: bool = False
     signing_seed: bytes | None = dataclasses.field(default=None, repr=False)
     attestation_seed: bytes | None = dataclasses.field(default=None, repr=False)
 
     @classmethod
     def load(
-        cls, environ: Mapping[str, str], env_file: str | None = None, **overrides: Any
+        cls, environ: Mapping[str, str], env_file: str | None = None, dotenv: bool = True, **overrides: Any
     ) -> Settings:
-        """Build settings from `environ` over the .env file, then non-None `overrides`; raises ConfigError."""
-        env = {k.upper(): v for k, v in _read_env_file(env_file).items() if v is not None}
+        """Build settings from `environ` over the .env file (unless not `dotenv`), then non-None `overrides`.
+
+        Raises ConfigError.
+        """
+        file_values = _read_env_file(env_file) if dotenv else {}
+        env = {k.upper(): v for k, v in file_values.items() if v is not None}
         env.update({k.upper(): v for k, v in environ.items()})
         values: dict[str, Any] = {}
         for name, (field, parse) in ENV_VARS.items():
@@ -172,6 +182,12 @@ def _parse_choice(choices: Sequence[str]) -> Callable[[str], str]:
     return parse
 
 
+def _parse_bool(raw: str) -> bool:
+    if raw.lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+        raise ValueError(f"must be true or false, got {raw!r}")
+    return raw.lower() in ("1", "true", "yes", "on")
+
+
 def _parse_app_env(raw: str) -> str:
     if not re.fullmatch(r"[a-z][a-z0-9_-]{0,31}", raw):
         raise ValueError(f"must be a short lower-case name such as dev or prod, got {raw!r}")
@@ -192,6 +208,7 @@ ENV_VARS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "MAX_BODY_BYTES": ("max_body_bytes", _parse_int(1024)),
     "COORDINATOR_ID": ("coordinator_id", str),
     "DB_SYNCHRONOUS": ("db_synchronous", _parse_choice(SYNCHRONOUS_MODES)),
+    "METRICS_REQUIRE_ADMIN_KEY": ("metrics_require_admin", _parse_bool),
 }
 
 
@@ -477,6 +494,51 @@ def migrate(path: str) -> tuple[int, int]:
             conn.close()
 
 
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def backup(path: str, dest: str) -> dict[str, Any]:
+    """Copy the database at `path` to the new file `dest` while it is in use; raises ConfigError.
+
+    VACUUM INTO reads one consistent snapshot (a WAL reader: writers carry on). The copy is written
+    beside `dest`, checked with PRAGMA integrity_check, synced, and only then renamed into place.
+    """
+    target = Path(dest)
+    if not Path(path).is_file():
+        raise ConfigError(f"no database at {path}")
+    if target.exists():
+        raise ConfigError(f"{dest} exists; give the backup a new name")
+    partial = target.with_name(target.name + ".partial")
+    partial.unlink(missing_ok=True)
+    conn = connect(path)
+    try:
+        conn.execute("VACUUM INTO ?", (str(partial),))
+    except sqlite3.Error as exc:
+        raise ConfigError(f"backup of {path} failed: {exc}") from None
+    finally:
+        conn.close()
+    os.chmod(partial, 0o600)  # the copy holds everything the database does
+    copy = sqlite3.connect(partial)
+    try:
+        verdict = copy.execute("PRAGMA integrity_check").fetchone()[0]
+        version = copy.execute("PRAGMA user_version").fetchone()[0]
+        jobs = copy.execute("SELECT COALESCE(SUM(n), 0) FROM job_counts").fetchone()[0]
+    finally:
+        copy.close()
+    if verdict != "ok":
+        partial.unlink()
+        raise ConfigError(f"the copy of {path} failed its integrity check: {verdict}")
+    _fsync(partial)
+    os.replace(partial, target)
+    _fsync(target.resolve().parent)
+    return {"dest": str(target), "schema_version": version, "jobs": jobs, "bytes": target.stat().st_size}
+
+
 def _settle(fut: asyncio.Future[Any], result: Any, exc: BaseException | None) -> None:
     if fut.done():  # the awaiting request went away; the write has still happened
         return
@@ -494,6 +556,7 @@ class Database:
     def __init__(self, path: str, synchronous: str = "FULL", readers: int = 4) -> None:
         self.path, self.synchronous, self.reader_count = path, synchronous, readers
         self.abort_hooks: list[Callable[[], None]] = []  # run on the writer thread after a failed COMMIT
+        self.commit_observer: Callable[[int, float], None] | None = None  # (units, seconds) per commit
         self._queue: queue.SimpleQueue[tuple[Callable[..., Any], tuple[Any, ...], asyncio.Future[Any]] | None]
         self._queue = queue.SimpleQueue()
         self._local = threading.local()
@@ -554,12 +617,14 @@ class Database:
             self._commit_batch(batch)
 
     def _commit_batch(self, batch: list[tuple[Callable[..., Any], tuple[Any, ...], asyncio.Future[Any]]]) -> None:
-        conn, outcomes = self._wconn, []
+        conn, outcomes, started = self._wconn, [], time.perf_counter()
         try:
             conn.execute("BEGIN IMMEDIATE")
             for fn, args, fut in batch:
                 outcomes.append((fut, *self._run_unit(conn, fn, args)))
             conn.execute("COMMIT")
+            if self.commit_observer is not None:
+                self.commit_observer(len(batch), time.perf_counter() - started)
         except sqlite3.Error as exc:  # nothing of this batch is durable, so nothing is acknowledged
             log.error("write batch of %d aborted: %s", len(batch), exc)
             with contextlib.suppress(sqlite3.Error):
@@ -1997,6 +2062,8 @@ def make_route(ep: Endpoint) -> Route:
     async def run(request: Request) -> Response:
         coord: Coordinator = request.app.state.coord
         caller = authenticate(request, coord.settings, ep.role) if ep.role else None
+        if caller is not None:
+            request.state.caller = caller.identity  # for the access log
         body = None
         if ep.body is not None:
             raw = await read_body(request, coord.settings.max_body_bytes)
@@ -2019,6 +2086,86 @@ async def render_error(request: Request, exc: Exception) -> Response:
     if isinstance(exc, HTTPException):
         return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
     raise exc
+
+
+# --- Metrics and access log ---
+
+access_log = logging.getLogger("aitbc_coord.access")
+
+
+class Metrics:
+    """Prometheus metrics of one app, in its own registry (several apps may share a process)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter("aitbc_http_requests", "HTTP requests by route template and status",
+                                ["method", "route", "status"], registry=self.registry)
+        self.latency = Histogram("aitbc_http_request_duration_seconds", "HTTP request latency by route template",
+                                 ["method", "route"], registry=self.registry,
+                                 buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30))
+        self.commit_seconds = Histogram("aitbc_db_commit_seconds", "Duration of one group commit",
+                                        registry=self.registry,
+                                        buckets=(.0005, .001, .0025, .005, .01, .025, .05, .1, .25, 1))
+        self.commit_units = Histogram("aitbc_db_commit_units", "Units of work sharing one commit",
+                                      registry=self.registry, buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
+        self.snapshot: dict[str, Any] = {}
+        self.registry.register(self)
+
+    def observe_commit(self, units: int, seconds: float) -> None:
+        """Called on the writer thread after every commit."""
+        self.commit_units.observe(units)
+        self.commit_seconds.observe(seconds)
+
+    def describe(self) -> list[Metric]:
+        return []  # the families below come and go with the snapshot
+
+    def collect(self) -> Iterable[Metric]:
+        """The database-derived families, from the snapshot the /metrics handler just read."""
+        snap = self.snapshot
+        jobs = GaugeMetricFamily("aitbc_jobs", "Jobs by state", labels=["state"])
+        for state, n in snap.get("jobs", {}).items():
+            jobs.add_metric([state], n)
+        yield jobs
+        yield GaugeMetricFamily("aitbc_queue_depth", "Jobs waiting in the queue", value=snap.get("queued", 0))
+        yield GaugeMetricFamily("aitbc_miners_online", "Miners heard from within the heartbeat timeout",
+                                value=snap.get("online", 0))
+        yield GaugeMetricFamily("aitbc_polls_waiting", "Miner long-polls waiting for work", value=snap.get("waiting", 0))
+        yield CounterMetricFamily("aitbc_receipts_issued", "Signed receipts issued", value=snap.get("receipts", 0))
+
+
+class AccessLog:
+    """ASGI middleware: one log line and the request metrics per HTTP request (identities, never keys)."""
+
+    def __init__(self, app: Any, metrics: Metrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started, status = time.perf_counter(), [500]
+
+        async def send_status(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            seconds = time.perf_counter() - started
+            route = getattr(scope.get("route"), "path", "unmatched")
+            method, caller = scope["method"], scope.get("state", {}).get("caller", "-")
+            self.metrics.requests.labels(method, route, str(status[0])).inc()
+            self.metrics.latency.labels(method, route).observe(seconds)
+            access_log.info("%s %s %d %.1fms caller=%s", method, route, status[0], seconds * 1000, caller,
+                            extra={"method": method, "route": route, "status": status[0],
+                                   "duration_ms": round(seconds * 1000, 2), "caller": caller})
+
+
+def read_metrics_snapshot(conn: sqlite3.Connection, online_cutoff: int) -> dict[str, Any]:
+    counts = get_job_counts(conn)
+    return {"jobs": counts, "queued": counts.get(JobState.QUEUED, 0), "receipts": get_counter(conn, "receipts"),
+            "online": count_online_miners(conn, online_cutoff)}
 
 
 # --- Handlers ---
@@ -2412,6 +2559,17 @@ async def openapi(request: Request) -> Response:
     return JSONResponse(request.app.state.openapi)
 
 
+async def metrics(request: Request) -> Response:
+    """Prometheus text format; needs an admin key when METRICS_REQUIRE_ADMIN_KEY is set."""
+    coord: Coordinator = request.app.state.coord
+    if coord.settings.metrics_require_admin:
+        request.state.caller = authenticate(request, coord.settings, "admin").identity
+    snapshot = await coord.db.read(read_metrics_snapshot, _online_cutoff(coord))
+    registry = request.app.state.metrics
+    registry.snapshot = {**snapshot, "waiting": len(coord.hub.waiters)}
+    return Response(generate_latest(registry.registry), media_type=CONTENT_TYPE_LATEST)
+
+
 def create_app(settings: Settings, clock: Callable[[], float] = time.time) -> Starlette:
     """The ASGI app; its lifespan migrates, opens the database and runs the sweeper."""
     coord = Coordinator(settings, clock)
@@ -2424,15 +2582,19 @@ def create_app(settings: Settings, clock: Callable[[], float] = time.time) -> St
         finally:
             await coord.stop()
 
+    app_metrics = Metrics()
+    coord.db.commit_observer = app_metrics.observe_commit
     routes = [make_route(ep) for ep in ENDPOINTS]
-    routes += [Route("/openapi.json", openapi), Route("/v1/openapi.json", openapi)]
-    middleware = [Middleware(CORSMiddleware, allow_origins=list(settings.allow_origins),
+    routes += [Route("/openapi.json", openapi), Route("/v1/openapi.json", openapi),
+               Route("/metrics", metrics), Route("/v1/metrics", metrics)]
+    middleware = [Middleware(AccessLog, metrics=app_metrics), Middleware(CORSMiddleware, allow_origins=list(settings.allow_origins),
                              allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
                              allow_headers=["content-type", "authorization", "cache-control", "x-api-key",
                                             "idempotency-key"], max_age=600)]
     app = Starlette(routes=routes, middleware=middleware, lifespan=lifespan,
                     exception_handlers={ApiError: render_error, HTTPException: render_error})
     app.state.coord = coord
+    app.state.metrics = app_metrics
     app.state.openapi = openapi_document()
     return app
 
@@ -2448,9 +2610,26 @@ def _settings_or_exit(env_file: str | None, **overrides: Any) -> Settings:
         raise click.ClickException(str(exc)) from None
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line, for log shippers."""
+
+    FIELDS = ("method", "route", "status", "duration_ms", "caller")
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = {"ts": iso(int(record.created * 1000)), "level": record.levelname.lower(), "logger": record.name,
+                "msg": record.getMessage()}
+        line.update({k: getattr(record, k) for k in self.FIELDS if hasattr(record, k)})
+        if record.exc_info:
+            line["exc"] = self.formatException(record.exc_info)
+        return json.dumps(line)
+
+
+def setup_logging(level: str, fmt: str = "text") -> None:
+    """Log to stderr (journald picks it up), as text or JSON lines; uvicorn's loggers go the same way."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else
+                         logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -2498,8 +2677,9 @@ def run_server(settings: Settings) -> None:
     sock = bind_socket(settings.host, settings.port)
     log.info("listening on http://%s:%d", settings.host, sock.getsockname()[1])
     app = create_app(settings)
-    config = uvicorn.Config(app, log_level=logging.getLevelName(log.getEffectiveLevel()).lower(),
-                            lifespan="on", timeout_graceful_shutdown=5, server_header=False)
+    # log_config=None: uvicorn's lines go through our handler; access_log=False: AccessLog logs requests
+    config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="on", timeout_graceful_shutdown=5,
+                            server_header=False)
     Server(config, app.state.coord).run(sockets=[sock])
 
 
@@ -2519,8 +2699,12 @@ def cli() -> None:
 @click.option("--port", type=click.IntRange(0, 65535), help="Port, 0 picks a free one (APP_PORT, default 8011).")
 @click.option("--db", "db_path", help="Database file (DATABASE_URL, default ./coordinator.db).")
 @click.option("--env-file", type=click.Path(dir_okay=False), help="Read settings from this file instead of ./.env.")
-@click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
-def serve(host: str | None, port: int | None, db_path: str | None, env_file: str | None, log_level: str) -> None:
+@click.option("--log-level", default="info", envvar="LOG_LEVEL", show_default=True,
+              type=click.Choice(["debug", "info", "warning", "error"]), help="Also LOG_LEVEL.")
+@click.option("--log-format", default="text", envvar="LOG_FORMAT", show_default=True,
+              type=click.Choice(["text", "json"]), help="json: one JSON object per line. Also LOG_FORMAT.")
+def serve(host: str | None, port: int | None, db_path: str | None, env_file: str | None, log_level: str,
+          log_format: str) -> None:
     """Apply pending migrations, then serve the API.
 
     \b
@@ -2528,7 +2712,7 @@ def serve(host: str | None, port: int | None, db_path: str | None, env_file: str
       aitbc-coord serve --host 0.0.0.0 --port 8011 --db /var/lib/aitbc/coordinator.db
     """
     settings = _settings_or_exit(env_file, host=host, port=port, db_path=db_path)
-    _setup_logging(log_level)
+    setup_logging(log_level, log_format)
     try:
         migrate(settings.db_path)
     except ConfigError as exc:
@@ -2552,6 +2736,172 @@ def migrate_command(db_path: str | None, env_file: str | None) -> None:
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"{settings.db_path}: schema version {before} -> {after}")
+
+
+class CheckFailed(Exception):
+    """A smoke-check step did not do what it should."""
+
+
+class Check:
+    """The smoke flow's HTTP client (stdlib only) and its record of passed steps."""
+
+    def __init__(self, base: str, client_key: str, miner_key: str, require_receipt: bool = False) -> None:
+        self.base = base.rstrip("/").removesuffix("/v1")
+        self.client_key, self.miner_key, self.require_receipt = client_key, miner_key, require_receipt
+        self.passed: list[str] = []
+
+    @contextlib.contextmanager
+    def step(self, name: str) -> Any:
+        try:
+            yield
+        except CheckFailed as exc:
+            raise CheckFailed(f"step {name!r}: {exc}") from None
+        except (KeyError, TypeError, ValueError) as exc:  # an answer of the wrong shape
+            raise CheckFailed(f"step {name!r}: unexpected answer ({type(exc).__name__}: {exc})") from None
+        self.passed.append(name)
+
+    def call(self, method: str, path: str, key: str | None = None, body: Any = None, expect: int = 200) -> Any:
+        """One request; its JSON answer. Raises CheckFailed on another status or no connection."""
+        data = None if body is None else json.dumps(body).encode()
+        headers = {"Content-Type": "application/json", **({"X-Api-Key": key} if key else {})}
+        request = urllib.request.Request(self.base + path, data=data, method=method, headers=headers)
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                status, raw = response.status, response.read()
+        except urllib.error.HTTPError as exc:
+            status, raw = exc.code, exc.read()
+        except (urllib.error.URLError, OSError) as exc:
+            raise CheckFailed(f"cannot reach {self.base}: {getattr(exc, 'reason', exc)}") from None
+        if status != expect:
+            raise CheckFailed(f"{method} {path}: expected {expect}, got {status} {raw[:200].decode(errors='replace')}")
+        return json.loads(raw) if raw else None
+
+
+def expect(condition: bool, why: str) -> None:
+    if not condition:
+        raise CheckFailed(why)
+
+
+def claim_own_job(check: Check, job_id: str) -> dict[str, Any]:
+    """Poll until the check's own job arrives; any other job is handed straight back (retryable)."""
+    for _ in range(10):
+        r = check.call("POST", "/v1/miners/poll", check.miner_key, {"max_wait_seconds": 5}, expect=200)
+        if r["job_id"] == job_id:
+            return r
+        check.call("POST", f"/v1/miners/{r['job_id']}/fail", check.miner_key,
+                   {"error_code": "CHECK", "error_message": "smoke check miner", "retryable": True})
+    raise CheckFailed("the check's own job never arrived")
+
+
+def run_check(check: Check) -> None:
+    """Submit, register, poll, result, read back, verify the receipt, read the explorer and marketplace."""
+    tag = f"aitbc-check-{secrets.token_hex(4)}"
+    with check.step("health"):
+        expect(check.call("GET", "/v1/health")["status"] == "ok", "health is not ok")
+    with check.step("register"):
+        check.call("POST", "/v1/miners/register", check.miner_key, {"capabilities": {"models": [tag], "price": 0.5}})
+    with check.step("submit"):
+        job = check.call("POST", "/v1/jobs", check.client_key, {"payload": {"check": tag, "value": "1"},
+                         "constraints": {"models": [tag]}, "ttl_seconds": 120}, expect=201)
+        job_id = job["job_id"]
+    with check.step("poll"):
+        expect(claim_own_job(check, job_id)["payload"]["check"] == tag, "the assignment carries another payload")
+    with check.step("result"):
+        receipt = check.call("POST", f"/v1/miners/{job_id}/result", check.miner_key,
+                             {"result": {"check": tag}, "metrics": {"units": 2}})["receipt"]
+    with check.step("read back"):
+        view = check.call("GET", f"/v1/jobs/{job_id}", check.client_key)
+        expect(view["state"] == "COMPLETED", f"job is {view['state']}, not COMPLETED")
+        expect(check.call("GET", f"/v1/jobs/{job_id}/result", check.client_key)["result"] == {"check": tag},
+               "the stored result differs")
+    if receipt is not None or check.require_receipt:
+        with check.step("receipt"):
+            expect(receipt is not None, "no receipt was issued")
+            keys = check.call("GET", "/v1/receipts/keys")["items"]
+            active = {role: {k["key_id"] for k in keys if k["role"] == role and k["status"] == "active"}
+                      for role in ("signing", "attestation")}
+            local = verify_receipt(receipt, active["signing"], active["attestation"])
+            expect(local["valid"], f"receipt does not verify here: {local['reason']}")
+            remote = check.call("POST", "/v1/receipts/verify", body={"receipt": receipt})
+            expect(remote["valid"], f"server says the receipt is invalid: {remote['reason']}")
+    with check.step("explorer"):
+        txs = check.call("GET", "/v1/explorer/transactions?limit=200")["items"]
+        expect(any(t["hash"] == job_id and t["status"] == "Succeeded" for t in txs), "job missing from the explorer")
+    with check.step("marketplace"):
+        offers = check.call("GET", "/v1/marketplace/offers?limit=500")
+        expect(any(o["provider"] == view["assigned_miner_id"] for o in offers), "the check miner has no offer")
+        stats = check.call("GET", "/v1/marketplace/stats")
+        expect({"totalOffers", "openCapacity", "averagePrice", "activeBids"} <= set(stats), "stats lack fields")
+
+
+@contextlib.contextmanager
+def running_server(settings: Settings) -> Any:
+    """Serve `settings` on a free port in a background thread; yields the base URL."""
+    sock = bind_socket(settings.host, 0)
+    app = create_app(settings)
+    server = Server(uvicorn.Config(app, log_config=None, access_log=False, lifespan="on"), app.state.coord)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started:
+            if not thread.is_alive() or time.monotonic() > deadline:
+                raise CheckFailed("the in-process coordinator did not start")
+            time.sleep(0.02)
+        yield f"http://{settings.host}:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+def check_in_process() -> Check:
+    """Run the smoke flow against a throwaway coordinator: temporary database, random keys."""
+    keys = {role: secrets.token_hex(24) for role in ROLES}
+    with tempfile.TemporaryDirectory(prefix="aitbc-check-") as tmp:
+        env = {"APP_ENV": "check", "DATABASE_URL": f"sqlite:///{tmp}/check.db",
+               **{f"{role.upper()}_API_KEYS": key for role, key in keys.items()},
+               "RECEIPT_SIGNING_KEY_HEX": SigningKey.generate().encode().hex(),
+               "RECEIPT_ATTESTATION_KEY_HEX": SigningKey.generate().encode().hex()}
+        settings = Settings.load(env, dotenv=False)
+        with running_server(settings) as base:
+            check = Check(base, keys["client"], keys["miner"], require_receipt=True)
+            run_check(check)
+    return check
+
+
+@cli.command("check")
+@click.option("--url", envvar="AITBC_URL", help="Check this running server instead of a throwaway one. Also AITBC_URL.")
+@click.option("--client-key", envvar="AITBC_CLIENT_KEY", default=DEV_KEYS["client"], show_default="the dev key",
+              help="Client key for --url. Also AITBC_CLIENT_KEY.")
+@click.option("--miner-key", envvar="AITBC_MINER_KEY", default=DEV_KEYS["miner"], show_default="the dev key",
+              help="Miner key for --url (use a dedicated one: its registration is replaced). Also AITBC_MINER_KEY.")
+def check_command(url: str | None, client_key: str, miner_key: str) -> None:
+    """Smoke-test a coordinator end to end; exit status 0 only if every step passed.
+
+    Submits a job, registers a miner, polls, posts the result, reads it back, verifies the receipt,
+    and reads the explorer and the marketplace. Without --url it does this against a throwaway
+    coordinator on a temporary database with random keys. Prints one summary line.
+
+    \b
+    Examples:
+      aitbc-coord check
+      aitbc-coord check --url http://127.0.0.1:8011 --client-key "$CK" --miner-key "$MK"
+    """
+    setup_logging("error")
+    started = time.monotonic()
+    check = Check(url, client_key, miner_key) if url else None
+    try:
+        if check is not None:
+            run_check(check)
+        else:
+            check = check_in_process()
+    except (CheckFailed, ConfigError) as exc:
+        passed = len(check.passed) if check is not None else 0
+        click.echo(f"check failed: {exc} ({passed} steps passed)", err=True)
+        sys.exit(1)
+    where = check.base if url else "a throwaway in-process coordinator"
+    click.echo(f"check ok: {len(check.passed)} steps passed ({', '.join(check.passed)}) against {where} "
+               f"in {time.monotonic() - started:.2f}s")
 
 
 def write_secret(path: str, text: str, force: bool) -> None:
@@ -2619,6 +2969,28 @@ def verify_command(receipt_file: Any, key_ids: tuple[str, ...]) -> None:
     trust = "" if key_ids else " (signing key not checked: pass --key-id)"
     click.echo(f"valid: receipt {receipt.get('receipt_id')} for job {receipt.get('job_id')} "
                f"signed by {own_key}{trust}")
+
+
+@cli.command("backup")
+@click.argument("dest", type=click.Path(dir_okay=False))
+@click.option("--db", "db_path", help="Database file (DATABASE_URL, default ./coordinator.db).")
+@click.option("--env-file", type=click.Path(dir_okay=False), help="Read settings from this file instead of ./.env.")
+def backup_command(dest: str, db_path: str | None, env_file: str | None) -> None:
+    """Copy the database to the new file DEST, consistently, while the server runs.
+
+    The copy is checked with PRAGMA integrity_check before it is put in place (mode 0600).
+
+    \b
+    Example:
+      aitbc-coord backup --db /var/lib/aitbc-coordinator/coordinator.db /backups/coordinator-$(date +%F).db
+    """
+    settings = _settings_or_exit(env_file, db_path=db_path)
+    try:
+        done = backup(settings.db_path, dest)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"{done['dest']}: {done['jobs']} jobs, schema version {done['schema_version']}, "
+               f"{done['bytes']} bytes, integrity ok")
 
 
 if __name__ == "__main__":

@@ -115,3 +115,105 @@ def test_sigterm_releases_a_waiting_long_poll_and_exits_cleanly(tmp_path: Path) 
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_sigterm_under_load_loses_no_acknowledged_write(tmp_path: Path) -> None:
+    import sqlite3
+    import threading
+
+    db = tmp_path / "c.db"
+    proc, base = start_server(tmp_path, "--db", str(db), env={"APP_ENV": "dev"})
+    acked: list[str] = []
+    stop = threading.Event()
+
+    def load() -> None:
+        with httpx.Client(base_url=base + "/v1", timeout=10) as http:
+            while not stop.is_set():
+                try:
+                    r = http.post("/jobs", json={"payload": {"n": len(acked)}}, headers=CLIENT)
+                except httpx.HTTPError:
+                    return  # the server has stopped accepting
+                if r.status_code == 201:
+                    acked.append(r.json()["job_id"])
+
+    workers = [threading.Thread(target=load) for _ in range(4)]
+    try:
+        for w in workers:
+            w.start()
+        deadline = time.monotonic() + 30
+        while len(acked) < 100 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0
+        assert time.monotonic() - started < 10
+    finally:
+        stop.set()
+        for w in workers:
+            w.join(timeout=15)
+        if proc.poll() is None:
+            proc.kill()
+    conn = sqlite3.connect(db)
+    try:
+        stored = {r[0] for r in conn.execute("SELECT job_id FROM jobs")}
+        assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    finally:
+        conn.close()
+    assert len(acked) >= 100 and set(acked) <= stored  # every 201 was committed
+
+
+def test_check_against_a_running_server(tmp_path: Path) -> None:
+    seed = SigningKey.generate().encode().hex()
+    proc, base = start_server(tmp_path, "--db", str(tmp_path / "c.db"),
+                              env={"APP_ENV": "dev", "RECEIPT_SIGNING_KEY_HEX": seed})
+    try:
+        cmd = [sys.executable, "-m", "aitbc_coord", "check", "--url", base]
+        ok = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=tmp_path)
+        assert ok.returncode == 0, ok.stderr
+        assert ok.stdout.startswith("check ok: 9 steps passed") and "receipt" in ok.stdout
+        bad = subprocess.run([*cmd, "--client-key", "wrong-key"], capture_output=True, text=True, timeout=60,
+                             cwd=tmp_path)
+        assert bad.returncode == 1 and "step 'submit'" in bad.stderr and "401" in bad.stderr
+        env = {**os.environ, "AITBC_URL": base, "AITBC_MINER_KEY": "wrong-key"}
+        bad = subprocess.run([sys.executable, "-m", "aitbc_coord", "check"], capture_output=True, text=True,
+                             timeout=60, cwd=tmp_path, env=env)
+        assert bad.returncode == 1 and "step 'register'" in bad.stderr
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=15)
+
+
+def test_check_in_process_from_an_empty_directory(tmp_path: Path) -> None:
+    out = subprocess.run([sys.executable, "-m", "aitbc_coord", "check"], capture_output=True, text=True, timeout=60,
+                         cwd=tmp_path, env={k: v for k, v in os.environ.items() if not k.startswith("AITBC_")})
+    assert out.returncode == 0, out.stderr
+    assert "9 steps passed" in out.stdout and "throwaway" in out.stdout
+    assert list(tmp_path.iterdir()) == []  # nothing left behind
+
+
+def test_logs_never_carry_keys_and_can_be_json(tmp_path: Path) -> None:
+    import json
+
+    keys = {"CLIENT_API_KEYS": "c1=client-secret-9", "MINER_API_KEYS": "m1=miner-secret-9",
+            "ADMIN_API_KEYS": "a1=admin-secret-9", "APP_ENV": "prod"}
+    proc, base = start_server(tmp_path, "--db", str(tmp_path / "c.db"), "--log-format", "json", env=keys)
+    try:
+        out = subprocess.run([sys.executable, "-m", "aitbc_coord", "check", "--url", base, "--client-key",
+                              "client-secret-9", "--miner-key", "miner-secret-9"], capture_output=True, text=True,
+                             timeout=60, cwd=tmp_path)
+        assert out.returncode == 0, out.stderr
+        with httpx.Client(base_url=base) as http:
+            http.get("/v1/admin/stats", headers={"Authorization": "Bearer client-secret-9"})
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=15)
+    lines = (tmp_path / "serve.log").read_text().splitlines()
+    records = [json.loads(line) for line in lines]  # every line is JSON
+    access = [r for r in records if r["logger"] == "aitbc_coord.access"]
+    assert len(access) >= 10 and {"method", "route", "status", "duration_ms", "caller"} <= set(access[0])
+    assert any(r["route"] == "/v1/admin/stats" and r["status"] == 401 for r in access)
+    assert {r["caller"] for r in access} >= {"c1", "m1"}
+    text = "\n".join(lines)
+    for secret in ("client-secret-9", "miner-secret-9", "admin-secret-9"):
+        assert secret not in text
+    assert any("schema version" in r["msg"] and "c.db" in r["msg"] for r in records)
