@@ -217,3 +217,13 @@ def test_logs_never_carry_keys_and_can_be_json(tmp_path: Path) -> None:
     for secret in ("client-secret-9", "miner-secret-9", "admin-secret-9"):
         assert secret not in text
     assert any("schema version" in r["msg"] and "c.db" in r["msg"] for r in records)
+
+
+def test_the_listening_socket_is_tcp_so_responses_are_not_delayed() -> None:
+    import socket
+
+    sock = ac.bind_socket("127.0.0.1", 0)
+    try:  # asyncio sets TCP_NODELAY only on IPPROTO_TCP sockets; without it responses stall ~40 ms
+        assert sock.proto == socket.IPPROTO_TCP
+    finally:
+        sock.close()
