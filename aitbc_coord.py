@@ -19,6 +19,7 @@ import base64
 import contextlib
 import dataclasses
 import enum
+import functools
 import hashlib
 import json
 import logging
@@ -37,8 +38,6 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -539,46 +538,46 @@ def backup(path: str, dest: str) -> dict[str, Any]:
     return {"dest": str(target), "schema_version": version, "jobs": jobs, "bytes": target.stat().st_size}
 
 
-def _settle(fut: asyncio.Future[Any], result: Any, exc: BaseException | None) -> None:
-    if fut.done():  # the awaiting request went away; the write has still happened
-        return
-    if exc is not None:
-        fut.set_exception(exc)
-    else:
-        fut.set_result(result)
+def _settle_all(outcomes: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) -> None:
+    for fut, result, exc in outcomes:
+        if fut.done():  # the awaiting request went away; the write has still happened
+            continue
+        if exc is not None:
+            fut.set_exception(exc)
+        else:
+            fut.set_result(result)
 
 
 class Database:
-    """One writer thread that group-commits units of work, and a pool of read-only connections."""
+    """One writer thread that group-commits units of work, and a read-only connection for reads.
+
+    Reads run on the event loop's thread: in WAL mode a read never waits for the writer, and an
+    indexed page costs less than a hop to another thread would.
+    """
 
     MAX_BATCH = 256
 
-    def __init__(self, path: str, synchronous: str = "FULL", readers: int = 4) -> None:
-        self.path, self.synchronous, self.reader_count = path, synchronous, readers
+    def __init__(self, path: str, synchronous: str = "FULL") -> None:
+        self.path, self.synchronous = path, synchronous
         self.abort_hooks: list[Callable[[], None]] = []  # run on the writer thread after a failed COMMIT
         self.commit_observer: Callable[[int, float], None] | None = None  # (units, seconds) per commit
         self._queue: queue.SimpleQueue[tuple[Callable[..., Any], tuple[Any, ...], asyncio.Future[Any]] | None]
         self._queue = queue.SimpleQueue()
-        self._local = threading.local()
-        self._reader_conns: list[sqlite3.Connection] = []
-        self._lock = threading.Lock()
 
     async def start(self) -> None:
-        """Open the writer connection and thread, and the reader pool."""
+        """Open the writer connection and thread, and the read connection."""
         self._loop = asyncio.get_running_loop()
         self._wconn = connect(self.path, self.synchronous)
+        self._rconn = connect(self.path, self.synchronous, readonly=True)
         self._thread = threading.Thread(target=self._run_writer, name="aitbc-writer", daemon=True)
         self._thread.start()
-        self._readers = ThreadPoolExecutor(self.reader_count, thread_name_prefix="aitbc-reader")
 
     async def close(self) -> None:
-        """Finish queued writes, then close every connection."""
+        """Finish queued writes, then close both connections."""
         self._queue.put(None)
         await asyncio.to_thread(self._thread.join)
-        self._readers.shutdown(wait=True)
         self._wconn.close()
-        for conn in self._reader_conns:
-            conn.close()
+        self._rconn.close()
 
     async def write(self, fn: Callable[..., T], *args: Any) -> T:
         """Run fn(conn, *args) as one unit of work; returns once it is committed. Raises what fn raised."""
@@ -587,15 +586,8 @@ class Database:
         return await fut
 
     async def read(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run fn(conn, *args) on a reader connection inside one read snapshot."""
-        return await self._loop.run_in_executor(self._readers, self._read, fn, args)
-
-    def _read(self, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = self._local.conn = connect(self.path, self.synchronous, readonly=True)
-            with self._lock:
-                self._reader_conns.append(conn)
+        """Run fn(conn, *args) on the read connection inside one read snapshot."""
+        conn = self._rconn
         conn.execute("BEGIN")  # one snapshot for every statement of this read
         try:
             return fn(conn, *args)
@@ -632,8 +624,7 @@ class Database:
             for hook in self.abort_hooks:
                 hook()
             outcomes = [(fut, None, Unavailable()) for _, _, fut in batch]
-        for fut, result, exc in outcomes:
-            self._loop.call_soon_threadsafe(_settle, fut, result, exc)
+        self._loop.call_soon_threadsafe(_settle_all, outcomes)  # one wake-up of the loop per batch
 
     @staticmethod
     def _run_unit(conn: sqlite3.Connection, fn: Callable[..., Any], args: tuple[Any, ...]) -> tuple[Any, BaseException | None]:
@@ -993,11 +984,16 @@ def now_ms(clock: Callable[[], float]) -> int:
     return int(clock() * 1000)
 
 
+@functools.lru_cache(maxsize=4096)  # the timestamps of one view, or of one busy second, repeat
+def _iso_second(second: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+
+
 def iso(ms: int | None) -> str | None:
     """Unix milliseconds as ISO 8601 UTC with a Z suffix."""
     if ms is None:
         return None
-    return datetime.fromtimestamp(ms // 1000, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S") + f".{ms % 1000:03d}Z"
+    return f"{_iso_second(ms // 1000)}.{ms % 1000:03d}Z"
 
 
 def _is_number(value: Any) -> bool:
@@ -1213,34 +1209,42 @@ class Waiter:
     miner_id: str
     event: asyncio.Event
     profile: MinerProfile | None = None  # None until the first claim attempt read it
+    ready: bool = False  # its last claim found a free slot and no work: it can take a new job
+    woken_for: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # jobs it was picked for
 
 
 class PollHub:
     """Long-polling miners, woken the moment a job they could take is queued or a slot frees up."""
 
     def __init__(self) -> None:
-        self.waiters: set[Waiter] = set()
+        self.waiters: dict[Waiter, None] = {}  # in the order they started waiting
         self.closing = False
 
     def add(self, miner_id: str) -> Waiter:
         waiter = Waiter(miner_id, asyncio.Event())
-        self.waiters.add(waiter)
+        self.waiters[waiter] = None
         return waiter
 
     def remove(self, waiter: Waiter) -> None:
-        self.waiters.discard(waiter)
+        self.waiters.pop(waiter, None)
 
     def waiting_miners(self) -> list[str]:
         return sorted({w.miner_id for w in self.waiters})
 
-    def notify(self, wake: Wake) -> None:
-        """Wake each waiter that the change may concern."""
-        if not wake.queued and not wake.miners:
-            return
+    def notify(self, wake: Wake, broadcast: bool = False) -> None:
+        """Wake the waiters a change concerns: miners whose slot freed, and for each newly queued job
+        the longest-waiting ready miner that can run it (every such miner when `broadcast`), so one
+        job does not send every idle miner to the database."""
         for w in self.waiters:
-            if (w.miner_id in wake.miners or w.profile is None
-                    or any(satisfies(c, w.profile) for c in wake.queued)):
+            if w.miner_id in wake.miners or w.profile is None:
                 w.event.set()
+        for constraints in wake.queued:
+            for w in self.waiters:
+                if w.ready and not w.event.is_set() and satisfies(constraints, w.profile):  # type: ignore[arg-type]
+                    w.woken_for.append(constraints)
+                    w.event.set()
+                    if not broadcast:
+                        break
 
     def close(self) -> None:
         """Release every waiter at once (shutdown)."""
@@ -1301,19 +1305,23 @@ def tx_heartbeat(conn: sqlite3.Connection, miner_id: str, inflight: int | None, 
     return Outcome("ok", Wake(miners={miner_id}))  # a status change may let its own poll take work
 
 
-def tx_poll(conn: sqlite3.Connection, miner_id: str, now: int, matcher: Matcher) -> tuple[sqlite3.Row | None, MinerProfile]:
-    """Claim the oldest QUEUED job the miner can run, if it has a free slot; raises NotFound."""
+def tx_poll(conn: sqlite3.Connection, miner_id: str, now: int,
+            matcher: Matcher) -> tuple[sqlite3.Row | None, MinerProfile, bool]:
+    """Claim the oldest QUEUED job the miner can run, if it has a free slot; raises NotFound.
+
+    Returns (job or None, the miner, whether it could take work).
+    """
     row = touch_miner(conn, miner_id, now)
     if row is None:
         raise NotFound("miner not registered")
     miner = MinerProfile.from_row(row)
     if miner.status.upper() in NO_WORK_STATUSES or count_running(conn, miner_id) >= miner.concurrency:
-        return None, miner
+        return None, miner, False
     candidates = [s for s in (oldest_queued_in_shape(conn, sid, now) for sid in matcher.shapes_for(conn, miner))
                   if s is not None]
     if not candidates:
-        return None, miner
-    return assign_job(conn, min(candidates), miner_id, now), miner
+        return None, miner, True
+    return assign_job(conn, min(candidates), miner_id, now), miner, True
 
 
 def _check_holder(conn: sqlite3.Connection, miner_id: str, job: sqlite3.Row, now: int) -> ApiError | None:
@@ -1493,7 +1501,10 @@ class Coordinator:
         try:
             while True:
                 waiter.event.clear()
-                job, waiter.profile = await self.apply(tx_poll, miner_id, self.now(), self.matcher)
+                picked_for, waiter.woken_for = waiter.woken_for, []
+                job, waiter.profile, waiter.ready = await self.apply(tx_poll, miner_id, self.now(), self.matcher)
+                if job is None and picked_for:  # picked for a job it did not get: let every candidate try
+                    self.hub.notify(Wake(queued=picked_for), broadcast=True)
                 remaining = deadline - loop.time()
                 if job is not None or remaining <= 0 or self.hub.closing:
                     return job
@@ -2630,6 +2641,9 @@ def setup_logging(level: str, fmt: str = "text") -> None:
     handler.setFormatter(JsonFormatter() if fmt == "json" else
                          logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+    # The logging HOWTO's optimisation notes: no record needs its caller, thread or process.
+    logging._srcfile = None  # type: ignore[attr-defined]
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
 
 
 def bind_socket(host: str, port: int) -> socket.socket:

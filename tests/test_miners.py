@@ -262,7 +262,7 @@ def _poll_vm_steps(conn: sqlite3.Connection, matcher: ac.Matcher, now: int) -> i
 
     conn.set_progress_handler(count, 1)
     conn.execute("SAVEPOINT probe")
-    job, _ = ac.tx_poll(conn, "eu-miner", now, matcher)
+    job, _, _ = ac.tx_poll(conn, "eu-miner", now, matcher)
     conn.execute("ROLLBACK TO probe")
     conn.execute("RELEASE probe")
     conn.set_progress_handler(None, 0)
@@ -296,3 +296,30 @@ def test_poll_cost_does_not_grow_with_jobs_the_miner_cannot_run(tmp_path) -> Non
     conn.close()
     print(f"poll VM steps: {shallow} with 100 foreign jobs, {deep} with 100,000")
     assert deep <= 2 * shallow, (shallow, deep)
+
+
+async def test_one_queued_job_wakes_one_waiting_miner(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    async with harness(tmp_path, MINERS) as h:
+        for i in range(3):
+            await h.register(miner(i))
+        waiting = [asyncio.create_task(h.poll(miner(i), wait=20)) for i in range(3)]
+        await asyncio.sleep(0.05)
+        claims: list[str] = []
+        original = ac.tx_poll
+
+        def counting(*args: Any) -> Any:
+            claims.append(args[1])
+            return original(*args)
+
+        monkeypatch.setattr(ac, "tx_poll", counting)
+        job = await h.submit()
+        await asyncio.sleep(0.1)
+        done = [t for t in waiting if t.done()]
+        assert len(done) == 1 and done[0].result().json()["job_id"] == job["job_id"]
+        assert claims == ["m0"]  # the longest-waiting miner, and no other went to the database
+        second = await h.submit()
+        await asyncio.sleep(0.1)
+        assert sum(t.done() for t in waiting) == 2 and claims == ["m0", "m1"]
+        assert next(t for t in waiting if t.done() and t not in done).result().json()["job_id"] == second["job_id"]
+        for t in waiting:
+            t.cancel()
