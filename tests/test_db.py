@@ -127,13 +127,7 @@ async def test_an_acknowledged_submit_is_already_committed(h: Harness) -> None:
 async def test_concurrent_writes_share_commits_and_a_failing_unit_stays_alone(h: Harness) -> None:
     db = h.coord.db
     batches: list[int] = []
-    original = db._commit_batch
-
-    def counting(batch: list) -> None:
-        batches.append(len(batch))
-        original(batch)
-
-    db._commit_batch = counting  # type: ignore[method-assign]
+    db.commit_observer = lambda units, seconds: batches.append(units)
 
     def boom(conn: sqlite3.Connection) -> None:
         conn.execute("INSERT INTO shapes (constraints) VALUES ('doomed')")
@@ -155,6 +149,8 @@ async def test_a_failed_commit_acknowledges_nothing(h: Harness) -> None:
     failures = []
 
     class FailingCommit:
+        in_transaction = property(lambda self: real.in_transaction)
+
         def execute(self, sql: str, *args: object) -> object:
             if sql == "COMMIT":
                 failures.append(sql)
@@ -167,6 +163,19 @@ async def test_a_failed_commit_acknowledges_nothing(h: Harness) -> None:
     assert failures and r.status_code == 503 and r.headers["retry-after"] == "1"
     assert (await h.client.get("/v1/jobs", headers=CLIENT)).json()["items"] == []
     assert (await h.client.post("/v1/jobs", json={"payload": {}}, headers=CLIENT)).status_code == 201
+
+
+async def test_another_process_holding_the_write_lock_is_waited_out(h: Harness) -> None:
+    other = sqlite3.connect(h.coord.settings.db_path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # e.g. a migrate run by hand while the server runs
+    submit = asyncio.create_task(h.client.post("/v1/jobs", json={"payload": {}}, headers=CLIENT))
+    await asyncio.sleep(0.1)
+    assert not submit.done()
+    health = await h.client.get("/v1/health")  # the loop is not blocked meanwhile
+    assert health.status_code == 200
+    other.execute("COMMIT")
+    other.close()
+    assert (await submit).status_code == 201
 
 
 async def test_job_counts_follow_every_transition(tmp_path: Path) -> None:
