@@ -97,6 +97,9 @@ class Settings:
     sweep_interval_seconds: float = 0.5  # 0 turns the background sweeper off (tests drive it)
     idempotency_ttl_seconds: int = 86400
     metrics_require_admin: bool = False
+    rate_limit_requests: int = 6000  # per caller and window; 0 turns rate limiting off
+    rate_limit_window_seconds: float = 60.0
+    poll_max_concurrent: int = 32  # long-polls one miner may hold open at once
     signing_seed: bytes | None = dataclasses.field(default=None, repr=False)
     attestation_seed: bytes | None = dataclasses.field(default=None, repr=False)
 
@@ -208,6 +211,9 @@ ENV_VARS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "COORDINATOR_ID": ("coordinator_id", str),
     "DB_SYNCHRONOUS": ("db_synchronous", _parse_choice(SYNCHRONOUS_MODES)),
     "METRICS_REQUIRE_ADMIN_KEY": ("metrics_require_admin", _parse_bool),
+    "RATE_LIMIT_REQUESTS": ("rate_limit_requests", _parse_int(0)),
+    "RATE_LIMIT_WINDOW_SECONDS": ("rate_limit_window_seconds", _parse_seconds),
+    "POLL_MAX_CONCURRENT": ("poll_max_concurrent", _parse_int(1)),
 }
 
 
@@ -328,6 +334,13 @@ class Invalid(ApiError):
 
 class NotReady(ApiError):
     status, default = 425, "job not ready"
+
+
+class TooManyRequests(ApiError):
+    status, default = 429, "rate limit exceeded"
+
+    def __init__(self, detail: Any = None, retry_after: float = 1) -> None:
+        super().__init__(detail, headers={"Retry-After": str(max(1, math.ceil(retry_after)))})
 
 
 class Unavailable(ApiError):
@@ -1218,6 +1231,31 @@ def verify_receipt(receipt: Mapping[str, Any], signing_keys: set[str],
             "known_key": known, "reason": reason}
 
 
+class RateLimiter:
+    """Fixed-window request counts per caller key (an identity, or a client address)."""
+
+    MAX_KEYS = 100_000  # past this, windows that have ended are dropped
+
+    def __init__(self, limit: int, window: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.limit, self.window, self.clock = limit, window, clock
+        self.counts: dict[str, list[float]] = {}
+
+    def hit(self, key: str) -> None:
+        """Count one request of `key`; raises TooManyRequests past the limit (off when limit is 0)."""
+        if self.limit <= 0 or self.window <= 0:
+            return
+        now = self.clock()
+        start = now - now % self.window
+        entry = self.counts.get(key)
+        if entry is None or entry[0] != start:
+            if len(self.counts) >= self.MAX_KEYS:
+                self.counts = {k: v for k, v in self.counts.items() if v[0] == start}
+            entry = self.counts[key] = [start, 0]
+        entry[1] += 1
+        if entry[1] > self.limit:
+            raise TooManyRequests(retry_after=start + self.window - now)
+
+
 @dataclasses.dataclass(eq=False)  # compared and hashed by identity
 class Waiter:
     miner_id: str
@@ -1450,6 +1488,7 @@ class Coordinator:
         self.db = Database(settings.db_path, settings.db_synchronous)
         self.hub = PollHub()
         self.matcher = Matcher()
+        self.limiter = RateLimiter(settings.rate_limit_requests, settings.rate_limit_window_seconds)
         self.signer = Signer.from_settings(settings)
         self.db.abort_hooks.append(self.matcher.reset)
         self._sweeper: asyncio.Task[None] | None = None
@@ -1511,6 +1550,8 @@ class Coordinator:
         """Assign a job now, or wait up to `max_wait` seconds for one; None if none came."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + min(max_wait, self.settings.poll_max_wait_seconds)
+        if sum(w.miner_id == miner_id for w in self.hub.waiters) >= self.settings.poll_max_concurrent:
+            raise TooManyRequests("too many concurrent polls for this miner")
         waiter = self.hub.add(miner_id)  # before the first claim, so no wake-up is lost in between
         try:
             while True:
@@ -1997,7 +2038,8 @@ def endpoint(method: str, path: str, *, role: str | None = None, body: type[Mode
              optional_body: bool = False) -> Callable[[Handler], Handler]:
     """Register a handler with what /openapi.json and the request parser need to know."""
     def register(handler: Handler) -> Handler:
-        ENDPOINTS.append(Endpoint(method, path, handler, role, body, query, responses, optional_body))
+        every = {429: Detail, 503: Detail}  # rate limits and an unavailable database apply to all
+        ENDPOINTS.append(Endpoint(method, path, handler, role, body, query, {**responses, **every}, optional_body))
         return handler
     return register
 
@@ -2086,9 +2128,16 @@ def authenticate(request: Request, settings: Settings, role: str) -> Caller:
 def make_route(ep: Endpoint) -> Route:
     async def run(request: Request) -> Response:
         coord: Coordinator = request.app.state.coord
-        caller = authenticate(request, coord.settings, ep.role) if ep.role else None
-        if caller is not None:
+        address = f"address:{request.client.host if request.client else '-'}"
+        caller = None
+        if ep.role is not None:
+            try:
+                caller = authenticate(request, coord.settings, ep.role)
+            except Unauthorized:
+                coord.limiter.hit(address)  # guessing keys is throttled per address
+                raise
             request.state.caller = caller.identity  # for the access log
+        coord.limiter.hit(f"{caller.role}:{caller.identity}" if caller else address)
         body = None
         if ep.body is not None:
             raw = await read_body(request, coord.settings.max_body_bytes)
@@ -2106,6 +2155,9 @@ def json_response(data: Any, status: int = 200) -> JSONResponse:
 
 async def render_error(request: Request, exc: Exception) -> Response:
     """The one place errors become responses: {"detail": ...} with the error's status."""
+    if isinstance(exc, sqlite3.Error):  # e.g. disk I/O on a read: retryable, never a 500
+        log.error("database error on %s: %s", request.url.path, exc)
+        exc = Unavailable()
     if isinstance(exc, ApiError):
         return JSONResponse({"detail": exc.detail}, status_code=exc.status, headers=exc.headers)
     if isinstance(exc, HTTPException):
@@ -2195,7 +2247,8 @@ def read_metrics_snapshot(conn: sqlite3.Connection, online_cutoff: int) -> dict[
 
 # --- Handlers ---
 
-ERRORS = {401: Detail, 404: Detail, 409: Detail, 413: Detail, 422: ValidationDetail, 425: Detail, 503: Detail}
+ERRORS = {401: Detail, 404: Detail, 409: Detail, 413: Detail, 422: ValidationDetail, 425: Detail, 429: Detail,
+          503: Detail}
 
 
 def _errors(*codes: int) -> dict[int, type[Out]]:
@@ -2617,7 +2670,8 @@ def create_app(settings: Settings, clock: Callable[[], float] = time.time) -> St
                              allow_headers=["content-type", "authorization", "cache-control", "x-api-key",
                                             "idempotency-key"], max_age=600)]
     app = Starlette(routes=routes, middleware=middleware, lifespan=lifespan,
-                    exception_handlers={ApiError: render_error, HTTPException: render_error})
+                    exception_handlers={ApiError: render_error, HTTPException: render_error,
+                                        sqlite3.Error: render_error})
     app.state.coord = coord
     app.state.metrics = app_metrics
     app.state.openapi = openapi_document()

@@ -101,7 +101,8 @@ def server(kind: str, workdir: Path, db: Path | None = None, synchronous: str = 
     env = {**os.environ, "APP_ENV": "prod", "CLIENT_API_KEYS": CLIENT_KEY, "ADMIN_API_KEYS": ADMIN_KEY,
            "MINER_API_KEYS": ",".join(f"m{i}={k}" for i, k in enumerate(MINER_KEYS)),
            "RECEIPT_SIGNING_KEY_HEX": secrets.token_hex(32), "RECEIPT_ATTESTATION_KEY_HEX": secrets.token_hex(32),
-           "DB_SYNCHRONOUS": synchronous, "JOB_TTL_SECONDS": "3600"}
+           "DB_SYNCHRONOUS": synchronous, "JOB_TTL_SECONDS": "3600",
+           "RATE_LIMIT_REQUESTS": "0"}  # a stress test, not a well-behaved client
     log = open(workdir / f"{kind}-{port}.log", "wb")  # noqa: SIM115 - closed below
     proc = subprocess.Popen(cmd, cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
