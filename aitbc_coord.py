@@ -363,6 +363,8 @@ class JobState(enum.StrEnum):
 
 
 ACTIVE_STATES = (JobState.QUEUED, JobState.RUNNING)
+# Prices and units above this are refused or ignored: sums and averages of them stay finite.
+MAX_AMOUNT = 1e12
 NO_WORK_STATUSES = ("DRAINING", "OFFLINE")
 CONSTRAINT_KEYS = ("gpu", "cuda", "min_vram_gb", "models", "region", "max_price")
 
@@ -817,7 +819,7 @@ def get_miner(conn: sqlite3.Connection, miner_id: str) -> sqlite3.Row | None:
 def upsert_miner(conn: sqlite3.Connection, miner_id: str, capabilities: dict[str, Any], concurrency: int,
                  region: str | None, token: str, now: int) -> None:
     """Create or replace a registration; the miner's history (counters, offer id) survives re-registration."""
-    price = first_of((int, float), capabilities.get("price")) or 0
+    price = amount(capabilities.get("price")) or 0
     sla = first_of(str, capabilities.get("sla")) or ""
     conn.execute(
         "INSERT INTO miners (miner_id, offer_id, capabilities, price, sla, concurrency, region, status,"
@@ -1179,16 +1181,25 @@ def first_of(kind: type | tuple[type, ...], *values: Any) -> Any:
     return None
 
 
+def amount(*values: Any) -> float | int | None:
+    """The first value that is a number from 0 to MAX_AMOUNT, or None."""
+    for value in values:
+        number = first_of((int, float), value)
+        if number is not None and 0 <= number <= MAX_AMOUNT:
+            return number
+    return None
+
+
 def build_receipt(job: sqlite3.Row, provider: str, capabilities: Mapping[str, Any], result: Mapping[str, Any],
                   metrics: Mapping[str, Any], now: int, coordinator_id: str) -> dict[str, Any]:
     """The unsigned receipt of a job completing at `now` (table in spec section 8)."""
-    units = first_of((int, float), metrics.get("units"), result.get("units"))
+    units = amount(metrics.get("units"), result.get("units"))
     if units is None:
         units = (now - job["assigned_at"]) / 1000
-    unit_price = first_of((int, float), capabilities.get("price"))
-    price = first_of((int, float), metrics.get("price"), result.get("price"))
+    unit_price = amount(capabilities.get("price"))
+    price = amount(metrics.get("price"), result.get("price"))
     if price is None and unit_price is not None:
-        price = round(units * unit_price, 6)
+        price = amount(round(units * unit_price, 6))
     return {"version": RECEIPT_VERSION, "receipt_id": secrets.token_hex(16), "job_id": job["job_id"],
             "provider": provider, "client": job["client_id"], "coordinator_id": coordinator_id,
             "status": "COMPLETED", "units": units,
@@ -1610,6 +1621,7 @@ def display_value(value: Any) -> str | None:
 
 def micro_str(micro: int) -> str:
     """Millionths as a decimal string with 6 places, exactly."""
+    micro = int(micro)  # SQLite turns an overflowing integer sum into a REAL
     sign = "-" if micro < 0 else ""
     return f"{sign}{abs(micro) // 1_000_000}.{abs(micro) % 1_000_000:06d}"
 
@@ -1675,10 +1687,13 @@ class ReceiptVerify(Model):
 
 
 OFFER_STATUSES = ("open", "reserved", "closed")
+# The three statuses in any case, as a JSON-schema pattern (no inline flags in ECMA regexes).
+OFFER_STATUS_PATTERN = "^(" + "|".join("".join(f"[{c.upper()}{c}]" for c in s) for s in OFFER_STATUSES) + ")$"
 
 
 class OfferStatusBody(Model):
-    status: str = Field("open", description="open, reserved or closed (any case)")
+    status: str = Field("open", description="open, reserved or closed (any case)",
+                        json_schema_extra={"pattern": OFFER_STATUS_PATTERN})
 
     @field_validator("status")
     @classmethod
@@ -1691,19 +1706,20 @@ class OfferStatusBody(Model):
 class OfferCreate(OfferStatusBody):
     provider: str = Field(min_length=1, max_length=256)
     capacity: int = Field(gt=0, le=1_000_000_000)
-    price: float = Field(gt=0)
+    price: float = Field(gt=0, le=MAX_AMOUNT)
     sla: str = Field("", max_length=256)
 
 
 class BidCreate(Model):
     provider: str = Field(min_length=1, max_length=256)
     capacity: int = Field(gt=0, le=1_000_000_000)
-    price: float = Field(gt=0)
+    price: float = Field(gt=0, le=MAX_AMOUNT)
     notes: str | None = Field(None, max_length=1024)
 
 
 class OfferQuery(Model):
-    status: str | None = None
+    # Documented as the three values in any case; anything else is the spec's 400, not a 422.
+    status: str | None = Field(None, json_schema_extra={"pattern": OFFER_STATUS_PATTERN})
     limit: int = Field(100, ge=1, le=500)
     offset: int = Field(0, ge=0, le=2**53)
 
@@ -2595,12 +2611,18 @@ async def explorer_receipts(call: Call) -> Response:
     return json_response({"jobId": q.job_id or "all", **page(items, q.limit, q.offset)})
 
 
-def openapi_document() -> dict[str, Any]:
-    """An OpenAPI 3.1 description of every endpoint, generated from the pydantic models."""
+def openapi_document(settings: Settings) -> dict[str, Any]:
+    """An OpenAPI 3.1 description of every endpoint, generated from the pydantic models.
+
+    Limits that are settings (the largest ttl_seconds) are filled in from `settings`.
+    """
     models = {m for ep in ENDPOINTS for m in (ep.body, ep.query, *ep.responses.values()) if m is not None}
     keyed = sorted(models, key=lambda m: m.__name__)
     refs, top = models_json_schema([(m, "validation") for m in keyed], ref_template="#/components/schemas/{model}")
     schemas = top.get("$defs", {})
+    for branch in schemas["JobSubmit"]["properties"]["ttl_seconds"]["anyOf"]:
+        if branch.get("type") == "integer":
+            branch["maximum"] = settings.job_ttl_max_seconds
     paths: dict[str, dict[str, Any]] = {}
     for ep in ENDPOINTS:
         op: dict[str, Any] = {"operationId": ep.handler.__name__, "summary": (ep.handler.__doc__ or "").strip(),
@@ -2674,7 +2696,7 @@ def create_app(settings: Settings, clock: Callable[[], float] = time.time) -> St
                                         sqlite3.Error: render_error})
     app.state.coord = coord
     app.state.metrics = app_metrics
-    app.state.openapi = openapi_document()
+    app.state.openapi = openapi_document(settings)
     return app
 
 

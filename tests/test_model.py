@@ -1,0 +1,174 @@
+"""Model-based testing (issue 7.3): random lifecycles through the units of work, invariants after every step."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import Bundle, RuleBasedStateMachine, initialize, invariant, rule
+
+import aitbc_coord as ac
+
+MINERS = ("m0", "m1", "m2")
+MAX_ATTEMPTS, TIMEOUT_MS = 3, 30_000
+TERMINAL = {"COMPLETED", "FAILED", "CANCELED", "EXPIRED"}
+
+
+class Lifecycle(RuleBasedStateMachine):
+    jobs = Bundle("jobs")
+
+    @initialize()
+    def open_database(self) -> None:
+        self.dir = tempfile.TemporaryDirectory()
+        path = str(Path(self.dir.name) / "model.db")
+        ac.migrate(path)
+        self.conn = ac.connect(path, "OFF")
+        self.now = 1_764_000_000_000
+        self.matcher = ac.Matcher()
+        self.seen_terminal: dict[str, str] = {}
+        self.held_by: dict[str, str] = {}  # the miner each RUNNING job was last handed to
+
+    def teardown(self) -> None:
+        if hasattr(self, "conn"):
+            self.conn.close()
+            self.dir.cleanup()
+
+    def unit(self, fn: Any, *args: Any) -> Any:
+        """Run a unit of work the way the writer does: its own savepoint, committed, error returned."""
+        self.conn.execute("BEGIN IMMEDIATE")
+        self.conn.execute("SAVEPOINT unit")
+        try:
+            out = fn(self.conn, *args)
+        except ac.ApiError as exc:
+            self.conn.execute("ROLLBACK TO unit")
+            out = ac.Outcome(error=exc)
+        self.conn.execute("RELEASE unit")
+        self.conn.execute("COMMIT")
+        return out
+
+    def job(self, job_id: str) -> sqlite3.Row:
+        return ac.get_job(self.conn, job_id)
+
+    @rule(target=jobs, ttl=st.integers(1, 120), region=st.sampled_from([None, "eu"]))
+    def submit(self, ttl: int, region: str | None) -> str:
+        constraints = ac.compact_json({**dict.fromkeys(ac.CONSTRAINT_KEYS), "region": region})
+        out = self.unit(ac.tx_submit, "client", "{}", constraints, ttl * 1000, self.now, None, 0)
+        return out.value["job_id"]
+
+    @rule(miner=st.sampled_from(MINERS), concurrency=st.integers(1, 3), region=st.sampled_from([None, "eu", "us"]))
+    def register(self, miner: str, concurrency: int, region: str | None) -> None:
+        self.unit(ac.tx_register, miner, {"price": 1}, concurrency, region, self.now, MAX_ATTEMPTS)
+
+    @rule(miner=st.sampled_from(MINERS), status=st.sampled_from(["ONLINE", "DRAINING"]))
+    def heartbeat(self, miner: str, status: str) -> None:
+        self.unit(ac.tx_heartbeat, miner, None, status, None, self.now)
+
+    @rule(miner=st.sampled_from(MINERS))
+    def poll(self, miner: str) -> None:
+        out = self.unit(ac.tx_poll, miner, self.now, self.matcher)
+        if isinstance(out, tuple) and out[0] is not None:
+            job_id = out[0]["job_id"]
+            assert self.job(job_id)["state"] == "RUNNING"
+            self.held_by[job_id] = miner
+
+    def may_report(self, miner: str, job_id: str) -> bool:
+        before = self.job(job_id)
+        return before["state"] == "RUNNING" and before["assigned_miner_id"] == miner and before["expires_at"] > self.now
+
+    @rule(miner=st.sampled_from(MINERS), job_id=jobs)
+    def result(self, miner: str, job_id: str) -> None:
+        allowed = self.may_report(miner, job_id) and ac.get_miner(self.conn, miner) is not None
+        out = self.unit(ac.tx_result, miner, job_id, {"r": 1}, {}, self.now + 1, None, "c")
+        accepted = out.error is None
+        repeat = not allowed and accepted  # the same result again from the miner that completed it
+        assert accepted == allowed or (repeat and self.job(job_id)["state"] == "COMPLETED"
+                                       and self.job(job_id)["assigned_miner_id"] == miner)
+
+    @rule(miner=st.sampled_from(MINERS), job_id=jobs, retryable=st.booleans())
+    def fail(self, miner: str, job_id: str, retryable: bool) -> None:
+        allowed = self.may_report(miner, job_id) and ac.get_miner(self.conn, miner) is not None
+        attempts = self.job(job_id)["attempts"]
+        out = self.unit(ac.tx_fail, miner, job_id, "E: x", "{}", retryable, self.now, MAX_ATTEMPTS)
+        if allowed:
+            assert out.error is None
+            want = "QUEUED" if retryable and attempts < MAX_ATTEMPTS else "FAILED"
+            assert self.job(job_id)["state"] == want
+
+    @rule(job_id=jobs)
+    def cancel(self, job_id: str) -> None:
+        before = self.job(job_id)
+        out = self.unit(ac.tx_cancel, "client", job_id, self.now)
+        active = before["state"] in ("QUEUED", "RUNNING") and before["expires_at"] > self.now
+        assert (out.error is None) == active
+
+    @rule(seconds=st.integers(1, 45))
+    def advance_clock(self, seconds: int) -> None:
+        self.now += seconds * 1000
+
+    @rule()
+    def sweep(self) -> None:
+        self.unit(ac.tx_sweep, self.now, [], TIMEOUT_MS, MAX_ATTEMPTS, 0)
+
+    @invariant()
+    def slots_are_running_jobs_and_within_concurrency(self) -> None:
+        running = ac.count_running_by_miner(self.conn)
+        for miner in ac.list_miners(self.conn):
+            assert running.get(miner["miner_id"], 0) <= miner["concurrency"]
+        rows = self.conn.execute("SELECT job_id, state, assigned_miner_id, attempts FROM jobs").fetchall()
+        assert sum(running.values()) == sum(r["state"] == "RUNNING" for r in rows)
+        for r in rows:
+            if r["state"] == "RUNNING":  # held by exactly the miner it was last handed to
+                assert r["assigned_miner_id"] is not None and self.held_by[r["job_id"]] == r["assigned_miner_id"]
+            if r["state"] == "QUEUED":
+                assert r["assigned_miner_id"] is None
+
+    @invariant()
+    def terminal_states_never_change(self) -> None:
+        for job_id, state in self.conn.execute("SELECT job_id, state FROM jobs"):
+            if job_id in self.seen_terminal:
+                assert state == self.seen_terminal[job_id], (job_id, self.seen_terminal[job_id], state)
+            elif state in TERMINAL:
+                self.seen_terminal[job_id] = state
+
+    @invariant()
+    def attempts_never_exceed_the_maximum(self) -> None:
+        top = self.conn.execute("SELECT COALESCE(MAX(attempts), 0) FROM jobs").fetchone()[0]
+        assert top <= MAX_ATTEMPTS
+
+    @invariant()
+    def kept_totals_match_the_rows(self) -> None:
+        counted = dict(self.conn.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall())
+        kept = {k: v for k, v in ac.get_job_counts(self.conn).items() if v}
+        assert kept == counted
+        for row in self.conn.execute("SELECT address, tx_count FROM addresses"):
+            touching = self.conn.execute("SELECT COUNT(*) FROM jobs WHERE client_id = ? OR assigned_miner_id = ?",
+                                         (row[0], row[0])).fetchone()[0]
+            assert row[1] == touching, (row[0], row[1], touching)
+
+
+Lifecycle.TestCase.settings = settings(max_examples=int(os.environ.get("MODEL_EXAMPLES", "60")), stateful_step_count=40, deadline=None,
+                                       suppress_health_check=[HealthCheck.too_slow])
+TestLifecycle = Lifecycle.TestCase
+
+
+def test_a_state_machine_step_really_checks_something() -> None:
+    machine = Lifecycle()
+    machine.open_database()
+    try:
+        job_id = machine.submit(10, None)
+        machine.register("m0", 1, None)
+        machine.poll("m0")
+        machine.slots_are_running_jobs_and_within_concurrency()
+        machine.conn.execute("UPDATE jobs SET state = 'QUEUED' WHERE job_id = ?", (job_id,))  # corrupt it
+        try:
+            machine.slots_are_running_jobs_and_within_concurrency()
+        except AssertionError:
+            return
+        raise AssertionError("the invariant missed a QUEUED job that still has a miner")
+    finally:
+        machine.teardown()
