@@ -394,15 +394,15 @@ class MinerProfile:
 
 @dataclasses.dataclass
 class Wake:
-    """Who may have work after a commit: constraints of newly QUEUED jobs, miners with a freed slot."""
+    """Who may have work after a commit: newly QUEUED jobs (id, constraints), miners with a freed slot."""
 
-    queued: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    queued: list[tuple[str, dict[str, Any]]] = dataclasses.field(default_factory=list)
     miners: set[str] = dataclasses.field(default_factory=set)
 
     def add_rows(self, rows: Iterable[sqlite3.Row]) -> Wake:
         for row in rows:
             if row["state"] == JobState.QUEUED:
-                self.queued.append(json.loads(row["constraints"]))
+                self.queued.append((row["job_id"], json.loads(row["constraints"])))
         return self
 
 
@@ -766,7 +766,7 @@ def finish_job(conn: sqlite3.Connection, seq: int, state: str, now: int, error: 
 def requeue_job(conn: sqlite3.Connection, seq: int) -> sqlite3.Row:
     return conn.execute(
         "UPDATE jobs SET state = 'QUEUED', assigned_miner_id = NULL, assigned_at = NULL"
-        " WHERE seq = ? RETURNING state, constraints", (seq,)).fetchone()
+        " WHERE seq = ? RETURNING job_id, state, constraints", (seq,)).fetchone()
 
 
 def release_running(conn: sqlite3.Connection, where: str, params: Mapping[str, Any], max_attempts: int,
@@ -782,7 +782,7 @@ def release_running(conn: sqlite3.Connection, where: str, params: Mapping[str, A
         " finished_at = CASE WHEN attempts >= :max THEN :now END,"
         " assigned_miner_id = CASE WHEN attempts >= :max THEN assigned_miner_id END,"
         " assigned_at = CASE WHEN attempts >= :max THEN assigned_at END"
-        f" WHERE state = 'RUNNING' AND {where} RETURNING state, constraints",
+        f" WHERE state = 'RUNNING' AND {where} RETURNING job_id, state, constraints",
         {"max": max_attempts, "now": now, "reason": " " + reason, **params}).fetchall()
 
 
@@ -1273,7 +1273,8 @@ class Waiter:
     event: asyncio.Event
     profile: MinerProfile | None = None  # None until the first claim attempt read it
     ready: bool = False  # its last claim found a free slot and no work: it can take a new job
-    woken_for: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # jobs it was picked for
+    claiming: bool = False  # a claim is in flight: picking it now could strand the job
+    woken_for: list[tuple[str, dict[str, Any]]] = dataclasses.field(default_factory=list)  # jobs picked for
 
 
 class PollHub:
@@ -1294,17 +1295,18 @@ class PollHub:
     def waiting_miners(self) -> list[str]:
         return sorted({w.miner_id for w in self.waiters})
 
-    def notify(self, wake: Wake, broadcast: bool = False) -> None:
+    def notify(self, wake: Wake, broadcast: bool = False, exclude: Waiter | None = None) -> None:
         """Wake the waiters a change concerns: miners whose slot freed, and for each newly queued job
         the longest-waiting ready miner that can run it (every such miner when `broadcast`), so one
         job does not send every idle miner to the database."""
         for w in self.waiters:
             if w.miner_id in wake.miners or w.profile is None:
                 w.event.set()
-        for constraints in wake.queued:
+        for job in wake.queued:
             for w in self.waiters:
-                if w.ready and not w.event.is_set() and satisfies(constraints, w.profile):  # type: ignore[arg-type]
-                    w.woken_for.append(constraints)
+                if (w is not exclude and w.ready and not w.claiming and not w.event.is_set()
+                        and satisfies(job[1], w.profile)):  # type: ignore[arg-type]
+                    w.woken_for.append(job)
                     w.event.set()
                     if not broadcast:
                         break
@@ -1333,7 +1335,7 @@ def tx_submit(conn: sqlite3.Connection, client_id: str, payload: str, constraint
                      now + ttl_ms, value)
     if idem is not None:
         put_idempotency(conn, client_id, idem[0], idem[1], job_id, now)
-    return Outcome(row, Wake(queued=[json.loads(constraints)]))
+    return Outcome(row, Wake(queued=[(job_id, json.loads(constraints))]))
 
 
 def tx_cancel(conn: sqlite3.Connection, client_id: str, job_id: str, now: int) -> Outcome:
@@ -1568,9 +1570,16 @@ class Coordinator:
             while True:
                 waiter.event.clear()
                 picked_for, waiter.woken_for = waiter.woken_for, []
-                job, waiter.profile, waiter.ready = await self.apply(tx_poll, miner_id, self.now(), self.matcher)
-                if job is None and picked_for:  # picked for a job it did not get: let every candidate try
-                    self.hub.notify(Wake(queued=picked_for), broadcast=True)
+                waiter.claiming = True
+                try:
+                    job, waiter.profile, waiter.ready = await self.apply(tx_poll, miner_id, self.now(), self.matcher)
+                finally:
+                    waiter.claiming = False
+                # Jobs it was picked for but did not get may still wait: pass them on (to every
+                # candidate if it got nothing, since then someone else has been faster).
+                missed = [p for p in picked_for if job is None or p[0] != job["job_id"]]
+                if missed:
+                    self.hub.notify(Wake(queued=missed), broadcast=job is None, exclude=waiter)
                 remaining = deadline - loop.time()
                 if job is not None or remaining <= 0 or self.hub.closing:
                     return job
@@ -1578,6 +1587,8 @@ class Coordinator:
                     await asyncio.wait_for(waiter.event.wait(), remaining)
         finally:
             self.hub.remove(waiter)
+            if waiter.woken_for:  # picked while it was leaving
+                self.hub.notify(Wake(queued=waiter.woken_for))
 
 
 def effective_state(row: sqlite3.Row, now: int) -> str:

@@ -323,3 +323,12 @@ async def test_one_queued_job_wakes_one_waiting_miner(tmp_path, monkeypatch: pyt
         assert next(t for t in waiting if t.done() and t not in done).result().json()["job_id"] == second["job_id"]
         for t in waiting:
             t.cancel()
+
+
+async def test_back_to_back_jobs_reach_both_waiting_polls(h: Harness) -> None:
+    await h.register(concurrency=4)
+    waiting = [asyncio.create_task(h.poll(wait=20)) for _ in range(2)]
+    await asyncio.sleep(0.05)
+    jobs = {(await h.submit({"n": i}))["job_id"] for i in range(2)}
+    done = await asyncio.wait_for(asyncio.gather(*waiting), 5)  # a lost wake-up would sit out 20 s
+    assert {r.json()["job_id"] for r in done} == jobs
