@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 import aitbc_coord as ac
-from conftest import ADMIN, T0, Harness, harness
+from conftest import T0, Harness, harness
 from test_receipts import EDGE_ATTESTATION_SEED, EDGE_SEED
 
 pytestmark = pytest.mark.anyio

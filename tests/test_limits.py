@@ -8,7 +8,7 @@ import sqlite3
 import pytest
 
 import aitbc_coord as ac
-from conftest import ADMIN, CLIENT, MINER, FakeClock, Harness, harness
+from conftest import ADMIN, CLIENT, FakeClock, Harness, harness
 
 pytestmark = pytest.mark.anyio
 TWO = {"CLIENT_API_KEYS": "alice=key-a,bob=key-b", "RATE_LIMIT_REQUESTS": "5", "RATE_LIMIT_WINDOW_SECONDS": "60"}

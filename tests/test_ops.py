@@ -6,7 +6,6 @@ import asyncio
 import json
 import logging
 import sqlite3
-from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
