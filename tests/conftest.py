@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 from collections.abc import AsyncIterator
@@ -69,6 +70,15 @@ class Harness:
         r = await self.poll(headers)
         assert r.status_code == 200, r.text
         return r.json()
+
+    async def parked(self, n: int) -> None:
+        """Wait until `n` long-polls wait in the hub with their first claim done (no fixed sleeps)."""
+        for _ in range(1000):
+            waiters = list(self.coord.hub.waiters)
+            if len(waiters) >= n and all(w.profile is not None and not w.claiming for w in waiters):
+                return
+            await asyncio.sleep(0.005)
+        raise AssertionError(f"{n} long-polls never parked")
 
     async def job(self, job_id: str, headers: dict[str, str] = CLIENT) -> dict[str, Any]:
         r = await self.client.get(f"/v1/jobs/{job_id}", headers=headers)

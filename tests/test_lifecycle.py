@@ -103,7 +103,7 @@ async def test_a_miner_waiting_in_a_long_poll_is_alive(tmp_path) -> None:
         await h.register(M0, concurrency=2)
         await h.take(M0)
         waiting = asyncio.create_task(h.poll(M0, wait=20))
-        await asyncio.sleep(0.05)
+        await h.parked(1)
         h.clock.advance(25)
         await h.coord.sweep()  # the sweeper sees it waiting and refreshes its liveness
         h.clock.advance(25)

@@ -61,7 +61,7 @@ async def test_a_miner_may_hold_only_so_many_long_polls(tmp_path) -> None:
     async with harness(tmp_path, {"POLL_MAX_CONCURRENT": "2"}) as h:
         await h.register(concurrency=4)
         waiting = [asyncio.create_task(h.poll(wait=5)) for _ in range(2)]
-        await asyncio.sleep(0.05)
+        await h.parked(2)
         r = await h.poll(wait=5)
         assert r.status_code == 429 and r.json()["detail"] == "too many concurrent polls for this miner"
         assert r.headers["retry-after"] == "1"

@@ -221,7 +221,7 @@ async def test_concurrent_polls_never_share_a_job(tmp_path) -> None:
 async def test_long_poll_wakes_when_a_matching_job_arrives(h: Harness) -> None:
     await h.register(region="eu")
     waiting = asyncio.create_task(h.poll(wait=20))
-    await asyncio.sleep(0.05)
+    await h.parked(1)
     assert not waiting.done()
     await h.submit(constraints={"region": "us"})  # not for this miner: it keeps waiting
     await asyncio.sleep(0.05)
@@ -238,7 +238,7 @@ async def test_long_poll_wakes_when_a_slot_frees(h: Harness) -> None:
     await h.register()
     await h.take()
     waiting = asyncio.create_task(h.poll(wait=20))
-    await asyncio.sleep(0.05)
+    await h.parked(1)
     assert not waiting.done()
     await h.client.post(f"/v1/jobs/{first['job_id']}/cancel", headers=CLIENT)
     r = await asyncio.wait_for(waiting, 5)
@@ -303,7 +303,7 @@ async def test_one_queued_job_wakes_one_waiting_miner(tmp_path, monkeypatch: pyt
         for i in range(3):
             await h.register(miner(i))
         waiting = [asyncio.create_task(h.poll(miner(i), wait=20)) for i in range(3)]
-        await asyncio.sleep(0.05)
+        await h.parked(3)
         claims: list[str] = []
         original = ac.tx_poll
 
@@ -313,12 +313,14 @@ async def test_one_queued_job_wakes_one_waiting_miner(tmp_path, monkeypatch: pyt
 
         monkeypatch.setattr(ac, "tx_poll", counting)
         job = await h.submit()
-        await asyncio.sleep(0.1)
+        await asyncio.wait(waiting, timeout=5, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.sleep(0.05)  # room for any other (wrongly woken) poll to reach the database
         done = [t for t in waiting if t.done()]
         assert len(done) == 1 and done[0].result().json()["job_id"] == job["job_id"]
         assert claims == ["m0"]  # the longest-waiting miner, and no other went to the database
         second = await h.submit()
-        await asyncio.sleep(0.1)
+        await asyncio.wait([t for t in waiting if t not in done], timeout=5, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.sleep(0.05)
         assert sum(t.done() for t in waiting) == 2 and claims == ["m0", "m1"]
         assert next(t for t in waiting if t.done() and t not in done).result().json()["job_id"] == second["job_id"]
         for t in waiting:
@@ -328,7 +330,7 @@ async def test_one_queued_job_wakes_one_waiting_miner(tmp_path, monkeypatch: pyt
 async def test_back_to_back_jobs_reach_both_waiting_polls(h: Harness) -> None:
     await h.register(concurrency=4)
     waiting = [asyncio.create_task(h.poll(wait=20)) for _ in range(2)]
-    await asyncio.sleep(0.05)
+    await h.parked(2)
     jobs = {(await h.submit({"n": i}))["job_id"] for i in range(2)}
     done = await asyncio.wait_for(asyncio.gather(*waiting), 5)  # a lost wake-up would sit out 20 s
     assert {r.json()["job_id"] for r in done} == jobs

@@ -60,7 +60,7 @@ async def test_metrics_families_are_present_and_move(tmp_path) -> None:
         assert value(after, "aitbc_db_commit_seconds_count") > value(before, "aitbc_db_commit_seconds_count")
         await h.client.post("/v1/jobs", json={"payload": {}, "constraints": {"region": "mars"}}, headers=ALICE)
         blocked = asyncio.create_task(h.client.post("/v1/miners/poll", json={"max_wait_seconds": 0.5}, headers=RIG))
-        await asyncio.sleep(0.05)
+        await h.parked(1)
         now = await scrape(h)
         assert value(now, "aitbc_polls_waiting") == 1 and value(now, "aitbc_queue_depth") == 1
         assert (await blocked).status_code == 204
