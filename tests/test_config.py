@@ -104,7 +104,8 @@ def test_cli_reports_bad_settings_in_one_line(monkeypatch: pytest.MonkeyPatch, t
 
 def test_cli_help_has_examples_and_version() -> None:
     runner = CliRunner()
-    for args in ([], ["serve"], ["migrate"]):
+    assert set(ac.cli.commands) == {"serve", "migrate", "keygen", "verify", "check", "backup"}
+    for args in ([], *([name] for name in ac.cli.commands)):
         out = runner.invoke(ac.cli, [*args, "--help"]).output
         assert "Example" in out and "aitbc-coord" in out, args
     assert ac.__version__ in runner.invoke(ac.cli, ["--version"]).output
