@@ -1282,18 +1282,23 @@ class PollHub:
 
     def __init__(self) -> None:
         self.waiters: dict[Waiter, None] = {}  # in the order they started waiting
+        self.per_miner: dict[str, int] = {}  # open long-polls per miner
         self.closing = False
 
     def add(self, miner_id: str) -> Waiter:
         waiter = Waiter(miner_id, asyncio.Event())
         self.waiters[waiter] = None
+        self.per_miner[miner_id] = self.per_miner.get(miner_id, 0) + 1
         return waiter
 
     def remove(self, waiter: Waiter) -> None:
-        self.waiters.pop(waiter, None)
+        if self.waiters.pop(waiter, 0) is None:
+            left = self.per_miner.pop(waiter.miner_id) - 1
+            if left:
+                self.per_miner[waiter.miner_id] = left
 
     def waiting_miners(self) -> list[str]:
-        return sorted({w.miner_id for w in self.waiters})
+        return sorted(self.per_miner)
 
     def notify(self, wake: Wake, broadcast: bool = False, exclude: Waiter | None = None) -> None:
         """Wake the waiters a change concerns: miners whose slot freed, and for each newly queued job
@@ -1563,7 +1568,7 @@ class Coordinator:
         """Assign a job now, or wait up to `max_wait` seconds for one; None if none came."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + min(max_wait, self.settings.poll_max_wait_seconds)
-        if sum(w.miner_id == miner_id for w in self.hub.waiters) >= self.settings.poll_max_concurrent:
+        if self.hub.per_miner.get(miner_id, 0) >= self.settings.poll_max_concurrent:
             raise TooManyRequests("too many concurrent polls for this miner")
         waiter = self.hub.add(miner_id)  # before the first claim, so no wake-up is lost in between
         try:

@@ -95,3 +95,15 @@ async def test_a_failing_read_is_a_503_not_a_500(h: Harness) -> None:
         assert (r.status_code, r.headers["retry-after"]) == (503, "1"), path
     await h.register()
     assert (await h.poll()).status_code == 204  # writes go through the writer, not the broken reader
+
+
+async def test_the_hub_counts_each_miners_open_polls() -> None:
+    hub = ac.PollHub()
+    a, b, c = hub.add("m1"), hub.add("m1"), hub.add("m2")
+    assert hub.per_miner == {"m1": 2, "m2": 1} and hub.waiting_miners() == ["m1", "m2"]
+    hub.remove(a)
+    hub.remove(a)  # a second removal changes nothing
+    assert hub.per_miner == {"m1": 1, "m2": 1}
+    hub.remove(b)
+    hub.remove(c)
+    assert hub.per_miner == {} and not hub.waiters
