@@ -1394,6 +1394,15 @@ def tx_poll(conn: sqlite3.Connection, miner_id: str, now: int,
     return assign_job(conn, min(candidates), miner_id, now), miner, True
 
 
+def tx_release(conn: sqlite3.Connection, miner_id: str, job_id: str) -> Outcome:
+    """Put back a job just claimed for a poll whose client had gone; the assignment never counted."""
+    row = conn.execute(
+        "UPDATE jobs SET state = 'QUEUED', assigned_miner_id = NULL, assigned_at = NULL, attempts = attempts - 1"
+        " WHERE job_id = ? AND state = 'RUNNING' AND assigned_miner_id = ? RETURNING job_id, state, constraints",
+        (job_id, miner_id)).fetchone()
+    return Outcome(row is not None, Wake(miners={miner_id}).add_rows([row] if row else []))
+
+
 def _check_holder(conn: sqlite3.Connection, miner_id: str, job: sqlite3.Row, now: int) -> ApiError | None:
     """Why `miner_id` may not report on `job` (None if it may); expires a job found past its deadline."""
     state = job["state"]
@@ -2438,6 +2447,10 @@ async def miner_heartbeat(call: Call) -> Response:
 async def miner_poll(call: Call) -> Response:
     """Take the oldest matching job, waiting up to max_wait_seconds for one; 204 if none."""
     job = await call.coord.poll(call.caller.identity, call.body.max_wait_seconds)  # type: ignore[union-attr]
+    if job is not None and await call.request.is_disconnected():  # nobody will read it: put it back
+        log.info("poll of %s went away; job %s back in the queue", call.caller.identity, job["job_id"])
+        await call.coord.apply(tx_release, call.caller.identity, job["job_id"])  # type: ignore[union-attr]
+        job = None
     if job is None:
         return Response(status_code=204)
     return json_response({"job_id": job["job_id"], "payload": json.loads(job["payload"]),

@@ -334,3 +334,37 @@ async def test_back_to_back_jobs_reach_both_waiting_polls(h: Harness) -> None:
     jobs = {(await h.submit({"n": i}))["job_id"] for i in range(2)}
     done = await asyncio.wait_for(asyncio.gather(*waiting), 5)  # a lost wake-up would sit out 20 s
     assert {r.json()["job_id"] for r in done} == jobs
+
+
+async def test_a_job_claimed_for_a_poll_that_went_away_goes_back(h: Harness) -> None:
+    """The miner node gave up on its long-poll; the job it would have got must not sit with it."""
+    await h.register()
+    body = b'{"max_wait_seconds": 10}'
+    messages = [{"type": "http.request", "body": body, "more_body": False}]
+    gone = asyncio.Event()
+
+    async def receive() -> dict:
+        if messages:
+            return messages.pop(0)
+        await gone.wait()
+        return {"type": "http.disconnect"}
+
+    sent: list[dict] = []
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": "/v1/miners/poll", "raw_path": b"/v1/miners/poll", "query_string": b"", "root_path": "",
+             "headers": [(b"x-api-key", ac.DEV_KEYS["miner"].encode()), (b"content-length", str(len(body)).encode())],
+             "client": ("127.0.0.1", 5000), "server": ("coord.test", 80)}
+    poll = asyncio.create_task(h.app(scope, receive, send))
+    await h.parked(1)
+    gone.set()  # the miner's connection drops while it waits
+    job = await h.submit()
+    await asyncio.wait_for(poll, 5)
+    assert sent[0]["status"] == 204
+    view = await h.job(job["job_id"])
+    assert (view["state"], view["attempts"], view["assigned_miner_id"]) == ("QUEUED", 0, None)
+    got = await h.take()  # the next poll gets it, as its first attempt
+    assert (got["job_id"], got["attempts"]) == (job["job_id"], 1)
