@@ -2282,12 +2282,6 @@ class AccessLog:
                                    "duration_ms": round(seconds * 1000, 2), "caller": caller})
 
 
-def read_metrics_snapshot(conn: sqlite3.Connection, online_cutoff: int) -> dict[str, Any]:
-    counts = get_job_counts(conn)
-    return {"jobs": counts, "queued": counts.get(JobState.QUEUED, 0), "receipts": get_counter(conn, "receipts"),
-            "online": count_online_miners(conn, online_cutoff)}
-
-
 # --- Handlers ---
 
 ERRORS = {401: Detail, 404: Detail, 409: Detail, 413: Detail, 422: ValidationDetail, 425: Detail, 429: Detail,
@@ -2697,9 +2691,11 @@ async def metrics(request: Request) -> Response:
     coord: Coordinator = request.app.state.coord
     if coord.settings.metrics_require_admin:
         request.state.caller = authenticate(request, coord.settings, "admin").identity
-    snapshot = await coord.db.read(read_metrics_snapshot, _online_cutoff(coord))
+    stats = await coord.db.read(read_admin_stats, _online_cutoff(coord))
     registry = request.app.state.metrics
-    registry.snapshot = {**snapshot, "waiting": len(coord.hub.waiters)}
+    registry.snapshot = {"jobs": stats["jobs_by_state"], "queued": stats["jobs_by_state"][JobState.QUEUED],
+                         "receipts": stats["receipts_total"], "online": stats["online_miners"],
+                         "waiting": len(coord.hub.waiters)}
     return Response(generate_latest(registry.registry), media_type=CONTENT_TYPE_LATEST)
 
 
