@@ -101,11 +101,11 @@ def make_settings(tmp_path: Path, env: dict[str, str] | None = None, **overrides
 async def harness(tmp_path: Path, env: dict[str, str] | None = None, clock: FakeClock | None = None,
                   **overrides: Any) -> AsyncIterator[Harness]:
     clock = clock or FakeClock()
-    app = ac.create_app(make_settings(tmp_path, env, **overrides), clock)
-    async with app.router.lifespan_context(app):
+    app = ac.App(make_settings(tmp_path, env, **overrides), clock)
+    async with app.lifespan():
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://coord.test") as client:
-            yield Harness(app, app.state.coord, clock, client)
+            yield Harness(app, app.coord, clock, client)
 
 
 @pytest.fixture

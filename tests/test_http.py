@@ -110,6 +110,26 @@ async def test_unknown_routes_and_wrong_methods(h: Harness) -> None:
     assert (await h.client.get("/v1/miners/poll", headers=MINER)).status_code == 405
 
 
+async def test_wrong_methods_say_which_are_allowed_and_get_routes_answer_head(h: Harness) -> None:
+    r = await h.client.put("/v1/jobs", headers=CLIENT)
+    assert r.headers["allow"] == "GET, HEAD, POST"
+    r = await h.client.head("/v1/health")
+    assert (r.status_code, r.content) == (200, b"")
+    assert (await h.client.get("/v1/jobs/x/y/z", headers=CLIENT)).status_code == 404  # a parameter is one segment
+
+
+async def test_an_unexpected_error_is_a_logged_json_500(h: Harness, monkeypatch, caplog) -> None:
+    def broken(conn: object) -> None:
+        raise KeyError("a bug")
+
+    monkeypatch.setattr(ac, "list_signing_keys", broken)
+    r = await h.client.get("/v1/receipts/keys")
+    assert (r.status_code, r.json()) == (500, {"detail": "Internal Server Error"})
+    assert any(rec.levelname == "ERROR" and rec.exc_info and "/v1/receipts/keys" in rec.getMessage()
+               for rec in caplog.records)
+    assert (await h.client.get("/v1/health")).status_code == 200  # and the server carries on
+
+
 async def test_unknown_fields_are_ignored(h: Harness) -> None:
     r = await h.client.post("/v1/miners/register", json={"capabilities": {}, "extra": [1], "miner_id": "x"},
                             headers=MINER, params={"miner_id": "cli-sends-this"})
@@ -134,7 +154,17 @@ async def test_cors_origins_come_from_settings(tmp_path) -> None:
         good = await h.client.get("/v1/health", headers={"Origin": "https://ok.example"})
         bad = await h.client.get("/v1/health", headers={"Origin": "https://evil.example"})
         assert good.headers["access-control-allow-origin"] == "https://ok.example"
+        assert good.headers["vary"] == "Origin"
         assert "access-control-allow-origin" not in bad.headers
+        preflight = {"Origin": "https://ok.example", "Access-Control-Request-Method": "POST"}
+        ok = await h.client.options("/v1/jobs", headers=preflight)
+        assert ok.status_code == 200 and ok.headers["access-control-allow-origin"] == "https://ok.example"
+        for refused, what in (({"Origin": "https://evil.example"}, "origin"),
+                              ({"Access-Control-Request-Method": "PUT"}, "method"),
+                              ({"Access-Control-Request-Headers": "x-api-key, x-secret"}, "headers")):
+            r = await h.client.options("/v1/jobs", headers={**preflight, **refused})
+            assert (r.status_code, r.json()) == (400, {"detail": f"Disallowed CORS {what}"})
+            assert "access-control-allow-origin" not in r.headers
 
 
 async def test_health(h: Harness) -> None:

@@ -58,6 +58,10 @@ async def test_metrics_families_are_present_and_move(tmp_path) -> None:
         assert value(after, "aitbc_receipts_issued_total") == 1 == value(before, "aitbc_receipts_issued_total") + 1
         assert value(after, "aitbc_jobs", state="COMPLETED") == 1 and value(after, "aitbc_miners_online") == 1
         assert value(after, "aitbc_db_commit_seconds_count") > value(before, "aitbc_db_commit_seconds_count")
+        for i in range(3):  # made-up methods share one label value: the series stay bounded
+            assert (await h.client.request(f"BREW{i}", "/v1/nowhere")).status_code == 404
+        after = await scrape(h)
+        assert value(after, "aitbc_http_requests_total", method="OTHER", route="unmatched", status="404") == 3
         await h.client.post("/v1/jobs", json={"payload": {}, "constraints": {"region": "mars"}}, headers=ALICE)
         blocked = asyncio.create_task(h.client.post("/v1/miners/poll", json={"max_wait_seconds": 0.5}, headers=RIG))
         await h.parked(1)
