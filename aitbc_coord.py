@@ -682,13 +682,18 @@ JOB_VIEW_COLUMNS = ("seq, job_id, client_id, state, payload, constraints, reques
                     "assigned_miner_id, assigned_at, finished_at, error")
 
 
+# One encoder each, made once: json.dumps with options builds a new encoder on every call.
+CANONICAL_JSON = json.JSONEncoder(sort_keys=True, separators=(",", ":"))
+COMPACT_JSON = json.JSONEncoder(separators=(",", ":"))
+
+
 def canonical_json(value: Any) -> str:
     """Compact JSON with sorted keys: the stored form of results, and what equality is judged on."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+    return CANONICAL_JSON.encode(value)
 
 
 def compact_json(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"))
+    return COMPACT_JSON.encode(value)
 
 
 def ensure_shape(conn: sqlite3.Connection, constraints_json: str) -> int:
@@ -854,9 +859,13 @@ def update_heartbeat(conn: sqlite3.Connection, miner_id: str, inflight: int | No
         (inflight, status, metadata, now, now, miner_id)).fetchone()
 
 
-def add_miner_outcome(conn: sqlite3.Connection, miner_id: str, completed: int, failed: int, busy_ms: int) -> None:
-    conn.execute("UPDATE miners SET jobs_completed = jobs_completed + ?, jobs_failed = jobs_failed + ?,"
-                 " busy_ms_total = busy_ms_total + ? WHERE miner_id = ?", (completed, failed, busy_ms, miner_id))
+def add_miner_outcome(conn: sqlite3.Connection, miner_id: str, now: int, completed: int, failed: int, busy_ms: int,
+                      receipt_id: str | None = None) -> None:
+    """Count a finished job (and its receipt) on the miner that ran it; the report also marks it alive."""
+    conn.execute("UPDATE miners SET last_seen = MAX(last_seen, ?), jobs_completed = jobs_completed + ?,"
+                 " jobs_failed = jobs_failed + ?, busy_ms_total = busy_ms_total + ?,"
+                 " last_receipt_id = COALESCE(?, last_receipt_id) WHERE miner_id = ?",
+                 (now, completed, failed, busy_ms, receipt_id, miner_id))
 
 
 def list_miners(conn: sqlite3.Connection) -> list[sqlite3.Row]:
@@ -872,8 +881,7 @@ def insert_receipt(conn: sqlite3.Connection, receipt: dict[str, Any], client_id:
         "INSERT INTO receipts (receipt_id, job_id, provider, client_id, issued_at, price, attested, body)"
         " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
         (receipt["receipt_id"], receipt["job_id"], receipt["provider"], client_id, issued_at,
-         receipt.get("price"), int("attestations" in receipt), json.dumps(receipt)))
-    conn.execute("UPDATE miners SET last_receipt_id = ? WHERE miner_id = ?", (receipt["receipt_id"], receipt["provider"]))
+         receipt.get("price"), int("attestations" in receipt), compact_json(receipt)))
 
 
 def get_latest_receipt(conn: sqlite3.Connection, job_id: str) -> dict[str, Any] | None:
@@ -1123,7 +1131,7 @@ def drop_nulls(value: Any) -> Any:
 def canonical_receipt_bytes(receipt: Mapping[str, Any]) -> bytes:
     """The signed bytes: the receipt without its signatures, nulls dropped, sorted compact ASCII JSON."""
     body = {k: v for k, v in receipt.items() if k not in ("signature", "attestations")}
-    return json.dumps(drop_nulls(body), sort_keys=True, separators=(",", ":")).encode("utf-8")
+    return CANONICAL_JSON.encode(drop_nulls(body)).encode("utf-8")
 
 
 def key_id_of(key: SigningKey | VerifyKey) -> str:
@@ -1131,8 +1139,8 @@ def key_id_of(key: SigningKey | VerifyKey) -> str:
     return b64url(bytes(key.verify_key if isinstance(key, SigningKey) else key))
 
 
-def signature_of(key: SigningKey, message: bytes) -> dict[str, str]:
-    return {"alg": "Ed25519", "key_id": key_id_of(key), "sig": b64url(key.sign(message).signature)}
+def signature_of(key: SigningKey, message: bytes, key_id: str | None = None) -> dict[str, str]:
+    return {"alg": "Ed25519", "key_id": key_id or key_id_of(key), "sig": b64url(key.sign(message).signature)}
 
 
 def check_signature(sig: Any, message: bytes) -> bool:
@@ -1152,6 +1160,11 @@ class Signer:
 
     signing: SigningKey
     attestation: SigningKey | None = None
+    ids: tuple[str, ...] = dataclasses.field(init=False)  # key ids in the order of key_ids()
+
+    def __post_init__(self) -> None:
+        keys = (self.signing,) if self.attestation is None else (self.signing, self.attestation)
+        object.__setattr__(self, "ids", tuple(key_id_of(k) for k in keys))
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Signer | None:
@@ -1162,16 +1175,15 @@ class Signer:
 
     def key_ids(self) -> list[tuple[str, str]]:
         """(key_id, role) of every configured key."""
-        keys = [(key_id_of(self.signing), "signing")]
-        return keys + ([(key_id_of(self.attestation), "attestation")] if self.attestation else [])
+        return list(zip(self.ids, ("signing", "attestation")))
 
     def seal(self, body: Mapping[str, Any]) -> dict[str, Any]:
         """`body` without nulls, signed (and attested): exactly what is stored and returned."""
         receipt = drop_nulls(dict(body))
-        message = canonical_receipt_bytes(receipt)
-        receipt["signature"] = signature_of(self.signing, message)
+        message = CANONICAL_JSON.encode(receipt).encode("utf-8")  # = canonical_receipt_bytes(receipt)
+        receipt["signature"] = signature_of(self.signing, message, self.ids[0])
         if self.attestation is not None:
-            receipt["attestations"] = [signature_of(self.attestation, message)]
+            receipt["attestations"] = [signature_of(self.attestation, message, self.ids[1])]
         return receipt
 
 
@@ -1421,8 +1433,8 @@ def _check_holder(conn: sqlite3.Connection, miner_id: str, job: sqlite3.Row, now
     return None
 
 
-def _load_reported_job(conn: sqlite3.Connection, miner_id: str, job_id: str, now: int) -> tuple[sqlite3.Row, sqlite3.Row]:
-    miner = touch_miner(conn, miner_id, now)
+def _load_reported_job(conn: sqlite3.Connection, miner_id: str, job_id: str) -> tuple[sqlite3.Row, sqlite3.Row]:
+    miner = get_miner(conn, miner_id)
     if miner is None:
         raise NotFound("miner not registered")
     job = get_job(conn, job_id)
@@ -1431,39 +1443,46 @@ def _load_reported_job(conn: sqlite3.Connection, miner_id: str, job_id: str, now
     return job, miner
 
 
+def _refused(conn: sqlite3.Connection, miner_id: str, now: int, error: ApiError) -> Outcome:
+    touch_miner(conn, miner_id, now)  # a refused report is still a sign of life
+    return Outcome(error=error, wake=Wake(miners={miner_id}))
+
+
 def tx_result(conn: sqlite3.Connection, miner_id: str, job_id: str, result: dict[str, Any], metrics: dict[str, Any],
               now: int, signer: Signer | None, coordinator_id: str) -> Outcome:
     """Complete a RUNNING job held by `miner_id` and issue its receipt in the same transaction.
 
     A repeat of the same result returns the same receipt; any other report is a Conflict.
     """
-    job, miner = _load_reported_job(conn, miner_id, job_id, now)
+    job, miner = _load_reported_job(conn, miner_id, job_id)
     result_json = canonical_json(result)
     if job["state"] == JobState.COMPLETED and job["assigned_miner_id"] == miner_id and job["result"] == result_json:
+        touch_miner(conn, miner_id, now)
         return Outcome({"status": "ok", "receipt": get_latest_receipt(conn, job_id)})
     error = _check_holder(conn, miner_id, job, now)
     if error is not None:
-        return Outcome(error=error, wake=Wake(miners={miner_id}))
+        return _refused(conn, miner_id, now, error)
     finish_job(conn, job["seq"], JobState.COMPLETED, now, None, result_json, compact_json(metrics))
-    add_miner_outcome(conn, miner_id, 1, 0, now - job["assigned_at"])
     receipt = None
     if signer is not None:
         capabilities = json.loads(miner["capabilities"])
         receipt = signer.seal(build_receipt(job, miner_id, capabilities, result, metrics, now, coordinator_id))
         insert_receipt(conn, receipt, job["client_id"], now)
+    add_miner_outcome(conn, miner_id, now, 1, 0, now - job["assigned_at"], receipt and receipt["receipt_id"])
     return Outcome({"status": "ok", "receipt": receipt}, Wake(miners={miner_id}))
 
 
 def tx_fail(conn: sqlite3.Connection, miner_id: str, job_id: str, error_text: str, metrics: str,
             retryable: bool, now: int, max_attempts: int) -> Outcome:
     """A miner gives up a job: re-queued when retryable with attempts left, else FAILED. Conflict if not held."""
-    job, _ = _load_reported_job(conn, miner_id, job_id, now)
+    job, _ = _load_reported_job(conn, miner_id, job_id)
     if job["state"] == JobState.FAILED and job["assigned_miner_id"] == miner_id and job["error"] == error_text:
+        touch_miner(conn, miner_id, now)
         return Outcome({"status": "ok"})
     error = _check_holder(conn, miner_id, job, now)
     if error is not None:
-        return Outcome(error=error, wake=Wake(miners={miner_id}))
-    add_miner_outcome(conn, miner_id, 0, 1, 0)
+        return _refused(conn, miner_id, now, error)
+    add_miner_outcome(conn, miner_id, now, 0, 1, 0)
     wake = Wake(miners={miner_id})
     if retryable and job["attempts"] < max_attempts:
         wake.add_rows([requeue_job(conn, job["seq"])])
