@@ -130,6 +130,27 @@ async def test_an_unexpected_error_is_a_logged_json_500(h: Harness, monkeypatch,
     assert (await h.client.get("/v1/health")).status_code == 200  # and the server carries on
 
 
+async def test_a_client_gone_mid_body_queues_nothing_and_is_no_server_error(h: Harness, caplog) -> None:
+    parts = [{"type": "http.request", "body": b'{"payload": {"half": ', "more_body": True}, {"type": "http.disconnect"}]
+
+    async def receive() -> dict:
+        return parts.pop(0)
+
+    sent: list[dict] = []
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": "/v1/jobs", "raw_path": b"/v1/jobs", "query_string": b"", "root_path": "",
+             "headers": [(b"x-api-key", CLIENT_KEY.encode())], "client": ("127.0.0.1", 5000),
+             "server": ("coord.test", 80)}
+    await h.app(scope, receive, send)
+    assert sent[0]["status"] == 400
+    assert not [r for r in caplog.records if r.levelno >= 40]
+    assert (await h.client.get("/v1/jobs", headers=CLIENT)).json()["items"] == []
+
+
 async def test_unknown_fields_are_ignored(h: Harness) -> None:
     r = await h.client.post("/v1/miners/register", json={"capabilities": {}, "extra": [1], "miner_id": "x"},
                             headers=MINER, params={"miner_id": "cli-sends-this"})
