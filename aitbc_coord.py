@@ -2081,6 +2081,7 @@ class Call:
 
 
 Handler = Callable[[Call], Awaitable[Response]]
+Runner = Callable[[Request], Awaitable[Response]]  # what the router calls: parses, then runs a Handler
 
 
 @dataclasses.dataclass(frozen=True)
@@ -2200,7 +2201,7 @@ def authenticate(request: Request, settings: Settings, role: str) -> Caller:
 CALLER = "aitbc.caller"  # the scope key under which a request's authenticated identity is logged
 
 
-def endpoint_runner(ep: Endpoint, coord: Coordinator) -> Callable[[Request], Awaitable[Response]]:
+def endpoint_runner(ep: Endpoint, coord: Coordinator) -> Runner:
     """What serves `ep`: authenticate, count against the rate limit, parse and validate, call the handler."""
     async def run(request: Request) -> Response:
         caller = None
@@ -2705,7 +2706,6 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
 
 # --- The ASGI application ---
 
-Runner = Callable[[Request], Awaitable[Response]]
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
