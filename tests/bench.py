@@ -128,6 +128,20 @@ def rss_mb(pid: int) -> float:
     return float("nan")
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time the process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def measured(pid: int, scenario: Any) -> tuple[dict[str, float], float]:
+    """Run `scenario` (a coroutine returning a dict with req_per_s), and the server's CPU us per request."""
+    cpu, started = cpu_seconds(pid), time.perf_counter()
+    result = asyncio.run(scenario)
+    elapsed, cpu = time.perf_counter() - started, cpu_seconds(pid) - cpu
+    return result, cpu / (result["req_per_s"] * elapsed) * 1e6
+
+
 # === Scenarios ===
 
 def pct(values: list[float], q: float) -> float:
@@ -135,7 +149,7 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-async def bare_rate(port: int, connections: int, seconds: float) -> float:
+async def bare_rate(port: int, connections: int, seconds: float) -> dict[str, float]:
     """Requests/s of the bare route with `connections` concurrent keep-alive clients."""
     conns = [await Http(port).open() for _ in range(connections)]
     count, stop = [0], time.perf_counter() + seconds
@@ -151,7 +165,7 @@ async def bare_rate(port: int, connections: int, seconds: float) -> float:
     elapsed = time.perf_counter() - started
     for c in conns:
         c.close()
-    return count[0] / elapsed
+    return {"req_per_s": count[0] / elapsed}
 
 
 async def lifecycle(port: int, seconds: float, clients: int = 8) -> dict[str, float]:
@@ -277,10 +291,10 @@ def run(quick: bool) -> None:
     rows: list[tuple[str, str]] = []
     with tempfile.TemporaryDirectory(prefix="aitbc-bench-") as tmp:
         work = Path(tmp)
-        with server("bare", work) as (port, _):
-            bare = asyncio.run(bare_rate(port, 8 + MINERS, seconds))
-        with server("coord", work, work / "full.db") as (port, _):
-            full = asyncio.run(lifecycle(port, seconds))
+        with server("bare", work) as (port, pid):
+            bare, bare_cpu = measured(pid, bare_rate(port, 8 + MINERS, seconds))
+        with server("coord", work, work / "full.db") as (port, pid):
+            full, full_cpu = measured(pid, lifecycle(port, seconds))
             woke = asyncio.run(wake(port, trials))
         with server("coord", work, work / "normal.db", "NORMAL") as (port, _):
             normal = asyncio.run(lifecycle(port, seconds))
@@ -293,15 +307,16 @@ def run(quick: bool) -> None:
                 depths[n] = asyncio.run(depth(port, samples))
                 rss = rss_mb(pid)
             size[n] = sum(p.stat().st_size for p in work.glob(f"depth-{n}.db*"))
-    lifecycle_ratio = full["req_per_s"] / bare
+    lifecycle_ratio = full["req_per_s"] / bare["req_per_s"]
     poll_ratio = depths[big]["poll"] / depths[small]["poll"]
     read_ratios = {name: depths[big][name] / depths[small][name] for name in READS}
     bytes_per_job = (size[big] - size[small]) / (big - small)
     rows = [
-        ("bare Starlette JSON POST (framework ceiling)", f"{bare:,.0f} req/s"),
+        ("bare Starlette JSON POST (framework ceiling)", f"{bare['req_per_s']:,.0f} req/s"),
         ("lifecycle, FULL: submit + poll + result (signed)", f"{full['req_per_s']:,.0f} req/s, "
          f"{full['jobs_per_s']:,.0f} jobs/s"),
         ("lifecycle submit-to-completed latency p50 / p99", f"{full['p50_ms']:.1f} / {full['p99_ms']:.1f} ms"),
+        ("server CPU per request: bare / lifecycle", f"{bare_cpu:.0f} / {full_cpu:.0f} us"),
         ("lifecycle, NORMAL", f"{normal['req_per_s']:,.0f} req/s, {normal['jobs_per_s']:,.0f} jobs/s"),
         ("wake: submit until the waiting miner holds it p50 / p99", f"{woke['p50_ms']:.2f} / {woke['p99_ms']:.2f} ms"),
         *rows,
