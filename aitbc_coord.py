@@ -876,17 +876,22 @@ def count_online_miners(conn: sqlite3.Connection, cutoff: int) -> int:
     return int(conn.execute("SELECT COUNT(*) FROM miners WHERE last_seen >= ?", (cutoff,)).fetchone()[0])
 
 
-def insert_receipt(conn: sqlite3.Connection, receipt: dict[str, Any], client_id: str, issued_at: int) -> None:
+def insert_receipt(conn: sqlite3.Connection, receipt: dict[str, Any], client_id: str, issued_at: int,
+                   text: str | None = None) -> str:
+    """Store a sealed receipt (as `text` when its JSON text is at hand); returns the JSON text stored."""
+    body = text or compact_json(receipt)
     conn.execute(
         "INSERT INTO receipts (receipt_id, job_id, provider, client_id, issued_at, price, attested, body)"
         " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
         (receipt["receipt_id"], receipt["job_id"], receipt["provider"], client_id, issued_at,
-         receipt.get("price"), int("attestations" in receipt), compact_json(receipt)))
+         receipt.get("price"), int("attestations" in receipt), body))
+    return body
 
 
-def get_latest_receipt(conn: sqlite3.Connection, job_id: str) -> dict[str, Any] | None:
+def get_latest_receipt(conn: sqlite3.Connection, job_id: str) -> str | None:
+    """The job's latest receipt as stored (JSON text), or None."""
     row = conn.execute("SELECT body FROM receipts WHERE job_id = ? ORDER BY seq DESC LIMIT 1", (job_id,)).fetchone()
-    return None if row is None else json.loads(row[0])
+    return None if row is None else str(row[0])
 
 
 def list_receipts_for_job(conn: sqlite3.Connection, job_id: str, after_seq: int, limit: int) -> list[sqlite3.Row]:
@@ -1128,6 +1133,11 @@ def drop_nulls(value: Any) -> Any:
     return value
 
 
+def without_nulls(value: Any, text: str) -> Any:
+    """drop_nulls(value), skipping the walk when `text`, the JSON of `value`, has no null in it."""
+    return drop_nulls(value) if "null" in text else value
+
+
 def canonical_receipt_bytes(receipt: Mapping[str, Any]) -> bytes:
     """The signed bytes: the receipt without its signatures, nulls dropped, sorted compact ASCII JSON."""
     body = {k: v for k, v in receipt.items() if k not in ("signature", "attestations")}
@@ -1177,14 +1187,19 @@ class Signer:
         """(key_id, role) of every configured key."""
         return list(zip(self.ids, ("signing", "attestation")))
 
-    def seal(self, body: Mapping[str, Any]) -> dict[str, Any]:
-        """`body` without nulls, signed (and attested): exactly what is stored and returned."""
-        receipt = drop_nulls(dict(body))
-        message = CANONICAL_JSON.encode(receipt).encode("utf-8")  # = canonical_receipt_bytes(receipt)
+    def seal(self, body: Mapping[str, Any]) -> tuple[dict[str, Any], str]:
+        """`body` without nulls, signed (and attested), and its JSON text: what is stored and returned."""
+        receipt = {k: v for k, v in body.items() if v is not None}  # e.g. no price: the common nulls
+        canonical = CANONICAL_JSON.encode(receipt)
+        if "null" in canonical:  # only then can a value deeper down be null: walk and drop them
+            receipt = drop_nulls(receipt)
+            canonical = CANONICAL_JSON.encode(receipt)  # = canonical_receipt_bytes(receipt)
+        message = canonical.encode("utf-8")
         receipt["signature"] = signature_of(self.signing, message, self.ids[0])
         if self.attestation is not None:
             receipt["attestations"] = [signature_of(self.attestation, message, self.ids[1])]
-        return receipt
+        signatures = {k: receipt[k] for k in ("signature", "attestations") if k in receipt}
+        return receipt, f"{canonical[:-1]},{CANONICAL_JSON.encode(signatures)[1:]}"  # the signed text, then them
 
 
 def first_of(kind: type | tuple[type, ...], *values: Any) -> Any:
@@ -1221,7 +1236,8 @@ def build_receipt(job: sqlite3.Row, provider: str, capabilities: Mapping[str, An
             "unit_type": first_of(str, metrics.get("unit_type"), result.get("unit_type")) or "gpu_seconds",
             "unit_price": unit_price, "price": price,
             "started_at": job["assigned_at"] // 1000, "completed_at": now // 1000,
-            "metadata": {"job_payload": json.loads(job["payload"]), "job_constraints": json.loads(job["constraints"]),
+            "metadata": {"job_payload": without_nulls(json.loads(job["payload"]), job["payload"]),
+                         "job_constraints": without_nulls(json.loads(job["constraints"]), job["constraints"]),
                          "result": dict(result), "metrics": dict(metrics)}}
 
 
@@ -1452,24 +1468,29 @@ def tx_result(conn: sqlite3.Connection, miner_id: str, job_id: str, result: dict
               now: int, signer: Signer | None, coordinator_id: str) -> Outcome:
     """Complete a RUNNING job held by `miner_id` and issue its receipt in the same transaction.
 
-    A repeat of the same result returns the same receipt; any other report is a Conflict.
+    Returns the receipt as stored (JSON text; None without a signing key). A repeat of the same
+    result returns the same receipt; any other report is a Conflict.
     """
     job, miner = _load_reported_job(conn, miner_id, job_id)
     result_json = canonical_json(result)
     if job["state"] == JobState.COMPLETED and job["assigned_miner_id"] == miner_id and job["result"] == result_json:
         touch_miner(conn, miner_id, now)
-        return Outcome({"status": "ok", "receipt": get_latest_receipt(conn, job_id)})
+        return Outcome(get_latest_receipt(conn, job_id))
     error = _check_holder(conn, miner_id, job, now)
     if error is not None:
         return _refused(conn, miner_id, now, error)
-    finish_job(conn, job["seq"], JobState.COMPLETED, now, None, result_json, compact_json(metrics))
-    receipt = None
+    metrics_json = compact_json(metrics)
+    finish_job(conn, job["seq"], JobState.COMPLETED, now, None, result_json, metrics_json)
+    receipt_id = stored = None
     if signer is not None:
         capabilities = json.loads(miner["capabilities"])
-        receipt = signer.seal(build_receipt(job, miner_id, capabilities, result, metrics, now, coordinator_id))
-        insert_receipt(conn, receipt, job["client_id"], now)
-    add_miner_outcome(conn, miner_id, now, 1, 0, now - job["assigned_at"], receipt and receipt["receipt_id"])
-    return Outcome({"status": "ok", "receipt": receipt}, Wake(miners={miner_id}))
+        # nulls dropped part by part (a big payload or result without any is not walked), so seal
+        # finds "null" only where a string holds the word
+        receipt, text = signer.seal(build_receipt(job, miner_id, capabilities, without_nulls(result, result_json),
+                                                  without_nulls(metrics, metrics_json), now, coordinator_id))
+        receipt_id, stored = receipt["receipt_id"], insert_receipt(conn, receipt, job["client_id"], now, text)
+    add_miner_outcome(conn, miner_id, now, 1, 0, now - job["assigned_at"], receipt_id)
+    return Outcome(stored, Wake(miners={miner_id}))
 
 
 def tx_fail(conn: sqlite3.Connection, miner_id: str, job_id: str, error_text: str, metrics: str,
@@ -2118,15 +2139,14 @@ MAX_JSON_DEPTH = 64
 
 def nested_deeper_than(value: Any, limit: int) -> bool:
     """Whether a parsed JSON value nests more than `limit` arrays/objects deep (iterative)."""
-    stack = [(value, 1)]
+    stack = [(value, 1)] if isinstance(value, (dict, list)) else []
     while stack:
         item, depth = stack.pop()
-        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
-        if children is None:
-            continue
         if depth > limit:
             return True
-        stack.extend((child, depth + 1) for child in children)
+        for child in item.values() if isinstance(item, dict) else item:
+            if isinstance(child, (dict, list)):  # scalars cannot nest: not worth a stack entry
+                stack.append((child, depth + 1))
     return False
 
 
@@ -2234,6 +2254,14 @@ RESPONSE_JSON = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators
 
 def json_response(data: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> Response:
     return Response(RESPONSE_JSON.encode(data).encode(), status, headers, "application/json")
+
+
+def stored_json_response(fields: Mapping[str, Any], stored: Mapping[str, str | None]) -> Response:
+    """A JSON object of `fields` plus members whose values are JSON text as stored (None: null),
+    spliced in as they are: payloads, results and receipts are not decoded only to be re-encoded."""
+    members = [RESPONSE_JSON.encode(fields)[1:-1]] if fields else []
+    members += [f'"{name}":{"null" if text is None else text}' for name, text in stored.items()]
+    return Response(f"{{{','.join(members)}}}".encode(), 200, None, "application/json")
 
 
 def error_response(exc: Exception, where: str) -> Response:
@@ -2377,7 +2405,7 @@ async def get_job_result(call: Call) -> Response:
     receipt = await call.coord.db.read(get_latest_receipt, row["job_id"]) if finished else None
     if not finished or (row["result"] is None and receipt is None):
         raise NotReady()
-    return json_response({"result": None if row["result"] is None else json.loads(row["result"]), "receipt": receipt})
+    return stored_json_response({}, {"result": row["result"], "receipt": receipt})
 
 
 @endpoint("POST", "/v1/jobs/{job_id}/cancel", role="client", responses={200: JobView, **_errors(401, 404, 409)})
@@ -2401,7 +2429,7 @@ async def get_job_receipt(call: Call) -> Response:
     receipt = await call.coord.db.read(get_latest_receipt, row["job_id"])
     if receipt is None:
         raise NotFound("receipt not available")
-    return json_response(receipt)
+    return Response(receipt.encode(), media_type="application/json")
 
 
 @endpoint("GET", "/v1/jobs/{job_id}/receipts", role="client", query=ReceiptListQuery,
@@ -2416,8 +2444,8 @@ async def list_job_receipts(call: Call) -> Response:
         after = int(q.cursor)
     rows = await call.coord.db.read(list_receipts_for_job, row["job_id"], after, q.limit + 1)
     more = len(rows) > q.limit
-    return json_response({"items": [json.loads(r["body"]) for r in rows[:q.limit]],
-                          "next_cursor": str(rows[q.limit - 1]["seq"]) if more else None})
+    return stored_json_response({"next_cursor": str(rows[q.limit - 1]["seq"]) if more else None},
+                                {"items": f"[{','.join(r['body'] for r in rows[:q.limit])}]"})
 
 
 @endpoint("GET", "/v1/receipts/keys", responses={200: KeyList})
@@ -2473,9 +2501,8 @@ async def miner_poll(call: Call) -> Response:
         job = None
     if job is None:
         return Response(status_code=204)
-    return json_response({"job_id": job["job_id"], "payload": json.loads(job["payload"]),
-                          "constraints": json.loads(job["constraints"]), "attempts": job["attempts"],
-                          "expires_at": iso(job["expires_at"])})
+    return stored_json_response({"job_id": job["job_id"], "attempts": job["attempts"], "expires_at": iso(job["expires_at"])},
+                                {"payload": job["payload"], "constraints": job["constraints"]})
 
 
 @endpoint("POST", "/v1/miners/{job_id}/result", role="miner", body=MinerResult,
@@ -2483,9 +2510,9 @@ async def miner_poll(call: Call) -> Response:
 async def miner_result(call: Call) -> Response:
     """Complete a job the caller holds."""
     b, coord = call.body, call.coord
-    out = await coord.apply(tx_result, call.caller.identity, call.path("job_id"),  # type: ignore[union-attr]
-                            b.result, b.metrics, coord.now(), coord.signer, coord.settings.coordinator_id)
-    return json_response(out)
+    receipt = await coord.apply(tx_result, call.caller.identity, call.path("job_id"),  # type: ignore[union-attr]
+                                b.result, b.metrics, coord.now(), coord.signer, coord.settings.coordinator_id)
+    return stored_json_response({"status": "ok"}, {"receipt": receipt})
 
 
 @endpoint("POST", "/v1/miners/{job_id}/fail", role="miner", body=MinerFail,

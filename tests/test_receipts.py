@@ -118,14 +118,29 @@ def test_sample_vector_reproduces_key_canonical_bytes_and_signature() -> None:
 def test_edge_vector_reproduces_canonical_bytes_signature_and_attestation() -> None:
     assert ac.canonical_receipt_bytes(EDGE_PAYLOAD) == EDGE_CANONICAL.encode()
     signer = ac.Signer(SigningKey(bytes.fromhex(EDGE_SEED)), SigningKey(bytes.fromhex(EDGE_ATTESTATION_SEED)))
-    sealed = signer.seal(EDGE_PAYLOAD)
+    sealed, text = signer.seal(EDGE_PAYLOAD)
     assert sealed["signature"] == EDGE_SIGNATURE and sealed["attestations"] == [EDGE_ATTESTATION]
     assert not has_null(sealed)  # what is returned is what was signed: nulls are gone
+    assert json.loads(text) == sealed  # and the stored text is that receipt
     receipt = {**EDGE_PAYLOAD, "signature": EDGE_SIGNATURE, "attestations": [EDGE_ATTESTATION]}
     report = ac.verify_receipt(receipt, {EDGE_SIGNATURE["key_id"]})
     assert report == {"valid": True, "signature_valid": True, "attestations_valid": [True], "known_key": True,
                       "reason": None}
     assert independently_valid(receipt, EDGE_SIGNATURE["key_id"], EDGE_ATTESTATION["key_id"])
+
+
+@pytest.mark.parametrize("body", [
+    {"version": "1.0", "receipt_id": "a" * 32, "metadata": {"result": {"text": "no nulls here"}}, "units": 2},
+    {"version": "1.0", "receipt_id": "b" * 32, "metadata": {"result": {"text": "nullable", "k": None}}, "units": 2},
+    {"version": "1.0", "receipt_id": "c" * 32, "metadata": {"null": ["null", None, {"x": None}]}, "price": None},
+])
+def test_sealing_signs_the_canonical_bytes_with_or_without_nulls_to_drop(body: dict) -> None:
+    signer = ac.Signer(SigningKey(bytes.fromhex(EDGE_SEED)), SigningKey(bytes.fromhex(EDGE_ATTESTATION_SEED)))
+    sealed, text = signer.seal(body)
+    assert json.loads(text) == sealed and not has_null(sealed)
+    key_ids = [k for k, _ in signer.key_ids()]
+    assert independently_valid(sealed, *key_ids)
+    assert ac.canonical_receipt_bytes(sealed) == ac.canonical_receipt_bytes(body)
 
 
 async def complete_one(h: Harness, payload: dict | None = None, result: dict | None = None,
@@ -155,6 +170,19 @@ async def test_completion_issues_a_receipt_with_every_field(tmp_path) -> None:
         assert (receipt["started_at"], receipt["completed_at"]) == (int(T0), int(T0 + 2.5))
         assert receipt["metadata"] == {"job_payload": {"prompt": "hi"}, "job_constraints": {},
                                        "result": {"text": "ok"}, "metrics": {"duration_ms": 2500}}
+
+
+async def test_nested_nulls_leave_the_receipt_but_not_the_stored_result(tmp_path) -> None:
+    async with harness(tmp_path, SIGNING) as h:
+        result = {"text": "null and void", "x": [None, {"y": None}]}
+        receipt = await complete_one(h, {"a": [1, None, {"b": None}]}, result, {"m": {"z": None}}, {"price": 0.5})
+        assert receipt["metadata"] == {"job_payload": {"a": [1, {}]}, "job_constraints": {},
+                                       "result": {"text": "null and void", "x": [{}]}, "metrics": {"m": {}}}
+        assert independently_valid(receipt, EDGE_SIGNATURE["key_id"])
+        job_id = receipt["job_id"]
+        assert (await h.client.get(f"/v1/jobs/{job_id}/receipt", headers=CLIENT)).json() == receipt
+        got = (await h.client.get(f"/v1/jobs/{job_id}/result", headers=CLIENT)).json()
+        assert got == {"result": result, "receipt": receipt}  # the result as the miner posted it
 
 
 @pytest.mark.parametrize(("result", "metrics", "caps", "expected"), [
@@ -238,7 +266,7 @@ async def test_tampering_dropping_or_swapping_breaks_every_receipt(tmp_path) -> 
             report = await verify(variant)
             assert report["valid"] is False and report["reason"], variant
             assert not independently_valid(variant, EDGE_SIGNATURE["key_id"], EDGE_ATTESTATION["key_id"])
-        stranger = ac.Signer(SigningKey.generate()).seal({k: receipt[k] for k in body_keys})
+        stranger, _ = ac.Signer(SigningKey.generate()).seal({k: receipt[k] for k in body_keys})
         report = await verify(stranger)
         assert (report["signature_valid"], report["known_key"], report["valid"]) == (True, False, False)
         report = await verify({k: receipt[k] for k in body_keys})
