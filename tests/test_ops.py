@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import logging
 import sqlite3
@@ -95,6 +96,34 @@ async def test_one_access_line_per_request_with_identity_never_key(tmp_path, cap
     for secret in ("secret-client-key-1", "secret-miner-key-1", "secret-admin-key-1", EDGE_SEED):
         assert secret not in text
     assert any("receipt signing key" in r.getMessage() for r in caplog.records)  # key ids are logged instead
+
+
+async def test_lines_logged_on_the_loop_go_out_once_per_iteration_and_warnings_at_once() -> None:
+    class Stream(io.StringIO):
+        flushed: list[str] = []
+
+        def flush(self) -> None:
+            self.flushed.append(self.getvalue())
+
+    stream = Stream()
+    handler = ac.BurstHandler(stream)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger = logging.getLogger("burst-test")
+    logger.addHandler(handler)
+    logger.propagate = False
+    logger.setLevel(logging.INFO)
+    try:
+        for i in range(3):
+            logger.info("line %d", i)
+        assert stream.flushed == []  # a burst of access lines...
+        await asyncio.sleep(0)
+        assert stream.flushed == ["line 0\nline 1\nline 2\n"]  # ...is written once, an iteration later
+        logger.warning("trouble")
+        assert stream.flushed[-1].endswith("trouble\n")  # warnings do not wait
+        await asyncio.to_thread(logger.info, "from a thread")
+        assert stream.flushed[-1].endswith("from a thread\n")  # nor lines from other threads
+    finally:
+        logger.removeHandler(handler)
 
 
 def test_json_log_lines() -> None:
