@@ -1189,7 +1189,8 @@ class Signer:
 
     def seal(self, body: Mapping[str, Any]) -> tuple[dict[str, Any], str]:
         """`body` without nulls, signed (and attested), and its JSON text: what is stored and returned."""
-        receipt = {k: v for k, v in body.items() if v is not None}  # e.g. no price: the common nulls
+        receipt = {k: v for k, v in body.items()  # top-level nulls (e.g. no price) are the common ones
+                   if v is not None and k not in ("signature", "attestations")}
         canonical = CANONICAL_JSON.encode(receipt)
         if "null" in canonical:  # only then can a value deeper down be null: walk and drop them
             receipt = drop_nulls(receipt)
