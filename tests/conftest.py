@@ -97,6 +97,16 @@ def make_settings(tmp_path: Path, env: dict[str, str] | None = None, **overrides
     return ac.Settings.load({"APP_ENV": "dev", **(env or {})}, **overrides)
 
 
+def http_scope(method: str, path: str, key: str, body: bytes | None = None) -> dict[str, Any]:
+    """An ASGI HTTP scope, for tests that drive the app's receive/send channel by hand."""
+    headers = [(b"x-api-key", key.encode())]
+    if body is not None:
+        headers.append((b"content-length", str(len(body)).encode()))
+    return {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method, "scheme": "http",
+            "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "", "headers": headers,
+            "client": ("127.0.0.1", 5000), "server": ("coord.test", 80)}
+
+
 @contextlib.asynccontextmanager
 async def harness(tmp_path: Path, env: dict[str, str] | None = None, clock: FakeClock | None = None,
                   **overrides: Any) -> AsyncIterator[Harness]:

@@ -8,7 +8,7 @@ import re
 import pytest
 
 import aitbc_coord as ac
-from conftest import ADMIN, CLIENT, CLIENT_KEY, MINER, MINER_KEY, Harness, harness
+from conftest import ADMIN, CLIENT, CLIENT_KEY, MINER, MINER_KEY, Harness, harness, http_scope
 
 pytestmark = pytest.mark.anyio
 PROTECTED = [("POST", "/v1/jobs", "client"), ("GET", "/v1/jobs", "client"), ("GET", "/v1/jobs/{job_id}", "client"),
@@ -141,11 +141,7 @@ async def test_a_client_gone_mid_body_queues_nothing_and_is_no_server_error(h: H
     async def send(message: dict) -> None:
         sent.append(message)
 
-    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
-             "path": "/v1/jobs", "raw_path": b"/v1/jobs", "query_string": b"", "root_path": "",
-             "headers": [(b"x-api-key", CLIENT_KEY.encode())], "client": ("127.0.0.1", 5000),
-             "server": ("coord.test", 80)}
-    await h.app(scope, receive, send)
+    await h.app(http_scope("POST", "/v1/jobs", CLIENT_KEY), receive, send)  # no Content-Length: chunked
     assert sent[0]["status"] == 400
     assert not [r for r in caplog.records if r.levelno >= 40]
     assert (await h.client.get("/v1/jobs", headers=CLIENT)).json()["items"] == []

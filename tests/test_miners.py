@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 import aitbc_coord as ac
-from conftest import ADMIN, CLIENT, MINER, T0, Harness, harness
+from conftest import ADMIN, CLIENT, MINER, MINER_KEY, T0, Harness, harness, http_scope
 
 MINERS = {"MINER_API_KEYS": ",".join(f"m{i}=key-m{i}" for i in range(20))}
 
@@ -354,11 +354,7 @@ async def test_a_job_claimed_for_a_poll_that_went_away_goes_back(h: Harness) -> 
     async def send(message: dict) -> None:
         sent.append(message)
 
-    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
-             "path": "/v1/miners/poll", "raw_path": b"/v1/miners/poll", "query_string": b"", "root_path": "",
-             "headers": [(b"x-api-key", ac.DEV_KEYS["miner"].encode()), (b"content-length", str(len(body)).encode())],
-             "client": ("127.0.0.1", 5000), "server": ("coord.test", 80)}
-    poll = asyncio.create_task(h.app(scope, receive, send))
+    poll = asyncio.create_task(h.app(http_scope("POST", "/v1/miners/poll", MINER_KEY, body), receive, send))
     await h.parked(1)
     gone.set()  # the miner's connection drops while it waits
     job = await h.submit()
