@@ -2809,8 +2809,9 @@ class Cors:
                    "Access-Control-Max-Age": str(self.MAX_AGE_SECONDS)}
         if refused:
             return json_response({"detail": f"Disallowed CORS {', '.join(refused)}"}, 400, headers)
-        return Response("OK", 200, {**headers, **{k.decode(): v.decode("latin-1") for k, v in self.allow(origin)}},
-                        "text/plain")
+        response = Response("OK", 200, headers, "text/plain")
+        response.raw_headers += self.allow(origin)
+        return response
 
 
 class App:
@@ -2850,20 +2851,14 @@ class App:
             await self.serve_lifespan(receive, send)
 
     async def serve_lifespan(self, receive: Receive, send: Send) -> None:
-        await receive()  # lifespan.startup
-        try:
-            await self.coord.start()
-        except BaseException as exc:
-            await send({"type": "lifespan.startup.failed", "message": str(exc)})
-            raise
-        await send({"type": "lifespan.startup.complete"})
-        await receive()  # lifespan.shutdown
-        try:
-            await self.coord.stop()
-        except BaseException as exc:
-            await send({"type": "lifespan.shutdown.failed", "message": str(exc)})
-            raise
-        await send({"type": "lifespan.shutdown.complete"})
+        for phase, step in (("startup", self.coord.start), ("shutdown", self.coord.stop)):
+            await receive()  # lifespan.startup, then lifespan.shutdown
+            try:
+                await step()
+            except BaseException as exc:
+                await send({"type": f"lifespan.{phase}.failed", "message": str(exc)})
+                raise
+            await send({"type": f"lifespan.{phase}.complete"})
 
     async def serve_http(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
