@@ -7,6 +7,7 @@ import io
 import json
 import logging
 import sqlite3
+import sys
 
 import pytest
 from click.testing import CliRunner
@@ -124,6 +125,22 @@ async def test_lines_logged_on_the_loop_go_out_once_per_iteration_and_warnings_a
         assert stream.flushed[-1].endswith("from a thread\n")  # nor lines from other threads
     finally:
         logger.removeHandler(handler)
+
+
+def test_text_lines_read_as_the_documented_format() -> None:
+    fast = ac.TextFormatter()
+    general = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    general.formatTime = fast.formatTime  # type: ignore[method-assign]
+    access = ac.AccessRecord("POST", "/v1/jobs", 201, 0.00123, "client-x")
+    other = logging.LogRecord("aitbc_coord", logging.WARNING, __file__, 1, "disk %s", ("full",), None)
+    for record in (access, other):
+        assert fast.format(record) == general.format(record)
+    assert fast.format(access).endswith(" INFO aitbc_coord.access: POST /v1/jobs 201 1.2ms caller=client-x")
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        failed = logging.LogRecord("aitbc_coord", logging.ERROR, __file__, 1, "unhandled", (), sys.exc_info())
+    assert fast.format(failed).splitlines()[-1] == "ValueError: boom"  # the traceback follows the line
 
 
 def test_json_log_lines() -> None:
