@@ -2301,8 +2301,8 @@ class AccessRecord(logging.LogRecord):
         self.msg, self.args = "%s %s %d %.1fms caller=%s", (method, route, status, seconds * 1000, caller)
         self.created, self.msecs = ns / 1e9, (ns % 1_000_000_000) // 1_000_000
         self.relativeCreated = (ns - _START_NS) / 1e6
-        self.pathname = self.filename = self.module = __name__
-        self.lineno, self.funcName = 0, None
+        self.pathname = self.filename = self.module = "(unknown file)"  # as LogRecord says with no caller
+        self.lineno, self.funcName, self.taskName = 0, "(unknown function)", None
         self.exc_info = self.exc_text = self.stack_info = None
         self.thread = self.threadName = self.process = self.processName = None
         self.method, self.route, self.status, self.caller = method, route, status, caller
