@@ -25,6 +25,7 @@ import json
 import logging
 import math
 import os
+import queue
 import re
 import secrets
 import signal
@@ -37,7 +38,6 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -560,6 +560,15 @@ def backup(path: str, dest: str) -> dict[str, Any]:
     return {"dest": str(target), "schema_version": version, "jobs": jobs, "bytes": target.stat().st_size}
 
 
+def _settle_commit(committed: asyncio.Future[None], error: Exception | None) -> None:
+    if committed.done():  # the writer was cancelled (the loop is going away)
+        return
+    if error is None:
+        committed.set_result(None)
+    else:
+        committed.set_exception(error)
+
+
 def _settle_all(outcomes: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) -> None:
     for fut, result, exc in outcomes:
         if fut.done():  # the awaiting request went away; the write has still happened
@@ -596,7 +605,9 @@ class Database:
         self._wconn = connect(self.path, self.synchronous)
         self._wconn.execute("PRAGMA busy_timeout = 0")  # never block the loop: BEGIN retries instead
         self._rconn = connect(self.path, self.synchronous, readonly=True)
-        self._committer = ThreadPoolExecutor(1, thread_name_prefix="aitbc-commit")
+        self._commits: queue.SimpleQueue[asyncio.Future[None] | None] = queue.SimpleQueue()
+        self._committer = threading.Thread(target=self._commit_forever, name="aitbc-commit", daemon=True)
+        self._committer.start()
         self._wake = asyncio.Event()
         self._writer = asyncio.create_task(self._run_writer())
 
@@ -605,7 +616,8 @@ class Database:
         self._closing = True
         self._wake.set()
         await self._writer
-        self._committer.shutdown(wait=True)
+        self._commits.put(None)
+        self._committer.join()
         self._wconn.close()
         self._rconn.close()
 
@@ -649,7 +661,9 @@ class Database:
         try:
             await self._begin()
             outcomes = [(fut, *self._run_unit(self._wconn, fn, args)) for fn, args, fut in batch]
-            await self._loop.run_in_executor(self._committer, self._wconn.execute, "COMMIT")
+            committed = self._loop.create_future()
+            self._commits.put(committed)
+            await committed  # raises what COMMIT raised
             if self.commit_observer is not None:
                 self.commit_observer(len(batch), time.perf_counter() - started)
         except sqlite3.Error as exc:  # nothing of this batch is durable, so nothing is acknowledged
@@ -661,6 +675,19 @@ class Database:
                 hook()
             outcomes = [(fut, None, Unavailable()) for _, _, fut in batch]
         _settle_all(outcomes)
+
+    def _commit_forever(self) -> None:
+        """The commit thread: COMMIT each batch handed over (the fsync happens here), then tell the loop.
+        (A thread of its own and a queue: run_in_executor's work items and future chaining cost the
+        loop ~5 us a request more.)"""
+        while (committed := self._commits.get()) is not None:
+            try:
+                self._wconn.execute("COMMIT")
+                error = None
+            except Exception as exc:  # noqa: BLE001 - handed to the batch, which aborts
+                error = exc
+            with contextlib.suppress(RuntimeError):  # the loop has closed: nobody is waiting
+                self._loop.call_soon_threadsafe(_settle_commit, committed, error)
 
     @staticmethod
     def _run_unit(conn: sqlite3.Connection, fn: Callable[..., Any], args: tuple[Any, ...]) -> tuple[Any, BaseException | None]:
