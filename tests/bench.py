@@ -1,12 +1,19 @@
 """Benchmark: the real coordinator next to the framework's own ceiling, on this machine.
 
     python tests/bench.py [--quick]
+    python tests/bench.py --instructions
+
 
 Starts `aitbc-coord serve` as a subprocess (temporary database, DB_SYNCHRONOUS=FULL, a signing and
 an attestation key) and, in the same run, a bare Starlette app with one JSON POST route under the
 same uvicorn settings, and drives both with the same load generator. The server and the generator
 share the machine's cores, so every headline figure is a ratio measured in the same run. Prints a
 table, then one line `BENCH key=value ...` to track over time. Not collected by pytest.
+
+`--instructions` is for judging a change to the hot path, where wall-clock figures on a shared
+machine move more than the change: it runs the same lifecycle in-process (through the app's ASGI
+channel: no sockets, no h11) under valgrind, twice with different sizes, and prints the
+instructions per request, which repeat to within ~0.1%.
 """
 
 from __future__ import annotations
@@ -14,9 +21,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
+import math
 import os
 import platform
+import re
 import secrets
+import shutil
 import signal
 import socket
 import sqlite3
@@ -66,6 +77,43 @@ class Http:
         self.writer.close()
 
 
+class Asgi:
+    """Http's call(), straight through an app's ASGI channel in this process."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def open(self) -> Asgi:
+        return self
+
+    async def call(self, method: str, path: str, body: Any = None, key: str | None = None) -> tuple[int, Any]:
+        data = b"" if body is None else json.dumps(body).encode()
+        headers = [(b"host", b"bench"), (b"content-length", str(len(data)).encode()),
+                   (b"content-type", b"application/json")] + ([(b"x-api-key", key.encode())] if key else [])
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method,
+                 "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
+                 "headers": headers, "client": ("127.0.0.1", 50000), "server": ("bench", 80)}
+        incoming = [{"type": "http.request", "body": data, "more_body": False}]
+        answered, sent = asyncio.Event(), []
+
+        async def receive() -> dict[str, Any]:
+            if incoming:
+                return incoming.pop()
+            await answered.wait()  # a long-poll listens for the client going away: it never does
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        await self.app(scope, receive, send)
+        answered.set()
+        raw = b"".join(m.get("body", b"") for m in sent[1:])
+        return sent[0]["status"], json.loads(raw) if raw else None
+
+    def close(self) -> None:
+        pass
+
+
 # === Servers ===
 
 def free_port() -> int:
@@ -89,6 +137,14 @@ def bare_server(port: int) -> None:
     uvicorn.run(app, host="127.0.0.1", port=port, log_config=None, access_log=False, server_header=False)
 
 
+def coordinator_env(synchronous: str = "FULL") -> dict[str, str]:
+    return {"APP_ENV": "prod", "CLIENT_API_KEYS": CLIENT_KEY, "ADMIN_API_KEYS": ADMIN_KEY,
+            "MINER_API_KEYS": ",".join(f"m{i}={k}" for i, k in enumerate(MINER_KEYS)),
+            "RECEIPT_SIGNING_KEY_HEX": secrets.token_hex(32), "RECEIPT_ATTESTATION_KEY_HEX": secrets.token_hex(32),
+            "DB_SYNCHRONOUS": synchronous, "JOB_TTL_SECONDS": "3600",
+            "RATE_LIMIT_REQUESTS": "0"}  # a stress test, not a well-behaved client
+
+
 @contextmanager
 def server(kind: str, workdir: Path, db: Path | None = None, synchronous: str = "FULL") -> Any:
     """Start the coordinator (or the bare app) on a free port; yields (port, pid)."""
@@ -97,11 +153,7 @@ def server(kind: str, workdir: Path, db: Path | None = None, synchronous: str = 
         cmd = [sys.executable, __file__, "--bare-server", str(port)]
     else:
         cmd = [sys.executable, "-m", "aitbc_coord", "serve", "--port", str(port), "--db", str(db)]
-    env = {**os.environ, "APP_ENV": "prod", "CLIENT_API_KEYS": CLIENT_KEY, "ADMIN_API_KEYS": ADMIN_KEY,
-           "MINER_API_KEYS": ",".join(f"m{i}={k}" for i, k in enumerate(MINER_KEYS)),
-           "RECEIPT_SIGNING_KEY_HEX": secrets.token_hex(32), "RECEIPT_ATTESTATION_KEY_HEX": secrets.token_hex(32),
-           "DB_SYNCHRONOUS": synchronous, "JOB_TTL_SECONDS": "3600",
-           "RATE_LIMIT_REQUESTS": "0"}  # a stress test, not a well-behaved client
+    env = {**os.environ, **coordinator_env(synchronous)}
     log = open(workdir / f"{kind}-{port}.log", "wb")  # noqa: SIM115 - closed below
     proc = subprocess.Popen(cmd, cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
@@ -168,20 +220,26 @@ async def bare_rate(port: int, connections: int, seconds: float) -> dict[str, fl
     return {"req_per_s": count[0] / elapsed}
 
 
-async def lifecycle(port: int, seconds: float, clients: int = 8) -> dict[str, float]:
-    """Clients submit, miners long-poll and post results (each completion signs a receipt)."""
-    client_conns = [await Http(port).open() for _ in range(clients)]
-    miner_conns = [await Http(port).open() for _ in range(MINERS)]
+async def lifecycle(port: int, seconds: float, clients: int = 8, app: Any = None,
+                    jobs: int | None = None) -> dict[str, float]:
+    """Clients submit, miners long-poll and post results (each completion signs a receipt), for
+    `seconds` or until `jobs` jobs are done; over sockets to `port`, or in-process to `app`."""
+    def connect() -> Any:
+        return Http(port).open() if app is None else Asgi(app).open()
+
+    client_conns = [await connect() for _ in range(clients)]
+    miner_conns = [await connect() for _ in range(MINERS)]
     for c, key in zip(miner_conns, MINER_KEYS):
         assert (await c.call("POST", "/v1/miners/register", {"capabilities": {"price": 0.5}}, key))[0] == 200
     outstanding = asyncio.Semaphore(2 * MINERS)  # a steady queue, so latency means something
     submitted: dict[str, float] = {}
     latencies: list[float] = []
-    requests = [0]
+    requests, budget = [0], [jobs if jobs is not None else math.inf]
     stop = time.perf_counter() + seconds
 
     async def client(c: Http) -> None:
-        while time.perf_counter() < stop:
+        while time.perf_counter() < stop and budget[0] > 0:
+            budget[0] -= 1
             await outstanding.acquire()
             t = time.perf_counter()
             status, job = await c.call("POST", "/v1/jobs", {"payload": {"prompt": "render a cat", "steps": 20}},
@@ -191,7 +249,7 @@ async def lifecycle(port: int, seconds: float, clients: int = 8) -> dict[str, fl
             requests[0] += 1
 
     async def miner(c: Http, key: str) -> None:
-        while time.perf_counter() < stop:
+        while time.perf_counter() < stop and len(latencies) < (jobs or math.inf):
             status, job = await c.call("POST", "/v1/miners/poll", {"max_wait_seconds": 0.5}, key)
             requests[0] += 1
             if status != 200:
@@ -208,7 +266,7 @@ async def lifecycle(port: int, seconds: float, clients: int = 8) -> dict[str, fl
     elapsed = time.perf_counter() - started
     for c in client_conns + miner_conns:
         c.close()
-    return {"req_per_s": requests[0] / elapsed, "jobs_per_s": len(latencies) / elapsed,
+    return {"requests": requests[0], "req_per_s": requests[0] / elapsed, "jobs_per_s": len(latencies) / elapsed,
             "p50_ms": pct(latencies, 0.5) * 1000, "p99_ms": pct(latencies, 0.99) * 1000,
             "connections": clients + MINERS}
 
@@ -336,13 +394,60 @@ def run(quick: bool) -> None:
           f"full_vs_normal={full['req_per_s'] / normal['req_per_s']:.2f}")
 
 
+def in_process(jobs: int) -> None:
+    """The lifecycle in this process, through the app's ASGI channel, until `jobs` jobs are done."""
+    ac.setup_logging("info")
+    logging.getLogger().handlers[0].setStream(open(os.devnull, "w"))  # noqa: SIM115 - lines made, not shown
+    with tempfile.TemporaryDirectory(prefix="aitbc-bench-") as tmp:
+        app = ac.App(ac.Settings.load({**coordinator_env(), "DATABASE_URL": f"sqlite:///{tmp}/in-process.db"}, None))
+
+        async def drive() -> tuple[dict[str, float], float]:
+            async with app.lifespan():
+                cpu = time.thread_time()
+                result = await lifecycle(0, math.inf, app=app, jobs=jobs)
+                return result, time.thread_time() - cpu
+
+        result, cpu = asyncio.run(drive())
+    print(f"in-process lifecycle: {jobs} jobs, {result['requests']:.0f} requests, {result['req_per_s']:,.0f} req/s, "
+          f"{cpu / result['requests'] * 1e6:.0f} us of main-thread CPU a request")
+
+
+def instructions(small: int = 200, big: int = 1200) -> None:
+    """Instructions per in-process lifecycle request, counted by valgrind: the difference between a
+    run of `big` jobs and one of `small` (start-up and shutdown cancel out)."""
+    if shutil.which("valgrind") is None:
+        raise SystemExit("--instructions needs valgrind (Debian: apt-get install valgrind)")
+    counts = []
+    for jobs in (small, big):
+        run = subprocess.run(["valgrind", "--tool=cachegrind", "--cache-sim=no", "--cachegrind-out-file=/dev/null",
+                              sys.executable, __file__, "--in-process", str(jobs)],
+                             capture_output=True, text=True, check=True)
+        refs = re.search(r"I\s+refs:\s+([\d,]+)", run.stderr)
+        requests = re.search(r"(\d+) requests", run.stdout)
+        if refs is None or requests is None:
+            raise SystemExit(f"unexpected valgrind output:\n{run.stdout}\n{run.stderr[-2000:]}")
+        counts.append((int(refs.group(1).replace(",", "")), int(requests.group(1))))
+    (refs_small, requests_small), (refs_big, requests_big) = counts
+    print(f"instructions per in-process lifecycle request: "
+          f"{(refs_big - refs_small) / (requests_big - requests_small) / 1000:,.1f}k "
+          f"(the {requests_big - requests_small} requests between a {small}-job and a {big}-job run)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes and a few seconds per scenario")
+    parser.add_argument("--instructions", action="store_true",
+                        help="instructions per request of the lifecycle run in-process under valgrind")
+    parser.add_argument("--in-process", type=int, metavar="JOBS",
+                        help="run the lifecycle in this process (no sockets) for JOBS jobs and print its CPU a request")
     parser.add_argument("--bare-server", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.bare_server:
         bare_server(args.bare_server)
+    elif args.in_process:
+        in_process(args.in_process)
+    elif args.instructions:
+        instructions()
     else:
         run(args.quick)
 
