@@ -560,18 +560,9 @@ def backup(path: str, dest: str) -> dict[str, Any]:
     return {"dest": str(target), "schema_version": version, "jobs": jobs, "bytes": target.stat().st_size}
 
 
-def _settle_commit(committed: asyncio.Future[None], error: Exception | None) -> None:
-    if committed.done():  # the writer was cancelled (the loop is going away)
-        return
-    if error is None:
-        committed.set_result(None)
-    else:
-        committed.set_exception(error)
-
-
 def _settle_all(outcomes: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) -> None:
     for fut, result, exc in outcomes:
-        if fut.done():  # the awaiting request went away; the write has still happened
+        if fut.done():  # its awaiter went away (a request, or the writer as the loop closes)
             continue
         if exc is not None:
             fut.set_exception(exc)
@@ -687,7 +678,7 @@ class Database:
             except Exception as exc:  # noqa: BLE001 - handed to the batch, which aborts
                 error = exc
             with contextlib.suppress(RuntimeError):  # the loop has closed: nobody is waiting
-                self._loop.call_soon_threadsafe(_settle_commit, committed, error)
+                self._loop.call_soon_threadsafe(_settle_all, [(committed, None, error)])
 
     @staticmethod
     def _run_unit(conn: sqlite3.Connection, fn: Callable[..., Any], args: tuple[Any, ...]) -> tuple[Any, BaseException | None]:
