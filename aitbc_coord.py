@@ -10,6 +10,26 @@ Transactions: every write is a unit of work run by the one writer; units that ar
 commit is in flight share the next BEGIN IMMEDIATE ... COMMIT (group commit), each inside its own
 SAVEPOINT, and no response is sent before its commit. Reads use their own connection and never
 wait on the writer (WAL).
+
+Map (sections in this order; each uses only what stands above it, so a request read from the ASGI
+app at the bottom down to the database near the top, and back, scrolls one way each time):
+
+    Settings          one frozen Settings, built from env/.env/flags
+    Errors            ApiError and its kinds, each with its HTTP status
+    Domain types      JobState, amounts, MinerProfile, Wake, Outcome
+    Database          connect (the pragmas), migrate, backup, Database (group commit, reads)
+    Data layer        named SQL functions, the connection first
+    Domain logic      time, matching, receipts (canonical JSON, Ed25519), rate limiter, poll hub
+    Units of work     tx_*: one transaction's worth of data-layer calls each
+    Coordinator       the service: runs units, wakes pollers, sweeps
+    Wire models       request models; each response model beside the function that builds it
+    Request parsing   JSON bodies, validation, keys, the Endpoint registry and its runner
+    Handlers          one per route, registered with @endpoint
+    OpenAPI           the document, generated from the registry and the models
+    ASGI app          router, CORS, errors, access log, metrics, App
+    Serving           log formatters, the socket, the uvicorn server
+    Smoke check       `aitbc-coord check`
+    CLI               click commands
 """
 
 from __future__ import annotations
@@ -278,7 +298,6 @@ def _load_api_keys(env: Mapping[str, str], app_env: str) -> tuple[dict[str, dict
 
 # === Errors ===
 
-
 class ApiError(Exception):
     """A handled error: rendered by `error_response` as {"detail": ...} with `status`."""
 
@@ -355,7 +374,6 @@ class InternalError(ApiError):
 
 # === Domain types ===
 
-
 class JobState(enum.StrEnum):
     QUEUED = "QUEUED"
     RUNNING = "RUNNING"
@@ -368,6 +386,26 @@ class JobState(enum.StrEnum):
 ACTIVE_STATES = (JobState.QUEUED, JobState.RUNNING)
 # Prices and units above this are refused or ignored: sums and averages of them stay finite.
 MAX_AMOUNT = 1e12
+
+
+def first_of(kind: type | tuple[type, ...], *values: Any) -> Any:
+    """The first value of `kind` (never a bool, never a non-finite float), or None."""
+    for value in values:
+        if isinstance(value, kind) and not isinstance(value, bool):
+            if not isinstance(value, float) or math.isfinite(value):
+                return value
+    return None
+
+
+def amount(*values: Any) -> float | int | None:
+    """The first value that is a number from 0 to MAX_AMOUNT, or None."""
+    for value in values:
+        number = first_of((int, float), value)
+        if number is not None and 0 <= number <= MAX_AMOUNT:
+            return number
+    return None
+
+
 NO_WORK_STATUSES = ("DRAINING", "OFFLINE")
 CONSTRAINT_KEYS = ("gpu", "cuda", "min_vram_gb", "models", "region", "max_price")
 
@@ -697,8 +735,8 @@ class Database:
 
 
 # === Data layer ===
-# Helpers below take an open transaction and never commit; the tx_* units of work further down
-# are what Database.write runs.
+# Named SQL, the connection first: helpers take an open transaction and never commit; the units of
+# work further down are what Database.write runs.
 
 JOB_VIEW_COLUMNS = ("seq, job_id, client_id, state, payload, constraints, requested_at, expires_at, attempts, "
                     "assigned_miner_id, assigned_at, finished_at, error")
@@ -1049,7 +1087,7 @@ def get_duration_totals(conn: sqlite3.Connection) -> tuple[int, int]:
 
 
 # === Domain logic ===
-
+# Time, matching, receipts, the rate limiter and the poll hub: no SQL here.
 
 def now_ms(clock: Callable[[], float]) -> int:
     return int(clock() * 1000)
@@ -1066,6 +1104,8 @@ def iso(ms: int | None) -> str | None:
         return None
     return f"{_iso_second(ms // 1000)}.{ms % 1000:03d}Z"
 
+
+# --- Matching (spec section 7) ---
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
@@ -1229,24 +1269,6 @@ class Signer:
         return receipt, f"{canonical[:-1]},{CANONICAL_JSON.encode(signatures)[1:]}"  # the signed text, then them
 
 
-def first_of(kind: type | tuple[type, ...], *values: Any) -> Any:
-    """The first value of `kind` (never a bool, never a non-finite float), or None."""
-    for value in values:
-        if isinstance(value, kind) and not isinstance(value, bool):
-            if not isinstance(value, float) or math.isfinite(value):
-                return value
-    return None
-
-
-def amount(*values: Any) -> float | int | None:
-    """The first value that is a number from 0 to MAX_AMOUNT, or None."""
-    for value in values:
-        number = first_of((int, float), value)
-        if number is not None and 0 <= number <= MAX_AMOUNT:
-            return number
-    return None
-
-
 def build_receipt(job: sqlite3.Row, provider: str, capabilities: Mapping[str, Any], result: Mapping[str, Any],
                   metrics: Mapping[str, Any], now: int, coordinator_id: str) -> dict[str, Any]:
     """The unsigned receipt of a job completing at `now` (table in spec section 8)."""
@@ -1299,6 +1321,8 @@ def verify_receipt(receipt: Mapping[str, Any], signing_keys: set[str],
     return {"valid": reason is None, "signature_valid": signature_valid, "attestations_valid": attestations_valid,
             "known_key": known, "reason": reason}
 
+
+# --- Rate limits and the poll hub ---
 
 class RateLimiter:
     """Fixed-window request counts per caller key (an identity, or a client address)."""
@@ -1381,8 +1405,8 @@ class PollHub:
             w.event.set()
 
 
-# --- Units of work (run by Database.write inside the writer's transaction) ---
-
+# === Units of work ===
+# Each runs inside the writer's transaction (Database.write), in its own SAVEPOINT.
 
 def tx_submit(conn: sqlite3.Connection, client_id: str, payload: str, constraints: str, ttl_ms: int, now: int,
               idem: tuple[str, str] | None, idem_since: int, value: str | None = None) -> Outcome:
@@ -1578,6 +1602,8 @@ def tx_place_bid(conn: sqlite3.Connection, provider: str, capacity: int, price: 
     return insert_bid(conn, provider, capacity, price, notes, status, offer_id, now)
 
 
+# === Coordinator ===
+
 class Coordinator:
     """The domain service behind the HTTP edge: owns the database, the poll hub and the sweeper."""
 
@@ -1678,70 +1704,9 @@ class Coordinator:
                 self.hub.notify(Wake(queued=waiter.woken_for))
 
 
-def effective_state(row: sqlite3.Row | Mapping[str, Any], now: int) -> str:
-    """A job's state as reads show it: past its deadline, an active job is EXPIRED even before the sweep."""
-    return JobState.EXPIRED.value if row["state"] in ACTIVE_STATES and row["expires_at"] <= now else row["state"]
-
-
-def job_view(row: sqlite3.Row | Mapping[str, Any], now: int) -> dict[str, Any]:
-    """The public job view."""
-    state = effective_state(row, now)
-    error = "job expired" if state != row["state"] else row["error"]
-    return {"job_id": row["job_id"], "state": state, "assigned_miner_id": row["assigned_miner_id"],
-            "requested_at": iso(row["requested_at"]), "expires_at": iso(row["expires_at"]), "error": error,
-            "attempts": row["attempts"], "constraints": json.loads(row["constraints"]),
-            "assigned_at": iso(row["assigned_at"]), "finished_at": iso(row["finished_at"])}
-
-
-def miner_view(row: sqlite3.Row, inflight: int, online_cutoff: int) -> dict[str, Any]:
-    completed = row["jobs_completed"]
-    return {"miner_id": row["miner_id"], "status": row["status"], "online": row["last_seen"] >= online_cutoff,
-            "inflight": inflight, "reported_inflight": row["reported_inflight"],
-            "concurrency": row["concurrency"], "region": row["region"],
-            "capabilities": json.loads(row["capabilities"]),
-            "last_heartbeat": iso(row["last_heartbeat"]), "last_seen": iso(row["last_seen"]),
-            "jobs_completed": completed, "jobs_failed": row["jobs_failed"],
-            "average_job_duration_ms": row["busy_ms_total"] / completed if completed else 0.0,
-            "last_receipt_id": row["last_receipt_id"]}
-
-
-def page(items: list[Any], limit: int, offset: int) -> dict[str, Any]:
-    """{"items", "next_offset"}: next_offset = offset + len(items) when the page is full, else null."""
-    return {"items": items, "next_offset": offset + len(items) if len(items) == limit else None}
-
-
-def display_value(value: Any) -> str | None:
-    """A JSON value as the explorer shows it: strings as they are, anything else as JSON."""
-    if value is None:
-        return None
-    return value if isinstance(value, str) else json.dumps(value)
-
-
-def micro_str(micro: int) -> str:
-    """Millionths as a decimal string with 6 places, exactly."""
-    micro = int(micro)  # SQLite turns an overflowing integer sum into a REAL
-    sign = "-" if micro < 0 else ""
-    return f"{sign}{abs(micro) // 1_000_000}.{abs(micro) % 1_000_000:06d}"
-
-
-def offer_view(row: sqlite3.Row) -> dict[str, Any]:
-    return {"id": row["id"], "provider": row["provider"], "capacity": row["capacity"], "price": row["price"],
-            "sla": row["sla"], "status": row["status"], "created_at": iso(row["created_at"]), "source": row["kind"]}
-
-
-def bid_view(row: sqlite3.Row) -> dict[str, Any]:
-    return {"id": row["bid_id"], "provider": row["provider"], "capacity": row["capacity"], "price": row["price"],
-            "notes": row["notes"], "status": row["status"], "offer_id": row["offer_id"],
-            "created_at": iso(row["created_at"])}
-
-
-EXPLORER_STATUS = {"QUEUED": "Queued", "RUNNING": "Running", "COMPLETED": "Succeeded", "FAILED": "Failed",
-                   "CANCELED": "Canceled", "EXPIRED": "Expired"}
-HEIGHT_BASE = 100000
-
-
-# === HTTP edge ===
-
+# === Wire models ===
+# Request models validate what comes in; each response model (Out) sits beside the function that
+# builds its data, and /openapi.json is generated from them.
 
 class Model(BaseModel):
     """Request models: unknown fields are ignored (clients send extras); NaN and Infinity refused."""
@@ -1868,6 +1833,21 @@ class Out(BaseModel):
     """Response models: they document the wire shapes in /openapi.json."""
 
 
+RESPONSE_JSON = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+
+
+def json_response(data: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> Response:
+    return Response(RESPONSE_JSON.encode(data).encode(), status, headers, "application/json")
+
+
+def stored_json_response(fields: Mapping[str, Any], stored: Mapping[str, str | None]) -> Response:
+    """A JSON object of `fields` plus members whose values are JSON text as stored (None: null),
+    spliced in as they are: payloads, results and receipts are not decoded only to be re-encoded."""
+    members = [RESPONSE_JSON.encode(fields)[1:-1]] if fields else []
+    members += [f'"{name}":{"null" if text is None else text}' for name, text in stored.items()]
+    return Response(f"{{{','.join(members)}}}".encode(), 200, None, "application/json")
+
+
 class Detail(Out):
     detail: str
 
@@ -1882,6 +1862,62 @@ class ValidationItem(Out):
 class ValidationDetail(Out):
     detail: list[ValidationItem]
 
+
+def page(items: list[Any], limit: int, offset: int) -> dict[str, Any]:
+    """{"items", "next_offset"}: next_offset = offset + len(items) when the page is full, else null."""
+    return {"items": items, "next_offset": offset + len(items) if len(items) == limit else None}
+
+
+# --- Jobs ---
+
+def effective_state(row: sqlite3.Row | Mapping[str, Any], now: int) -> str:
+    """A job's state as reads show it: past its deadline, an active job is EXPIRED even before the sweep."""
+    return JobState.EXPIRED.value if row["state"] in ACTIVE_STATES and row["expires_at"] <= now else row["state"]
+
+
+class JobView(Out):
+    job_id: str
+    state: JobState
+    assigned_miner_id: str | None
+    requested_at: str
+    expires_at: str
+    error: str | None
+    attempts: int
+    constraints: dict[str, Any]
+    assigned_at: str | None
+    finished_at: str | None
+
+
+def job_view(row: sqlite3.Row | Mapping[str, Any], now: int) -> dict[str, Any]:
+    """The public job view."""
+    state = effective_state(row, now)
+    error = "job expired" if state != row["state"] else row["error"]
+    return {"job_id": row["job_id"], "state": state, "assigned_miner_id": row["assigned_miner_id"],
+            "requested_at": iso(row["requested_at"]), "expires_at": iso(row["expires_at"]), "error": error,
+            "attempts": row["attempts"], "constraints": json.loads(row["constraints"]),
+            "assigned_at": iso(row["assigned_at"]), "finished_at": iso(row["finished_at"])}
+
+
+class JobPage(Out):
+    items: list[JobView]
+    next_offset: int | None
+
+
+class JobResultView(Out):
+    result: dict[str, Any] | None
+    receipt: Receipt | None
+
+
+class AdminJob(JobView):
+    client_id: str
+
+
+class AdminJobPage(Out):
+    items: list[AdminJob]
+    next_offset: int | None
+
+
+# --- Receipts ---
 
 class Signature(Out):
     alg: str
@@ -1908,6 +1944,11 @@ class Receipt(Out):
     attestations: list[Signature] | None = None
 
 
+class ReceiptPage(Out):
+    items: list[Receipt]
+    next_cursor: str | None
+
+
 class KeyInfo(Out):
     key_id: str
     alg: str
@@ -1927,6 +1968,94 @@ class VerifyResult(Out):
     reason: str | None
 
 
+# --- Miners ---
+
+class StatusOk(Out):
+    status: str
+
+
+class Registered(Out):
+    status: str
+    session_token: str
+
+
+class Assignment(Out):
+    job_id: str
+    payload: dict[str, Any]
+    constraints: dict[str, Any]
+    attempts: int
+    expires_at: str
+
+
+class ResultAccepted(Out):
+    status: str
+    receipt: Receipt | None
+
+
+class AdminMiner(Out):
+    miner_id: str
+    status: str
+    online: bool
+    inflight: int
+    reported_inflight: int | None
+    concurrency: int
+    region: str | None
+    capabilities: dict[str, Any]
+    last_heartbeat: str | None
+    last_seen: str | None
+    jobs_completed: int
+    jobs_failed: int
+    average_job_duration_ms: float
+    last_receipt_id: str | None
+
+
+def miner_view(row: sqlite3.Row, inflight: int, online_cutoff: int) -> dict[str, Any]:
+    completed = row["jobs_completed"]
+    return {"miner_id": row["miner_id"], "status": row["status"], "online": row["last_seen"] >= online_cutoff,
+            "inflight": inflight, "reported_inflight": row["reported_inflight"],
+            "concurrency": row["concurrency"], "region": row["region"],
+            "capabilities": json.loads(row["capabilities"]),
+            "last_heartbeat": iso(row["last_heartbeat"]), "last_seen": iso(row["last_seen"]),
+            "jobs_completed": completed, "jobs_failed": row["jobs_failed"],
+            "average_job_duration_ms": row["busy_ms_total"] / completed if completed else 0.0,
+            "last_receipt_id": row["last_receipt_id"]}
+
+
+class AdminMinerList(Out):
+    items: list[AdminMiner]
+
+
+# --- Health and totals ---
+
+class Health(Out):
+    status: str
+    env: str
+    db: str
+    version: str
+
+
+class AdminStats(Out):
+    total_jobs: int
+    active_jobs: int
+    online_miners: int
+    avg_miner_job_duration_ms: float
+    jobs_by_state: dict[str, int]
+    receipts_total: int
+
+
+def read_admin_stats(conn: sqlite3.Connection, online_cutoff: int) -> dict[str, Any]:
+    counts = get_job_counts(conn)
+    busy_ms, completed = get_duration_totals(conn)
+    return {"total_jobs": sum(counts.values()),
+            "active_jobs": counts.get(JobState.QUEUED, 0) + counts.get(JobState.RUNNING, 0),
+            "online_miners": count_online_miners(conn, online_cutoff),
+            "avg_miner_job_duration_ms": busy_ms / completed if completed else 0.0,
+            "jobs_by_state": {s.value: counts.get(s.value, 0) for s in JobState},
+            "receipts_total": get_counter(conn, "receipts")}
+
+
+# --- Marketplace ---
+
 class Offer(Out):
     id: str
     provider: str
@@ -1936,6 +2065,11 @@ class Offer(Out):
     status: str
     created_at: str
     source: str
+
+
+def offer_view(row: sqlite3.Row) -> dict[str, Any]:
+    return {"id": row["id"], "provider": row["provider"], "capacity": row["capacity"], "price": row["price"],
+            "sla": row["sla"], "status": row["status"], "created_at": iso(row["created_at"]), "source": row["kind"]}
 
 
 class MarketStats(Out):
@@ -1960,6 +2094,33 @@ class Bid(Out):
     status: str
     offer_id: str | None
     created_at: str
+
+
+def bid_view(row: sqlite3.Row) -> dict[str, Any]:
+    return {"id": row["bid_id"], "provider": row["provider"], "capacity": row["capacity"], "price": row["price"],
+            "notes": row["notes"], "status": row["status"], "offer_id": row["offer_id"],
+            "created_at": iso(row["created_at"])}
+
+
+# --- Explorer ---
+
+def display_value(value: Any) -> str | None:
+    """A JSON value as the explorer shows it: strings as they are, anything else as JSON."""
+    if value is None:
+        return None
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def micro_str(micro: int) -> str:
+    """Millionths as a decimal string with 6 places, exactly."""
+    micro = int(micro)  # SQLite turns an overflowing integer sum into a REAL
+    sign = "-" if micro < 0 else ""
+    return f"{sign}{abs(micro) // 1_000_000}.{abs(micro) % 1_000_000:06d}"
+
+
+EXPLORER_STATUS = {"QUEUED": "Queued", "RUNNING": "Running", "COMPLETED": "Succeeded", "FAILED": "Failed",
+                   "CANCELED": "Canceled", "EXPIRED": "Expired"}
+HEIGHT_BASE = 100000
 
 
 class Block(Out):
@@ -2019,145 +2180,7 @@ class ExplorerReceiptPage(Out):
     next_offset: int | None
 
 
-class JobView(Out):
-    job_id: str
-    state: JobState
-    assigned_miner_id: str | None
-    requested_at: str
-    expires_at: str
-    error: str | None
-    attempts: int
-    constraints: dict[str, Any]
-    assigned_at: str | None
-    finished_at: str | None
-
-
-class JobPage(Out):
-    items: list[JobView]
-    next_offset: int | None
-
-
-class JobResultView(Out):
-    result: dict[str, Any] | None
-    receipt: Receipt | None
-
-
-class ReceiptPage(Out):
-    items: list[Receipt]
-    next_cursor: str | None
-
-
-class StatusOk(Out):
-    status: str
-
-
-class Registered(Out):
-    status: str
-    session_token: str
-
-
-class ResultAccepted(Out):
-    status: str
-    receipt: Receipt | None
-
-
-class Assignment(Out):
-    job_id: str
-    payload: dict[str, Any]
-    constraints: dict[str, Any]
-    attempts: int
-    expires_at: str
-
-
-class Health(Out):
-    status: str
-    env: str
-    db: str
-    version: str
-
-
-class AdminStats(Out):
-    total_jobs: int
-    active_jobs: int
-    online_miners: int
-    avg_miner_job_duration_ms: float
-    jobs_by_state: dict[str, int]
-    receipts_total: int
-
-
-class AdminJob(JobView):
-    client_id: str
-
-
-class AdminJobPage(Out):
-    items: list[AdminJob]
-    next_offset: int | None
-
-
-class AdminMiner(Out):
-    miner_id: str
-    status: str
-    online: bool
-    inflight: int
-    reported_inflight: int | None
-    concurrency: int
-    region: str | None
-    capabilities: dict[str, Any]
-    last_heartbeat: str | None
-    last_seen: str | None
-    jobs_completed: int
-    jobs_failed: int
-    average_job_duration_ms: float
-    last_receipt_id: str | None
-
-
-class AdminMinerList(Out):
-    items: list[AdminMiner]
-
-
-@dataclasses.dataclass
-class Call:
-    """One parsed request as handlers see it."""
-
-    request: Request
-    coord: Coordinator
-    caller: Caller | None
-    body: Any
-    query: Any
-
-    def path(self, name: str) -> str:
-        return str(self.request.path_params[name])
-
-
-Handler = Callable[[Call], Awaitable[Response]]
-Runner = Callable[[Request], Awaitable[Response]]  # what the router calls: parses, then runs a Handler
-
-
-@dataclasses.dataclass(frozen=True)
-class Endpoint:
-    method: str
-    path: str
-    handler: Handler
-    role: str | None
-    body: type[Model] | None
-    query: type[Model] | None
-    responses: Mapping[int, type[Out] | None]
-    optional_body: bool = False
-
-
-ENDPOINTS: list[Endpoint] = []
-
-
-def endpoint(method: str, path: str, *, role: str | None = None, body: type[Model] | None = None,
-             query: type[Model] | None = None, responses: Mapping[int, type[Out] | None],
-             optional_body: bool = False) -> Callable[[Handler], Handler]:
-    """Register a handler with what /openapi.json and the request parser need to know."""
-    def register(handler: Handler) -> Handler:
-        every = {429: Detail, 503: Detail}  # rate limits and an unavailable database apply to all
-        ENDPOINTS.append(Endpoint(method, path, handler, role, body, query, {**responses, **every}, optional_body))
-        return handler
-    return register
-
+# === Request parsing ===
 
 SURROGATE_ESCAPE_RE = re.compile(rb"\\u[dD][89abAB]|\\u[dD][c-fC-F]")
 # Deeper documents parse, but re-encoding them for a miner (one level deeper) can hit Python's
@@ -2246,7 +2269,56 @@ def authenticate(request: Request, settings: Settings, role: str) -> Caller:
     return Caller(role, identity)
 
 
+def client_address(request: Request) -> str:
+    client = request.scope.get("client")
+    return f"address:{client[0] if client else '-'}"
+
+
 CALLER = "aitbc.caller"  # the scope key under which a request's authenticated identity is logged
+
+
+@dataclasses.dataclass
+class Call:
+    """One parsed request as handlers see it."""
+
+    request: Request
+    coord: Coordinator
+    caller: Caller | None
+    body: Any
+    query: Any
+
+    def path(self, name: str) -> str:
+        return str(self.request.path_params[name])
+
+
+Handler = Callable[[Call], Awaitable[Response]]
+Runner = Callable[[Request], Awaitable[Response]]  # what the router calls: parses, then runs a Handler
+
+
+@dataclasses.dataclass(frozen=True)
+class Endpoint:
+    method: str
+    path: str
+    handler: Handler
+    role: str | None
+    body: type[Model] | None
+    query: type[Model] | None
+    responses: Mapping[int, type[Out] | None]
+    optional_body: bool = False
+
+
+ENDPOINTS: list[Endpoint] = []
+
+
+def endpoint(method: str, path: str, *, role: str | None = None, body: type[Model] | None = None,
+             query: type[Model] | None = None, responses: Mapping[int, type[Out] | None],
+             optional_body: bool = False) -> Callable[[Handler], Handler]:
+    """Register a handler with what /openapi.json and the request parser need to know."""
+    def register(handler: Handler) -> Handler:
+        every = {429: Detail, 503: Detail}  # rate limits and an unavailable database apply to all
+        ENDPOINTS.append(Endpoint(method, path, handler, role, body, query, {**responses, **every}, optional_body))
+        return handler
+    return register
 
 
 def endpoint_runner(ep: Endpoint, coord: Coordinator) -> Runner:
@@ -2272,116 +2344,7 @@ def endpoint_runner(ep: Endpoint, coord: Coordinator) -> Runner:
     return run
 
 
-def client_address(request: Request) -> str:
-    client = request.scope.get("client")
-    return f"address:{client[0] if client else '-'}"
-
-
-RESPONSE_JSON = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"))
-
-
-def json_response(data: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> Response:
-    return Response(RESPONSE_JSON.encode(data).encode(), status, headers, "application/json")
-
-
-def stored_json_response(fields: Mapping[str, Any], stored: Mapping[str, str | None]) -> Response:
-    """A JSON object of `fields` plus members whose values are JSON text as stored (None: null),
-    spliced in as they are: payloads, results and receipts are not decoded only to be re-encoded."""
-    members = [RESPONSE_JSON.encode(fields)[1:-1]] if fields else []
-    members += [f'"{name}":{"null" if text is None else text}' for name, text in stored.items()]
-    return Response(f"{{{','.join(members)}}}".encode(), 200, None, "application/json")
-
-
-def error_response(exc: Exception, where: str) -> Response:
-    """The one place errors become responses: {"detail": ...} with the error's status."""
-    if isinstance(exc, sqlite3.Error):  # e.g. disk I/O on a read: retryable, never a 500
-        log.error("database error on %s: %s", where, exc)
-        exc = Unavailable()
-    elif not isinstance(exc, ApiError):
-        log.error("unhandled error on %s", where, exc_info=exc)
-        exc = InternalError()
-    return json_response({"detail": exc.detail}, exc.status, exc.headers)
-
-
-# --- Metrics and access log ---
-
-access_log = logging.getLogger("aitbc_coord.access")
-_START_NS = time.time_ns()
-
-
-class AccessRecord(logging.LogRecord):
-    """One request's access line. The busiest record by far, so it is made directly: LogRecord's own
-    constructor looks up the thread, process and source file, which no formatter here shows."""
-
-    def __init__(self, method: str, route: str, status: int, seconds: float, caller: str) -> None:  # noqa: PLW0231
-        ns = time.time_ns()
-        self.name, self.levelno, self.levelname = access_log.name, logging.INFO, "INFO"
-        self.msg, self.args = "%s %s %d %.1fms caller=%s", (method, route, status, seconds * 1000, caller)
-        self.created, self.msecs = ns / 1e9, (ns % 1_000_000_000) // 1_000_000
-        self.relativeCreated = (ns - _START_NS) / 1e6
-        self.pathname = self.filename = self.module = "(unknown file)"  # as LogRecord says with no caller
-        self.lineno, self.funcName, self.taskName = 0, "(unknown function)", None
-        self.exc_info = self.exc_text = self.stack_info = None
-        self.thread = self.threadName = self.process = self.processName = None
-        self.method, self.route, self.status, self.caller = method, route, status, caller
-        self.duration_ms = round(seconds * 1000, 2)
-
-
-KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "DELETE", "OPTIONS"})
-
-
-class Metrics:
-    """Prometheus metrics of one app, in its own registry (several apps may share a process)."""
-
-    def __init__(self) -> None:
-        self.registry = CollectorRegistry()
-        self.requests = Counter("aitbc_http_requests", "HTTP requests by route template and status",
-                                ["method", "route", "status"], registry=self.registry)
-        self.latency = Histogram("aitbc_http_request_duration_seconds", "HTTP request latency by route template",
-                                 ["method", "route"], registry=self.registry,
-                                 buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30))
-        self.commit_seconds = Histogram("aitbc_db_commit_seconds", "Duration of one group commit",
-                                        registry=self.registry,
-                                        buckets=(.0005, .001, .0025, .005, .01, .025, .05, .1, .25, 1))
-        self.commit_units = Histogram("aitbc_db_commit_units", "Units of work sharing one commit",
-                                      registry=self.registry, buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
-        self.snapshot: dict[str, Any] = {}
-        self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
-        self.registry.register(self)
-
-    def observe_request(self, method: str, route: str, status: int, seconds: float) -> None:
-        """Count one HTTP request (methods no route serves are counted as OTHER: labels stay bounded)."""
-        key = (method if method in KNOWN_METHODS else "OTHER", route, status)
-        children = self._children.get(key)
-        if children is None:
-            children = self._children[key] = (self.requests.labels(key[0], route, str(status)),
-                                              self.latency.labels(key[0], route))
-        children[0].inc()
-        children[1].observe(seconds)
-
-    def observe_commit(self, units: int, seconds: float) -> None:
-        """Called by the writer after every commit."""
-        self.commit_units.observe(units)
-        self.commit_seconds.observe(seconds)
-
-    def describe(self) -> list[Metric]:
-        return []  # the families below come and go with the snapshot
-
-    def collect(self) -> Iterable[Metric]:
-        """The database-derived families, from the snapshot the /metrics handler just read."""
-        snap = self.snapshot
-        jobs = GaugeMetricFamily("aitbc_jobs", "Jobs by state", labels=["state"])
-        for state, n in snap.get("jobs", {}).items():
-            jobs.add_metric([state], n)
-        yield jobs
-        yield GaugeMetricFamily("aitbc_queue_depth", "Jobs waiting in the queue", value=snap.get("queued", 0))
-        yield GaugeMetricFamily("aitbc_miners_online", "Miners heard from within the heartbeat timeout",
-                                value=snap.get("online", 0))
-        yield GaugeMetricFamily("aitbc_polls_waiting", "Miner long-polls waiting for work", value=snap.get("waiting", 0))
-        yield CounterMetricFamily("aitbc_receipts_issued", "Signed receipts issued", value=snap.get("receipts", 0))
-
-
-# --- Handlers ---
+# === Handlers ===
 
 ERRORS = {401: Detail, 404: Detail, 409: Detail, 413: Detail, 422: ValidationDetail, 425: Detail, 429: Detail,
           503: Detail}
@@ -2389,6 +2352,10 @@ ERRORS = {401: Detail, 404: Detail, 409: Detail, 413: Detail, 422: ValidationDet
 
 def _errors(*codes: int) -> dict[int, type[Out]]:
     return {c: ERRORS[c] for c in codes}
+
+
+def _online_cutoff(coord: Coordinator) -> int:
+    return coord.now() - int(coord.settings.heartbeat_timeout_seconds * 1000)
 
 
 @endpoint("GET", "/v1/health", responses={200: Health, 503: Health})
@@ -2575,21 +2542,6 @@ async def miner_fail(call: Call) -> Response:
     return json_response(out)
 
 
-def read_admin_stats(conn: sqlite3.Connection, online_cutoff: int) -> dict[str, Any]:
-    counts = get_job_counts(conn)
-    busy_ms, completed = get_duration_totals(conn)
-    return {"total_jobs": sum(counts.values()),
-            "active_jobs": counts.get(JobState.QUEUED, 0) + counts.get(JobState.RUNNING, 0),
-            "online_miners": count_online_miners(conn, online_cutoff),
-            "avg_miner_job_duration_ms": busy_ms / completed if completed else 0.0,
-            "jobs_by_state": {s.value: counts.get(s.value, 0) for s in JobState},
-            "receipts_total": get_counter(conn, "receipts")}
-
-
-def _online_cutoff(coord: Coordinator) -> int:
-    return coord.now() - int(coord.settings.heartbeat_timeout_seconds * 1000)
-
-
 @endpoint("GET", "/v1/admin/stats", role="admin", responses={200: AdminStats, **_errors(401)})
 async def admin_stats(call: Call) -> Response:
     """Job, miner and duration totals."""
@@ -2736,6 +2688,8 @@ async def explorer_receipts(call: Call) -> Response:
     return json_response({"jobId": q.job_id or "all", **page(items, q.limit, q.offset)})
 
 
+# === OpenAPI ===
+
 def openapi_document(settings: Settings) -> dict[str, Any]:
     """An OpenAPI 3.1 description of every endpoint, generated from the pydantic models.
 
@@ -2780,7 +2734,7 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
                 "Bearer": {"type": "http", "scheme": "bearer"}}}}
 
 
-# --- The ASGI application ---
+# === ASGI app ===
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -2860,6 +2814,93 @@ class Cors:
         response = Response("OK", 200, headers, "text/plain")
         response.raw_headers += self.allow(origin)
         return response
+
+
+def error_response(exc: Exception, where: str) -> Response:
+    """The one place errors become responses: {"detail": ...} with the error's status."""
+    if isinstance(exc, sqlite3.Error):  # e.g. disk I/O on a read: retryable, never a 500
+        log.error("database error on %s: %s", where, exc)
+        exc = Unavailable()
+    elif not isinstance(exc, ApiError):
+        log.error("unhandled error on %s", where, exc_info=exc)
+        exc = InternalError()
+    return json_response({"detail": exc.detail}, exc.status, exc.headers)
+
+
+access_log = logging.getLogger("aitbc_coord.access")
+_START_NS = time.time_ns()
+
+
+class AccessRecord(logging.LogRecord):
+    """One request's access line. The busiest record by far, so it is made directly: LogRecord's own
+    constructor looks up the thread, process and source file, which no formatter here shows."""
+
+    def __init__(self, method: str, route: str, status: int, seconds: float, caller: str) -> None:  # noqa: PLW0231
+        ns = time.time_ns()
+        self.name, self.levelno, self.levelname = access_log.name, logging.INFO, "INFO"
+        self.msg, self.args = "%s %s %d %.1fms caller=%s", (method, route, status, seconds * 1000, caller)
+        self.created, self.msecs = ns / 1e9, (ns % 1_000_000_000) // 1_000_000
+        self.relativeCreated = (ns - _START_NS) / 1e6
+        self.pathname = self.filename = self.module = "(unknown file)"  # as LogRecord says with no caller
+        self.lineno, self.funcName, self.taskName = 0, "(unknown function)", None
+        self.exc_info = self.exc_text = self.stack_info = None
+        self.thread = self.threadName = self.process = self.processName = None
+        self.method, self.route, self.status, self.caller = method, route, status, caller
+        self.duration_ms = round(seconds * 1000, 2)
+
+
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "DELETE", "OPTIONS"})
+
+
+class Metrics:
+    """Prometheus metrics of one app, in its own registry (several apps may share a process)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter("aitbc_http_requests", "HTTP requests by route template and status",
+                                ["method", "route", "status"], registry=self.registry)
+        self.latency = Histogram("aitbc_http_request_duration_seconds", "HTTP request latency by route template",
+                                 ["method", "route"], registry=self.registry,
+                                 buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30))
+        self.commit_seconds = Histogram("aitbc_db_commit_seconds", "Duration of one group commit",
+                                        registry=self.registry,
+                                        buckets=(.0005, .001, .0025, .005, .01, .025, .05, .1, .25, 1))
+        self.commit_units = Histogram("aitbc_db_commit_units", "Units of work sharing one commit",
+                                      registry=self.registry, buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
+        self.snapshot: dict[str, Any] = {}
+        self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+        self.registry.register(self)
+
+    def observe_request(self, method: str, route: str, status: int, seconds: float) -> None:
+        """Count one HTTP request (methods no route serves are counted as OTHER: labels stay bounded)."""
+        key = (method if method in KNOWN_METHODS else "OTHER", route, status)
+        children = self._children.get(key)
+        if children is None:
+            children = self._children[key] = (self.requests.labels(key[0], route, str(status)),
+                                              self.latency.labels(key[0], route))
+        children[0].inc()
+        children[1].observe(seconds)
+
+    def observe_commit(self, units: int, seconds: float) -> None:
+        """Called by the writer after every commit."""
+        self.commit_units.observe(units)
+        self.commit_seconds.observe(seconds)
+
+    def describe(self) -> list[Metric]:
+        return []  # the families below come and go with the snapshot
+
+    def collect(self) -> Iterable[Metric]:
+        """The database-derived families, from the snapshot the /metrics handler just read."""
+        snap = self.snapshot
+        jobs = GaugeMetricFamily("aitbc_jobs", "Jobs by state", labels=["state"])
+        for state, n in snap.get("jobs", {}).items():
+            jobs.add_metric([state], n)
+        yield jobs
+        yield GaugeMetricFamily("aitbc_queue_depth", "Jobs waiting in the queue", value=snap.get("queued", 0))
+        yield GaugeMetricFamily("aitbc_miners_online", "Miners heard from within the heartbeat timeout",
+                                value=snap.get("online", 0))
+        yield GaugeMetricFamily("aitbc_polls_waiting", "Miner long-polls waiting for work", value=snap.get("waiting", 0))
+        yield CounterMetricFamily("aitbc_receipts_issued", "Signed receipts issued", value=snap.get("receipts", 0))
 
 
 class App:
@@ -2949,16 +2990,7 @@ class App:
         return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
-# === CLI ===
-
-
-def _settings_or_exit(env_file: str | None, **overrides: Any) -> Settings:
-    try:
-        check_sqlite_version()
-        return Settings.load(os.environ, env_file, **overrides)
-    except ConfigError as exc:
-        raise click.ClickException(str(exc)) from None
-
+# === Serving: logging, the socket, the server ===
 
 class JsonFormatter(logging.Formatter):
     """One JSON object per line, for log shippers."""
@@ -3085,63 +3117,15 @@ def run_server(settings: Settings) -> None:
     Server(config, app.coord).run(sockets=[sock])
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(__version__, prog_name="aitbc-coord")
-def cli() -> None:
-    """AITBC job coordinator: one module, one SQLite file.
-
-    \b
-    Example:
-      aitbc-coord serve --port 8011
-    """
-
-
-@cli.command()
-@click.option("--host", help="Bind address (APP_HOST, default 127.0.0.1).")
-@click.option("--port", type=click.IntRange(0, 65535), help="Port, 0 picks a free one (APP_PORT, default 8011).")
-@click.option("--db", "db_path", help="Database file (DATABASE_URL, default ./coordinator.db).")
-@click.option("--env-file", type=click.Path(dir_okay=False), help="Read settings from this file instead of ./.env.")
-@click.option("--log-level", default="info", envvar="LOG_LEVEL", show_default=True,
-              type=click.Choice(["debug", "info", "warning", "error"]), help="Also LOG_LEVEL.")
-@click.option("--log-format", default="text", envvar="LOG_FORMAT", show_default=True,
-              type=click.Choice(["text", "json"]), help="json: one JSON object per line. Also LOG_FORMAT.")
-def serve(host: str | None, port: int | None, db_path: str | None, env_file: str | None, log_level: str,
-          log_format: str) -> None:
-    """Apply pending migrations, then serve the API.
-
-    \b
-    Example:
-      aitbc-coord serve --host 0.0.0.0 --port 8011 --db /var/lib/aitbc/coordinator.db
-    """
-    settings = _settings_or_exit(env_file, host=host, port=port, db_path=db_path)
-    setup_logging(log_level, log_format)
-    try:
-        migrate(settings.db_path)
-    except ConfigError as exc:
-        raise click.ClickException(str(exc)) from None
-    run_server(settings)
-
-
-@cli.command("migrate")
-@click.option("--db", "db_path", help="Database file (DATABASE_URL, default ./coordinator.db).")
-@click.option("--env-file", type=click.Path(dir_okay=False), help="Read settings from this file instead of ./.env.")
-def migrate_command(db_path: str | None, env_file: str | None) -> None:
-    """Create or upgrade the database schema (safe to repeat).
-
-    \b
-    Example:
-      aitbc-coord migrate --db /var/lib/aitbc/coordinator.db
-    """
-    settings = _settings_or_exit(env_file, db_path=db_path)
-    try:
-        before, after = migrate(settings.db_path)
-    except ConfigError as exc:
-        raise click.ClickException(str(exc)) from None
-    click.echo(f"{settings.db_path}: schema version {before} -> {after}")
-
+# === Smoke check ===
 
 class CheckFailed(Exception):
     """A smoke-check step did not do what it should."""
+
+
+def expect(condition: bool, why: str) -> None:
+    if not condition:
+        raise CheckFailed(why)
 
 
 class Check:
@@ -3177,11 +3161,6 @@ class Check:
         if status != expect:
             raise CheckFailed(f"{method} {path}: expected {expect}, got {status} {raw[:200].decode(errors='replace')}")
         return json.loads(raw) if raw else None
-
-
-def expect(condition: bool, why: str) -> None:
-    if not condition:
-        raise CheckFailed(why)
 
 
 def claim_own_job(check: Check, job_id: str) -> dict[str, Any]:
@@ -3269,6 +3248,71 @@ def check_in_process() -> Check:
             check = Check(base, keys["client"], keys["miner"], require_receipt=True)
             run_check(check)
     return check
+
+
+# === CLI ===
+
+def _settings_or_exit(env_file: str | None, **overrides: Any) -> Settings:
+    try:
+        check_sqlite_version()
+        return Settings.load(os.environ, env_file, **overrides)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="aitbc-coord")
+def cli() -> None:
+    """AITBC job coordinator: one module, one SQLite file.
+
+    \b
+    Example:
+      aitbc-coord serve --port 8011
+    """
+
+
+@cli.command()
+@click.option("--host", help="Bind address (APP_HOST, default 127.0.0.1).")
+@click.option("--port", type=click.IntRange(0, 65535), help="Port, 0 picks a free one (APP_PORT, default 8011).")
+@click.option("--db", "db_path", help="Database file (DATABASE_URL, default ./coordinator.db).")
+@click.option("--env-file", type=click.Path(dir_okay=False), help="Read settings from this file instead of ./.env.")
+@click.option("--log-level", default="info", envvar="LOG_LEVEL", show_default=True,
+              type=click.Choice(["debug", "info", "warning", "error"]), help="Also LOG_LEVEL.")
+@click.option("--log-format", default="text", envvar="LOG_FORMAT", show_default=True,
+              type=click.Choice(["text", "json"]), help="json: one JSON object per line. Also LOG_FORMAT.")
+def serve(host: str | None, port: int | None, db_path: str | None, env_file: str | None, log_level: str,
+          log_format: str) -> None:
+    """Apply pending migrations, then serve the API.
+
+    \b
+    Example:
+      aitbc-coord serve --host 0.0.0.0 --port 8011 --db /var/lib/aitbc/coordinator.db
+    """
+    settings = _settings_or_exit(env_file, host=host, port=port, db_path=db_path)
+    setup_logging(log_level, log_format)
+    try:
+        migrate(settings.db_path)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+    run_server(settings)
+
+
+@cli.command("migrate")
+@click.option("--db", "db_path", help="Database file (DATABASE_URL, default ./coordinator.db).")
+@click.option("--env-file", type=click.Path(dir_okay=False), help="Read settings from this file instead of ./.env.")
+def migrate_command(db_path: str | None, env_file: str | None) -> None:
+    """Create or upgrade the database schema (safe to repeat).
+
+    \b
+    Example:
+      aitbc-coord migrate --db /var/lib/aitbc/coordinator.db
+    """
+    settings = _settings_or_exit(env_file, db_path=db_path)
+    try:
+        before, after = migrate(settings.db_path)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"{settings.db_path}: schema version {before} -> {after}")
 
 
 @cli.command("check")
