@@ -444,6 +444,9 @@ class Wake:
     queued: list[tuple[str, dict[str, Any]]] = dataclasses.field(default_factory=list)
     miners: set[str] = dataclasses.field(default_factory=set)
 
+    def __bool__(self) -> bool:
+        return bool(self.queued or self.miners)
+
     def add_rows(self, rows: Iterable[sqlite3.Row]) -> Wake:
         for row in rows:
             if row["state"] == JobState.QUEUED:
@@ -1406,7 +1409,8 @@ class PollHub:
 
 
 # === Units of work ===
-# Each runs inside the writer's transaction (Database.write), in its own SAVEPOINT.
+# Each runs inside the writer's transaction (Database.write), in its own SAVEPOINT, and returns an
+# Outcome: its value, whom to wake after the commit, and an error to raise after it.
 
 def tx_submit(conn: sqlite3.Connection, client_id: str, payload: str, constraints: str, ttl_ms: int, now: int,
               idem: tuple[str, str] | None, idem_since: int, value: str | None = None) -> Outcome:
@@ -1458,23 +1462,22 @@ def tx_heartbeat(conn: sqlite3.Connection, miner_id: str, inflight: int | None, 
     return Outcome("ok", Wake(miners={miner_id}))  # a status change may let its own poll take work
 
 
-def tx_poll(conn: sqlite3.Connection, miner_id: str, now: int,
-            matcher: Matcher) -> tuple[sqlite3.Row | None, MinerProfile, bool]:
+def tx_poll(conn: sqlite3.Connection, miner_id: str, now: int, matcher: Matcher) -> Outcome:
     """Claim the oldest QUEUED job the miner can run, if it has a free slot; raises NotFound.
 
-    Returns (job or None, the miner, whether it could take work).
+    The value is (job or None, the miner, whether it could take work).
     """
     row = touch_miner(conn, miner_id, now)
     if row is None:
         raise NotFound("miner not registered")
     miner = MinerProfile.from_row(row)
     if miner.status.upper() in NO_WORK_STATUSES or count_running(conn, miner_id) >= miner.concurrency:
-        return None, miner, False
+        return Outcome((None, miner, False))
     candidates = [s for s in (oldest_queued_in_shape(conn, sid, now) for sid in matcher.shapes_for(conn, miner))
                   if s is not None]
     if not candidates:
-        return None, miner, True
-    return assign_job(conn, min(candidates), miner_id, now), miner, True
+        return Outcome((None, miner, True))
+    return Outcome((assign_job(conn, min(candidates), miner_id, now), miner, True))
 
 
 def tx_release(conn: sqlite3.Connection, miner_id: str, job_id: str) -> Outcome:
@@ -1580,26 +1583,28 @@ def tx_sweep(conn: sqlite3.Connection, now: int, waiting: Sequence[str], heartbe
 
 
 def tx_create_offer(conn: sqlite3.Connection, provider: str, capacity: int, price: float, sla: str, status: str,
-                    now: int, cutoff: int) -> sqlite3.Row:
-    """An admin offer; returns it as listed."""
-    return get_offer(conn, insert_offer(conn, provider, capacity, price, sla, status, now), cutoff)
+                    now: int, cutoff: int) -> Outcome:
+    """An admin offer; the value is the offer as listed."""
+    return Outcome(get_offer(conn, insert_offer(conn, provider, capacity, price, sla, status, now), cutoff))
 
 
-def tx_set_offer_status(conn: sqlite3.Connection, offer_id: str, status: str, cutoff: int) -> sqlite3.Row:
-    """Set an admin offer's status; raises NotFound, or Conflict for a miner's offer (it follows the miner)."""
+def tx_set_offer_status(conn: sqlite3.Connection, offer_id: str, status: str, cutoff: int) -> Outcome:
+    """Set an admin offer's status (the value: the offer as listed); raises NotFound, or Conflict for a
+    miner's offer (it follows the miner)."""
     if not update_offer_status(conn, offer_id, status):
         if get_offer(conn, offer_id, cutoff) is None:
             raise NotFound("offer not found")
         raise Conflict("a miner's offer follows the miner; its status cannot be set")
-    return get_offer(conn, offer_id, cutoff)
+    return Outcome(get_offer(conn, offer_id, cutoff))
 
 
 def tx_place_bid(conn: sqlite3.Connection, provider: str, capacity: int, price: float, notes: str | None,
-                 now: int, cutoff: int) -> sqlite3.Row:
-    """Record a bid, matched at once to the cheapest open offer that fits it, else pending."""
+                 now: int, cutoff: int) -> Outcome:
+    """Record a bid, matched at once to the cheapest open offer that fits it, else pending; the value is
+    the bid's row."""
     offer = cheapest_open_offer(conn, price, capacity, cutoff)
     status, offer_id = ("matched", offer["id"]) if offer is not None else ("pending", None)
-    return insert_bid(conn, provider, capacity, price, notes, status, offer_id, now)
+    return Outcome(insert_bid(conn, provider, capacity, price, notes, status, offer_id, now))
 
 
 # === Coordinator ===
@@ -1645,12 +1650,11 @@ class Coordinator:
                 await self._sweeper
         await self.db.close()
 
-    async def apply(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """Run a unit of work; wake the pollers it concerns; raise the error it returned."""
+    async def apply(self, fn: Callable[..., Outcome], *args: Any) -> Any:
+        """Run a unit of work; wake the pollers it concerns; raise the error it returned, else its value."""
         out = await self.db.write(fn, *args)
-        if not isinstance(out, Outcome):
-            return out
-        self.hub.notify(out.wake)
+        if out.wake:  # nothing changed that could give anyone work: nobody to wake
+            self.hub.notify(out.wake)
         if out.error is not None:
             raise out.error
         return out.value

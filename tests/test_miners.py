@@ -262,7 +262,7 @@ def _poll_vm_steps(conn: sqlite3.Connection, matcher: ac.Matcher, now: int) -> i
 
     conn.set_progress_handler(count, 1)
     conn.execute("SAVEPOINT probe")
-    job, _, _ = ac.tx_poll(conn, "eu-miner", now, matcher)
+    job, _, _ = ac.tx_poll(conn, "eu-miner", now, matcher).value
     conn.execute("ROLLBACK TO probe")
     conn.execute("RELEASE probe")
     conn.set_progress_handler(None, 0)

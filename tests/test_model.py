@@ -71,8 +71,8 @@ class Lifecycle(RuleBasedStateMachine):
     @rule(miner=st.sampled_from(MINERS))
     def poll(self, miner: str) -> None:
         out = self.unit(ac.tx_poll, miner, self.now, self.matcher)
-        if isinstance(out, tuple) and out[0] is not None:
-            job_id = out[0]["job_id"]
+        if out.error is None and out.value[0] is not None:
+            job_id = out.value[0]["job_id"]
             assert self.job(job_id)["state"] == "RUNNING"
             self.held_by[job_id] = miner
 
