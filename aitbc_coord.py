@@ -838,10 +838,17 @@ def finish_job(conn: sqlite3.Connection, seq: int, state: str, now: int, error: 
                  " metrics = COALESCE(?, metrics) WHERE seq = ?", (state, now, error, result, metrics, seq))
 
 
-def requeue_job(conn: sqlite3.Connection, seq: int) -> sqlite3.Row:
+def requeue_job(conn: sqlite3.Connection, job_id: str, holder: str, *, count_attempt: bool) -> sqlite3.Row | None:
+    """Put the RUNNING job that `holder` holds back in the queue; None when it holds no such job.
+
+    A miner that gave the job up has used an attempt (`count_attempt`); a claim that never reached
+    its miner is undone as if it had not happened, its attempt given back.
+    """
     return conn.execute(
-        "UPDATE jobs SET state = 'QUEUED', assigned_miner_id = NULL, assigned_at = NULL"
-        " WHERE seq = ? RETURNING job_id, state, constraints", (seq,)).fetchone()
+        "UPDATE jobs SET state = 'QUEUED', assigned_miner_id = NULL, assigned_at = NULL,"
+        " attempts = attempts - :undo WHERE job_id = :job AND state = 'RUNNING' AND assigned_miner_id = :holder"
+        " RETURNING job_id, state, constraints",
+        {"undo": 0 if count_attempt else 1, "job": job_id, "holder": holder}).fetchone()
 
 
 def release_running(conn: sqlite3.Connection, where: str, params: Mapping[str, Any], max_attempts: int,
@@ -1482,10 +1489,7 @@ def tx_poll(conn: sqlite3.Connection, miner_id: str, now: int, matcher: Matcher)
 
 def tx_release(conn: sqlite3.Connection, miner_id: str, job_id: str) -> Outcome:
     """Put back a job just claimed for a poll whose client had gone; the assignment never counted."""
-    row = conn.execute(
-        "UPDATE jobs SET state = 'QUEUED', assigned_miner_id = NULL, assigned_at = NULL, attempts = attempts - 1"
-        " WHERE job_id = ? AND state = 'RUNNING' AND assigned_miner_id = ? RETURNING job_id, state, constraints",
-        (job_id, miner_id)).fetchone()
+    row = requeue_job(conn, job_id, miner_id, count_attempt=False)
     return Outcome(row is not None, Wake(miners={miner_id}).add_rows([row] if row else []))
 
 
@@ -1561,7 +1565,7 @@ def tx_fail(conn: sqlite3.Connection, miner_id: str, job_id: str, error_text: st
     add_miner_outcome(conn, miner_id, now, 0, 1, 0)
     wake = Wake(miners={miner_id})
     if retryable and job["attempts"] < max_attempts:
-        wake.add_rows([requeue_job(conn, job["seq"])])
+        wake.add_rows([requeue_job(conn, job_id, miner_id, count_attempt=True)])  # held: checked above
     else:
         finish_job(conn, job["seq"], JobState.FAILED, now, error_text, None, metrics)
     return Outcome({"status": "ok"}, wake)
