@@ -68,7 +68,7 @@ from nacl.exceptions import CryptoError
 from nacl.signing import SigningKey, VerifyKey
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, RootModel, ValidationError, field_validator
 from pydantic.json_schema import models_json_schema
 from starlette.requests import Request
 from starlette.responses import Response
@@ -1558,7 +1558,7 @@ def tx_fail(conn: sqlite3.Connection, miner_id: str, job_id: str, error_text: st
     job, _ = _load_reported_job(conn, miner_id, job_id)
     if job["state"] == JobState.FAILED and job["assigned_miner_id"] == miner_id and job["error"] == error_text:
         touch_miner(conn, miner_id, now)
-        return Outcome({"status": "ok"})
+        return Outcome()
     error = _check_holder(conn, miner_id, job, now)
     if error is not None:
         return _refused(conn, miner_id, now, error)
@@ -1568,7 +1568,7 @@ def tx_fail(conn: sqlite3.Connection, miner_id: str, job_id: str, error_text: st
         wake.add_rows([requeue_job(conn, job_id, miner_id, count_attempt=True)])  # held: checked above
     else:
         finish_job(conn, job["seq"], JobState.FAILED, now, error_text, None, metrics)
-    return Outcome({"status": "ok"}, wake)
+    return Outcome(wake=wake)
 
 
 def tx_sweep(conn: sqlite3.Connection, now: int, waiting: Sequence[str], heartbeat_timeout_ms: int,
@@ -1871,9 +1871,81 @@ class ValidationDetail(Out):
     detail: list[ValidationItem]
 
 
+class ValidationOrMessage(Out):
+    """A 422 that is either validation errors or, for a reused Idempotency-Key, a message (SPEC section 5)."""
+
+    detail: list[ValidationItem] | str
+
+
 def page(items: list[Any], limit: int, offset: int) -> dict[str, Any]:
     """{"items", "next_offset"}: next_offset = offset + len(items) when the page is full, else null."""
     return {"items": items, "next_offset": offset + len(items) if len(items) == limit else None}
+
+
+# --- Receipts ---
+
+class Signature(Out):
+    alg: str
+    key_id: str
+    sig: str
+
+
+class Receipt(Out):
+    version: str
+    receipt_id: str
+    job_id: str
+    provider: str
+    client: str
+    coordinator_id: str
+    status: str
+    units: float
+    unit_type: str
+    unit_price: float | None = None
+    price: float | None = None
+    started_at: int
+    completed_at: int
+    metadata: dict[str, Any]
+    signature: Signature
+    attestations: list[Signature] | None = None
+
+
+class ReceiptPage(Out):
+    items: list[Receipt]
+    next_cursor: str | None
+
+
+def receipt_page_response(rows: Sequence[sqlite3.Row], limit: int) -> Response:
+    """A page of receipts as stored from up to `limit` + 1 rows (seq, body): the extra row says there is more."""
+    more = len(rows) > limit
+    return stored_json_response({"next_cursor": str(rows[limit - 1]["seq"]) if more else None},
+                                {"items": f"[{','.join(r['body'] for r in rows[:limit])}]"})
+
+
+class KeyInfo(Out):
+    key_id: str
+    alg: str
+    role: str
+    status: str
+
+
+def key_info_view(row: sqlite3.Row, active: set[tuple[str, str]]) -> dict[str, Any]:
+    """A signing_keys row; `active` holds the (key_id, role) pairs this server signs with now."""
+    return {"key_id": row["key_id"], "alg": "Ed25519", "role": row["role"],
+            "status": "active" if (row["key_id"], row["role"]) in active else "retired"}
+
+
+class KeyList(Out):
+    items: list[KeyInfo]
+
+
+class VerifyResult(Out):
+    """What verify_receipt returns (Domain logic), as it is."""
+
+    valid: bool
+    signature_valid: bool
+    attestations_valid: list[bool]
+    known_key: bool
+    reason: str | None
 
 
 # --- Jobs ---
@@ -1916,64 +1988,22 @@ class JobResultView(Out):
     receipt: Receipt | None
 
 
+def job_result_response(result: str | None, receipt: str | None) -> Response:
+    """A finished job's result and latest receipt, both as stored (JSON text or None)."""
+    return stored_json_response({}, {"result": result, "receipt": receipt})
+
+
 class AdminJob(JobView):
     client_id: str
+
+
+def admin_job_view(row: sqlite3.Row, now: int) -> dict[str, Any]:
+    return {**job_view(row, now), "client_id": row["client_id"]}
 
 
 class AdminJobPage(Out):
     items: list[AdminJob]
     next_offset: int | None
-
-
-# --- Receipts ---
-
-class Signature(Out):
-    alg: str
-    key_id: str
-    sig: str
-
-
-class Receipt(Out):
-    version: str
-    receipt_id: str
-    job_id: str
-    provider: str
-    client: str
-    coordinator_id: str
-    status: str
-    units: float
-    unit_type: str
-    unit_price: float | None = None
-    price: float | None = None
-    started_at: int
-    completed_at: int
-    metadata: dict[str, Any]
-    signature: Signature
-    attestations: list[Signature] | None = None
-
-
-class ReceiptPage(Out):
-    items: list[Receipt]
-    next_cursor: str | None
-
-
-class KeyInfo(Out):
-    key_id: str
-    alg: str
-    role: str
-    status: str
-
-
-class KeyList(Out):
-    items: list[KeyInfo]
-
-
-class VerifyResult(Out):
-    valid: bool
-    signature_valid: bool
-    attestations_valid: list[bool]
-    known_key: bool
-    reason: str | None
 
 
 # --- Miners ---
@@ -1982,9 +2012,16 @@ class StatusOk(Out):
     status: str
 
 
+STATUS_OK = {"status": "ok"}
+
+
 class Registered(Out):
     status: str
     session_token: str
+
+
+def registered_view(session_token: str) -> dict[str, Any]:
+    return {"status": "ok", "session_token": session_token}
 
 
 class Assignment(Out):
@@ -1995,9 +2032,20 @@ class Assignment(Out):
     expires_at: str
 
 
+def assignment_response(job: sqlite3.Row) -> Response:
+    """A claimed job for its miner, payload and constraints as stored."""
+    return stored_json_response({"job_id": job["job_id"], "attempts": job["attempts"], "expires_at": iso(job["expires_at"])},
+                                {"payload": job["payload"], "constraints": job["constraints"]})
+
+
 class ResultAccepted(Out):
     status: str
     receipt: Receipt | None
+
+
+def result_accepted_response(receipt: str | None) -> Response:
+    """A completion's answer: its receipt as stored (JSON text), or null without a signing key."""
+    return stored_json_response(STATUS_OK, {"receipt": receipt})
 
 
 class AdminMiner(Out):
@@ -2042,6 +2090,11 @@ class Health(Out):
     version: str
 
 
+def health_view(settings: Settings, db_ok: bool) -> dict[str, Any]:
+    return {"status": "ok" if db_ok else "degraded", "env": settings.app_env, "db": "ok" if db_ok else "error",
+            "version": __version__}
+
+
 class AdminStats(Out):
     total_jobs: int
     active_jobs: int
@@ -2080,6 +2133,10 @@ def offer_view(row: sqlite3.Row) -> dict[str, Any]:
             "sla": row["sla"], "status": row["status"], "created_at": iso(row["created_at"]), "source": row["kind"]}
 
 
+class OfferList(RootModel[list[Offer]]):
+    """The offers list: a bare JSON array, as the marketplace dashboard reads it."""
+
+
 class MarketStats(Out):
     totalOffers: int
     openCapacity: int
@@ -2087,10 +2144,21 @@ class MarketStats(Out):
     activeBids: int
 
 
+def market_stats_view(totals: sqlite3.Row, active_bids: int) -> dict[str, Any]:
+    """From get_offer_totals' row and the active-bid counter."""
+    price = totals["open_price"]
+    return {"totalOffers": totals["total"], "openCapacity": totals["open_capacity"],
+            "averagePrice": round(price, 4) if price is not None else 0.0, "activeBids": active_bids}
+
+
 class BidAccepted(Out):
     id: str
     status: str
     offer_id: str | None
+
+
+def bid_accepted_view(row: sqlite3.Row) -> dict[str, Any]:
+    return {"id": row["bid_id"], "status": row["status"], "offer_id": row["offer_id"]}
 
 
 class Bid(Out):
@@ -2139,6 +2207,12 @@ class Block(Out):
     proposer: str
 
 
+def block_view(row: sqlite3.Row) -> dict[str, Any]:
+    """One block per job (a list_job_page row)."""
+    return {"height": HEIGHT_BASE + row["seq"], "hash": row["job_id"], "timestamp": iso(row["requested_at"]),
+            "txCount": 1, "proposer": row["assigned_miner_id"] or "unassigned"}
+
+
 class BlockPage(Out):
     items: list[Block]
     next_offset: int | None
@@ -2154,6 +2228,13 @@ class Transaction(Out):
     timestamp: str
 
 
+def transaction_view(row: sqlite3.Row, price: float | None, now: int) -> dict[str, Any]:
+    """One transaction per job (a list_job_page row); value is the receipt price, else payload.value, else "0"."""
+    return {"hash": row["job_id"], "block": HEIGHT_BASE + row["seq"], "from": row["client_id"],
+            "to": row["assigned_miner_id"] or "unassigned", "value": display_value(price) or row["value"] or "0",
+            "status": EXPLORER_STATUS[effective_state(row, now)], "timestamp": iso(row["requested_at"])}
+
+
 class TransactionPage(Out):
     items: list[Transaction]
     next_offset: int | None
@@ -2165,6 +2246,12 @@ class Address(Out):
     txCount: int
     lastActive: str
     recentTransactions: list[str]
+
+
+def address_view(row: sqlite3.Row, recent: list[str]) -> dict[str, Any]:
+    """An addresses row and the ids of its newest jobs."""
+    return {"address": row["address"], "balance": micro_str(row["balance_micro"]), "txCount": row["tx_count"],
+            "lastActive": iso(row["last_active"]), "recentTransactions": recent}
 
 
 class AddressPage(Out):
@@ -2180,6 +2267,14 @@ class ExplorerReceipt(Out):
     issuedAt: str
     status: str
     payload: Receipt
+
+
+def explorer_receipt_view(row: sqlite3.Row) -> dict[str, Any]:
+    """A list_receipts row (issued_at, attested, body)."""
+    receipt = json.loads(row["body"])
+    return {"jobId": receipt["job_id"], "receiptId": receipt["receipt_id"], "miner": receipt["provider"],
+            "coordinator": receipt["coordinator_id"], "issuedAt": iso(row["issued_at"]),
+            "status": "Attested" if row["attested"] else "Signed", "payload": receipt}
 
 
 class ExplorerReceiptPage(Out):
@@ -2311,7 +2406,7 @@ class Endpoint:
     role: str | None
     body: type[Model] | None
     query: type[Model] | None
-    responses: Mapping[int, type[Out] | None]
+    responses: Mapping[int, type[BaseModel] | None]
     optional_body: bool = False
 
 
@@ -2319,12 +2414,12 @@ ENDPOINTS: list[Endpoint] = []
 
 
 def endpoint(method: str, path: str, *, role: str | None = None, body: type[Model] | None = None,
-             query: type[Model] | None = None, responses: Mapping[int, type[Out] | None],
+             query: type[Model] | None = None, responses: Mapping[int, type[BaseModel] | None],
              optional_body: bool = False) -> Callable[[Handler], Handler]:
     """Register a handler with what /openapi.json and the request parser need to know."""
     def register(handler: Handler) -> Handler:
         every = {429: Detail, 503: Detail}  # rate limits and an unavailable database apply to all
-        ENDPOINTS.append(Endpoint(method, path, handler, role, body, query, {**responses, **every}, optional_body))
+        ENDPOINTS.append(Endpoint(method, path, handler, role, body, query, {**every, **responses}, optional_body))
         return handler
     return register
 
@@ -2358,7 +2453,7 @@ ERRORS = {401: Detail, 404: Detail, 409: Detail, 413: Detail, 422: ValidationDet
           503: Detail}
 
 
-def _errors(*codes: int) -> dict[int, type[Out]]:
+def _errors(*codes: int) -> dict[int, type[BaseModel]]:
     return {c: ERRORS[c] for c in codes}
 
 
@@ -2369,13 +2464,12 @@ def _online_cutoff(coord: Coordinator) -> int:
 @endpoint("GET", "/v1/health", responses={200: Health, 503: Health})
 async def health(call: Call) -> Response:
     """Liveness and database readability."""
-    settings = call.coord.settings
     try:
         await call.coord.db.read(get_job_counts)
-        db, status, code = "ok", "ok", 200
+        ok = True
     except (sqlite3.Error, RuntimeError):
-        db, status, code = "error", "degraded", 503
-    return json_response({"status": status, "env": settings.app_env, "db": db, "version": __version__}, code)
+        ok = False
+    return json_response(health_view(call.coord.settings, ok), 200 if ok else 503)
 
 
 async def _client_job(call: Call) -> sqlite3.Row:
@@ -2385,7 +2479,8 @@ async def _client_job(call: Call) -> sqlite3.Row:
     return row
 
 
-@endpoint("POST", "/v1/jobs", role="client", body=JobSubmit, responses={201: JobView, **_errors(401, 413, 422)})
+@endpoint("POST", "/v1/jobs", role="client", body=JobSubmit,
+          responses={201: JobView, **_errors(401, 413), 422: ValidationOrMessage})
 async def submit_job(call: Call) -> Response:
     """Queue a job (Idempotency-Key makes a retry return the original)."""
     coord, body, settings = call.coord, call.body, call.coord.settings
@@ -2429,7 +2524,7 @@ async def get_job_result(call: Call) -> Response:
     receipt = await call.coord.db.read(get_latest_receipt, row["job_id"]) if finished else None
     if not finished or (row["result"] is None and receipt is None):
         raise NotReady()
-    return stored_json_response({}, {"result": row["result"], "receipt": receipt})
+    return job_result_response(row["result"], receipt)
 
 
 @endpoint("POST", "/v1/jobs/{job_id}/cancel", role="client", responses={200: JobView, **_errors(401, 404, 409)})
@@ -2467,9 +2562,7 @@ async def list_job_receipts(call: Call) -> Response:
             raise Invalid.one(["query", "cursor"], "not a cursor this server issued", q.cursor)
         after = int(q.cursor)
     rows = await call.coord.db.read(list_receipts_for_job, row["job_id"], after, q.limit + 1)
-    more = len(rows) > q.limit
-    return stored_json_response({"next_cursor": str(rows[q.limit - 1]["seq"]) if more else None},
-                                {"items": f"[{','.join(r['body'] for r in rows[:q.limit])}]"})
+    return receipt_page_response(rows, q.limit)
 
 
 @endpoint("GET", "/v1/receipts/keys", responses={200: KeyList})
@@ -2477,9 +2570,7 @@ async def receipt_keys(call: Call) -> Response:
     """Every public key this coordinator has signed receipts with, current and retired."""
     rows = await call.coord.db.read(list_signing_keys)
     active = set(call.coord.signer.key_ids()) if call.coord.signer else set()
-    return json_response({"items": [
-        {"key_id": r["key_id"], "alg": "Ed25519", "role": r["role"],
-         "status": "active" if (r["key_id"], r["role"]) in active else "retired"} for r in rows]})
+    return json_response({"items": [key_info_view(r, active) for r in rows]})
 
 
 @endpoint("POST", "/v1/receipts/verify", body=ReceiptVerify, responses={200: VerifyResult, **_errors(413, 422)})
@@ -2499,7 +2590,7 @@ async def register_miner(call: Call) -> Response:
     region = body.region if body.region is not None else (caps.get("region") if isinstance(caps.get("region"), str) else None)
     token = await coord.apply(tx_register, call.caller.identity, caps, body.concurrency,  # type: ignore[union-attr]
                               region, coord.now(), coord.settings.job_max_attempts)
-    return json_response({"status": "ok", "session_token": token})
+    return json_response(registered_view(token))
 
 
 @endpoint("POST", "/v1/miners/heartbeat", role="miner", body=MinerHeartbeat, optional_body=True,
@@ -2509,7 +2600,7 @@ async def miner_heartbeat(call: Call) -> Response:
     b, coord = call.body, call.coord
     await coord.apply(tx_heartbeat, call.caller.identity, b.inflight, b.status.upper(),  # type: ignore[union-attr]
                       None if b.metadata is None else compact_json(b.metadata), coord.now())
-    return json_response({"status": "ok"})
+    return json_response(STATUS_OK)
 
 
 @endpoint("POST", "/v1/miners/poll", role="miner", body=MinerPoll, optional_body=True,
@@ -2525,8 +2616,7 @@ async def miner_poll(call: Call) -> Response:
         job = None
     if job is None:
         return Response(status_code=204)
-    return stored_json_response({"job_id": job["job_id"], "attempts": job["attempts"], "expires_at": iso(job["expires_at"])},
-                                {"payload": job["payload"], "constraints": job["constraints"]})
+    return assignment_response(job)
 
 
 @endpoint("POST", "/v1/miners/{job_id}/result", role="miner", body=MinerResult,
@@ -2536,7 +2626,7 @@ async def miner_result(call: Call) -> Response:
     b, coord = call.body, call.coord
     receipt = await coord.apply(tx_result, call.caller.identity, call.path("job_id"),  # type: ignore[union-attr]
                                 b.result, b.metrics, coord.now(), coord.signer, coord.settings.coordinator_id)
-    return stored_json_response({"status": "ok"}, {"receipt": receipt})
+    return result_accepted_response(receipt)
 
 
 @endpoint("POST", "/v1/miners/{job_id}/fail", role="miner", body=MinerFail,
@@ -2544,10 +2634,10 @@ async def miner_result(call: Call) -> Response:
 async def miner_fail(call: Call) -> Response:
     """Give up a job the caller holds (re-queued if retryable and attempts remain)."""
     b, coord = call.body, call.coord
-    out = await coord.apply(tx_fail, call.caller.identity, call.path("job_id"),  # type: ignore[union-attr]
-                            f"{b.error_code}: {b.error_message}", compact_json(b.metrics), b.retryable,
-                            coord.now(), coord.settings.job_max_attempts)
-    return json_response(out)
+    await coord.apply(tx_fail, call.caller.identity, call.path("job_id"),  # type: ignore[union-attr]
+                      f"{b.error_code}: {b.error_message}", compact_json(b.metrics), b.retryable,
+                      coord.now(), coord.settings.job_max_attempts)
+    return json_response(STATUS_OK)
 
 
 @endpoint("GET", "/v1/admin/stats", role="admin", responses={200: AdminStats, **_errors(401)})
@@ -2561,7 +2651,7 @@ async def admin_jobs(call: Call) -> Response:
     """Every client's jobs, newest first."""
     q, now = call.query, call.coord.now()
     rows = await call.coord.db.read(list_jobs, None, q.state, q.limit, q.offset)
-    return json_response(page([{**job_view(r, now), "client_id": r["client_id"]} for r in rows], q.limit, q.offset))
+    return json_response(page([admin_job_view(r, now) for r in rows], q.limit, q.offset))
 
 
 @endpoint("GET", "/v1/admin/miners", role="admin", responses={200: AdminMinerList, **_errors(401)})
@@ -2576,7 +2666,8 @@ async def admin_miners(call: Call) -> Response:
 
 # Marketplace (public, except creating and changing offers)
 
-@endpoint("GET", "/v1/marketplace/offers", query=OfferQuery, responses={200: None, 400: Detail, 422: ValidationDetail})
+@endpoint("GET", "/v1/marketplace/offers", query=OfferQuery,
+          responses={200: OfferList, 400: Detail, 422: ValidationDetail})
 async def list_market_offers(call: Call) -> Response:
     """Offers newest first, as a bare JSON array; `status` filter (any case)."""
     q = call.query
@@ -2593,9 +2684,7 @@ async def market_stats(call: Call) -> Response:
     def read(conn: sqlite3.Connection, cutoff: int) -> tuple[sqlite3.Row, int]:
         return get_offer_totals(conn, cutoff), get_counter(conn, "active_bids")
     totals, bids = await call.coord.db.read(read, _online_cutoff(call.coord))
-    price = totals["open_price"]
-    return json_response({"totalOffers": totals["total"], "openCapacity": totals["open_capacity"],
-                          "averagePrice": round(price, 4) if price is not None else 0.0, "activeBids": bids})
+    return json_response(market_stats_view(totals, bids))
 
 
 @endpoint("POST", "/v1/marketplace/bids", body=BidCreate, responses={202: BidAccepted, **_errors(413, 422)})
@@ -2603,7 +2692,7 @@ async def place_bid(call: Call) -> Response:
     """A bid, matched at once to the cheapest open offer that fits, else pending."""
     b, coord = call.body, call.coord
     row = await coord.apply(tx_place_bid, b.provider, b.capacity, b.price, b.notes, coord.now(), _online_cutoff(coord))
-    return json_response({"id": row["bid_id"], "status": row["status"], "offer_id": row["offer_id"]}, 202)
+    return json_response(bid_accepted_view(row), 202)
 
 
 @endpoint("GET", "/v1/marketplace/bids/{bid_id}", responses={200: Bid, 404: Detail})
@@ -2641,15 +2730,13 @@ async def explorer_blocks(call: Call) -> Response:
     """One block per job, newest (highest) first."""
     q = call.query
     rows = await call.coord.db.read(list_job_page, q.limit, q.offset)
-    return json_response(page([
-        {"height": HEIGHT_BASE + r["seq"], "hash": r["job_id"], "timestamp": iso(r["requested_at"]), "txCount": 1,
-         "proposer": r["assigned_miner_id"] or "unassigned"} for r in rows], q.limit, q.offset))
+    return json_response(page([block_view(r) for r in rows], q.limit, q.offset))
 
 
 @endpoint("GET", "/v1/explorer/transactions", query=ExplorerQuery,
           responses={200: TransactionPage, 422: ValidationDetail})
 async def explorer_transactions(call: Call) -> Response:
-    """One transaction per job, newest first; value is the receipt price, else payload.value, else "0"."""
+    """One transaction per job, newest first."""
     q = call.query
 
     def read(conn: sqlite3.Connection) -> tuple[list[sqlite3.Row], dict[str, float | None]]:
@@ -2658,12 +2745,7 @@ async def explorer_transactions(call: Call) -> Response:
 
     rows, prices = await call.coord.db.read(read)
     now = call.coord.now()
-    return json_response(page([
-        {"hash": r["job_id"], "block": HEIGHT_BASE + r["seq"], "from": r["client_id"],
-         "to": r["assigned_miner_id"] or "unassigned",
-         "value": display_value(prices.get(r["job_id"])) or r["value"] or "0",
-         "status": EXPLORER_STATUS[effective_state(r, now)], "timestamp": iso(r["requested_at"])}
-        for r in rows], q.limit, q.offset))
+    return json_response(page([transaction_view(r, prices.get(r["job_id"]), now) for r in rows], q.limit, q.offset))
 
 
 @endpoint("GET", "/v1/explorer/addresses", query=ExplorerQuery, responses={200: AddressPage, 422: ValidationDetail})
@@ -2675,10 +2757,7 @@ async def explorer_addresses(call: Call) -> Response:
         return [(r, list_recent_job_ids(conn, r["address"], 5)) for r in list_addresses(conn, q.limit, q.offset)]
 
     rows = await call.coord.db.read(read)
-    return json_response(page([
-        {"address": r["address"], "balance": micro_str(r["balance_micro"]), "txCount": r["tx_count"],
-         "lastActive": iso(r["last_active"]), "recentTransactions": recent} for r, recent in rows],
-        q.limit, q.offset))
+    return json_response(page([address_view(r, recent) for r, recent in rows], q.limit, q.offset))
 
 
 @endpoint("GET", "/v1/explorer/receipts", query=ExplorerReceiptQuery,
@@ -2687,12 +2766,7 @@ async def explorer_receipts(call: Call) -> Response:
     """Receipts newest first, of every job or of `job_id`."""
     q = call.query
     rows = await call.coord.db.read(list_receipts, q.job_id, q.limit, q.offset)
-    items = []
-    for r in rows:
-        receipt = json.loads(r["body"])
-        items.append({"jobId": receipt["job_id"], "receiptId": receipt["receipt_id"], "miner": receipt["provider"],
-                      "coordinator": receipt["coordinator_id"], "issuedAt": iso(r["issued_at"]),
-                      "status": "Attested" if r["attested"] else "Signed", "payload": receipt})
+    items = [explorer_receipt_view(r) for r in rows]
     return json_response({"jobId": q.job_id or "all", **page(items, q.limit, q.offset)})
 
 
@@ -2718,9 +2792,6 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
             resp: dict[str, Any] = {"description": str(code)}
             if model is not None:
                 resp["content"] = {"application/json": {"schema": refs[(model, "validation")]}}
-            elif ep.handler is list_market_offers:  # the dashboard reads a bare array
-                resp["content"] = {"application/json": {"schema": {
-                    "type": "array", "items": {"$ref": "#/components/schemas/Offer"}}}}
             elif code != 204:
                 resp["content"] = {"application/json": {"schema": {"type": "object"}}}
             op["responses"][str(code)] = resp
