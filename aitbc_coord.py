@@ -59,7 +59,7 @@ import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import click
 import uvicorn
@@ -68,7 +68,7 @@ from nacl.exceptions import CryptoError
 from nacl.signing import SigningKey, VerifyKey
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from pydantic import BaseModel, ConfigDict, Field, RootModel, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, RootModel, ValidationError, field_validator
 from pydantic.json_schema import models_json_schema
 from starlette.requests import Request
 from starlette.responses import Response
@@ -115,6 +115,7 @@ class Settings:
     rate_limit_requests: int = 6000  # per caller and window; 0 turns rate limiting off
     rate_limit_window_seconds: float = 60.0
     poll_max_concurrent: int = 32  # long-polls one miner may hold open at once
+    root_path: str = ""  # the prefix a reverse proxy serves the API under, e.g. /coordinator
     signing_seed: bytes | None = dataclasses.field(default=None, repr=False)
     attestation_seed: bytes | None = dataclasses.field(default=None, repr=False)
 
@@ -205,6 +206,14 @@ def _parse_bool(raw: str) -> bool:
     return raw.lower() in ("1", "true", "yes", "on")
 
 
+def _parse_root_path(raw: str) -> str:
+    if raw == "/":
+        return ""
+    if not re.fullmatch(r"(/[A-Za-z0-9._~!$&'()*+,;=:@%-]+)+", raw):
+        raise ValueError(f"must be a URL path prefix such as /coordinator (no trailing slash), got {raw!r}")
+    return raw
+
+
 def _parse_app_env(raw: str) -> str:
     if not re.fullmatch(r"[a-z][a-z0-9_-]{0,31}", raw):
         raise ValueError(f"must be a short lower-case name such as dev or prod, got {raw!r}")
@@ -229,6 +238,7 @@ ENV_VARS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "RATE_LIMIT_REQUESTS": ("rate_limit_requests", _parse_int(0)),
     "RATE_LIMIT_WINDOW_SECONDS": ("rate_limit_window_seconds", _parse_seconds),
     "POLL_MAX_CONCURRENT": ("poll_max_concurrent", _parse_int(1)),
+    "ROOT_PATH": ("root_path", _parse_root_path),
 }
 
 
@@ -386,6 +396,7 @@ class JobState(enum.StrEnum):
 ACTIVE_STATES = (JobState.QUEUED, JobState.RUNNING)
 # Prices and units above this are refused or ignored: sums and averages of them stay finite.
 MAX_AMOUNT = 1e12
+MAX_GPU_MEMORY_GB = 1_000_000  # a GPU's memory, declared by a miner or asked for by a job
 
 
 def first_of(kind: type | tuple[type, ...], *values: Any) -> Any:
@@ -430,7 +441,7 @@ class MinerProfile:
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> MinerProfile:
         """From a miners row with (at least) PROFILE_COLUMNS."""
-        return cls(row["miner_id"], json.loads(row["capabilities"]), row["region"],
+        return cls(row["miner_id"], load_json(row["capabilities"]), row["region"],
                    row["concurrency"], row["status"], row["session_token"])
 
 
@@ -450,7 +461,7 @@ class Wake:
     def add_rows(self, rows: Iterable[sqlite3.Row]) -> Wake:
         for row in rows:
             if row["state"] == JobState.QUEUED:
-                self.queued.append((row["job_id"], json.loads(row["constraints"])))
+                self.queued.append((row["job_id"], load_json(row["constraints"])))
         return self
 
 
@@ -745,18 +756,82 @@ JOB_VIEW_COLUMNS = ("seq, job_id, client_id, state, payload, constraints, reques
                     "assigned_miner_id, assigned_at, finished_at, error")
 
 
-# One encoder each, made once: json.dumps with options builds a new encoder on every call.
-CANONICAL_JSON = json.JSONEncoder(sort_keys=True, separators=(",", ":"))
-COMPACT_JSON = json.JSONEncoder(separators=(",", ":"))
+# JSON text. Python will not turn an integer of more than 4,300 digits into an int or back
+# (sys.get_int_max_str_digits: the conversion is quadratic), yet a client may send one. Such a number
+# is kept as its digits (BigInt): never a number where one is read, so it counts as out of range, and
+# written back exactly as it came.
 
 
-def canonical_json(value: Any) -> str:
-    """Compact JSON with sorted keys: the stored form of results, and what equality is judged on."""
-    return CANONICAL_JSON.encode(value)
+class BigInt:
+    """A JSON integer too long for int(): `text` is its digits (and sign) as received."""
+
+    __slots__ = ("text",)
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, BigInt) and other.text == self.text
+
+    def __hash__(self) -> int:
+        return hash(self.text)
+
+    def __repr__(self) -> str:
+        return f"BigInt({self.text[:12]}...: {len(self.text)} characters)"
 
 
-def compact_json(value: Any) -> str:
-    return COMPACT_JSON.encode(value)
+def int_or_big(text: str) -> int | BigInt:
+    """A JSON integer's value: an int, or a BigInt past int()'s digit limit."""
+    try:
+        return int(text)
+    except ValueError:
+        return BigInt(text)
+
+
+STORED_JSON = json.JSONDecoder(parse_int=int_or_big)
+
+
+def load_json(text: str | bytes) -> Any:
+    """Parse JSON text (as stored, or from a file); integers past int()'s digit limit come back as BigInt.
+    Raises ValueError for text that is not JSON."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        raise
+    except ValueError:  # an integer past the digit limit: parse again, keeping it as text (rare)
+        return STORED_JSON.decode(text if isinstance(text, str) else text.decode("utf-8"))
+
+
+def json_text(sort_keys: bool = False, ensure_ascii: bool = True, allow_nan: bool = True,
+              separators: tuple[str, str] = (",", ":")) -> Callable[[Any], str]:
+    """An encoder to JSON text with fixed options, made once (json.dumps builds a new encoder on every
+    call), that also writes BigInt numbers as their digits. It raises TypeError for what JSON cannot
+    hold, and ValueError for NaN or Infinity where `allow_nan` is false."""
+    encoder = json.JSONEncoder(sort_keys=sort_keys, ensure_ascii=ensure_ascii, allow_nan=allow_nan,
+                               separators=separators)
+    comma, colon = separators
+
+    def walk(value: Any) -> str:
+        if isinstance(value, BigInt):
+            return value.text
+        if isinstance(value, dict):
+            items = sorted(value.items()) if sort_keys else value.items()
+            return "{" + comma.join(f"{encoder.encode(k)}{colon}{walk(v)}" for k, v in items) + "}"
+        if isinstance(value, (list, tuple)):
+            return "[" + comma.join(walk(v) for v in value) + "]"
+        return encoder.encode(value)
+
+    def encode(value: Any) -> str:
+        try:
+            return encoder.encode(value)
+        except TypeError:  # a BigInt somewhere, or something JSON cannot hold (raised again by walk)
+            return walk(value)
+
+    return encode
+
+
+canonical_json = json_text(sort_keys=True)  # the stored form of results, and what equality is judged on
+compact_json = json_text()
 
 
 def ensure_shape(conn: sqlite3.Connection, constraints_json: str) -> int:
@@ -974,6 +1049,11 @@ def list_receipts_for_job(conn: sqlite3.Connection, job_id: str, after_seq: int,
                         (job_id, after_seq, limit)).fetchall()
 
 
+def is_receipt_of(conn: sqlite3.Connection, job_id: str, seq: int) -> bool:
+    """Whether receipt `seq` is one of `job_id`'s."""
+    return conn.execute("SELECT 1 FROM receipts WHERE seq = ? AND job_id = ?", (seq, job_id)).fetchone() is not None
+
+
 def add_signing_keys(conn: sqlite3.Connection, keys: Sequence[tuple[str, str]], now: int) -> None:
     conn.executemany("INSERT INTO signing_keys (key_id, role, first_seen_at) VALUES (?, ?, ?)"
                      " ON CONFLICT (key_id) DO NOTHING", [(k, role, now) for k, role in keys])
@@ -1175,7 +1255,7 @@ class Matcher:
     def shapes_for(self, conn: sqlite3.Connection, miner: MinerProfile) -> list[int]:
         """Ids of the shapes `miner` satisfies, learning shapes created since the last call."""
         for row in list_shapes_after(conn, self.seen):
-            self.shapes[row["shape_id"]] = json.loads(row["constraints"])
+            self.shapes[row["shape_id"]] = load_json(row["constraints"])
             self.seen = row["shape_id"]
         token, upto, ids = self.by_miner.get(miner.miner_id, (miner.session_token, 0, []))
         if token != miner.session_token:  # re-registered: capabilities may have changed
@@ -1217,7 +1297,7 @@ def without_nulls(value: Any, text: str) -> Any:
 def canonical_receipt_bytes(receipt: Mapping[str, Any]) -> bytes:
     """The signed bytes: the receipt without its signatures, nulls dropped, sorted compact ASCII JSON."""
     body = {k: v for k, v in receipt.items() if k not in ("signature", "attestations")}
-    return CANONICAL_JSON.encode(drop_nulls(body)).encode("utf-8")
+    return canonical_json(drop_nulls(body)).encode("utf-8")
 
 
 def key_id_of(key: SigningKey | VerifyKey) -> str:
@@ -1267,16 +1347,16 @@ class Signer:
         """`body` without nulls, signed (and attested), and its JSON text: what is stored and returned."""
         receipt = {k: v for k, v in body.items()  # top-level nulls (e.g. no price) are the common ones
                    if v is not None and k not in ("signature", "attestations")}
-        canonical = CANONICAL_JSON.encode(receipt)
+        canonical = canonical_json(receipt)
         if "null" in canonical:  # only then can a value deeper down be null: walk and drop them
             receipt = drop_nulls(receipt)
-            canonical = CANONICAL_JSON.encode(receipt)  # = canonical_receipt_bytes(receipt)
+            canonical = canonical_json(receipt)  # = canonical_receipt_bytes(receipt)
         message = canonical.encode("utf-8")
         receipt["signature"] = signature_of(self.signing, message, self.ids[0])
         if self.attestation is not None:
             receipt["attestations"] = [signature_of(self.attestation, message, self.ids[1])]
         signatures = {k: receipt[k] for k in ("signature", "attestations") if k in receipt}
-        return receipt, f"{canonical[:-1]},{CANONICAL_JSON.encode(signatures)[1:]}"  # the signed text, then them
+        return receipt, f"{canonical[:-1]},{canonical_json(signatures)[1:]}"  # the signed text, then them
 
 
 def build_receipt(job: sqlite3.Row, provider: str, capabilities: Mapping[str, Any], result: Mapping[str, Any],
@@ -1295,39 +1375,52 @@ def build_receipt(job: sqlite3.Row, provider: str, capabilities: Mapping[str, An
             "unit_type": first_of(str, metrics.get("unit_type"), result.get("unit_type")) or "gpu_seconds",
             "unit_price": unit_price, "price": price,
             "started_at": job["assigned_at"] // 1000, "completed_at": now // 1000,
-            "metadata": {"job_payload": without_nulls(json.loads(job["payload"]), job["payload"]),
-                         "job_constraints": without_nulls(json.loads(job["constraints"]), job["constraints"]),
+            "metadata": {"job_payload": without_nulls(load_json(job["payload"]), job["payload"]),
+                         "job_constraints": without_nulls(load_json(job["constraints"]), job["constraints"]),
                          "result": dict(result), "metrics": dict(metrics)}}
+
+
+def signature_problem(sig: Any, where: str) -> str | None:
+    """Why `sig` is not an {alg, key_id, sig} object of strings, naming the field (None when it is one)."""
+    if not isinstance(sig, dict):
+        return f"{where} is not an object"
+    for field in ("alg", "key_id", "sig"):
+        if not isinstance(sig.get(field), str):
+            return f"{where}.{field} is missing or not a string"
+    return None
 
 
 def verify_receipt(receipt: Mapping[str, Any], signing_keys: set[str],
                    attestation_keys: set[str] | None = None) -> dict[str, Any]:
     """Check a receipt's signature and attestations, and whether its signing key is one of `signing_keys`.
 
-    An attestation counts only if it verifies, is not by the signing key itself, and (when
-    `attestation_keys` is given) is by one of those keys.
+    Any field may hold any JSON type (the receipt is untrusted): a wrong one makes the receipt invalid
+    with a reason naming it. An attestation counts only if it verifies, is not by the signing key
+    itself, and (when `attestation_keys` is given) is by one of those keys. Returns the VerifyResult
+    shape: {valid, signature_valid, attestations_valid, known_key, reason}.
     """
     message = canonical_receipt_bytes(receipt)
     sig, atts = receipt.get("signature"), receipt.get("attestations", [])
-    signing_key_id = sig.get("key_id") if isinstance(sig, dict) else None
-    signature_valid = check_signature(sig, message)
+    sig_problem = "receipt has no signature" if sig is None else signature_problem(sig, "signature")
+    signing_key_id = sig["key_id"] if sig_problem is None else None
+    signature_valid = sig_problem is None and check_signature(sig, message)
+    listed = atts if isinstance(atts, list) else []
+    att_problems = [signature_problem(a, f"attestations[{i}]") for i, a in enumerate(listed)]
 
-    def attests(att: Any) -> bool:
-        key = att.get("key_id") if isinstance(att, dict) else None
-        trusted = attestation_keys is None or key in attestation_keys
-        return trusted and key != signing_key_id and check_signature(att, message)
+    def attests(att: Any, problem: str | None) -> bool:
+        trusted = problem is None and (attestation_keys is None or att["key_id"] in attestation_keys)
+        return trusted and att["key_id"] != signing_key_id and check_signature(att, message)
 
-    attestations_valid = [attests(a) for a in atts] if isinstance(atts, list) else [False]
-    known = signing_key_id in signing_keys
-    reason = None
-    if not isinstance(sig, dict):
-        reason = "receipt has no signature"
-    elif not signature_valid:
-        reason = "signature does not verify (receipt altered or wrong key)"
-    elif not all(attestations_valid):
-        reason = f"attestation {attestations_valid.index(False)} does not verify with an attestation key"
-    elif not known:
-        reason = "signed by a key that is not one of this coordinator's keys"
+    attestations_valid = [attests(a, p) for a, p in zip(listed, att_problems)]
+    known = signing_key_id in signing_keys if signing_key_id is not None else False
+    reasons = [sig_problem,
+               None if signature_valid else "signature does not verify (receipt altered or wrong key)",
+               None if isinstance(atts, list) else "attestations is not a list",
+               *att_problems,
+               *(f"attestation {i} does not verify with an attestation key"
+                 for i, ok in enumerate(attestations_valid) if not ok),
+               None if known else "signed by a key that is not one of this coordinator's keys"]
+    reason = next((r for r in reasons if r is not None), None)
     return {"valid": reason is None, "signature_valid": signature_valid, "attestations_valid": attestations_valid,
             "known_key": known, "reason": reason}
 
@@ -1433,7 +1526,7 @@ def tx_submit(conn: sqlite3.Connection, client_id: str, payload: str, constraint
                      now + ttl_ms, value)
     if idem is not None:
         put_idempotency(conn, client_id, idem[0], idem[1], job_id, now)
-    return Outcome(row, Wake(queued=[(job_id, json.loads(constraints))]))
+    return Outcome(row, Wake(queued=[(job_id, load_json(constraints))]))
 
 
 def tx_cancel(conn: sqlite3.Connection, client_id: str, job_id: str, now: int) -> Outcome:
@@ -1542,7 +1635,7 @@ def tx_result(conn: sqlite3.Connection, miner_id: str, job_id: str, result: dict
     finish_job(conn, job["seq"], JobState.COMPLETED, now, None, result_json, metrics_json)
     receipt_id = stored = None
     if signer is not None:
-        capabilities = json.loads(miner["capabilities"])
+        capabilities = load_json(miner["capabilities"])
         # nulls dropped part by part (a big payload or result without any is not walked), so seal
         # finds "null" only where a string holds the word
         receipt, text = signer.seal(build_receipt(job, miner_id, capabilities, without_nulls(result, result_json),
@@ -1616,8 +1709,9 @@ def tx_place_bid(conn: sqlite3.Connection, provider: str, capacity: int, price: 
 class Coordinator:
     """The domain service behind the HTTP edge: owns the database, the poll hub and the sweeper."""
 
-    def __init__(self, settings: Settings, clock: Callable[[], float] = time.time) -> None:
-        self.settings, self.clock = settings, clock
+    def __init__(self, settings: Settings, clock: Callable[[], float] = time.time,
+                 migrated: tuple[int, int] | None = None) -> None:
+        self.settings, self.clock, self.migrated = settings, clock, migrated
         self.db = Database(settings.db_path, settings.db_synchronous)
         self.hub = PollHub()
         self.matcher = Matcher()
@@ -1630,8 +1724,9 @@ class Coordinator:
         return now_ms(self.clock)
 
     async def start(self) -> None:
-        """Migrate, open the database and start the background sweeper; raises ConfigError."""
-        before, after = migrate(self.settings.db_path)
+        """Migrate (unless `migrated` says it was done), open the database and start the background
+        sweeper; raises ConfigError."""
+        before, after = self.migrated or migrate(self.settings.db_path)
         log.info("aitbc-coord %s database %s schema version %d (was %d)",
                  __version__, self.settings.db_path, after, before)
         for role in self.settings.dev_key_roles:
@@ -1722,13 +1817,32 @@ class Model(BaseModel):
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
 
+def _echo(value: Any) -> Any:
+    """A refused input as an error repeats it; an integer few clients could parse is described instead."""
+    if isinstance(value, BigInt):
+        return f"an integer of {len(value.text.lstrip('-'))} digits"
+    return value
+
+
+def _no_nul(value: str) -> str:
+    if "\x00" in value:
+        raise ValueError("must not contain U+0000")
+    return value
+
+
+# A string stored as a text column of its own (not inside a JSON object, where U+0000 stays escaped):
+# U+0000 is refused, so that every backend stores what SQLite does (PostgreSQL's text cannot hold it).
+NO_NUL_PATTERN = "^[^\u0000]*$"
+Text = Annotated[str, AfterValidator(_no_nul), Field(json_schema_extra={"pattern": NO_NUL_PATTERN})]
+
+
 class Constraints(Model):
-    gpu: str | None = None
-    cuda: str | None = None
-    min_vram_gb: int | None = Field(None, ge=0, le=1_000_000)
-    models: list[str] | None = None
-    region: str | None = None
-    max_price: float | None = None
+    gpu: Text | None = None
+    cuda: Text | None = None
+    min_vram_gb: int | None = Field(None, ge=0, le=MAX_GPU_MEMORY_GB)
+    models: list[Text] | None = None
+    region: Text | None = None
+    max_price: float | None = Field(None, ge=0, le=MAX_AMOUNT)
 
 
 class JobSubmit(Model):
@@ -1775,17 +1889,17 @@ class OfferStatusBody(Model):
 
 
 class OfferCreate(OfferStatusBody):
-    provider: str = Field(min_length=1, max_length=256)
+    provider: Text = Field(min_length=1, max_length=256)
     capacity: int = Field(gt=0, le=1_000_000_000)
     price: float = Field(gt=0, le=MAX_AMOUNT)
-    sla: str = Field("", max_length=256)
+    sla: Text = Field("", max_length=256)
 
 
 class BidCreate(Model):
-    provider: str = Field(min_length=1, max_length=256)
+    provider: Text = Field(min_length=1, max_length=256)
     capacity: int = Field(gt=0, le=1_000_000_000)
     price: float = Field(gt=0, le=MAX_AMOUNT)
-    notes: str | None = Field(None, max_length=1024)
+    notes: Text | None = Field(None, max_length=1024)
 
 
 class OfferQuery(Model):
@@ -1806,18 +1920,64 @@ class ExplorerQuery(Model):
 
 
 class ExplorerReceiptQuery(ExplorerQuery):
-    job_id: str | None = Field(None, max_length=128)
+    job_id: Text | None = Field(None, max_length=128)
+
+
+# What a registration's capabilities declare that the coordinator reads as a number: (where, highest).
+CAPABILITY_NUMBERS = ((("price",), MAX_AMOUNT), (("gpu", "memory_gb"), MAX_GPU_MEMORY_GB),
+                      (("gpus", "*", "memory_mb"), MAX_GPU_MEMORY_GB * 1024))
+CAPABILITY_TEXTS = ("region", "sla")  # stored as text columns of their own
+
+
+def capabilities_schema() -> dict[str, Any]:
+    """The JSON schema of what capability_errors checks. Range keywords bind numbers only and
+    `pattern` strings only, so values of other types stay free, as they are."""
+    schema: dict[str, Any] = {"type": "object", "properties": {k: {"pattern": NO_NUL_PATTERN} for k in CAPABILITY_TEXTS}}
+    for path, highest in CAPABILITY_NUMBERS:
+        node = schema
+        for step in path:
+            node = node.setdefault("items", {}) if step == "*" else node.setdefault("properties", {}).setdefault(step, {})
+        node.update(minimum=0, maximum=highest)
+    return schema
 
 
 class MinerRegister(Model):
-    capabilities: dict[str, Any]
+    capabilities: dict[str, Any] = Field(json_schema_extra=capabilities_schema())
     concurrency: int = Field(1, ge=1, le=4096)
-    region: str | None = Field(None, max_length=128)
+    region: Text | None = Field(None, max_length=128)
+
+
+def _found_at(value: Any, path: tuple[str, ...], loc: tuple[str | int, ...] = ()) -> Iterable[tuple[tuple[str | int, ...], Any]]:
+    """(loc, value) of what stands at `path` in nested objects; "*" steps into every list item."""
+    if not path:
+        yield loc, value
+    elif path[0] == "*" and isinstance(value, list):
+        for i, item in enumerate(value):
+            yield from _found_at(item, path[1:], (*loc, i))
+    elif isinstance(value, dict) and path[0] in value:
+        yield from _found_at(value[path[0]], path[1:], (*loc, path[0]))
+
+
+def capability_errors(caps: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Validation errors (as Invalid lists them) for what is out of range in declared capabilities:
+    a number the coordinator reads below 0 or above its bound, U+0000 in a string stored on its own.
+    Values of other types are left alone (the layout is free-form), as are the keys it does not read."""
+    errors = []
+    for path, highest in CAPABILITY_NUMBERS:
+        for loc, value in _found_at(caps, path):
+            if isinstance(value, BigInt) or (_is_number(value) and not 0 <= value <= highest):
+                errors.append({"type": "value_error", "loc": ["body", "capabilities", *loc],
+                               "msg": f"must be a number from 0 to {highest:g}", "input": _echo(value)})
+    for key in CAPABILITY_TEXTS:
+        if isinstance(caps.get(key), str) and "\x00" in caps[key]:
+            errors.append({"type": "value_error", "loc": ["body", "capabilities", key],
+                           "msg": "must not contain U+0000", "input": caps[key]})
+    return errors
 
 
 class MinerHeartbeat(Model):
     inflight: int | None = Field(None, ge=0, le=1_000_000)
-    status: str = Field("ONLINE", min_length=1, max_length=32)
+    status: Text = Field("ONLINE", min_length=1, max_length=32)
     metadata: dict[str, Any] | None = None
 
 
@@ -1831,8 +1991,8 @@ class MinerResult(Model):
 
 
 class MinerFail(Model):
-    error_code: str = Field(max_length=256)
-    error_message: str = Field(max_length=8192)
+    error_code: Text = Field(max_length=256)
+    error_message: Text = Field(max_length=8192)
     metrics: dict[str, Any] = Field(default_factory=dict)
     retryable: bool = False
 
@@ -1841,17 +2001,17 @@ class Out(BaseModel):
     """Response models: they document the wire shapes in /openapi.json."""
 
 
-RESPONSE_JSON = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+response_json = json_text(ensure_ascii=False, allow_nan=False)
 
 
 def json_response(data: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> Response:
-    return Response(RESPONSE_JSON.encode(data).encode(), status, headers, "application/json")
+    return Response(response_json(data).encode(), status, headers, "application/json")
 
 
 def stored_json_response(fields: Mapping[str, Any], stored: Mapping[str, str | None]) -> Response:
     """A JSON object of `fields` plus members whose values are JSON text as stored (None: null),
     spliced in as they are: payloads, results and receipts are not decoded only to be re-encoded."""
-    members = [RESPONSE_JSON.encode(fields)[1:-1]] if fields else []
+    members = [response_json(fields)[1:-1]] if fields else []
     members += [f'"{name}":{"null" if text is None else text}' for name, text in stored.items()]
     return Response(f"{{{','.join(members)}}}".encode(), 200, None, "application/json")
 
@@ -1875,6 +2035,27 @@ class ValidationOrMessage(Out):
     """A 422 that is either validation errors or, for a reused Idempotency-Key, a message (SPEC section 5)."""
 
     detail: list[ValidationItem] | str
+
+
+def make_cursor(*key: str | int) -> str:
+    """An opaque keyset cursor: base64url of the JSON array of the sort key of a page's last row."""
+    return b64url(compact_json(list(key)).encode())
+
+
+def read_cursor(text: str, *types: type) -> list[Any]:
+    """The sort key a cursor holds, one value of each of `types` exactly; raises Invalid (422 naming
+    the cursor) for anything else. Whether the key is a position in the list is the caller's to check."""
+    try:
+        if len(text) > 400 or not re.fullmatch(r"[A-Za-z0-9_-]+", text):
+            raise ValueError("not base64url")
+        key = json.loads(b64url_decode(text))
+        if not isinstance(key, list) or [type(v) for v in key] != list(types):
+            raise ValueError("not a key of this list")
+        if any(not -2**63 <= v < 2**63 if isinstance(v, int) else "\x00" in v for v in key):
+            raise ValueError("not a value a column holds")
+    except ValueError:  # binascii.Error and UnicodeDecodeError are ValueErrors
+        raise Invalid.one(["query", "cursor"], "not a cursor this server issued for this list", text) from None
+    return key
 
 
 def page(items: list[Any], limit: int, offset: int) -> dict[str, Any]:
@@ -1914,10 +2095,11 @@ class ReceiptPage(Out):
     next_cursor: str | None
 
 
-def receipt_page_response(rows: Sequence[sqlite3.Row], limit: int) -> Response:
-    """A page of receipts as stored from up to `limit` + 1 rows (seq, body): the extra row says there is more."""
+def receipt_page_response(job_id: str, rows: Sequence[sqlite3.Row], limit: int) -> Response:
+    """A page of a job's receipts as stored from up to `limit` + 1 rows (seq, body): the extra row says
+    there is more. The cursor names the job and the last receipt's seq."""
     more = len(rows) > limit
-    return stored_json_response({"next_cursor": str(rows[limit - 1]["seq"]) if more else None},
+    return stored_json_response({"next_cursor": make_cursor(job_id, rows[limit - 1]["seq"]) if more else None},
                                 {"items": f"[{','.join(r['body'] for r in rows[:limit])}]"})
 
 
@@ -1974,7 +2156,7 @@ def job_view(row: sqlite3.Row | Mapping[str, Any], now: int) -> dict[str, Any]:
     error = "job expired" if state != row["state"] else row["error"]
     return {"job_id": row["job_id"], "state": state, "assigned_miner_id": row["assigned_miner_id"],
             "requested_at": iso(row["requested_at"]), "expires_at": iso(row["expires_at"]), "error": error,
-            "attempts": row["attempts"], "constraints": json.loads(row["constraints"]),
+            "attempts": row["attempts"], "constraints": load_json(row["constraints"]),
             "assigned_at": iso(row["assigned_at"]), "finished_at": iso(row["finished_at"])}
 
 
@@ -2070,7 +2252,7 @@ def miner_view(row: sqlite3.Row, inflight: int, online_cutoff: int) -> dict[str,
     return {"miner_id": row["miner_id"], "status": row["status"], "online": row["last_seen"] >= online_cutoff,
             "inflight": inflight, "reported_inflight": row["reported_inflight"],
             "concurrency": row["concurrency"], "region": row["region"],
-            "capabilities": json.loads(row["capabilities"]),
+            "capabilities": load_json(row["capabilities"]),
             "last_heartbeat": iso(row["last_heartbeat"]), "last_seen": iso(row["last_seen"]),
             "jobs_completed": completed, "jobs_failed": row["jobs_failed"],
             "average_job_duration_ms": row["busy_ms_total"] / completed if completed else 0.0,
@@ -2180,11 +2362,15 @@ def bid_view(row: sqlite3.Row) -> dict[str, Any]:
 
 # --- Explorer ---
 
+DISPLAY_JSON = json_text(separators=(", ", ": "))  # as json.dumps writes by default
+
+
 def display_value(value: Any) -> str | None:
-    """A JSON value as the explorer shows it: strings as they are, anything else as JSON."""
+    """A JSON value as the explorer shows it: strings as they are (U+0000 as U+FFFD: it is stored as a
+    text column of its own), anything else as JSON."""
     if value is None:
         return None
-    return value if isinstance(value, str) else json.dumps(value)
+    return value.replace("\x00", "\ufffd") if isinstance(value, str) else DISPLAY_JSON(value)
 
 
 def micro_str(micro: int) -> str:
@@ -2271,7 +2457,7 @@ class ExplorerReceipt(Out):
 
 def explorer_receipt_view(row: sqlite3.Row) -> dict[str, Any]:
     """A list_receipts row (issued_at, attested, body)."""
-    receipt = json.loads(row["body"])
+    receipt = load_json(row["body"])
     return {"jobId": receipt["job_id"], "receiptId": receipt["receipt_id"], "miner": receipt["provider"],
             "coordinator": receipt["coordinator_id"], "issuedAt": iso(row["issued_at"]),
             "status": "Attested" if row["attested"] else "Signed", "payload": receipt}
@@ -2316,14 +2502,21 @@ def _finite_float(text: str) -> float:
 
 
 REQUEST_JSON = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float)
+REQUEST_JSON_BIG = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float, parse_int=int_or_big)
 
 
 def decode_json(raw: bytes) -> Any:
     """Parse a request body; raises Invalid for malformed JSON, NaN/Infinity and lone surrogates."""
     try:  # as json.loads does for bytes, with one decoder made once
-        value = REQUEST_JSON.decode(raw.decode(json.detect_encoding(raw), "surrogatepass"))
+        text = raw.decode(json.detect_encoding(raw), "surrogatepass")
+        try:
+            value = REQUEST_JSON.decode(text)
+        except json.JSONDecodeError:
+            raise
+        except ValueError:  # maybe an integer past int()'s digit limit: again, keeping such as BigInt (rare)
+            value = REQUEST_JSON_BIG.decode(text)
         if SURROGATE_ESCAPE_RE.search(raw):  # an escaped surrogate: make sure they all pair up
-            json.dumps(value, ensure_ascii=False).encode("utf-8")
+            response_json(value).encode("utf-8")
         if raw.count(b"[") + raw.count(b"{") > MAX_JSON_DEPTH and nested_deeper_than(value, MAX_JSON_DEPTH):
             raise ValueError(f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
     except (ValueError, RecursionError) as exc:
@@ -2336,7 +2529,7 @@ def decode_json(raw: bytes) -> Any:
 async def read_body(request: Request, limit: int) -> bytes:
     """The request body, refused with 413 past `limit` bytes whether or not Content-Length says so."""
     declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
+    if declared.isascii() and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge()
     chunks, size, more = [], 0, True
     while more:
@@ -2356,7 +2549,7 @@ def validate(model: type[Model], data: Any, where: str) -> Any:
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        raise Invalid([{"type": e["type"], "loc": [where, *e["loc"]], "msg": e["msg"], "input": e.get("input")}
+        raise Invalid([{"type": e["type"], "loc": [where, *e["loc"]], "msg": e["msg"], "input": _echo(e.get("input"))}
                        for e in exc.errors(include_url=False, include_context=False)]) from None
 
 
@@ -2491,9 +2684,9 @@ async def submit_job(call: Call) -> Response:
     constraints = (body.constraints or Constraints()).model_dump()
     idem = None
     if (key := call.request.headers.get("idempotency-key")) is not None:
-        if not 1 <= len(key) <= 255:
-            raise Invalid.one(["header", "idempotency-key"], "must be 1-255 characters", key)
-        idem = (key, hashlib.sha256(canonical_json(body.model_dump(mode="json")).encode()).hexdigest())
+        if not 1 <= len(key) <= 255 or "\x00" in key:
+            raise Invalid.one(["header", "idempotency-key"], "must be 1-255 characters, without U+0000", key)
+        idem = (key, hashlib.sha256(canonical_json(body.model_dump()).encode()).hexdigest())
     now = coord.now()
     row = await coord.apply(tx_submit, call.caller.identity, compact_json(body.payload),  # type: ignore[union-attr]
                             compact_json(constraints), ttl * 1000, now, idem,
@@ -2556,13 +2749,13 @@ async def get_job_receipt(call: Call) -> Response:
 async def list_job_receipts(call: Call) -> Response:
     """Every receipt of the job, oldest first."""
     row, q = await _client_job(call), call.query
-    after = 0
+    job_id, after = row["job_id"], 0
     if q.cursor is not None:
-        if not q.cursor.isdigit() or len(q.cursor) > 18:
-            raise Invalid.one(["query", "cursor"], "not a cursor this server issued", q.cursor)
-        after = int(q.cursor)
-    rows = await call.coord.db.read(list_receipts_for_job, row["job_id"], after, q.limit + 1)
-    return receipt_page_response(rows, q.limit)
+        cursor_job, after = read_cursor(q.cursor, str, int)
+        if cursor_job != job_id or not await call.coord.db.read(is_receipt_of, job_id, after):
+            raise Invalid.one(["query", "cursor"], "not a cursor this server issued for this list", q.cursor)
+    rows = await call.coord.db.read(list_receipts_for_job, job_id, after, q.limit + 1)
+    return receipt_page_response(job_id, rows, q.limit)
 
 
 @endpoint("GET", "/v1/receipts/keys", responses={200: KeyList})
@@ -2586,6 +2779,8 @@ async def verify_receipt_route(call: Call) -> Response:
 async def register_miner(call: Call) -> Response:
     """Create or replace the caller's registration."""
     coord, body = call.coord, call.body
+    if errors := capability_errors(body.capabilities):
+        raise Invalid(errors)
     caps = normalise_capabilities(body.capabilities)
     region = body.region if body.region is not None else (caps.get("region") if isinstance(caps.get("region"), str) else None)
     token = await coord.apply(tx_register, call.caller.identity, caps, body.concurrency,  # type: ignore[union-attr]
@@ -2772,10 +2967,11 @@ async def explorer_receipts(call: Call) -> Response:
 
 # === OpenAPI ===
 
-def openapi_document(settings: Settings) -> dict[str, Any]:
+def openapi_document(settings: Settings, root_path: str = "") -> dict[str, Any]:
     """An OpenAPI 3.1 description of every endpoint, generated from the pydantic models.
 
-    Limits that are settings (the largest ttl_seconds) are filled in from `settings`.
+    Limits that are settings (the largest ttl_seconds) are filled in from `settings`; `root_path`, the
+    prefix the app is served under, is listed in `servers`.
     """
     models = {m for ep in ENDPOINTS for m in (ep.body, ep.query, *ep.responses.values()) if m is not None}
     keyed = sorted(models, key=lambda m: m.__name__)
@@ -2808,7 +3004,7 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
             op["description"] = f"Needs a {ep.role} key."
         paths.setdefault(ep.path, {})[ep.method.lower()] = op
     return {"openapi": "3.1.0", "info": {"title": "AITBC Coordinator", "version": __version__},
-            "paths": paths, "components": {"schemas": schemas, "securitySchemes": {
+            **({"servers": [{"url": root_path}]} if root_path else {}), "paths": paths, "components": {"schemas": schemas, "securitySchemes": {
                 "ApiKey": {"type": "apiKey", "in": "header", "name": "X-Api-Key"},
                 "Bearer": {"type": "http", "scheme": "bearer"}}}}
 
@@ -2870,13 +3066,15 @@ class Cors:
         self.any_origin = "*" in origins
         self.origins = frozenset(origins)
 
-    def allow(self, origin: str) -> list[tuple[bytes, bytes]]:
-        """Headers that let a page from `origin` read the response (none if the origin is not allowed)."""
+    def allow(self, origin: str | None) -> list[tuple[bytes, bytes]]:
+        """Headers every response carries: whether a page from `origin` (None: no Origin header) may read
+        it, and Vary: Origin whenever that depends on the origin, so no shared cache hands one origin's
+        answer to another."""
         if self.any_origin:
-            return [(b"access-control-allow-origin", b"*")]
+            return [(b"access-control-allow-origin", b"*")] if origin is not None else []
         if origin in self.origins:
             return [(b"access-control-allow-origin", origin.encode("latin-1")), (b"vary", b"Origin")]
-        return []
+        return [(b"vary", b"Origin")]
 
     def preflight(self, origin: str, method: str, requested: str) -> Response:
         """The answer to an OPTIONS preflight: 200, or 400 naming what is not allowed."""
@@ -2885,13 +3083,15 @@ class Cors:
             ("method", method not in self.METHODS),
             ("headers", bool(requested) and any(h.strip().lower() not in self.HEADERS for h in requested.split(","))),
         ) if bad]
+        asked = "Access-Control-Request-Method, Access-Control-Request-Headers"  # the answer depends on them
         headers = {"Access-Control-Allow-Methods": ", ".join(self.METHODS),
                    "Access-Control-Allow-Headers": ", ".join(self.HEADERS),
-                   "Access-Control-Max-Age": str(self.MAX_AGE_SECONDS)}
+                   "Access-Control-Max-Age": str(self.MAX_AGE_SECONDS),
+                   "Vary": asked if self.any_origin else f"Origin, {asked}"}
         if refused:
             return json_response({"detail": f"Disallowed CORS {', '.join(refused)}"}, 400, headers)
         response = Response("OK", 200, headers, "text/plain")
-        response.raw_headers += self.allow(origin)
+        response.raw_headers += [h for h in self.allow(origin) if h[0] != b"vary"]
         return response
 
 
@@ -2907,25 +3107,39 @@ def error_response(exc: Exception, where: str) -> Response:
 
 
 access_log = logging.getLogger("aitbc_coord.access")
+LOG_HAS_TASKS = hasattr(logging, "logAsyncioTasks")  # Python 3.12+: records name their asyncio task
 _START_NS = time.time_ns()
 
 
 class AccessRecord(logging.LogRecord):
-    """One request's access line. The busiest record by far, so it is made directly: LogRecord's own
-    constructor looks up the thread, process and source file, which no formatter here shows."""
+    """One request's access line, with every attribute a LogRecord has, so that any logging format works.
+
+    The busiest record by far: where the logging flags say records carry no thread or process
+    (`serve` sets them so), it is filled in directly, as LogRecord's constructor would with those
+    flags; otherwise that constructor makes it.
+    """
+
+    FORMAT = "%s %s %d %.1fms caller=%s"
 
     def __init__(self, method: str, route: str, status: int, seconds: float, caller: str) -> None:  # noqa: PLW0231
-        ns = time.time_ns()
-        self.name, self.levelno, self.levelname = access_log.name, logging.INFO, "INFO"
-        self.msg, self.args = "%s %s %d %.1fms caller=%s", (method, route, status, seconds * 1000, caller)
-        self.created, self.msecs = ns / 1e9, (ns % 1_000_000_000) // 1_000_000
-        self.relativeCreated = (ns - _START_NS) / 1e6
-        self.pathname = self.filename = self.module = "(unknown file)"  # as LogRecord says with no caller
-        self.lineno, self.funcName, self.taskName = 0, "(unknown function)", None
-        self.exc_info = self.exc_text = self.stack_info = None
-        self.thread = self.threadName = self.process = self.processName = None
+        args = (method, route, status, seconds * 1000, caller)
+        if (logging.logThreads or logging.logProcesses or logging.logMultiprocessing
+                or (LOG_HAS_TASKS and logging.logAsyncioTasks)):
+            super().__init__(access_log.name, logging.INFO, "(unknown file)", 0, self.FORMAT, args, None,
+                             "(unknown function)")
+        else:
+            ns = time.time_ns()
+            self.name, self.levelno, self.levelname = access_log.name, logging.INFO, "INFO"
+            self.msg, self.args = self.FORMAT, args
+            self.created, self.msecs = ns / 1e9, (ns % 1_000_000_000) // 1_000_000
+            self.relativeCreated = (ns - _START_NS) / 1e6
+            self.pathname = self.filename = self.module = "(unknown file)"  # as LogRecord says with no caller
+            self.lineno, self.funcName, self.taskName = 0, "(unknown function)", None
+            self.exc_info = self.exc_text = self.stack_info = None
+            self.thread = self.threadName = self.process = self.processName = None
         self.method, self.route, self.status, self.caller = method, route, status, caller
         self.duration_ms = round(seconds * 1000, 2)
+
 
 
 KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "DELETE", "OPTIONS"})
@@ -2982,6 +3196,13 @@ class Metrics:
         yield CounterMetricFamily("aitbc_receipts_issued", "Signed receipts issued", value=snap.get("receipts", 0))
 
 
+def route_path(scope: Scope) -> str:
+    """The request's path below the prefix it is served under: servers and mounts put the prefix in
+    root_path and (ASGI 3) at the front of path too."""
+    path, root = scope["path"], scope.get("root_path", "")
+    return path[len(root):] if root and path.startswith(root) else path
+
+
 class App:
     """The ASGI application, in one layer: routing, CORS, error rendering, access log and metrics.
 
@@ -2990,11 +3211,12 @@ class App:
     work behind a request; here routing is a dict lookup and the rest is a few lines.)
     """
 
-    def __init__(self, settings: Settings, clock: Callable[[], float] = time.time) -> None:
-        self.coord = Coordinator(settings, clock)
+    def __init__(self, settings: Settings, clock: Callable[[], float] = time.time,
+                 migrated: tuple[int, int] | None = None) -> None:
+        self.coord = Coordinator(settings, clock, migrated)
         self.metrics = Metrics()
         self.coord.db.commit_observer = self.metrics.observe_commit
-        self.openapi = RESPONSE_JSON.encode(openapi_document(settings)).encode()
+        self.openapi: dict[str, bytes] = {}  # per prefix served under (root_path)
         self.cors = Cors(settings.allow_origins)
         self.router = Router()
         for ep in ENDPOINTS:
@@ -3033,13 +3255,13 @@ class App:
         request = Request(scope, receive)
         method, route, headers = scope["method"], "unmatched", request.headers
         origin = headers.get("origin")
-        cors = self.cors.allow(origin) if origin is not None else []
+        cors = self.cors.allow(origin)
         try:
             if origin is not None and method == "OPTIONS" and "access-control-request-method" in headers:
                 response, cors = self.cors.preflight(origin, headers["access-control-request-method"],
                                                      headers.get("access-control-request-headers", "")), []
             else:
-                route, run, scope["path_params"] = self.router.find(method, scope["path"])
+                route, run, scope["path_params"] = self.router.find(method, route_path(scope))
                 response = await run(request)
         except Exception as exc:
             response = error_response(exc, scope["path"])
@@ -3055,7 +3277,11 @@ class App:
                 access_log.handle(AccessRecord(method, route, status, seconds, caller))
 
     async def serve_openapi(self, request: Request) -> Response:
-        return Response(self.openapi, media_type="application/json")
+        """The OpenAPI document, its `servers` naming the prefix the app is served under (if any)."""
+        root = request.scope.get("root_path", "")
+        if root not in self.openapi:
+            self.openapi[root] = response_json(openapi_document(self.coord.settings, root)).encode()
+        return Response(self.openapi[root], media_type="application/json")
 
     async def serve_metrics(self, request: Request) -> Response:
         """Prometheus text format; needs an admin key when METRICS_REQUIRE_ADMIN_KEY is set."""
@@ -3141,6 +3367,8 @@ def setup_logging(level: str, fmt: str = "text") -> None:
     # The logging HOWTO's optimisation notes: no record needs its caller, thread or process.
     logging._srcfile = None  # type: ignore[attr-defined]
     logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
+    if hasattr(logging, "logAsyncioTasks"):  # Python 3.12+
+        logging.logAsyncioTasks = False
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -3185,14 +3413,15 @@ class Server(uvicorn.Server):
                 signal.signal(sig, handler)
 
 
-def run_server(settings: Settings) -> None:
-    """Serve until SIGTERM/SIGINT; raises click.ClickException when the address is taken."""
+def run_server(settings: Settings, migrated: tuple[int, int] | None = None) -> None:
+    """Serve until SIGTERM/SIGINT; raises click.ClickException when the address is taken.
+    `migrated`: (before, after) schema versions when the caller has migrated already."""
     sock = bind_socket(settings.host, settings.port)
-    log.info("listening on http://%s:%d", settings.host, sock.getsockname()[1])
-    app = App(settings)
+    log.info("listening on http://%s:%d%s", settings.host, sock.getsockname()[1], settings.root_path)
+    app = App(settings, migrated=migrated)
     # log_config=None: uvicorn's lines go through our handler; access_log=False: App logs requests
     config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="on", timeout_graceful_shutdown=5,
-                            server_header=False)
+                            server_header=False, root_path=settings.root_path)
     Server(config, app.coord).run(sockets=[sock])
 
 
@@ -3359,21 +3588,26 @@ def cli() -> None:
               type=click.Choice(["debug", "info", "warning", "error"]), help="Also LOG_LEVEL.")
 @click.option("--log-format", default="text", envvar="LOG_FORMAT", show_default=True,
               type=click.Choice(["text", "json"]), help="json: one JSON object per line. Also LOG_FORMAT.")
+@click.option("--root-path", help="The prefix a reverse proxy serves the API under, e.g. /coordinator (ROOT_PATH).")
 def serve(host: str | None, port: int | None, db_path: str | None, env_file: str | None, log_level: str,
-          log_format: str) -> None:
+          log_format: str, root_path: str | None) -> None:
     """Apply pending migrations, then serve the API.
 
     \b
     Example:
       aitbc-coord serve --host 0.0.0.0 --port 8011 --db /var/lib/aitbc/coordinator.db
     """
-    settings = _settings_or_exit(env_file, host=host, port=port, db_path=db_path)
+    try:
+        parsed_root = None if root_path is None else _parse_root_path(root_path)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--root-path") from None
+    settings = _settings_or_exit(env_file, host=host, port=port, db_path=db_path, root_path=parsed_root)
     setup_logging(log_level, log_format)
     try:
-        migrate(settings.db_path)
+        migrated = migrate(settings.db_path)
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
-    run_server(settings)
+    run_server(settings, migrated)
 
 
 @cli.command("migrate")
@@ -3486,8 +3720,8 @@ def verify_command(receipt_file: Any, key_ids: tuple[str, ...]) -> None:
     if not isinstance(receipt, dict):
         raise click.ClickException(f"{receipt_file.name} holds no receipt object")
     sig = receipt.get("signature")
-    own_key = sig.get("key_id") if isinstance(sig, dict) else None
-    report = verify_receipt(receipt, set(key_ids) if key_ids else {own_key})
+    own_key = sig.get("key_id") if isinstance(sig, dict) and isinstance(sig.get("key_id"), str) else None
+    report = verify_receipt(receipt, set(key_ids) if key_ids else {own_key} - {None})
     if not report["valid"]:
         click.echo(f"invalid: {report['reason']}", err=True)
         sys.exit(1)
