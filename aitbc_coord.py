@@ -250,6 +250,17 @@ def parse_seed(text: str) -> bytes:
     return bytes.fromhex(text)
 
 
+def read_secret_file(file_var: str, path: str, encoding: str = "ascii") -> str:
+    """The text of a secret file named by `file_var`; raises ConfigError when it is readable by group
+    or others, or cannot be read."""
+    try:
+        if os.stat(path).st_mode & 0o044:
+            raise ConfigError(f"{file_var}: {path} is readable by group or others; chmod 600 it")
+        return Path(path).read_text(encoding=encoding)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{file_var}: cannot read {path}: {getattr(exc, 'strerror', None) or exc}") from None
+
+
 def load_seed(env: Mapping[str, str], prefix: str) -> bytes | None:
     """The seed from PREFIX_HEX or the file named by PREFIX_FILE, or None; raises ConfigError."""
     hex_var, file_var = f"{prefix}_HEX", f"{prefix}_FILE"
@@ -257,12 +268,7 @@ def load_seed(env: Mapping[str, str], prefix: str) -> bytes | None:
     if raw and path:
         raise ConfigError(f"set only one of {hex_var} and {file_var}")
     if path:
-        try:
-            if os.stat(path).st_mode & 0o044:
-                raise ConfigError(f"{file_var}: {path} is readable by group or others; chmod 600 it")
-            raw = Path(path).read_text(encoding="ascii")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"{file_var}: cannot read {path}: {getattr(exc, 'strerror', None) or exc}") from None
+        raw = read_secret_file(file_var, path)
     if not raw:
         return None
     try:
@@ -292,15 +298,23 @@ def _load_api_keys(env: Mapping[str, str], app_env: str) -> tuple[dict[str, dict
     keys: dict[str, dict[str, str]] = {}
     dev_roles: list[str] = []
     for role in ROLES:
-        var = f"{role.upper()}_API_KEYS"
+        var = file_var = f"{role.upper()}_API_KEYS"
+        raw, path = env.get(var, "").strip(), env.get(f"{var}_FILE", "").strip()
+        if raw and path:
+            raise ConfigError(f"set only one of {var} and {var}_FILE")
         try:
-            entries = parse_list(env.get(var, "").strip())
+            if path:  # a fleet's keys outgrow an environment variable (128 KiB): one entry a line
+                var = f"{var}_FILE"
+                text = read_secret_file(var, path, "utf-8")
+                entries = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+            else:
+                entries = parse_list(raw)
             keys[role] = dict(parse_key_entry(role, e) for e in entries)
         except ValueError as exc:
             raise ConfigError(f"{var}: {exc}") from None
         if not keys[role]:
             if app_env != "dev":
-                raise ConfigError(f"{var} is empty; APP_ENV={app_env} needs at least one {role} key")
+                raise ConfigError(f"{file_var} is empty; APP_ENV={app_env} needs at least one {role} key")
             keys[role] = dict([parse_key_entry(role, DEV_KEYS[role])])
             dev_roles.append(role)
     return keys, tuple(dev_roles)

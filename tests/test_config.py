@@ -109,3 +109,30 @@ def test_cli_help_has_examples_and_version() -> None:
         out = runner.invoke(ac.cli, [*args, "--help"]).output
         assert "Example" in out and "aitbc-coord" in out, args
     assert ac.__version__ in runner.invoke(ac.cli, ["--version"]).output
+
+
+def test_a_fleets_keys_come_from_files_one_entry_a_line(tmp_path: Path) -> None:
+    """10,000 NAME=KEY entries (~560 KB) do not fit one environment variable (128 KiB)."""
+    miners = tmp_path / "miners.keys"
+    miners.write_text("# the fleet\n" + "".join(f"rig-{i}=key-{i:05d}-{'x' * 40}\n" for i in range(10_000)) + "\n")
+    miners.chmod(0o600)
+    clients = tmp_path / "clients.keys"
+    clients.write_text("shop=client-key\n")
+    clients.chmod(0o600)
+    s = load({"APP_ENV": "prod", "MINER_API_KEYS_FILE": str(miners), "CLIENT_API_KEYS_FILE": str(clients),
+              "ADMIN_API_KEYS": "a"})
+    assert len(s.api_keys["miner"]) == 10_000 and s.dev_key_roles == ()
+    assert s.api_keys["miner"][ac.key_digest(f"key-00042-{'x' * 40}")] == "rig-42"
+    assert s.api_keys["client"][ac.key_digest("client-key")] == "shop"
+    clients.chmod(0o644)
+    with pytest.raises(ac.ConfigError, match="CLIENT_API_KEYS_FILE: .* readable by group or others"):
+        load({"CLIENT_API_KEYS_FILE": str(clients)})
+    with pytest.raises(ac.ConfigError, match="set only one of MINER_API_KEYS and MINER_API_KEYS_FILE"):
+        load({"MINER_API_KEYS_FILE": str(miners), "MINER_API_KEYS": "k"})
+    with pytest.raises(ac.ConfigError, match="ADMIN_API_KEYS_FILE: cannot read"):
+        load({"ADMIN_API_KEYS_FILE": str(tmp_path / "missing")})
+    empty = tmp_path / "empty.keys"
+    empty.write_text("# nobody yet\n")
+    empty.chmod(0o600)
+    with pytest.raises(ac.ConfigError, match="ADMIN_API_KEYS is empty"):
+        load({"APP_ENV": "prod", "CLIENT_API_KEYS": "c", "MINER_API_KEYS": "m", "ADMIN_API_KEYS_FILE": str(empty)})
