@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import collections
 import contextlib
 import dataclasses
 import enum
@@ -451,31 +452,36 @@ class MinerProfile:
     concurrency: int
     status: str
     session_token: str
+    fit_key: str = ""  # equal for miners that satisfy the same constraints (capabilities and region)
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> MinerProfile:
         """From a miners row with (at least) PROFILE_COLUMNS."""
-        return cls(row["miner_id"], load_json(row["capabilities"]), row["region"],
-                   row["concurrency"], row["status"], row["session_token"])
+        return cls(row["miner_id"], load_json(row["capabilities"]), row["region"], row["concurrency"],
+                   row["status"], row["session_token"], f"{row['region']}\x00{row['capabilities']}")
 
 
 PROFILE_COLUMNS = "miner_id, capabilities, region, concurrency, status, session_token"
 
 
+QueuedJob = tuple[str, str, int]  # a newly QUEUED job: (job_id, constraints as stored, shape_id)
+
+
 @dataclasses.dataclass
 class Wake:
-    """Who may have work after a commit: newly QUEUED jobs (id, constraints), miners with a freed slot."""
+    """Who may have work after a commit: newly QUEUED jobs, and miners with a freed slot."""
 
-    queued: list[tuple[str, dict[str, Any]]] = dataclasses.field(default_factory=list)
+    queued: list[QueuedJob] = dataclasses.field(default_factory=list)
     miners: set[str] = dataclasses.field(default_factory=set)
 
     def __bool__(self) -> bool:
         return bool(self.queued or self.miners)
 
     def add_rows(self, rows: Iterable[sqlite3.Row]) -> Wake:
+        """Add the QUEUED ones of rows with job_id, state, constraints and shape_id."""
         for row in rows:
             if row["state"] == JobState.QUEUED:
-                self.queued.append((row["job_id"], load_json(row["constraints"])))
+                self.queued.append((row["job_id"], row["constraints"], row["shape_id"]))
         return self
 
 
@@ -862,6 +868,17 @@ def list_shapes_after(conn: sqlite3.Connection, shape_id: int) -> list[sqlite3.R
                         (shape_id,)).fetchall()
 
 
+def list_queued_shapes(conn: sqlite3.Connection) -> list[int]:
+    """Ids of the shapes that hold QUEUED jobs: one seek of the queue index per shape (a loose index
+    scan), not a walk of every queued job. (INDEXED BY: without ANALYZE statistics the planner
+    prefers jobs_by_state, which holds no shape order.)"""
+    shapes, after = [], -1
+    while (row := conn.execute("SELECT shape_id FROM jobs INDEXED BY jobs_queued WHERE state = 'QUEUED'"
+                               " AND shape_id > ? ORDER BY shape_id LIMIT 1", (after,)).fetchone()) is not None:
+        shapes.append(after := row[0])
+    return shapes
+
+
 def insert_job(conn: sqlite3.Connection, job_id: str, client_id: str, payload: str, constraints: str,
                shape_id: int, requested_at: int, expires_at: int, value: str | None = None) -> dict[str, Any]:
     """Queue a job; returns its JOB_VIEW_COLUMNS, made from what was inserted (RETURNING them costs
@@ -894,10 +911,29 @@ def list_jobs(conn: sqlite3.Connection, client_id: str | None, state: str | None
     return conn.execute(sql, (*params, limit, offset)).fetchall()
 
 
-def oldest_queued_in_shape(conn: sqlite3.Connection, shape_id: int, now: int) -> int | None:
-    row = conn.execute("SELECT seq FROM jobs WHERE state = 'QUEUED' AND shape_id = ? AND expires_at > ?"
-                       " ORDER BY seq LIMIT 1", (shape_id, now)).fetchone()
+def oldest_queued_in_shape(conn: sqlite3.Connection, shape_id: int, now: int,
+                           price: float | None = None, vram_gb: float | None = None) -> int | None:
+    """The oldest live QUEUED job of a shape; with `price` (`vram_gb`), only among jobs whose own
+    max_price (min_vram_gb) a miner of that price (memory) meets: a shape spans a range of them."""
+    if price is None and vram_gb is None:
+        row = conn.execute("SELECT seq FROM jobs WHERE state = 'QUEUED' AND shape_id = ? AND expires_at > ?"
+                           " ORDER BY seq LIMIT 1", (shape_id, now)).fetchone()
+    else:
+        row = conn.execute(
+            "SELECT seq FROM jobs WHERE state = 'QUEUED' AND shape_id = :shape AND expires_at > :now"
+            " AND (:price IS NULL OR json_extract(constraints, '$.max_price') >= :price)"
+            " AND (:vram IS NULL OR json_extract(constraints, '$.min_vram_gb') <= :vram)"
+            " ORDER BY seq LIMIT 1", {"shape": shape_id, "now": now, "price": price, "vram": vram_gb}).fetchone()
     return None if row is None else int(row[0])
+
+
+def list_queued_among(conn: sqlite3.Connection, job_ids: Sequence[str]) -> set[str]:
+    """Which of `job_ids` are QUEUED."""
+    if not job_ids:
+        return set()
+    marks = ",".join("?" * len(job_ids))
+    return {r[0] for r in conn.execute(f"SELECT job_id FROM jobs WHERE job_id IN ({marks}) AND state = 'QUEUED'",
+                                       job_ids)}
 
 
 def assign_job(conn: sqlite3.Connection, seq: int, miner_id: str, now: int) -> sqlite3.Row | None:
@@ -911,6 +947,11 @@ def assign_job(conn: sqlite3.Connection, seq: int, miner_id: str, now: int) -> s
 def count_running(conn: sqlite3.Connection, miner_id: str) -> int:
     return int(conn.execute("SELECT COUNT(*) FROM jobs WHERE state = 'RUNNING' AND assigned_miner_id = ?",
                             (miner_id,)).fetchone()[0])
+
+
+def list_running_miners(conn: sqlite3.Connection) -> list[str]:
+    """Every miner that holds a RUNNING job (a walk of the running index)."""
+    return [r[0] for r in conn.execute("SELECT DISTINCT assigned_miner_id FROM jobs WHERE state = 'RUNNING'")]
 
 
 def count_running_by_miner(conn: sqlite3.Connection) -> dict[str, int]:
@@ -936,7 +977,7 @@ def requeue_job(conn: sqlite3.Connection, job_id: str, holder: str, *, count_att
     return conn.execute(
         "UPDATE jobs SET state = 'QUEUED', assigned_miner_id = NULL, assigned_at = NULL,"
         " attempts = attempts - :undo WHERE job_id = :job AND state = 'RUNNING' AND assigned_miner_id = :holder"
-        " RETURNING job_id, state, constraints",
+        " RETURNING job_id, state, constraints, shape_id",
         {"undo": 0 if count_attempt else 1, "job": job_id, "holder": holder}).fetchone()
 
 
@@ -953,7 +994,7 @@ def release_running(conn: sqlite3.Connection, where: str, params: Mapping[str, A
         " finished_at = CASE WHEN attempts >= :max THEN :now END,"
         " assigned_miner_id = CASE WHEN attempts >= :max THEN assigned_miner_id END,"
         " assigned_at = CASE WHEN attempts >= :max THEN assigned_at END"
-        f" WHERE state = 'RUNNING' AND {where} RETURNING job_id, state, constraints",
+        f" WHERE state = 'RUNNING' AND {where} RETURNING job_id, state, constraints, shape_id",
         {"max": max_attempts, "now": now, "reason": " " + reason, **params}).fetchall()
 
 
@@ -1009,9 +1050,9 @@ def touch_miner(conn: sqlite3.Connection, miner_id: str, now: int) -> sqlite3.Ro
                         f" RETURNING {PROFILE_COLUMNS}", (now, miner_id)).fetchone()
 
 
-def touch_miners(conn: sqlite3.Connection, miner_ids: Sequence[str], now: int) -> None:
-    conn.executemany("UPDATE miners SET last_seen = MAX(last_seen, ?) WHERE miner_id = ?",
-                     [(now, m) for m in miner_ids])
+def get_profile(conn: sqlite3.Connection, miner_id: str) -> sqlite3.Row | None:
+    """What MinerProfile needs of a miner's row, or None when it is not registered."""
+    return conn.execute(f"SELECT {PROFILE_COLUMNS} FROM miners WHERE miner_id = ?", (miner_id,)).fetchone()
 
 
 def update_heartbeat(conn: sqlite3.Connection, miner_id: str, inflight: int | None, status: str,
@@ -1254,30 +1295,130 @@ def satisfies(constraints: Mapping[str, Any], miner: MinerProfile) -> bool:
     return True
 
 
+# A job's numeric thresholds are ranges, not identities: a shape holds max_price and min_vram_gb as
+# buckets of THRESHOLD_STEPS per doubling (~4.4% wide), so jobs that each name their own price share
+# a few shapes instead of making one each. A miner meets every job of a bucket, none, or (when its
+# own price or memory falls inside the bucket) some: those it finds by each job's exact value.
+THRESHOLD_STEPS = 16
+BUCKETED = {"max_price": "max_price_bucket", "min_vram_gb": "min_vram_gb_bucket"}
+NONE, SOME, ALL = 0, 1, 2  # how much of a shape a miner can run
+
+
+def bucket_bounds(bucket: int) -> tuple[float, float]:
+    """[low, high) of a threshold bucket."""
+    return 2 ** (bucket / THRESHOLD_STEPS), 2 ** ((bucket + 1) / THRESHOLD_STEPS)
+
+
+def threshold_bucket(value: float) -> int:
+    """The bucket of a positive threshold: low <= value < high, exactly as bucket_bounds computes them."""
+    bucket = math.floor(math.log2(value) * THRESHOLD_STEPS)
+    while bucket_bounds(bucket)[1] <= value:
+        bucket += 1
+    while bucket_bounds(bucket)[0] > value:
+        bucket -= 1
+    return bucket
+
+
+def shape_of(constraints: Mapping[str, Any]) -> str:
+    """A job's shape: its constraints with positive numeric thresholds replaced by their buckets (JSON)."""
+    shape = dict(constraints)
+    for key, bucket_key in BUCKETED.items():
+        if shape.get(key):  # 0 and None ask for nothing
+            shape[bucket_key] = threshold_bucket(shape.pop(key))
+    return canonical_json(shape)
+
+
+def gpu_memory_gb(miner: MinerProfile) -> float | None:
+    """The largest GPU memory a miner declares, in GB (SPEC section 7 compares memory_mb / 1024)."""
+    gpus = miner.capabilities.get("gpus")
+    sizes = [g["memory_mb"] for g in gpus if isinstance(g, dict) and _is_number(g.get("memory_mb"))] \
+        if isinstance(gpus, list) else []
+    return max(sizes) / 1024 if sizes else None
+
+
+def fit_of(shape: Mapping[str, Any], miner: MinerProfile) -> tuple[int, float | None, float | None]:
+    """(NONE, SOME or ALL, the price and the memory to compare each job's own threshold with when SOME)."""
+    plain = {k: v for k, v in shape.items() if k not in BUCKETED.values()}
+    if not satisfies(plain, miner):
+        return NONE, None, None
+    fit, exact = ALL, {}
+    for bucket_key, mine in (("max_price_bucket", miner.capabilities.get("price")),
+                             ("min_vram_gb_bucket", gpu_memory_gb(miner))):
+        if bucket_key not in shape:
+            continue
+        if not _is_number(mine):
+            return NONE, None, None
+        low, high = bucket_bounds(shape[bucket_key])
+        # a price may not exceed a job's max_price; a memory must reach a job's min_vram_gb
+        meets_all, meets_none = (mine <= low, mine >= high) if bucket_key == "max_price_bucket" else \
+            (mine >= high, mine < low)
+        if meets_none:
+            return NONE, None, None
+        if not meets_all:
+            fit, exact[bucket_key] = SOME, mine
+    return fit, exact.get("max_price_bucket"), exact.get("min_vram_gb_bucket")
+
+
 class Matcher:
-    """Which shapes each miner satisfies. Used only inside units of work, one at a time."""
+    """Which shapes with QUEUED jobs a miner can run. What a poll costs follows the shapes queued now,
+    not every shape there ever was. Used on the loop's thread only (units of work and reads)."""
+
+    MAX_FITS = 1 << 16  # remembered (miner kind, shape) answers; forgotten all at once past this
 
     def __init__(self) -> None:
         self.reset()
 
     def reset(self) -> None:
-        """Forget everything (after an aborted batch, a cached shape may not exist)."""
+        """Forget everything (after an aborted batch, a cached shape or queue may not be so)."""
         self.shapes: dict[int, dict[str, Any]] = {}
         self.seen = 0
-        self.by_miner: dict[str, tuple[str, int, list[int]]] = {}
+        self.queued: set[int] | None = None  # shapes that may hold QUEUED jobs; None: not read yet
+        self.fits: dict[tuple[str, int], tuple[int, float | None, float | None]] = {}
 
-    def shapes_for(self, conn: sqlite3.Connection, miner: MinerProfile) -> list[int]:
-        """Ids of the shapes `miner` satisfies, learning shapes created since the last call."""
-        for row in list_shapes_after(conn, self.seen):
-            self.shapes[row["shape_id"]] = load_json(row["constraints"])
-            self.seen = row["shape_id"]
-        token, upto, ids = self.by_miner.get(miner.miner_id, (miner.session_token, 0, []))
-        if token != miner.session_token:  # re-registered: capabilities may have changed
-            upto, ids = 0, []
-        if upto < self.seen:
-            ids = ids + [sid for sid, c in self.shapes.items() if sid > upto and satisfies(c, miner)]
-            self.by_miner[miner.miner_id] = (miner.session_token, self.seen, ids)
-        return ids
+    def queue(self, shape_ids: Iterable[int]) -> None:
+        """Shapes that newly QUEUED jobs were committed into."""
+        if self.queued is not None:
+            self.queued.update(shape_ids)
+
+    def drained(self, shape_id: int) -> None:
+        """A probe found no live QUEUED job in the shape."""
+        if self.queued is not None:
+            self.queued.discard(shape_id)
+
+    def candidates(self, conn: sqlite3.Connection, miner: MinerProfile) -> list[tuple[int, float | None, float | None]]:
+        """(shape id, price, memory) of each queued shape the miner can run (price and memory set where
+        only some of its jobs suit the miner)."""
+        if self.queued is None:
+            self.queued = set(list_queued_shapes(conn))
+        out = []
+        for shape_id in self.queued:
+            fit = self.fits.get((miner.fit_key, shape_id))
+            if fit is None:
+                fit = self._fit(conn, miner, shape_id)
+            if fit[0] != NONE:
+                out.append((shape_id, fit[1], fit[2]))
+        return out
+
+    def _fit(self, conn: sqlite3.Connection, miner: MinerProfile, shape_id: int) -> tuple[int, float | None, float | None]:
+        if shape_id not in self.shapes:
+            for row in list_shapes_after(conn, self.seen):
+                self.shapes[row["shape_id"]] = load_json(row["constraints"])
+                self.seen = row["shape_id"]
+        if len(self.fits) >= self.MAX_FITS:
+            self.fits.clear()
+        fit = self.fits[(miner.fit_key, shape_id)] = fit_of(self.shapes[shape_id], miner)
+        return fit
+
+    def oldest(self, conn: sqlite3.Connection, miner: MinerProfile, now: int) -> int | None:
+        """Seq of the oldest live QUEUED job the miner can run, or None; forgets shapes found empty."""
+        best = None
+        for shape_id, price, vram in self.candidates(conn, miner):
+            seq = oldest_queued_in_shape(conn, shape_id, now, price, vram)
+            if seq is None and price is None and vram is None:
+                self.drained(shape_id)
+            elif seq is not None and (best is None or seq < best):
+                best = seq
+        return best
 
 
 # --- Receipts: canonical JSON and Ed25519 signatures (spec section 8) ---
@@ -1442,13 +1583,16 @@ def verify_receipt(receipt: Mapping[str, Any], signing_keys: set[str],
 # --- Rate limits and the poll hub ---
 
 class RateLimiter:
-    """Fixed-window request counts per caller key (an identity, or a client address)."""
+    """Fixed-window request counts per caller key (an identity, or a client address).
 
-    MAX_KEYS = 100_000  # past this, windows that have ended are dropped
+    O(1) a call with any number of callers: counts live in insertion order, a caller's entry moves to
+    the back when its window starts, and each call drops at most two entries of ended windows from
+    the front, so the table holds about the callers of the current window.
+    """
 
     def __init__(self, limit: int, window: float, clock: Callable[[], float] = time.monotonic) -> None:
         self.limit, self.window, self.clock = limit, window, clock
-        self.counts: dict[str, list[float]] = {}
+        self.counts: collections.OrderedDict[str, list[float]] = collections.OrderedDict()
 
     def hit(self, key: str) -> None:
         """Count one request of `key`; raises TooManyRequests past the limit (off when limit is 0)."""
@@ -1456,11 +1600,16 @@ class RateLimiter:
             return
         now = self.clock()
         start = now - now % self.window
-        entry = self.counts.get(key)
+        counts = self.counts
+        entry = counts.get(key)
         if entry is None or entry[0] != start:
-            if len(self.counts) >= self.MAX_KEYS:
-                self.counts = {k: v for k, v in self.counts.items() if v[0] == start}
-            entry = self.counts[key] = [start, 0]
+            entry = counts[key] = [start, 0]
+            counts.move_to_end(key)
+            for _ in range(2):
+                oldest = next(iter(counts.values()))
+                if oldest[0] == start:
+                    break
+                counts.popitem(last=False)
         entry[1] += 1
         if entry[1] > self.limit:
             raise TooManyRequests(retry_after=start + self.window - now)
@@ -1468,66 +1617,159 @@ class RateLimiter:
 
 @dataclasses.dataclass(eq=False)  # compared and hashed by identity
 class Waiter:
+    """One long-poll in the hub."""
+
     miner_id: str
     event: asyncio.Event
-    profile: MinerProfile | None = None  # None until the first claim attempt read it
-    ready: bool = False  # its last claim found a free slot and no work: it can take a new job
-    claiming: bool = False  # a claim is in flight: picking it now could strand the job
-    woken_for: list[tuple[str, dict[str, Any]]] = dataclasses.field(default_factory=list)  # jobs picked for
+    since: int  # the order polls started waiting in: the longest-waiting able miner is picked first
+    profile: MinerProfile | None = None  # known once its first claim has read the miner
+    parked: bool = False  # waiting on its event (not claiming)
+    kind: str | None = None  # the miner kind whose queue it waits in for a new job (None: only its miner's)
+    woken_for: list[QueuedJob] = dataclasses.field(default_factory=list)  # jobs it was picked for
 
 
 class PollHub:
-    """Long-polling miners, woken the moment a job they could take is queued or a slot frees up."""
+    """Long-polling miners, indexed by what wakes them, so an event costs the waiters it concerns.
+
+    A poll parks after a claim that found nothing: under its miner (a freed slot or a status change
+    wakes that miner's polls, and only them) and, when the miner has a free slot, in the queue of its
+    miner kind (miners with the same capabilities and region satisfy the same jobs), oldest first. A
+    newly queued job is matched against each parked kind once (cached) and wakes the longest-waiting
+    poll among the kinds that can run it: never one that cannot, never more than one. A poll that is
+    claiming is not parked; it compares marks when its claim is done (changed_since), so a job
+    queued or a slot freed meanwhile is not missed. Every call is O(kinds parked), not O(polls).
+    """
+
+    RECENT = 64  # newly queued jobs remembered for claims that overlapped them
+    MAX_FITS = 1 << 16  # remembered (miner kind, constraints) answers; forgotten all at once past this
 
     def __init__(self) -> None:
-        self.waiters: dict[Waiter, None] = {}  # in the order they started waiting
-        self.per_miner: dict[str, int] = {}  # open long-polls per miner
+        self.by_miner: dict[str, dict[Waiter, None]] = {}
+        self.kinds: dict[str, collections.OrderedDict[Waiter, None]] = {}  # ready and parked, oldest first
+        self.profiles: dict[str, MinerProfile] = {}  # one profile of each kind parked
+        self.fits: dict[tuple[str, str], bool] = {}
+        self.queued_version = 0  # newly queued jobs notified so far
+        self.recent: collections.deque[tuple[int, str]] = collections.deque(maxlen=self.RECENT)
+        self.slot_versions: dict[str, int] = {}  # per miner: freed slots and status changes notified
+        self.started = 0
+        self.count = 0
+        self.examined = 0  # parked polls looked at to place a job (tests count it)
         self.closing = False
 
+    @property
+    def waiters(self) -> list[Waiter]:
+        return [w for polls in self.by_miner.values() for w in polls]
+
+    def polls_of(self, miner_id: str) -> int:
+        return len(self.by_miner.get(miner_id, ()))
+
     def add(self, miner_id: str) -> Waiter:
-        waiter = Waiter(miner_id, asyncio.Event())
-        self.waiters[waiter] = None
-        self.per_miner[miner_id] = self.per_miner.get(miner_id, 0) + 1
+        """A new long-poll of `miner_id` (not parked until its first claim finds nothing)."""
+        self.started += 1
+        self.count += 1
+        waiter = Waiter(miner_id, asyncio.Event(), self.started)
+        self.by_miner.setdefault(miner_id, {})[waiter] = None
         return waiter
 
     def remove(self, waiter: Waiter) -> None:
-        if self.waiters.pop(waiter, 0) is None:
-            left = self.per_miner.pop(waiter.miner_id) - 1
-            if left:
-                self.per_miner[waiter.miner_id] = left
+        """The poll has ended (a second call changes nothing)."""
+        polls = self.by_miner.get(waiter.miner_id, {})
+        if waiter not in polls:
+            return
+        self.unpark(waiter)
+        del polls[waiter]
+        self.count -= 1
+        if not polls:
+            del self.by_miner[waiter.miner_id]
 
-    def waiting_miners(self) -> list[str]:
-        return sorted(self.per_miner)
+    def mark(self, miner_id: str) -> tuple[int, int]:
+        """Where the hub stands for a claim about to start."""
+        return self.queued_version, self.slot_versions.get(miner_id, 0)
 
-    def notify(self, wake: Wake, broadcast: bool = False, exclude: Waiter | None = None) -> None:
-        """Wake the waiters a change concerns: miners whose slot freed, and for each newly queued job
-        the longest-waiting ready miner that can run it (every such miner when `broadcast`), so one
-        job does not send every idle miner to the database."""
-        for w in self.waiters:
-            if w.miner_id in wake.miners or w.profile is None:
-                w.event.set()
+    def changed_since(self, mark: tuple[int, int], profile: MinerProfile, ready: bool) -> bool:
+        """Whether, since `mark`, the miner's slots or status changed or (when it has a free slot) a job
+        it can run was queued: its claim may have missed it."""
+        queued, slots = mark
+        if self.slot_versions.get(profile.miner_id, 0) != slots:
+            return True
+        if not ready or self.queued_version == queued:
+            return False
+        if self.queued_version - queued > len(self.recent):
+            return True  # more than is remembered: claim again to be sure
+        return any(self.can_run(profile, text) for version, text in self.recent if version > queued)
+
+    def can_run(self, profile: MinerProfile, constraints: str) -> bool:
+        key = (profile.fit_key, constraints)
+        fit = self.fits.get(key)
+        if fit is None:
+            if len(self.fits) >= self.MAX_FITS:
+                self.fits.clear()
+            fit = self.fits[key] = satisfies(load_json(constraints), profile)
+        return fit
+
+    def park(self, waiter: Waiter, profile: MinerProfile, ready: bool) -> None:
+        """Wait for work: under its miner always, in its kind's queue when the miner has a free slot."""
+        waiter.profile, waiter.parked = profile, True
+        waiter.event.clear()
+        if not ready:
+            return
+        kind = waiter.kind = profile.fit_key
+        fifo = self.kinds.get(kind)
+        if fifo is None:
+            fifo = self.kinds[kind] = collections.OrderedDict()
+            self.profiles[kind] = profile
+        fifo[waiter] = None
+        if waiter.since < next(iter(fifo)).since:  # back from a claim that missed: keep its place
+            fifo.move_to_end(waiter, last=False)
+
+    def unpark(self, waiter: Waiter) -> None:
+        waiter.parked = False
+        if waiter.kind is not None:
+            fifo = self.kinds[waiter.kind]
+            del fifo[waiter]
+            if not fifo:
+                del self.kinds[waiter.kind], self.profiles[waiter.kind]
+            waiter.kind = None
+
+    def _wake(self, waiter: Waiter) -> None:
+        if waiter.parked:
+            self.unpark(waiter)
+            waiter.event.set()
+
+    def notify(self, wake: Wake) -> None:
+        """Wake the polls a committed change concerns: those of miners whose slot freed or status
+        changed, and for each newly queued job the longest-waiting poll able to run it."""
+        for miner_id in wake.miners:
+            self.slot_versions[miner_id] = self.slot_versions.get(miner_id, 0) + 1
+            for waiter in list(self.by_miner.get(miner_id, ())):
+                self._wake(waiter)
         for job in wake.queued:
-            for w in self.waiters:
-                if (w is not exclude and w.ready and not w.claiming and not w.event.is_set()
-                        and satisfies(job[1], w.profile)):  # type: ignore[arg-type]
-                    w.woken_for.append(job)
-                    w.event.set()
-                    if not broadcast:
-                        break
+            self.queued_version += 1
+            self.recent.append((self.queued_version, job[1]))
+            best = None
+            for kind, fifo in self.kinds.items():
+                if self.can_run(self.profiles[kind], job[1]):
+                    head = next(iter(fifo))
+                    self.examined += 1
+                    if best is None or head.since < best.since:
+                        best = head
+            if best is not None:
+                best.woken_for.append(job)
+                self._wake(best)
 
     def close(self) -> None:
         """Release every waiter at once (shutdown)."""
         self.closing = True
-        for w in self.waiters:
-            w.event.set()
+        for waiter in self.waiters:
+            waiter.event.set()
 
 
 # === Units of work ===
 # Each runs inside the writer's transaction (Database.write), in its own SAVEPOINT, and returns an
 # Outcome: its value, whom to wake after the commit, and an error to raise after it.
 
-def tx_submit(conn: sqlite3.Connection, client_id: str, payload: str, constraints: str, ttl_ms: int, now: int,
-              idem: tuple[str, str] | None, idem_since: int, value: str | None = None) -> Outcome:
+def tx_submit(conn: sqlite3.Connection, client_id: str, payload: str, constraints: str, shape: str, ttl_ms: int,
+              now: int, idem: tuple[str, str] | None, idem_since: int, value: str | None = None) -> Outcome:
     """Queue a job, or return the job an earlier request with the same Idempotency-Key made."""
     if idem is not None:
         seen = get_idempotency(conn, client_id, idem[0], idem_since)
@@ -1536,11 +1778,11 @@ def tx_submit(conn: sqlite3.Connection, client_id: str, payload: str, constraint
                 raise Unprocessable("idempotency key reused with a different request")
             return Outcome(get_job(conn, seen["job_id"]))
     job_id = secrets.token_hex(16)
-    row = insert_job(conn, job_id, client_id, payload, constraints, ensure_shape(conn, constraints), now,
-                     now + ttl_ms, value)
+    shape_id = ensure_shape(conn, shape)
+    row = insert_job(conn, job_id, client_id, payload, constraints, shape_id, now, now + ttl_ms, value)
     if idem is not None:
         put_idempotency(conn, client_id, idem[0], idem[1], job_id, now)
-    return Outcome(row, Wake(queued=[(job_id, load_json(constraints))]))
+    return Outcome(row, Wake(queued=[(job_id, constraints, shape_id)]))
 
 
 def tx_cancel(conn: sqlite3.Connection, client_id: str, job_id: str, now: int) -> Outcome:
@@ -1587,11 +1829,10 @@ def tx_poll(conn: sqlite3.Connection, miner_id: str, now: int, matcher: Matcher)
     miner = MinerProfile.from_row(row)
     if miner.status.upper() in NO_WORK_STATUSES or count_running(conn, miner_id) >= miner.concurrency:
         return Outcome((None, miner, False))
-    candidates = [s for s in (oldest_queued_in_shape(conn, sid, now) for sid in matcher.shapes_for(conn, miner))
-                  if s is not None]
-    if not candidates:
+    seq = matcher.oldest(conn, miner, now)
+    if seq is None:
         return Outcome((None, miner, True))
-    return Outcome((assign_job(conn, min(candidates), miner_id, now), miner, True))
+    return Outcome((assign_job(conn, seq, miner_id, now), miner, True))
 
 
 def tx_release(conn: sqlite3.Connection, miner_id: str, job_id: str) -> Outcome:
@@ -1678,16 +1919,17 @@ def tx_fail(conn: sqlite3.Connection, miner_id: str, job_id: str, error_text: st
     return Outcome(wake=wake)
 
 
-def tx_sweep(conn: sqlite3.Connection, now: int, waiting: Sequence[str], heartbeat_timeout_ms: int,
+def tx_sweep(conn: sqlite3.Connection, now: int, is_silent: Callable[[str], bool], heartbeat_timeout_ms: int,
              max_attempts: int, idem_cutoff: int) -> Outcome:
-    """Expire jobs past their deadline and take running jobs back from miners silent too long."""
-    touch_miners(conn, waiting, now)  # a miner blocked in a long-poll is alive
+    """Expire jobs past their deadline (wall clock: clients set them) and take running jobs back from
+    the miners `is_silent` names (the Coordinator measures silence on a monotonic clock). The value
+    is the number of jobs taken back."""
     wake = Wake()
     wake.miners.update(r[0] for r in expire_due_jobs(conn, now) if r[0] is not None)
-    lost = release_running(
-        conn, "assigned_miner_id IN (SELECT miner_id FROM miners WHERE last_seen < :cutoff)",
-        {"cutoff": now - heartbeat_timeout_ms}, max_attempts, now,
-        f"lost (no request for {heartbeat_timeout_ms / 1000:g}s)")
+    lost = []
+    for miner_id in [m for m in list_running_miners(conn) if is_silent(m)]:
+        lost += release_running(conn, "assigned_miner_id = :miner", {"miner": miner_id}, max_attempts, now,
+                                f"lost (no request for {heartbeat_timeout_ms / 1000:g}s)")
     wake.add_rows(lost)
     delete_idempotency_before(conn, idem_cutoff)
     return Outcome(len(lost), wake)
@@ -1724,8 +1966,12 @@ class Coordinator:
     """The domain service behind the HTTP edge: owns the database, the poll hub and the sweeper."""
 
     def __init__(self, settings: Settings, clock: Callable[[], float] = time.time,
-                 migrated: tuple[int, int] | None = None) -> None:
-        self.settings, self.clock, self.migrated = settings, clock, migrated
+                 migrated: tuple[int, int] | None = None, monotonic: Callable[[], float] = time.monotonic) -> None:
+        self.settings, self.clock, self.migrated, self.monotonic = settings, clock, migrated, monotonic
+        # Miner silence is measured on the monotonic clock (a wall-clock step must not reap a healthy
+        # miner): when each miner was last heard from, since this process started.
+        self.heard: dict[str, float] = {}
+        self.started = monotonic()
         self.db = Database(settings.db_path, settings.db_synchronous)
         self.hub = PollHub()
         self.matcher = Matcher()
@@ -1767,17 +2013,28 @@ class Coordinator:
         """Run a unit of work; wake the pollers it concerns; raise the error it returned, else its value."""
         out = await self.db.write(fn, *args)
         if out.wake:  # nothing changed that could give anyone work: nobody to wake
+            self.matcher.queue(job[2] for job in out.wake.queued)
             self.hub.notify(out.wake)
         if out.error is not None:
             raise out.error
         return out.value
 
+    def heard_from(self, miner_id: str) -> None:
+        """An authenticated miner request arrived (a sign of life, whatever its answer)."""
+        self.heard[miner_id] = self.monotonic()
+
+    def is_silent(self, miner_id: str) -> bool:
+        """Whether a miner has gone HEARTBEAT_TIMEOUT_SECONDS without a request, by the monotonic clock.
+        A miner parked in a long-poll is not; after a restart each miner has a fresh timeout."""
+        if miner_id in self.hub.by_miner:
+            return False
+        return self.monotonic() - self.heard.get(miner_id, self.started) > self.settings.heartbeat_timeout_seconds
+
     async def sweep(self) -> int:
         """One pass of expiry and lost-miner recovery; the number of jobs taken back."""
         s, now = self.settings, self.now()
-        return int(await self.apply(tx_sweep, now, self.hub.waiting_miners(),
-                                    int(s.heartbeat_timeout_seconds * 1000), s.job_max_attempts,
-                                    now - s.idempotency_ttl_seconds * 1000))
+        return int(await self.apply(tx_sweep, now, self.is_silent, int(s.heartbeat_timeout_seconds * 1000),
+                                    s.job_max_attempts, now - s.idempotency_ttl_seconds * 1000))
 
     async def _sweep_forever(self) -> None:
         while True:
@@ -1791,34 +2048,43 @@ class Coordinator:
         """Assign a job now, or wait up to `max_wait` seconds for one: (job or None, whether it waited)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + min(max_wait, self.settings.poll_max_wait_seconds)
-        if self.hub.per_miner.get(miner_id, 0) >= self.settings.poll_max_concurrent:
+        if self.hub.polls_of(miner_id) >= self.settings.poll_max_concurrent:
             raise TooManyRequests("too many concurrent polls for this miner")
-        waiter = self.hub.add(miner_id)  # before the first claim, so no wake-up is lost in between
+        waiter = self.hub.add(miner_id)
         waited = False
         try:
             while True:
-                waiter.event.clear()
-                picked_for, waiter.woken_for = waiter.woken_for, []
-                waiter.claiming = True
-                try:
-                    job, waiter.profile, waiter.ready = await self.apply(tx_poll, miner_id, self.now(), self.matcher)
-                finally:
-                    waiter.claiming = False
-                # Jobs it was picked for but did not get may still wait: pass them on (to every
-                # candidate if it got nothing, since then someone else has been faster).
-                missed = [p for p in picked_for if job is None or p[0] != job["job_id"]]
-                if missed:
-                    self.hub.notify(Wake(queued=missed), broadcast=job is None, exclude=waiter)
-                remaining = deadline - loop.time()
-                if job is not None or remaining <= 0 or self.hub.closing:
+                job = await self._claim(waiter)
+                if job is not None or loop.time() >= deadline or self.hub.closing:
                     return job, waited
                 waited = True
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(waiter.event.wait(), remaining)
+                timer = loop.call_at(deadline, waiter.event.set)  # cheaper than wait_for's task
+                try:
+                    await waiter.event.wait()
+                finally:
+                    timer.cancel()
+                    self.hub.unpark(waiter)
         finally:
             self.hub.remove(waiter)
-            if waiter.woken_for:  # picked while it was leaving
+            self.heard_from(miner_id)  # a poll in progress kept it alive until now
+            if waiter.woken_for:  # picked while it was leaving: the next able miner
                 self.hub.notify(Wake(queued=waiter.woken_for))
+
+    async def _claim(self, waiter: Waiter) -> sqlite3.Row | None:
+        """One claim for a poll; parks it when there was nothing (and nothing changed meanwhile)."""
+        while True:
+            picked_for, waiter.woken_for = waiter.woken_for, []
+            mark = self.hub.mark(waiter.miner_id)
+            job, profile, ready = await self.apply(tx_poll, waiter.miner_id, self.now(), self.matcher)
+            missed = [p for p in picked_for if job is None or p[0] != job["job_id"]]
+            if missed:  # picked for jobs it did not get: those still queued go to the next able miner
+                still = await self.db.read(list_queued_among, [p[0] for p in missed])
+                self.hub.notify(Wake(queued=[p for p in missed if p[0] in still]))
+            if job is not None or self.hub.closing:
+                return job
+            if not self.hub.changed_since(mark, profile, ready):
+                self.hub.park(waiter, profile, ready)
+                return None
 
 
 # === Wire models ===
@@ -2642,6 +2908,8 @@ def endpoint_runner(ep: Endpoint, coord: Coordinator) -> Runner:
                 coord.limiter.hit(client_address(request))  # guessing keys is throttled per address
                 raise
             request.scope[CALLER] = caller.identity
+            if ep.role == "miner":
+                coord.heard_from(caller.identity)
         coord.limiter.hit(f"{caller.role}:{caller.identity}" if caller else client_address(request))
         body = None
         if ep.body is not None:
@@ -2703,7 +2971,7 @@ async def submit_job(call: Call) -> Response:
         idem = (key, hashlib.sha256(canonical_json(body.model_dump()).encode()).hexdigest())
     now = coord.now()
     row = await coord.apply(tx_submit, call.caller.identity, compact_json(body.payload),  # type: ignore[union-attr]
-                            compact_json(constraints), ttl * 1000, now, idem,
+                            compact_json(constraints), shape_of(constraints), ttl * 1000, now, idem,
                             now - settings.idempotency_ttl_seconds * 1000, display_value(body.payload.get("value")))
     return json_response(job_view(row, coord.now()), 201)
 
@@ -3226,8 +3494,8 @@ class App:
     """
 
     def __init__(self, settings: Settings, clock: Callable[[], float] = time.time,
-                 migrated: tuple[int, int] | None = None) -> None:
-        self.coord = Coordinator(settings, clock, migrated)
+                 migrated: tuple[int, int] | None = None, monotonic: Callable[[], float] = time.monotonic) -> None:
+        self.coord = Coordinator(settings, clock, migrated, monotonic)
         self.metrics = Metrics()
         self.coord.db.commit_observer = self.metrics.observe_commit
         self.openapi: dict[str, bytes] = {}  # per prefix served under (root_path)
@@ -3305,7 +3573,7 @@ class App:
         stats = await coord.db.read(read_admin_stats, _online_cutoff(coord))
         self.metrics.snapshot = {"jobs": stats["jobs_by_state"], "queued": stats["jobs_by_state"][JobState.QUEUED],
                                  "receipts": stats["receipts_total"], "online": stats["online_miners"],
-                                 "waiting": len(coord.hub.waiters)}
+                                 "waiting": coord.hub.count}
         return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 

@@ -75,7 +75,7 @@ class Harness:
         """Wait until `n` long-polls wait in the hub with their first claim done (no fixed sleeps)."""
         for _ in range(1000):
             waiters = list(self.coord.hub.waiters)
-            if len(waiters) >= n and all(w.profile is not None and not w.claiming for w in waiters):
+            if len(waiters) >= n and all(w.parked for w in waiters):
                 return
             await asyncio.sleep(0.005)
         raise AssertionError(f"{n} long-polls never parked")
@@ -109,9 +109,10 @@ def http_scope(method: str, path: str, key: str, body: bytes | None = None) -> d
 
 @contextlib.asynccontextmanager
 async def harness(tmp_path: Path, env: dict[str, str] | None = None, clock: FakeClock | None = None,
-                  **overrides: Any) -> AsyncIterator[Harness]:
+                  monotonic: FakeClock | None = None, **overrides: Any) -> AsyncIterator[Harness]:
+    """A coordinator on a fake clock; miner silence follows the same clock unless `monotonic` is given."""
     clock = clock or FakeClock()
-    app = ac.App(make_settings(tmp_path, env, **overrides), clock)
+    app = ac.App(make_settings(tmp_path, env, **overrides), clock, monotonic=monotonic or clock)
     async with app.lifespan():
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://coord.test") as client:

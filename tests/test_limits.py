@@ -100,10 +100,10 @@ async def test_a_failing_read_is_a_503_not_a_500(h: Harness) -> None:
 async def test_the_hub_counts_each_miners_open_polls() -> None:
     hub = ac.PollHub()
     a, b, c = hub.add("m1"), hub.add("m1"), hub.add("m2")
-    assert hub.per_miner == {"m1": 2, "m2": 1} and hub.waiting_miners() == ["m1", "m2"]
+    assert (hub.polls_of("m1"), hub.polls_of("m2"), hub.count) == (2, 1, 3)
     hub.remove(a)
     hub.remove(a)  # a second removal changes nothing
-    assert hub.per_miner == {"m1": 1, "m2": 1}
+    assert (hub.polls_of("m1"), hub.polls_of("m2"), hub.count) == (1, 1, 2)
     hub.remove(b)
     hub.remove(c)
-    assert hub.per_miner == {} and not hub.waiters
+    assert hub.polls_of("m1") == hub.count == 0 and not hub.waiters and not hub.by_miner

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 import tempfile
@@ -49,20 +50,25 @@ class Lifecycle(RuleBasedStateMachine):
             out = ac.Outcome(error=exc)
         self.conn.execute("RELEASE unit")
         self.conn.execute("COMMIT")
+        self.matcher.queue(job[2] for job in out.wake.queued)  # as Coordinator.apply does after the commit
         return out
 
     def job(self, job_id: str) -> sqlite3.Row:
         return ac.get_job(self.conn, job_id)
 
-    @rule(target=jobs, ttl=st.integers(1, 120), region=st.sampled_from([None, "eu"]))
-    def submit(self, ttl: int, region: str | None) -> str:
-        constraints = ac.compact_json({**dict.fromkeys(ac.CONSTRAINT_KEYS), "region": region})
-        out = self.unit(ac.tx_submit, "client", "{}", constraints, ttl * 1000, self.now, None, 0)
+    # max_price 1.0 and 1.03 share a threshold bucket; a miner asking 1.02 meets only some of its jobs
+    @rule(target=jobs, ttl=st.integers(1, 120), region=st.sampled_from([None, "eu"]),
+          max_price=st.sampled_from([None, 0.9, 1.0, 1.03, 2.0]))
+    def submit(self, ttl: int, region: str | None, max_price: float | None = None) -> str:
+        constraints = {**dict.fromkeys(ac.CONSTRAINT_KEYS), "region": region, "max_price": max_price}
+        out = self.unit(ac.tx_submit, "client", "{}", ac.compact_json(constraints), ac.shape_of(constraints),
+                        ttl * 1000, self.now, None, 0)
         return out.value["job_id"]
 
-    @rule(miner=st.sampled_from(MINERS), concurrency=st.integers(1, 3), region=st.sampled_from([None, "eu", "us"]))
-    def register(self, miner: str, concurrency: int, region: str | None) -> None:
-        self.unit(ac.tx_register, miner, {"price": 1}, concurrency, region, self.now, MAX_ATTEMPTS)
+    @rule(miner=st.sampled_from(MINERS), concurrency=st.integers(1, 3), region=st.sampled_from([None, "eu", "us"]),
+          price=st.sampled_from([1, 1.02]))
+    def register(self, miner: str, concurrency: int, region: str | None, price: float = 1) -> None:
+        self.unit(ac.tx_register, miner, {"price": price}, concurrency, region, self.now, MAX_ATTEMPTS)
 
     @rule(miner=st.sampled_from(MINERS), status=st.sampled_from(["ONLINE", "DRAINING"]))
     def heartbeat(self, miner: str, status: str) -> None:
@@ -71,10 +77,18 @@ class Lifecycle(RuleBasedStateMachine):
     @rule(miner=st.sampled_from(MINERS))
     def poll(self, miner: str) -> None:
         out = self.unit(ac.tx_poll, miner, self.now, self.matcher)
-        if out.error is None and out.value[0] is not None:
-            job_id = out.value[0]["job_id"]
+        if out.error is not None:
+            return
+        job, profile, ready = out.value
+        if job is not None:
+            job_id = job["job_id"]
             assert self.job(job_id)["state"] == "RUNNING"
+            assert ac.satisfies(json.loads(job["constraints"]), profile), (job["constraints"], profile)
             self.held_by[job_id] = miner
+        elif ready:  # nothing claimed with a free slot: no live queued job it can run was passed over
+            for (constraints,) in self.conn.execute("SELECT constraints FROM jobs WHERE state = 'QUEUED'"
+                                                    " AND expires_at > ?", (self.now,)):
+                assert not ac.satisfies(json.loads(constraints), profile), (constraints, profile)
 
     def may_report(self, miner: str, job_id: str) -> bool:
         before = self.job(job_id)
@@ -112,7 +126,10 @@ class Lifecycle(RuleBasedStateMachine):
 
     @rule()
     def sweep(self) -> None:
-        self.unit(ac.tx_sweep, self.now, [], TIMEOUT_MS, MAX_ATTEMPTS, 0)
+        def silent(miner: str) -> bool:  # the model's clock of silence: the last request each miner made
+            return ac.get_miner(self.conn, miner)["last_seen"] < self.now - TIMEOUT_MS
+
+        self.unit(ac.tx_sweep, self.now, silent, TIMEOUT_MS, MAX_ATTEMPTS, 0)
 
     @invariant()
     def slots_are_running_jobs_and_within_concurrency(self) -> None:

@@ -1,0 +1,292 @@
+"""A fleet on one coordinator: what an event costs does not grow with the miners it does not concern.
+
+Deterministic counts, not timings: waiters the hub examines, lines the rate limiter runs, SQLite VM
+steps of a poll; and liveness measured on a monotonic clock that tests step apart from the wall clock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import aitbc_coord as ac
+from conftest import CLIENT, FakeClock, harness
+
+pytestmark = pytest.mark.anyio
+ANY = ac.compact_json(dict.fromkeys(ac.CONSTRAINT_KEYS))
+
+
+def profile(miner_id: str, region: str | None = None, price: float = 1.0) -> ac.MinerProfile:
+    caps = ac.compact_json({"price": price})
+    return ac.MinerProfile(miner_id, {"price": price}, region, 1, "ONLINE", "t" * 32, f"{region}\x00{caps}")
+
+
+def constraints(**set_: Any) -> str:
+    return ac.compact_json({**dict.fromkeys(ac.CONSTRAINT_KEYS), **set_})
+
+
+async def test_a_job_no_parked_miner_can_run_examines_none_of_them() -> None:
+    hub = ac.PollHub()
+    for i in range(10_000):
+        hub.park(hub.add(f"m{i}"), profile(f"m{i}", region="us"), ready=True)
+    hub.notify(ac.Wake(queued=[("j1", constraints(region="eu"), 1)]))
+    assert hub.examined == 0 and not any(w.event.is_set() for w in hub.waiters)
+    hub.notify(ac.Wake(queued=[("j2", constraints(region="us"), 2)]))
+    woken = [w for w in hub.waiters if w.event.is_set()]
+    assert hub.examined == 1 and [w.miner_id for w in woken] == ["m0"]  # one, the longest waiting
+
+
+async def test_the_longest_waiting_able_miner_gets_the_job_across_kinds() -> None:
+    hub = ac.PollHub()
+    cheap, dear, eu = hub.add("cheap"), hub.add("dear"), hub.add("eu")
+    hub.park(eu, profile("eu", region="eu"), ready=True)  # waiting longest, but cannot run it
+    hub.park(dear, profile("dear", price=5.0), ready=True)  # too dear for the job
+    hub.park(cheap, profile("cheap", price=0.5), ready=True)
+    hub.notify(ac.Wake(queued=[("j", constraints(max_price=1.0), 1)]))
+    assert [w.miner_id for w in hub.waiters if w.event.is_set()] == ["cheap"]
+    assert cheap.woken_for == [("j", constraints(max_price=1.0), 1)] and not dear.woken_for
+
+
+def lines_run(fn: Any) -> int:
+    """Lines of the module executed while `fn` runs: work, counted the same way every time."""
+    lines = 0
+
+    def count(frame: Any, event: str, arg: Any) -> Any:
+        nonlocal lines
+        if event == "line" and frame.f_code.co_filename == ac.__file__:
+            lines += 1
+        return count
+
+    sys.settrace(count)
+    try:
+        fn()
+    finally:
+        sys.settrace(None)
+    return lines
+
+
+def renewal_lines(polls: int) -> float:
+    """Hub lines per renewal when `polls` parked polls all end and start again at once."""
+    hub = ac.PollHub()
+    for i in range(polls):
+        hub.park(hub.add(f"m{i}"), profile(f"m{i}"), ready=True)
+
+    def renew_all() -> None:
+        for i, w in enumerate(hub.waiters):
+            hub.remove(w)
+            hub.park(hub.add(f"m{i}"), profile(f"m{i}"), ready=True)
+
+    lines = lines_run(renew_all)
+    assert hub.count == polls and len(hub.kinds) == 1
+    return lines / polls
+
+
+async def test_renewals_cost_the_hub_the_same_with_any_number_of_polls() -> None:
+    """5,000 polls end and start again in the same second: each renewal does O(1) hub work."""
+    assert abs(renewal_lines(5_000) - renewal_lines(5)) < 1  # the same, up to the loop's own set-up
+
+
+def test_the_rate_limiter_does_the_same_work_per_call_with_10_or_200000_callers() -> None:
+    clock = FakeClock(0.0)
+
+    def lines_per_call(callers: int) -> float:
+        limiter = ac.RateLimiter(1_000, 60, clock)
+        clock.t = 0.0
+        for i in range(callers):
+            limiter.hit(f"c{i}")
+        clock.t = 61.0  # a new window: every entry has ended
+
+        def new_callers() -> None:
+            for i in range(1_000):
+                limiter.hit(f"new{i}")
+
+        return lines_run(new_callers) / 1_000
+
+    # Each new caller drops at most two ended entries: with 2,000 or 200,000 ended, exactly two each;
+    # with 10, fewer once they are gone. Never more work because more callers are live.
+    assert lines_per_call(200_000) == lines_per_call(2_000) >= lines_per_call(10)
+
+
+def test_the_rate_limiter_still_limits_and_forgets_ended_windows() -> None:
+    clock = FakeClock(0.0)
+    limiter = ac.RateLimiter(2, 60, clock)
+    limiter.hit("a")
+    limiter.hit("a")
+    with pytest.raises(ac.TooManyRequests):
+        limiter.hit("a")
+    clock.t = 60.0
+    limiter.hit("a")  # a new window
+    for i in range(5):
+        limiter.hit(f"b{i}")
+    assert list(limiter.counts) == ["a", "b0", "b1", "b2", "b3", "b4"]
+    clock.t = 120.0
+    for i in range(3):
+        limiter.hit(f"c{i}")
+    assert len(limiter.counts) == 3 + 6 - 6  # each new caller dropped up to two ended entries
+
+
+async def test_a_wall_clock_step_reaps_no_healthy_miner(tmp_path: Path) -> None:
+    wall, mono = FakeClock(), FakeClock(1000.0)
+    async with harness(tmp_path, clock=wall, monotonic=mono) as h:
+        await h.register()
+        job = await h.submit()
+        assert (await h.take())["job_id"] == job["job_id"]
+        wall.advance(60)  # the wall clock jumps; no time has passed
+        assert await h.coord.sweep() == 0
+        assert (await h.result(job["job_id"])).status_code == 200
+
+
+async def test_a_silent_miner_is_lost_whichever_way_the_wall_clock_moved(tmp_path: Path) -> None:
+    wall, mono = FakeClock(), FakeClock(1000.0)
+    async with harness(tmp_path, clock=wall, monotonic=mono) as h:
+        await h.register()
+        job = await h.submit()
+        await h.take()
+        wall.advance(-3600)  # set back an hour
+        mono.advance(29)
+        assert await h.coord.sweep() == 0
+        mono.advance(2)  # 31 s of real silence
+        assert await h.coord.sweep() == 1
+        assert (await h.job(job["job_id"]))["state"] == "QUEUED"
+
+
+async def test_after_a_restart_every_miner_gets_a_fresh_timeout(tmp_path: Path) -> None:
+    mono = FakeClock(1000.0)
+    async with harness(tmp_path, monotonic=mono) as h:
+        await h.register()
+        job = await h.submit()
+        await h.take()
+    mono.advance(600)  # down for ten minutes
+    async with harness(tmp_path, monotonic=mono) as h:
+        assert await h.coord.sweep() == 0  # not heard from since the start: a fresh timeout
+        mono.advance(31)
+        assert await h.coord.sweep() == 1
+        assert (await h.job(job["job_id"]))["state"] == "QUEUED"
+
+
+async def test_a_parked_poll_keeps_its_miner_alive_without_writes(tmp_path: Path) -> None:
+    mono = FakeClock(1000.0)
+    async with harness(tmp_path, monotonic=mono) as h:
+        await h.register()
+        job = await h.submit()
+        await h.take()  # holds a job
+        waiting = asyncio.create_task(h.poll(wait=30))
+        await h.parked(1)
+        before = h.coord.db._wconn.total_changes
+        mono.advance(120)
+        assert await h.coord.sweep() == 0
+        assert h.coord.db._wconn.total_changes == before  # no last_seen write for the parked miner
+        h.coord.hub.close()
+        await waiting
+        assert (await h.job(job["job_id"]))["state"] == "RUNNING"
+
+
+async def test_jobs_that_each_name_their_own_price_share_a_few_shapes(tmp_path: Path) -> None:
+    async with harness(tmp_path) as h:
+        await h.register(capabilities={"price": 0.5})
+        for i in range(1, 301):
+            job = await h.submit(constraints={"max_price": 1 + i / 1_000_000})
+            assert (await h.take())["job_id"] == job["job_id"]
+            assert (await h.result(job["job_id"])).status_code == 200
+        shapes = h.coord.db._rconn.execute("SELECT COUNT(*) FROM shapes").fetchone()[0]
+        assert shapes == 1
+
+
+async def test_a_miner_inside_a_price_bucket_takes_only_the_jobs_it_meets(tmp_path: Path) -> None:
+    """1.00 and 1.03 share a bucket; a miner asking 1.02 meets the second only, however old the first."""
+    async with harness(tmp_path) as h:
+        low = await h.submit(constraints={"max_price": 1.0})
+        high = await h.submit(constraints={"max_price": 1.03})
+        await h.register(capabilities={"price": 1.02})
+        assert (await h.take())["job_id"] == high["job_id"]
+        assert (await h.poll()).status_code == 204
+        assert (await h.job(low["job_id"]))["state"] == "QUEUED"
+
+
+def _empty_poll_steps(path: str, now: int) -> int:
+    conn = ac.connect(path)
+    steps = [0]
+
+    def count() -> int:
+        steps[0] += 1
+        return 0
+
+    matcher = ac.Matcher()
+    conn.execute("BEGIN")
+    ac.tx_poll(conn, "m", now, matcher)  # the first poll learns what is queued
+    conn.set_progress_handler(count, 1)
+    job, _, ready = ac.tx_poll(conn, "m", now, matcher).value
+    conn.set_progress_handler(None, 0)
+    conn.execute("ROLLBACK")
+    conn.close()
+    assert job is None and ready
+    return steps[0]
+
+
+def test_an_empty_poll_costs_the_same_after_thousands_of_distinct_shapes(tmp_path: Path) -> None:
+    fresh, used = str(tmp_path / "fresh.db"), str(tmp_path / "used.db")
+    now = 1_764_000_000_000
+    for path in (fresh, used):
+        ac.migrate(path)
+        conn = ac.connect(path)
+        ac.upsert_miner(conn, "m", {"price": 0.5}, 1, None, "t" * 32, now)
+        conn.close()
+    conn = ac.connect(used)
+    conn.execute("BEGIN")
+    for i in range(2_000):  # each its own exact shape, as before thresholds were bucketed
+        c = {**dict.fromkeys(ac.CONSTRAINT_KEYS), "max_price": 1 + i}
+        text = ac.compact_json(c)
+        ac.insert_job(conn, f"{i:032x}", "c", "{}", text, ac.ensure_shape(conn, text), now, now + 10**9)
+    conn.execute("UPDATE jobs SET state = 'COMPLETED', finished_at = ?", (now,))
+    conn.execute("COMMIT")
+    conn.close()
+    assert _empty_poll_steps(used, now) == _empty_poll_steps(fresh, now)
+
+
+async def test_a_job_queued_while_a_poll_claims_is_not_missed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The poll is not parked while its claim runs; a job committed meanwhile makes it claim again."""
+    async with harness(tmp_path) as h:
+        await h.register()
+        original, first = ac.tx_poll, [True]
+
+        def slow_first_claim(conn: Any, *args: Any) -> Any:
+            out = original(conn, *args)
+            if first[0]:  # after this claim found nothing, a job arrives before the poll parks
+                first[0] = False
+                asyncio.get_running_loop().create_task(h.submit())
+            return out
+
+        monkeypatch.setattr(ac, "tx_poll", slow_first_claim)
+        r = await h.poll(wait=5)
+        assert r.status_code == 200, r.text
+        assert json.loads(r.text)["job_id"]
+
+
+async def test_many_parked_polls_one_job_one_claim(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    env = {"MINER_API_KEYS": ",".join(f"m{i}=key-{i}" for i in range(50))}
+    async with harness(tmp_path, env) as h:
+        for i in range(50):
+            await h.register({"X-Api-Key": f"key-{i}"})
+        polls = [asyncio.create_task(h.poll({"X-Api-Key": f"key-{i}"}, wait=10)) for i in range(50)]
+        await h.parked(50)
+        claims: list[str] = []
+        original = ac.tx_poll
+
+        def counting(conn: Any, miner_id: str, *args: Any) -> Any:
+            claims.append(miner_id)
+            return original(conn, miner_id, *args)
+
+        monkeypatch.setattr(ac, "tx_poll", counting)
+        try:
+            await h.client.post("/v1/jobs", json={"payload": {}}, headers=CLIENT)
+            done, _ = await asyncio.wait(polls, timeout=5, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.sleep(0.05)  # room for any wrongly woken poll to reach the database
+            assert claims == ["m0"] and len(done) == 1
+        finally:
+            h.coord.hub.close()
+            await asyncio.gather(*polls)
