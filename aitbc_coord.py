@@ -661,6 +661,7 @@ class Database:
         self.commit_observer: Callable[[int, float], None] | None = None  # (units, seconds) per commit
         self._pending: list[tuple[Callable[..., Any], tuple[Any, ...], asyncio.Future[Any]]] = []
         self._closing = False
+        self.open = False  # between start() and close(): the app's lifespan runs them
 
     async def start(self) -> None:
         """Open both connections and start the writer task."""
@@ -673,10 +674,11 @@ class Database:
         self._committer.start()
         self._wake = asyncio.Event()
         self._writer = asyncio.create_task(self._run_writer())
+        self.open = True
 
     async def close(self) -> None:
         """Commit what is queued, then close both connections."""
-        self._closing = True
+        self.open, self._closing = False, True
         self._wake.set()
         await self._writer
         self._commits.put(None)
@@ -685,14 +687,20 @@ class Database:
         self._rconn.close()
 
     async def write(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run fn(conn, *args) as one unit of work; returns once it is committed. Raises what fn raised."""
+        """Run fn(conn, *args) as one unit of work; returns once it is committed. Raises what fn raised,
+        or Unavailable when the database is not open."""
+        if not self.open:
+            raise Unavailable("database not open")
         fut: asyncio.Future[T] = self._loop.create_future()
         self._pending.append((fn, args, fut))
         self._wake.set()
         return await fut
 
     async def read(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run fn(conn, *args) on the read connection inside one read snapshot."""
+        """Run fn(conn, *args) on the read connection inside one read snapshot; raises Unavailable when
+        the database is not open (an app mounted without its lifespan run, or shutting down)."""
+        if not self.open:
+            raise Unavailable("database not open")
         conn = self._rconn
         conn.execute("BEGIN")  # one snapshot for every statement of this read
         try:
@@ -2144,7 +2152,8 @@ class JobListQuery(Model):
 
 class ReceiptListQuery(Model):
     limit: int = Field(100, ge=1, le=500)
-    cursor: str | None = None
+    cursor: str | None = Field(None, min_length=1, max_length=400, pattern=r"^[A-Za-z0-9_-]+$",
+                               description="next_cursor of the previous page (opaque)")
 
 
 class ReceiptVerify(Model):
@@ -2788,7 +2797,7 @@ REQUEST_JSON_BIG = json.JSONDecoder(parse_constant=_reject_constant, parse_float
 def decode_json(raw: bytes) -> Any:
     """Parse a request body; raises Invalid for malformed JSON, NaN/Infinity and lone surrogates."""
     try:  # as json.loads does for bytes, with one decoder made once
-        text = raw.decode(json.detect_encoding(raw), "surrogatepass")
+        text = raw.decode(json.detect_encoding(raw))  # strict: a surrogate encoded in UTF-8 is not UTF-8
         try:
             value = REQUEST_JSON.decode(text)
         except json.JSONDecodeError:
@@ -2942,7 +2951,7 @@ async def health(call: Call) -> Response:
     try:
         await call.coord.db.read(get_job_counts)
         ok = True
-    except (sqlite3.Error, RuntimeError):
+    except (sqlite3.Error, Unavailable):
         ok = False
     return json_response(health_view(call.coord.settings, ok), 200 if ok else 503)
 
@@ -3242,9 +3251,10 @@ async def explorer_addresses(call: Call) -> Response:
 async def explorer_receipts(call: Call) -> Response:
     """Receipts newest first, of every job or of `job_id`."""
     q = call.query
-    rows = await call.coord.db.read(list_receipts, q.job_id, q.limit, q.offset)
+    job_id = q.job_id or None  # ?job_id= (empty) is every job's, as the answer says
+    rows = await call.coord.db.read(list_receipts, job_id, q.limit, q.offset)
     items = [explorer_receipt_view(r) for r in rows]
-    return json_response({"jobId": q.job_id or "all", **page(items, q.limit, q.offset)})
+    return json_response({"jobId": job_id or "all", **page(items, q.limit, q.offset)})
 
 
 # === OpenAPI ===
@@ -3699,7 +3709,8 @@ def run_server(settings: Settings, migrated: tuple[int, int] | None = None) -> N
     """Serve until SIGTERM/SIGINT; raises click.ClickException when the address is taken.
     `migrated`: (before, after) schema versions when the caller has migrated already."""
     sock = bind_socket(settings.host, settings.port)
-    log.info("listening on http://%s:%d%s", settings.host, sock.getsockname()[1], settings.root_path)
+    log.info("listening on http://%s:%d%s", settings.host, sock.getsockname()[1],
+             f" (served under {settings.root_path} by a proxy that strips it)" if settings.root_path else "")
     app = App(settings, migrated=migrated)
     # log_config=None: uvicorn's lines go through our handler; access_log=False: App logs requests
     config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="on", timeout_graceful_shutdown=5,

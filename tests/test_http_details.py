@@ -141,3 +141,39 @@ def test_access_records_made_directly_have_what_logrecord_gives_with_the_flags_o
         assert getattr(direct, name) == getattr(standard, name), name
     line = logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s %(msecs)03d").format(direct)
     assert "GET /v1/health 200" in line
+
+
+@pytest.mark.parametrize(("path", "body", "key"), [
+    ("/v1/jobs", b'{"payload": {}, "constraints": {"gpu": "a\xed\xa0\x80"}}', CLIENT),
+    ("/v1/jobs", b'{"payload": {"p": "a\xed\xa0\x80"}}', CLIENT),
+    ("/v1/miners/register", b'{"capabilities": {"x": "\xed\xa0\x80"}}', {"X-Api-Key": ac.DEV_KEYS["miner"]}),
+    ("/v1/marketplace/bids", b'{"provider": "\xed\xa0\x80", "capacity": 1, "price": 1}', {}),
+])
+async def test_a_surrogate_encoded_as_utf8_bytes_is_malformed_json_and_stores_nothing(
+        tmp_path: Path, path: str, body: bytes, key: dict[str, str]) -> None:
+    """U+D800 written as raw bytes (WTF-8/CESU-8), not as an escape, is not UTF-8: 422, nothing kept."""
+    async with harness(tmp_path) as h:
+        r = await h.client.post(path, content=body, headers={**key, "content-type": "application/json"})
+        assert r.status_code == 422 and r.json()["detail"][0]["loc"][0] == "body", r.text
+        stats = (await h.client.get("/v1/admin/stats", headers={"X-Api-Key": ac.DEV_KEYS["admin"]})).json()
+        assert stats["total_jobs"] == 0
+        assert (await h.client.get("/v1/admin/miners", headers={"X-Api-Key": ac.DEV_KEYS["admin"]})).json()["items"] == []
+
+
+async def test_an_app_mounted_without_its_lifespan_answers_503_not_500(tmp_path: Path) -> None:
+    outer = Starlette(routes=[Mount("/coordinator", app=ac.App(make_settings(tmp_path)))])
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=outer), base_url="http://proxy.test") as client:
+        r = await client.get("/coordinator/v1/health")
+        assert (r.status_code, r.json()["db"]) == (503, "error")
+        r = await client.post("/coordinator/v1/jobs", json={"payload": {}}, headers=CLIENT)
+        assert r.status_code == 503 and r.headers["retry-after"] == "1"
+
+
+async def test_an_empty_job_id_filter_on_explorer_receipts_means_every_job(tmp_path: Path) -> None:
+    async with harness(tmp_path, {"RECEIPT_SIGNING_KEY_HEX": "11" * 32}) as h:
+        await h.register()
+        job = await h.submit()
+        await h.take()
+        assert (await h.result(job["job_id"])).status_code == 200
+        page = (await h.client.get("/v1/explorer/receipts", params={"job_id": ""})).json()
+        assert page["jobId"] == "all" and len(page["items"]) == 1
