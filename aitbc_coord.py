@@ -42,12 +42,14 @@ import dataclasses
 import enum
 import functools
 import hashlib
+import ipaddress
 import json
 import logging
 import math
 import os
 import queue
 import re
+import resource
 import secrets
 import signal
 import socket
@@ -73,6 +75,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, RootModel, Va
 from pydantic.json_schema import models_json_schema
 from starlette.requests import Request
 from starlette.responses import Response
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 __version__ = "0.1.0"
 log = logging.getLogger("aitbc_coord")
@@ -117,6 +120,10 @@ class Settings:
     rate_limit_window_seconds: float = 60.0
     poll_max_concurrent: int = 32  # long-polls one miner may hold open at once
     root_path: str = ""  # the prefix a reverse proxy serves the API under, e.g. /coordinator
+    request_header_timeout_seconds: float = 10.0  # a request head must be complete this soon
+    request_body_timeout_seconds: float = 30.0  # a body must arrive this soon, or at 1 KB/s if that is longer
+    max_connections_per_address: int = 1024  # 0: no cap; IPv6 addresses count by /64
+    forwarded_allow_ips: tuple[str, ...] = ("127.0.0.1", "::1")  # trusted proxies: X-Forwarded-For, no cap
     signing_seed: bytes | None = dataclasses.field(default=None, repr=False)
     attestation_seed: bytes | None = dataclasses.field(default=None, repr=False)
 
@@ -215,6 +222,14 @@ def _parse_root_path(raw: str) -> str:
     return raw
 
 
+def _parse_networks(raw: str) -> tuple[str, ...]:
+    items = tuple(parse_list(raw))
+    for item in items:
+        if item != "*":
+            ipaddress.ip_network(item, strict=False)  # raises ValueError
+    return items
+
+
 def _parse_app_env(raw: str) -> str:
     if not re.fullmatch(r"[a-z][a-z0-9_-]{0,31}", raw):
         raise ValueError(f"must be a short lower-case name such as dev or prod, got {raw!r}")
@@ -240,6 +255,10 @@ ENV_VARS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "RATE_LIMIT_WINDOW_SECONDS": ("rate_limit_window_seconds", _parse_seconds),
     "POLL_MAX_CONCURRENT": ("poll_max_concurrent", _parse_int(1)),
     "ROOT_PATH": ("root_path", _parse_root_path),
+    "REQUEST_HEADER_TIMEOUT_SECONDS": ("request_header_timeout_seconds", _parse_seconds),
+    "REQUEST_BODY_TIMEOUT_SECONDS": ("request_body_timeout_seconds", _parse_seconds),
+    "MAX_CONNECTIONS_PER_ADDRESS": ("max_connections_per_address", _parse_int(0)),
+    "FORWARDED_ALLOW_IPS": ("forwarded_allow_ips", _parse_networks),
 }
 
 
@@ -3437,6 +3456,76 @@ class AccessRecord(logging.LogRecord):
 KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "DELETE", "OPTIONS"})
 
 
+def address_key(host: str) -> str:
+    """What the per-address connection cap counts by: an IPv4 address, or an IPv6 address's /64."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return host  # a Unix socket or a name
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{address}/64", strict=False))
+    return str(address)
+
+
+OPEN_FILES_HEADROOM = 320  # file descriptors kept free for the database, logs and a few hundred spare
+
+
+class ConnectionGuard:
+    """The connection caps and the deadlines for receiving a request, kept per server (OWASP API4).
+
+    A connection over a cap is answered 503 with Retry-After and closed at once: a miner retries a
+    503, while a refused connection looks like a transport error after which it re-registers. Trusted
+    proxies (FORWARDED_ALLOW_IPS) are exempt from the per-address cap.
+    """
+
+    def __init__(self, settings: Settings, open_files: int | None = None) -> None:
+        self.header_timeout = settings.request_header_timeout_seconds
+        self.body_timeout = settings.request_body_timeout_seconds
+        self.per_address = settings.max_connections_per_address
+        if open_files is None:
+            open_files = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        self.total = max(open_files - OPEN_FILES_HEADROOM, 16)
+        self.any_exempt = "*" in settings.forwarded_allow_ips
+        self.exempt = [ipaddress.ip_network(n, strict=False) for n in settings.forwarded_allow_ips if n != "*"]
+        self.by_address: dict[str, int] = {}
+        self.open = 0
+        self.refused = {"address": 0, "total": 0}  # 503s per cap
+        self.closed = {"head": 0, "body": 0}  # connections closed by each deadline
+
+    def is_exempt(self, host: str) -> bool:
+        if self.any_exempt:
+            return True
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            return False
+        return any(address in network for network in self.exempt)
+
+    def admit(self, host: str) -> str | None:
+        """Count a new connection from `host`; the cap it would exceed ("address", "total"), or None."""
+        if self.open >= self.total:
+            cap: str | None = "total"
+        elif self.per_address and not self.is_exempt(host) and self.by_address.get(address_key(host), 0) >= self.per_address:
+            cap = "address"
+        else:
+            key = address_key(host)
+            self.by_address[key] = self.by_address.get(key, 0) + 1
+            self.open += 1
+            return None
+        self.refused[cap] += 1  # type: ignore[index]
+        return cap
+
+    def release(self, host: str) -> None:
+        """An admitted connection from `host` has closed."""
+        key = address_key(host)
+        left = self.by_address.pop(key) - 1
+        if left:
+            self.by_address[key] = left
+        self.open -= 1
+
+
 class Metrics:
     """Prometheus metrics of one app, in its own registry (several apps may share a process)."""
 
@@ -3453,6 +3542,7 @@ class Metrics:
         self.commit_units = Histogram("aitbc_db_commit_units", "Units of work sharing one commit",
                                       registry=self.registry, buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
         self.snapshot: dict[str, Any] = {}
+        self.guard: ConnectionGuard | None = None  # set when a server guards the connections
         self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
         self.registry.register(self)
 
@@ -3486,6 +3576,20 @@ class Metrics:
                                 value=snap.get("online", 0))
         yield GaugeMetricFamily("aitbc_polls_waiting", "Miner long-polls waiting for work", value=snap.get("waiting", 0))
         yield CounterMetricFamily("aitbc_receipts_issued", "Signed receipts issued", value=snap.get("receipts", 0))
+        guard = self.guard
+        if guard is not None:
+            yield GaugeMetricFamily("aitbc_connections_open", "Client connections open", value=guard.open)
+            closed = CounterMetricFamily("aitbc_connections_closed_by_deadline",
+                                         "Connections closed because a request head or body came too slowly",
+                                         labels=["deadline"])
+            for stage, n in guard.closed.items():
+                closed.add_metric([stage], n)
+            yield closed
+            refused = CounterMetricFamily("aitbc_connections_refused", "Connections answered 503 over a cap",
+                                          labels=["cap"])
+            for cap, n in guard.refused.items():
+                refused.add_metric([cap], n)
+            yield refused
 
 
 def route_path(scope: Scope) -> str:
@@ -3507,6 +3611,7 @@ class App:
                  migrated: tuple[int, int] | None = None, monotonic: Callable[[], float] = time.monotonic) -> None:
         self.coord = Coordinator(settings, clock, migrated, monotonic)
         self.metrics = Metrics()
+        self.guard = self.metrics.guard = ConnectionGuard(settings)
         self.coord.db.commit_observer = self.metrics.observe_commit
         self.openapi: dict[str, bytes] = {}  # per prefix served under (root_path)
         self.cors = Cors(settings.allow_origins)
@@ -3705,16 +3810,116 @@ class Server(uvicorn.Server):
                 signal.signal(sig, handler)
 
 
+REQUEST_TIMEOUT_408 = (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: text/plain; charset=utf-8\r\n"
+                       b"connection: close\r\ncontent-length: 23\r\n\r\nrequest came too slowly")
+OVER_CAP_503 = (b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 1\r\n"
+                b"connection: close\r\ncontent-length: 36\r\n\r\n{\"detail\":\"too many open connections\"}")
+MIN_BODY_BYTES_PER_SECOND = 1024
+
+
+class GuardedProtocol(H11Protocol):
+    """uvicorn's h11 protocol with a ConnectionGuard: caps checked when a connection opens, and a
+    deadline for each stage of receiving a request (its head from the first byte, or from opening;
+    then its body). Between requests uvicorn's keep-alive timeout governs; once the body is in, the
+    request is the server's: a long-poll may wait as long as it asks."""
+
+    guard: ConnectionGuard  # set by protocol_for
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self.host = self.client[0] if self.client else "-"
+        self.stage: str | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        if self.guard.admit(self.host) is not None:
+            self.host = None  # type: ignore[assignment]  # not admitted: nothing to release
+            transport.write(OVER_CAP_503)
+            transport.close()
+            return
+        self.arm("head", self.guard.header_timeout)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.disarm()
+        if self.host is not None:
+            self.guard.release(self.host)
+            self.host = None  # type: ignore[assignment]
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self.stage is None and (self.cycle is None or self.cycle.response_complete):
+            self.arm("head", self.guard.header_timeout)  # the first byte of a later request
+        super().data_received(data)
+        if self.stage == "body":
+            self.body_bytes += len(data)
+        self.follow()
+
+    def follow(self) -> None:
+        """Move the deadline on as the request arrives."""
+        cycle = self.cycle
+        if cycle is None or cycle.response_complete or self.stage is None:
+            return
+        if self.stage == "head":  # the head is in
+            self.disarm()
+            if cycle.more_body:
+                declared = dict(self.headers).get(b"content-length", b"")
+                length = int(declared) if declared.isdigit() else 0
+                self.body_started, self.body_bytes = self.loop.time(), 0
+                self.arm("body", max(self.guard.body_timeout, length / MIN_BODY_BYTES_PER_SECOND))
+        elif not cycle.more_body:
+            self.disarm()
+
+    def arm(self, stage: str, seconds: float) -> None:
+        self.disarm()
+        self.stage, self.timer = stage, self.loop.call_later(seconds, self.expired)
+
+    def disarm(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        self.stage = self.timer = None
+
+    def expired(self) -> None:
+        stage, self.timer = self.stage, None
+        if stage == "body":  # a body of unknown length may take longer while it keeps to 1 KB/s
+            due = self.body_started + self.body_bytes / MIN_BODY_BYTES_PER_SECOND
+            if due > self.loop.time():
+                self.timer = self.loop.call_at(due, self.expired)
+                return
+        self.stage = None
+        self.guard.closed[stage] += 1  # type: ignore[index]
+        if not self.transport.is_closing():
+            if self.cycle is None or self.cycle.response_complete or not self.cycle.response_started:
+                self.transport.write(REQUEST_TIMEOUT_408)
+            self.transport.close()
+
+
+def protocol_for(guard: ConnectionGuard) -> type[GuardedProtocol]:
+    """A GuardedProtocol class bound to `guard` (uvicorn makes one instance a connection)."""
+    return type("GuardedProtocol", (GuardedProtocol,), {"guard": guard})
+
+
+def raise_open_files_limit() -> int:
+    """Raise the soft open-files limit to the hard one (each connection is a file); returns it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        with contextlib.suppress(OSError):  # not allowed here: the soft limit stands
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+    return soft
+
+
 def run_server(settings: Settings, migrated: tuple[int, int] | None = None) -> None:
     """Serve until SIGTERM/SIGINT; raises click.ClickException when the address is taken.
     `migrated`: (before, after) schema versions when the caller has migrated already."""
     sock = bind_socket(settings.host, settings.port)
     log.info("listening on http://%s:%d%s", settings.host, sock.getsockname()[1],
              f" (served under {settings.root_path} by a proxy that strips it)" if settings.root_path else "")
+    open_files = raise_open_files_limit()
     app = App(settings, migrated=migrated)
+    log.info("open files %d: at most %d connections, %s per address", open_files, app.guard.total,
+             settings.max_connections_per_address or "no cap")
     # log_config=None: uvicorn's lines go through our handler; access_log=False: App logs requests
     config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="on", timeout_graceful_shutdown=5,
-                            server_header=False, root_path=settings.root_path)
+                            server_header=False, root_path=settings.root_path, http=protocol_for(app.guard),
+                            forwarded_allow_ips=list(settings.forwarded_allow_ips), proxy_headers=True)
     Server(config, app.coord).run(sockets=[sock])
 
 

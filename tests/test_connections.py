@@ -1,0 +1,153 @@
+"""Connections that never finish a request: real sockets against the real `serve`, short deadlines.
+
+Every stage of receiving a request has a deadline (head, body), a long-poll in progress is the
+server's own wait, and no address outside FORWARDED_ALLOW_IPS can hold more than its share.
+Honest clients (on 127.0.0.1, a trusted address) keep working meanwhile.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+
+import aitbc_coord as ac
+from test_serve import CLIENT, MINER, start_server
+
+DEADLINES = {"APP_ENV": "dev", "REQUEST_HEADER_TIMEOUT_SECONDS": "1", "REQUEST_BODY_TIMEOUT_SECONDS": "2",
+             "MAX_CONNECTIONS_PER_ADDRESS": "5", "RATE_LIMIT_REQUESTS": "0"}
+
+
+@contextmanager
+def server(tmp_path: Path) -> Iterator[str]:
+    proc, base = start_server(tmp_path, "--db", str(tmp_path / "c.db"), env=DEADLINES)
+    try:
+        yield base
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def connect(base: str, source: str = "127.0.0.1") -> socket.socket:
+    host, port = base.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=10, source_address=(source, 0))
+    return sock
+
+
+def read_until_closed(sock: socket.socket, limit: float) -> tuple[bytes, float]:
+    """Everything the server sends until it closes the connection, and how long that took."""
+    started, data = time.monotonic(), b""
+    sock.settimeout(limit)
+    while chunk := sock.recv(4096):
+        data += chunk
+    return data, time.monotonic() - started
+
+
+def open_connections(base: str) -> float:
+    text = httpx.get(base + "/metrics", timeout=10).text
+    return float(re.search(r"^aitbc_connections_open (\S+)$", text, re.M).group(1))  # type: ignore[union-attr]
+
+
+def honest_clients_work(base: str) -> None:
+    with httpx.Client(base_url=base, timeout=10) as http:
+        assert http.post("/v1/miners/register", json={"capabilities": {}}, headers=MINER).status_code == 200
+        job = http.post("/v1/jobs", json={"payload": {}}, headers=CLIENT)
+        assert job.status_code == 201
+        got = http.post("/v1/miners/poll", json={"max_wait_seconds": 1}, headers=MINER)
+        assert got.status_code == 200 and got.json()["job_id"] == job.json()["job_id"]
+        assert http.post(f"/v1/miners/{got.json()['job_id']}/result", json={"result": {}}, headers=MINER).status_code == 200
+
+
+def test_slow_headers_silent_connections_and_trickled_bodies_are_cut_at_their_deadlines(tmp_path: Path) -> None:
+    with server(tmp_path) as base:
+        baseline = open_connections(base)
+        silent = connect(base)
+        slow_head = connect(base)
+        slow_head.sendall(b"POST /v1/jobs HTTP/1.1\r\nHost: x\r\n")
+        trickle = connect(base)
+        trickle.sendall(b"POST /v1/jobs HTTP/1.1\r\nHost: x\r\nX-Api-Key: " + ac.DEV_KEYS["client"].encode()
+                        + b"\r\nContent-Type: application/json\r\nContent-Length: 200\r\n\r\n{")
+        for _ in range(3):  # one more header line, and one more body byte, every 0.3 s (stopping in time
+            time.sleep(0.3)  # to read the 408: bytes sent after the close would reset the connection)
+            slow_head.sendall(b"X-Slow: 1\r\n")
+            trickle.sendall(b" ")
+        honest_clients_work(base)  # meanwhile, on other connections
+        for sock, deadline in ((silent, 1), (slow_head, 1), (trickle, 2)):
+            data, took = read_until_closed(sock, 5)
+            assert data.startswith(b"HTTP/1.1 408"), data[:80]
+            assert took < deadline + 1.5, took
+            sock.close()
+        time.sleep(0.2)
+        assert open_connections(base) == baseline
+        metrics = httpx.get(base + "/metrics").text
+        assert 'aitbc_connections_closed_by_deadline_total{deadline="head"} 2.0' in metrics
+        assert 'aitbc_connections_closed_by_deadline_total{deadline="body"} 1.0' in metrics
+
+
+def test_a_body_at_a_kilobyte_a_second_gets_the_time_it_needs(tmp_path: Path) -> None:
+    with server(tmp_path) as base:
+        body = b'{"payload": {"x": "' + b"a" * 3_000 + b'"}}'
+        sock = connect(base)
+        sock.sendall(b"POST /v1/jobs HTTP/1.1\r\nHost: x\r\nX-Api-Key: " + ac.DEV_KEYS["client"].encode()
+                     + b"\r\nContent-Type: application/json\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n")
+        for i in range(0, len(body), 512):  # ~1.4 KB/s: longer than the 2 s body deadline, never slower
+            sock.sendall(body[i:i + 512])
+            time.sleep(0.35)
+        sock.settimeout(5)
+        assert sock.recv(4096).startswith(b"HTTP/1.1 201")
+        sock.close()
+
+
+def test_a_long_poll_in_progress_outlives_the_deadlines(tmp_path: Path) -> None:
+    with server(tmp_path) as base, httpx.Client(base_url=base, timeout=10) as http:
+        http.post("/v1/miners/register", json={"capabilities": {}}, headers=MINER)
+        started = time.monotonic()
+        r = http.post("/v1/miners/poll", json={"max_wait_seconds": 3}, headers=MINER)
+        assert r.status_code == 204 and time.monotonic() - started >= 2.9
+
+
+def test_one_address_cannot_hold_more_than_its_share(tmp_path: Path) -> None:
+    with server(tmp_path) as base:
+        held = [connect(base, "127.0.0.2") for _ in range(5)]
+        for sock in held:  # admitted: a request on each still works
+            sock.sendall(b"GET /v1/health HTTP/1.1\r\nHost: x\r\n\r\n")
+            sock.settimeout(5)
+            assert sock.recv(4096).startswith(b"HTTP/1.1 200")
+        extra = connect(base, "127.0.0.2")
+        data, _ = read_until_closed(extra, 5)
+        assert data.startswith(b"HTTP/1.1 503") and b"retry-after: 1" in data.lower(), data
+        honest_clients_work(base)  # 127.0.0.1 is a trusted proxy address: not capped
+        trusted = [connect(base) for _ in range(8)]
+        metrics = httpx.get(base + "/metrics").text
+        assert 'aitbc_connections_refused_total{cap="address"} 1.0' in metrics
+        for sock in held + trusted + [extra]:
+            sock.close()
+
+
+def test_the_documented_defaults(tmp_path: Path) -> None:
+    s = ac.Settings.load({}, dotenv=False)
+    assert (s.request_header_timeout_seconds, s.request_body_timeout_seconds) == (10, 30)
+    assert (s.max_connections_per_address, s.forwarded_allow_ips) == (1024, ("127.0.0.1", "::1"))
+    guard = ac.ConnectionGuard(s, open_files=20_000)
+    assert guard.total == 20_000 - ac.OPEN_FILES_HEADROOM
+    assert ac.address_key("2001:db8::1") == ac.address_key("2001:db8::ffff") == "2001:db8::/64"
+    assert ac.address_key("::ffff:10.0.0.1") == "10.0.0.1"
+    with pytest.raises(ac.ConfigError, match="FORWARDED_ALLOW_IPS"):
+        ac.Settings.load({"FORWARDED_ALLOW_IPS": "not-an-address"}, dotenv=False)
+
+
+def test_the_caps_count_and_release(tmp_path: Path) -> None:
+    s = ac.Settings.load({"MAX_CONNECTIONS_PER_ADDRESS": "2", "FORWARDED_ALLOW_IPS": "10.0.0.0/8"}, dotenv=False)
+    guard = ac.ConnectionGuard(s, open_files=ac.OPEN_FILES_HEADROOM + 16)
+    assert [guard.admit("192.0.2.1") for _ in range(3)] == [None, None, "address"]
+    assert [guard.admit("10.1.2.3") for _ in range(5)] == [None] * 5  # trusted: no per-address cap
+    guard.release("192.0.2.1")
+    assert guard.admit("192.0.2.1") is None
+    assert guard.open == 7 and guard.refused == {"address": 1, "total": 0}
+    assert [guard.admit(f"192.0.2.{i}") for i in range(100, 111)] == [None] * 9 + ["total"] * 2  # 16 in all
