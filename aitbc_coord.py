@@ -2091,6 +2091,8 @@ class Coordinator:
                 finally:
                     timer.cancel()
                     self.hub.unpark(waiter)
+                if self.hub.closing:  # shutting down: answer now, without another claim
+                    return None, waited
         finally:
             self.hub.remove(waiter)
             self.heard_from(miner_id)  # a poll in progress kept it alive until now
