@@ -274,9 +274,9 @@ def read_secret_file(file_var: str, path: str, encoding: str = "ascii") -> str:
     """The text of a secret file named by `file_var`; raises ConfigError when it is readable by group
     or others, or cannot be read."""
     try:
-        if os.stat(path).st_mode & 0o044:
-            raise ConfigError(f"{file_var}: {path} is readable by group or others; chmod 600 it")
-        return Path(path).read_text(encoding=encoding)
+        if os.stat(path).st_mode & 0o077:
+            raise ConfigError(f"{file_var}: {path} is readable or writable by group or others; chmod 600 it")
+        return Path(path).read_text(encoding=encoding).removeprefix("\ufeff")
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{file_var}: cannot read {path}: {getattr(exc, 'strerror', None) or exc}") from None
 
@@ -1769,7 +1769,8 @@ class PollHub:
         for miner_id in wake.miners:
             self.slot_versions[miner_id] = self.slot_versions.get(miner_id, 0) + 1
             for waiter in list(self.by_miner.get(miner_id, ())):
-                self._wake(waiter)
+                if waiter.kind is None:  # a ready poll already waits for any job: it keeps its place
+                    self._wake(waiter)
         for job in wake.queued:
             self.queued_version += 1
             self.recent.append((self.queued_version, job[1]))
@@ -3484,6 +3485,7 @@ class ConnectionGuard:
 
     def __init__(self, settings: Settings, open_files: int | None = None) -> None:
         self.header_timeout = settings.request_header_timeout_seconds
+        self.max_body = settings.max_body_bytes  # a declared length past it buys no more time
         self.body_timeout = settings.request_body_timeout_seconds
         self.per_address = settings.max_connections_per_address
         if open_files is None:
@@ -3832,6 +3834,8 @@ class GuardedProtocol(H11Protocol):
         self.host = self.client[0] if self.client else "-"
         self.stage: str | None = None
         self.timer: asyncio.TimerHandle | None = None
+        self.followed: Any = None  # the request cycle whose head has been seen
+        self.max_body = self.guard.max_body
         if self.guard.admit(self.host) is not None:
             self.host = None  # type: ignore[assignment]  # not admitted: nothing to release
             transport.write(OVER_CAP_503)
@@ -3849,24 +3853,35 @@ class GuardedProtocol(H11Protocol):
     def data_received(self, data: bytes) -> None:
         if self.stage is None and (self.cycle is None or self.cycle.response_complete):
             self.arm("head", self.guard.header_timeout)  # the first byte of a later request
-        super().data_received(data)
         if self.stage == "body":
             self.body_bytes += len(data)
+        super().data_received(data)
+
+    def handle_events(self) -> None:
+        super().handle_events()  # also runs for pipelined requests when a response completes
         self.follow()
 
+    def on_response_complete(self) -> None:
+        body_unread = self.stage == "body"
+        super().on_response_complete()
+        if body_unread and not self.transport.is_closing():  # answered before its body came: no more
+            self.disarm()
+            self.transport.close()
+
     def follow(self) -> None:
-        """Move the deadline on as the request arrives."""
+        """Move the deadline on as the request arrives: a new request's head is in, or its body is."""
         cycle = self.cycle
-        if cycle is None or cycle.response_complete or self.stage is None:
+        if cycle is None or cycle.response_complete:
             return
-        if self.stage == "head":  # the head is in
+        if cycle is not self.followed:  # the head is in
+            self.followed = cycle
             self.disarm()
             if cycle.more_body:
                 declared = dict(self.headers).get(b"content-length", b"")
-                length = int(declared) if declared.isdigit() else 0
+                length = min(int(declared), self.max_body) if declared.isdigit() else 0
                 self.body_started, self.body_bytes = self.loop.time(), 0
                 self.arm("body", max(self.guard.body_timeout, length / MIN_BODY_BYTES_PER_SECOND))
-        elif not cycle.more_body:
+        elif self.stage == "body" and not cycle.more_body:
             self.disarm()
 
     def arm(self, stage: str, seconds: float) -> None:

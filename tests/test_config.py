@@ -125,7 +125,7 @@ def test_a_fleets_keys_come_from_files_one_entry_a_line(tmp_path: Path) -> None:
     assert s.api_keys["miner"][ac.key_digest(f"key-00042-{'x' * 40}")] == "rig-42"
     assert s.api_keys["client"][ac.key_digest("client-key")] == "shop"
     clients.chmod(0o644)
-    with pytest.raises(ac.ConfigError, match="CLIENT_API_KEYS_FILE: .* readable by group or others"):
+    with pytest.raises(ac.ConfigError, match="CLIENT_API_KEYS_FILE: .* readable or writable by group or others"):
         load({"CLIENT_API_KEYS_FILE": str(clients)})
     with pytest.raises(ac.ConfigError, match="set only one of MINER_API_KEYS and MINER_API_KEYS_FILE"):
         load({"MINER_API_KEYS_FILE": str(miners), "MINER_API_KEYS": "k"})
@@ -136,3 +136,20 @@ def test_a_fleets_keys_come_from_files_one_entry_a_line(tmp_path: Path) -> None:
     empty.chmod(0o600)
     with pytest.raises(ac.ConfigError, match="ADMIN_API_KEYS is empty"):
         load({"APP_ENV": "prod", "CLIENT_API_KEYS": "c", "MINER_API_KEYS": "m", "ADMIN_API_KEYS_FILE": str(empty)})
+
+
+@pytest.mark.parametrize("mode", [0o620, 0o602, 0o640, 0o604])
+def test_a_key_file_others_can_write_or_read_is_refused(tmp_path: Path, mode: int) -> None:
+    keys = tmp_path / "admin.keys"
+    keys.write_text("ops=admin-key\n")
+    keys.chmod(mode)
+    with pytest.raises(ac.ConfigError, match="ADMIN_API_KEYS_FILE: .* readable or writable by group or others"):
+        load({"ADMIN_API_KEYS_FILE": str(keys)})
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_key(tmp_path: Path) -> None:
+    keys = tmp_path / "miner.keys"
+    keys.write_text("\ufeffrig-1=first-key\nrig-2=second-key\n", encoding="utf-8")
+    keys.chmod(0o600)
+    s = load({"MINER_API_KEYS_FILE": str(keys)})
+    assert s.api_keys["miner"][ac.key_digest("first-key")] == "rig-1"

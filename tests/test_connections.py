@@ -151,3 +151,27 @@ def test_the_caps_count_and_release(tmp_path: Path) -> None:
     assert guard.admit("192.0.2.1") is None
     assert guard.open == 7 and guard.refused == {"address": 1, "total": 0}
     assert [guard.admit(f"192.0.2.{i}") for i in range(100, 111)] == [None] * 9 + ["total"] * 2  # 16 in all
+
+
+def test_pipelined_requests_and_outsized_declarations_do_not_escape_the_deadlines(tmp_path: Path) -> None:
+    """A complete request with the head of another behind it in one packet; a body declared far past
+    MAX_BODY_BYTES; a body still coming after the answer (413): each is cut, none is held."""
+    key = ac.DEV_KEYS["client"].encode()
+    with server(tmp_path) as base:
+        pipelined = connect(base, "127.0.0.3")
+        pipelined.sendall(b"GET /v1/health HTTP/1.1\r\nHost: x\r\n\r\n"
+                          b"POST /v1/jobs HTTP/1.1\r\nHost: x\r\nX-Api-Key: " + key + b"\r\nContent-Length: 100\r\n\r\n")
+        huge = connect(base, "127.0.0.3")
+        huge.sendall(b"POST /v1/jobs HTTP/1.1\r\nHost: x\r\nX-Api-Key: " + key
+                     + b"\r\nContent-Length: 1000000000000\r\n\r\n{")
+        data, took = read_until_closed(pipelined, 10)
+        assert data.startswith(b"HTTP/1.1 200") and b"HTTP/1.1 408" in data and took < 4, (data[-60:], took)
+        data, took = read_until_closed(huge, 10)
+        assert b"HTTP/1.1 413" in data and took < 4, (data, took)  # answered at once, then closed
+        for sock in (pipelined, huge):
+            sock.close()
+        honest = connect(base, "127.0.0.3")  # the address is not locked out
+        honest.sendall(b"GET /v1/health HTTP/1.1\r\nHost: x\r\n\r\n")
+        honest.settimeout(5)
+        assert honest.recv(4096).startswith(b"HTTP/1.1 200")
+        honest.close()

@@ -290,3 +290,21 @@ async def test_many_parked_polls_one_job_one_claim(tmp_path: Path, monkeypatch: 
         finally:
             h.coord.hub.close()
             await asyncio.gather(*polls)
+
+
+async def test_a_heartbeat_does_not_cost_a_waiting_poll_its_place(tmp_path: Path) -> None:
+    env = {"MINER_API_KEYS": "a=key-a,b=key-b,c=key-c"}
+    async with harness(tmp_path, env) as h:
+        for m in "abc":
+            await h.register({"X-Api-Key": f"key-{m}"})
+        polls = {}
+        for n, m in enumerate("abc", 1):
+            polls[m] = asyncio.create_task(h.poll({"X-Api-Key": f"key-{m}"}, wait=10))
+            await h.parked(n)
+        await h.client.post("/v1/miners/heartbeat", json={}, headers={"X-Api-Key": "key-b"})
+        first, second = await h.submit(), await h.submit()
+        await asyncio.wait([polls["a"], polls["b"]], timeout=5)
+        assert polls["a"].result().json()["job_id"] == first["job_id"]
+        assert polls["b"].result().json()["job_id"] == second["job_id"]
+        h.coord.hub.close()
+        await polls["c"]

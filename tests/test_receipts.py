@@ -341,7 +341,7 @@ def test_malformed_keys_and_loose_key_files_are_start_up_errors(tmp_path: Path) 
     key_file = tmp_path / "signing.key"
     key_file.write_text(EDGE_SEED + "\n")
     key_file.chmod(0o644)
-    with pytest.raises(ac.ConfigError, match="readable by group or others"):
+    with pytest.raises(ac.ConfigError, match="readable or writable by group or others"):
         ac.Settings.load({"RECEIPT_SIGNING_KEY_FILE": str(key_file)})
     key_file.chmod(0o600)
     assert ac.Settings.load({"RECEIPT_SIGNING_KEY_FILE": str(key_file)}).signing_seed == bytes.fromhex(EDGE_SEED)
