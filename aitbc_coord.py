@@ -1077,6 +1077,15 @@ def touch_miner(conn: sqlite3.Connection, miner_id: str, now: int) -> sqlite3.Ro
                         f" RETURNING {PROFILE_COLUMNS}", (now, miner_id)).fetchone()
 
 
+def touch_miners(conn: sqlite3.Connection, seen: Mapping[str, int], beats: Mapping[str, int]) -> None:
+    """Record when each miner was last heard from and last heartbeated (wall-clock ms), never moving
+    either back."""
+    conn.executemany("UPDATE miners SET last_seen = MAX(last_seen, ?) WHERE miner_id = ?",
+                     [(at, miner_id) for miner_id, at in seen.items()])
+    conn.executemany("UPDATE miners SET last_heartbeat = MAX(COALESCE(last_heartbeat, 0), ?) WHERE miner_id = ?",
+                     [(at, miner_id) for miner_id, at in beats.items()])
+
+
 def get_profile(conn: sqlite3.Connection, miner_id: str) -> sqlite3.Row | None:
     """What MinerProfile needs of a miner's row, or None when it is not registered."""
     return conn.execute(f"SELECT {PROFILE_COLUMNS} FROM miners WHERE miner_id = ?", (miner_id,)).fetchone()
@@ -1846,6 +1855,18 @@ def tx_heartbeat(conn: sqlite3.Connection, miner_id: str, inflight: int | None, 
     return Outcome("ok", Wake(miners={miner_id}))  # a status change may let its own poll take work
 
 
+def read_poll(conn: sqlite3.Connection, miner_id: str, now: int,
+              matcher: Matcher) -> tuple[MinerProfile | None, bool, bool]:
+    """What a claim would find, read on the read connection (no write, no commit): (the miner, or None
+    when it is not registered; whether it has a free slot; whether a job it can run is queued)."""
+    row = get_profile(conn, miner_id)
+    if row is None:
+        return None, False, False
+    miner = MinerProfile.from_row(row)
+    ready = miner.status.upper() not in NO_WORK_STATUSES and count_running(conn, miner_id) < miner.concurrency
+    return miner, ready, ready and matcher.oldest(conn, miner, now) is not None
+
+
 def tx_poll(conn: sqlite3.Connection, miner_id: str, now: int, matcher: Matcher) -> Outcome:
     """Claim the oldest QUEUED job the miner can run, if it has a free slot; raises NotFound.
 
@@ -1948,10 +1969,15 @@ def tx_fail(conn: sqlite3.Connection, miner_id: str, job_id: str, error_text: st
 
 
 def tx_sweep(conn: sqlite3.Connection, now: int, is_silent: Callable[[str], bool], heartbeat_timeout_ms: int,
-             max_attempts: int, idem_cutoff: int) -> Outcome:
+             max_attempts: int, idem_cutoff: int, seen: Mapping[str, int] | None = None,
+             beats: Mapping[str, int] | None = None) -> Outcome:
     """Expire jobs past their deadline (wall clock: clients set them) and take running jobs back from
-    the miners `is_silent` names (the Coordinator measures silence on a monotonic clock). The value
-    is the number of jobs taken back."""
+    the miners `is_silent` names (the Coordinator measures silence on a monotonic clock); record the
+    last_seen of miners heard from since the last sweep (`seen`: miner -> wall-clock ms) and the
+    last_heartbeat of those whose heartbeats changed nothing else (`beats`). The value is the number of
+    jobs taken back."""
+    if seen or beats:
+        touch_miners(conn, seen or {}, beats or {})
     wake = Wake()
     wake.miners.update(r[0] for r in expire_due_jobs(conn, now) if r[0] is not None)
     lost = []
@@ -2000,6 +2026,9 @@ class Coordinator:
         # miner): when each miner was last heard from, since this process started.
         self.heard: dict[str, float] = {}
         self.started = monotonic()
+        self.unrecorded: dict[str, int] = {}  # wall-clock ms of requests since the last sweep recorded them
+        self.unrecorded_beats: dict[str, int] = {}  # likewise, heartbeats that changed nothing else
+        self.reported: dict[str, tuple[int | None, str]] = {}  # (inflight, status) last written per miner
         self.db = Database(settings.db_path, settings.db_synchronous)
         self.hub = PollHub()
         self.matcher = Matcher()
@@ -2048,8 +2077,11 @@ class Coordinator:
         return out.value
 
     def heard_from(self, miner_id: str) -> None:
-        """An authenticated miner request arrived (a sign of life, whatever its answer)."""
+        """An authenticated miner request arrived (a sign of life, whatever its answer). Silence is
+        judged from memory; the wall-clock last_seen reads show is written by the next sweep, with
+        every other miner heard from meanwhile, in one statement."""
         self.heard[miner_id] = self.monotonic()
+        self.unrecorded[miner_id] = self.now()
 
     def is_silent(self, miner_id: str) -> bool:
         """Whether a miner has gone HEARTBEAT_TIMEOUT_SECONDS without a request, by the monotonic clock.
@@ -2061,8 +2093,28 @@ class Coordinator:
     async def sweep(self) -> int:
         """One pass of expiry and lost-miner recovery; the number of jobs taken back."""
         s, now = self.settings, self.now()
-        return int(await self.apply(tx_sweep, now, self.is_silent, int(s.heartbeat_timeout_seconds * 1000),
-                                    s.job_max_attempts, now - s.idempotency_ttl_seconds * 1000))
+        (seen, self.unrecorded), (beats, self.unrecorded_beats) = (self.unrecorded, {}), (self.unrecorded_beats, {})
+        try:
+            return int(await self.apply(tx_sweep, now, self.is_silent, int(s.heartbeat_timeout_seconds * 1000),
+                                        s.job_max_attempts, now - s.idempotency_ttl_seconds * 1000, seen, beats))
+        except Exception:  # recorded by the next sweep instead
+            self.unrecorded, self.unrecorded_beats = {**seen, **self.unrecorded}, {**beats, **self.unrecorded_beats}
+            raise
+
+    async def heartbeat(self, miner_id: str, inflight: int | None, status: str, metadata: str | None) -> None:
+        """Record a heartbeat; raises NotFound for an unregistered miner. One that repeats what the last
+        written one said is kept in memory and recorded by the next sweep: a fleet's steady heartbeats
+        cost no write each."""
+        now = self.now()
+        if metadata is None and self.reported.get(miner_id) == (inflight, status):
+            self.unrecorded_beats[miner_id] = now
+            return
+        await self.apply(tx_heartbeat, miner_id, inflight, status, metadata, now)
+        self.reported[miner_id] = (inflight, status)
+
+    def registered(self, miner_id: str) -> None:
+        """A (re-)registration reset what the miner had reported."""
+        self.reported.pop(miner_id, None)
 
     async def _sweep_forever(self) -> None:
         while True:
@@ -2092,8 +2144,8 @@ class Coordinator:
                 finally:
                     timer.cancel()
                     self.hub.unpark(waiter)
-                if self.hub.closing:  # shutting down: answer now, without another claim
-                    return None, waited
+                if self.hub.closing or (loop.time() >= deadline and not waiter.woken_for):
+                    return None, waited  # shutting down, or its time is up with nothing picked for it
         finally:
             self.hub.remove(waiter)
             self.heard_from(miner_id)  # a poll in progress kept it alive until now
@@ -2105,7 +2157,13 @@ class Coordinator:
         while True:
             picked_for, waiter.woken_for = waiter.woken_for, []
             mark = self.hub.mark(waiter.miner_id)
-            job, profile, ready = await self.apply(tx_poll, waiter.miner_id, self.now(), self.matcher)
+            # A read first: renewals of an idle fleet then cost no write and no commit.
+            profile, ready, available = await self.db.read(read_poll, waiter.miner_id, self.now(), self.matcher)
+            if profile is None:
+                raise NotFound("miner not registered")
+            job = None
+            if available:
+                job, profile, ready = await self.apply(tx_poll, waiter.miner_id, self.now(), self.matcher)
             missed = [p for p in picked_for if job is None or p[0] != job["job_id"]]
             if missed:  # picked for jobs it did not get: those still queued go to the next able miner
                 still = await self.db.read(list_queued_among, [p[0] for p in missed])
@@ -3098,6 +3156,7 @@ async def register_miner(call: Call) -> Response:
     region = body.region if body.region is not None else (caps.get("region") if isinstance(caps.get("region"), str) else None)
     token = await coord.apply(tx_register, call.caller.identity, caps, body.concurrency,  # type: ignore[union-attr]
                               region, coord.now(), coord.settings.job_max_attempts)
+    coord.registered(call.caller.identity)  # type: ignore[union-attr]
     return json_response(registered_view(token))
 
 
@@ -3105,9 +3164,9 @@ async def register_miner(call: Call) -> Response:
           responses={200: StatusOk, **_errors(401, 404, 413, 422)})
 async def miner_heartbeat(call: Call) -> Response:
     """Record liveness, reported in-flight count, status and metadata."""
-    b, coord = call.body, call.coord
-    await coord.apply(tx_heartbeat, call.caller.identity, b.inflight, b.status.upper(),  # type: ignore[union-attr]
-                      None if b.metadata is None else compact_json(b.metadata), coord.now())
+    b = call.body
+    await call.coord.heartbeat(call.caller.identity, b.inflight, b.status.upper(),  # type: ignore[union-attr]
+                               None if b.metadata is None else compact_json(b.metadata))
     return json_response(STATUS_OK)
 
 

@@ -177,10 +177,12 @@ async def test_a_parked_poll_keeps_its_miner_alive_without_writes(tmp_path: Path
         await h.take()  # holds a job
         waiting = asyncio.create_task(h.poll(wait=30))
         await h.parked(1)
+        await h.coord.sweep()  # records the poll's own request as its last_seen, once
         before = h.coord.db._wconn.total_changes
-        mono.advance(120)
-        assert await h.coord.sweep() == 0
-        assert h.coord.db._wconn.total_changes == before  # no last_seen write for the parked miner
+        for _ in range(4):  # then sweeps while it waits write nothing for it
+            mono.advance(30)
+            assert await h.coord.sweep() == 0
+        assert h.coord.db._wconn.total_changes == before
         h.coord.hub.close()
         await waiting
         assert (await h.job(job["job_id"]))["state"] == "RUNNING"
@@ -252,19 +254,22 @@ async def test_a_job_queued_while_a_poll_claims_is_not_missed(tmp_path: Path, mo
     """The poll is not parked while its claim runs; a job committed meanwhile makes it claim again."""
     async with harness(tmp_path) as h:
         await h.register()
-        original, first = ac.tx_poll, [True]
+        original, first = ac.read_poll, [True]
 
-        def slow_first_claim(conn: Any, *args: Any) -> Any:
-            out = original(conn, *args)
-            if first[0]:  # after this claim found nothing, a job arrives before the poll parks
-                first[0] = False
+        def job_arrives_during_the_first_claim(conn: Any, *args: Any) -> Any:
+            out = original(conn, *args)  # finds nothing...
+            if first[0]:
+                first[0] = False  # ...and a job is committed and notified before the poll has parked
+                h.coord.hub.notify(ac.Wake(queued=[("j", ANY, 1)]))
+                conn.execute("SELECT 1")  # (the read itself is unchanged)
                 asyncio.get_running_loop().create_task(h.submit())
             return out
 
-        monkeypatch.setattr(ac, "tx_poll", slow_first_claim)
+        monkeypatch.setattr(ac, "read_poll", job_arrives_during_the_first_claim)
+        before = h.coord.hub.queued_version
         r = await h.poll(wait=5)
         assert r.status_code == 200, r.text
-        assert json.loads(r.text)["job_id"]
+        assert json.loads(r.text)["job_id"] and h.coord.hub.queued_version > before
 
 
 async def test_many_parked_polls_one_job_one_claim(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -308,3 +313,21 @@ async def test_a_heartbeat_does_not_cost_a_waiting_poll_its_place(tmp_path: Path
         assert polls["b"].result().json()["job_id"] == second["job_id"]
         h.coord.hub.close()
         await polls["c"]
+
+
+async def test_steady_heartbeats_are_recorded_by_the_sweep_not_a_write_each(tmp_path: Path) -> None:
+    async with harness(tmp_path) as h:
+        await h.register()
+        miner = {"X-Api-Key": ac.DEV_KEYS["miner"]}
+        assert (await h.client.post("/v1/miners/heartbeat", json={"inflight": 0}, headers=miner)).status_code == 200
+        units = h.coord.db._wconn.total_changes
+        h.clock.advance(15)
+        assert (await h.client.post("/v1/miners/heartbeat", json={"inflight": 0}, headers=miner)).status_code == 200
+        assert h.coord.db._wconn.total_changes == units  # the same report again: kept in memory
+        await h.coord.sweep()
+        row = ac.get_miner(h.coord.db._rconn, (await h.client.get(
+            "/v1/admin/miners", headers={"X-Api-Key": ac.DEV_KEYS["admin"]})).json()["items"][0]["miner_id"])
+        assert row["last_heartbeat"] == int(h.clock.t * 1000) == row["last_seen"]
+        r = await h.client.post("/v1/miners/heartbeat", json={"inflight": 0, "status": "DRAINING"}, headers=miner)
+        assert r.status_code == 200 and ac.get_miner(h.coord.db._rconn, row["miner_id"])["status"] == "DRAINING"
+        assert (await h.client.post("/v1/miners/heartbeat", json={}, headers={"X-Api-Key": "nope"})).status_code == 401
