@@ -1,14 +1,25 @@
 """Benchmark: the real coordinator next to the framework's own ceiling, on this machine.
 
     python tests/bench.py [--quick]
+    python tests/bench.py --fleet N [--quick]
     python tests/bench.py --instructions
 
 
 Starts `aitbc-coord serve` as a subprocess (temporary database, DB_SYNCHRONOUS=FULL, a signing and
-an attestation key) and, in the same run, a bare Starlette app with one JSON POST route under the
-same uvicorn settings, and drives both with the same load generator. The server and the generator
-share the machine's cores, so every headline figure is a ratio measured in the same run. Prints a
-table, then one line `BENCH key=value ...` to track over time. Not collected by pytest.
+an attestation key) and, in the same run, a bare Starlette app with two routes under the same
+uvicorn settings (a JSON POST that answers from memory, and one that inserts a row into SQLite with
+one commit per request, as a straightforward durable endpoint does), and drives them with the same
+load generator. The server and the generator share the machine's cores, so every headline figure is
+a ratio measured in the same run. Prints a table, then one line `BENCH key=value ...` to track over
+time. Not collected by pytest.
+
+Shapes: the cost of an empty poll on a database whose history holds 20,000 distinct constraint sets
+against a fresh one, and lifecycle throughput when every job brings a new constraint set.
+
+The fleet (`--fleet N` alone; 10,000 miners in the full run, 1,000 with --quick): N miners in this
+process, each with its own key (MINER_API_KEYS_FILE) and loopback address, one keep-alive connection
+for its long-polls and a heartbeat every 15 s on a connection of its own; then the server's idle
+cost, wake-up latency, RSS, and CPU per job in a burst against 10 miners, and counts that must be 0.
 
 `--instructions` is for judging a change to the hot path, where wall-clock figures on a shared
 machine move more than the change: it runs the same lifecycle in-process (through the app's ASGI
@@ -20,12 +31,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import logging
 import math
 import os
 import platform
+import random
 import re
+import resource
 import secrets
 import shutil
 import signal
@@ -36,6 +50,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -51,27 +66,64 @@ MINER_KEYS = [f"bench-miner-key-{i}" for i in range(MINERS)]
 
 # === A minimal keep-alive HTTP/1.1 client: the generator must cost little next to the server ===
 
+def http_request(method: str, path: str, data: bytes, key: str | None) -> bytes:
+    head = f"{method} {path} HTTP/1.1\r\nHost: bench\r\nContent-Length: {len(data)}\r\n"
+    head += "Content-Type: application/json\r\n" + (f"X-Api-Key: {key}\r\n" if key else "") + "\r\n"
+    return head.encode() + data
+
+
+def answered(raw: bytes) -> bool:
+    """Whether `raw` holds a whole answer: the head, and as many body bytes as its Content-Length says."""
+    end = raw.find(b"\r\n\r\n")
+    if end < 0:
+        return False
+    head = raw[:end].lower()
+    at = head.find(b"content-length:")
+    return len(raw) >= end + 4 + (int(head[at + 15:].split(b"\r\n", 1)[0]) if at >= 0 else 0)
+
+
+async def one_shot(port: int, local: str, request: bytes) -> int:
+    """Send `request` on a connection of its own from `local` and close it once answered; the status.
+    (A bare non-blocking socket: half the client CPU of opening a stream pair.)"""
+    loop = asyncio.get_running_loop()
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP) as sock:
+        sock.setblocking(False)
+        sock.bind((local, 0))
+        await loop.sock_connect(sock, ("127.0.0.1", port))
+        await loop.sock_sendall(sock, request)
+        raw = b""
+        while not answered(raw):
+            if not (chunk := await loop.sock_recv(sock, 65536)):
+                raise ConnectionResetError("the server closed the connection")
+            raw += chunk
+    return int(raw[9:12])
+
+
 class Http:
-    def __init__(self, port: int) -> None:
-        self.port = port
+    def __init__(self, port: int, local: str | None = None) -> None:
+        self.port, self.local = port, local  # local: the loopback address to connect from
 
     async def open(self) -> Http:
-        self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.port)
+        local = None if self.local is None else (self.local, 0)
+        self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.port, local_addr=local)
         return self
 
     async def call(self, method: str, path: str, body: Any = None, key: str | None = None) -> tuple[int, Any]:
-        data = b"" if body is None else json.dumps(body).encode()
-        head = f"{method} {path} HTTP/1.1\r\nHost: bench\r\nContent-Length: {len(data)}\r\n"
-        head += "Content-Type: application/json\r\n" + (f"X-Api-Key: {key}\r\n" if key else "") + "\r\n"
-        self.writer.write(head.encode() + data)
-        status = int((await self.reader.readline()).split()[1])
+        status, raw = await self.exchange(method, path, b"" if body is None else json.dumps(body).encode(), key)
+        return status, json.loads(raw) if raw else None
+
+    async def exchange(self, method: str, path: str, data: bytes, key: str | None = None) -> tuple[int, bytes]:
+        """One request; the status and the body as bytes."""
+        self.writer.write(http_request(method, path, data, key))
+        if not (line := await self.reader.readline()):
+            raise ConnectionResetError("the server closed the connection")
+        status = int(line.split()[1])
         length = 0
         while (line := await self.reader.readline()) not in (b"\r\n", b""):
             name, _, value = line.partition(b":")
             if name.lower() == b"content-length":
                 length = int(value)
-        raw = await self.reader.readexactly(length) if length else b""
-        return status, json.loads(raw) if raw else None
+        return status, await self.reader.readexactly(length) if length else b""
 
     def close(self) -> None:
         self.writer.close()
@@ -123,17 +175,30 @@ def free_port() -> int:
 
 
 def bare_server(port: int) -> None:
-    """The framework ceiling: one JSON POST route that parses the body and answers a small object."""
+    """The framework ceiling: one JSON POST route that parses the body and answers a small object;
+    and the durable ceiling: one that also inserts the body as a row into SQLite (its own database
+    file, WAL, synchronous=FULL, a plain sqlite3 connection) and commits, once per request."""
     import uvicorn
     from starlette.applications import Starlette
     from starlette.responses import JSONResponse
     from starlette.routing import Route
 
+    db = sqlite3.connect(f"durable-{port}.db")  # in the working directory: the run's temporary one
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=FULL")
+    db.execute("CREATE TABLE IF NOT EXISTS events (id INTEGER PRIMARY KEY, body TEXT NOT NULL, at REAL NOT NULL)")
+
     async def echo(request: Any) -> JSONResponse:
         body = await request.json()
         return JSONResponse({"ok": True, "n": len(body)})
 
-    app = Starlette(routes=[Route("/echo", echo, methods=["POST"])])
+    async def durable(request: Any) -> JSONResponse:
+        body = await request.json()
+        row = db.execute("INSERT INTO events (body, at) VALUES (?, ?)", (json.dumps(body), time.time()))
+        db.commit()  # the fsync, on the event loop's thread, before the answer
+        return JSONResponse({"ok": True, "id": row.lastrowid})
+
+    app = Starlette(routes=[Route("/echo", echo, methods=["POST"]), Route("/durable", durable, methods=["POST"])])
     uvicorn.run(app, host="127.0.0.1", port=port, log_config=None, access_log=False, server_header=False)
 
 
@@ -145,17 +210,26 @@ def coordinator_env(synchronous: str = "FULL") -> dict[str, str]:
             "RATE_LIMIT_REQUESTS": "0"}  # a stress test, not a well-behaved client
 
 
+def raise_open_files_limit() -> int:
+    """Raise this process's soft RLIMIT_NOFILE to the hard limit (a fleet holds a socket per miner); the limit."""
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard
+
+
 @contextmanager
-def server(kind: str, workdir: Path, db: Path | None = None, synchronous: str = "FULL") -> Any:
+def server(kind: str, workdir: Path, db: Path | None = None, synchronous: str = "FULL",
+           extra_env: Mapping[str, str] | None = None) -> Any:
     """Start the coordinator (or the bare app) on a free port; yields (port, pid)."""
     port = free_port()
     if kind == "bare":
         cmd = [sys.executable, __file__, "--bare-server", str(port)]
     else:
         cmd = [sys.executable, "-m", "aitbc_coord", "serve", "--port", str(port), "--db", str(db)]
-    env = {**os.environ, **coordinator_env(synchronous)}
+    env = {**os.environ, **coordinator_env(synchronous), **(extra_env or {})}
     log = open(workdir / f"{kind}-{port}.log", "wb")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen(cmd, cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(cmd, cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT,
+                            preexec_fn=raise_open_files_limit)  # noqa: PLW1509 - in the child, before exec
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -169,7 +243,11 @@ def server(kind: str, workdir: Path, db: Path | None = None, synchronous: str = 
         yield port, proc.pid
     finally:
         proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=30)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:  # an overloaded server may not finish its graceful shutdown
+            proc.kill()
+            proc.wait()
         log.close()
 
 
@@ -186,6 +264,22 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+async def work_done(port: int) -> tuple[float, float]:
+    """The coordinator's units of work and group commits so far, from its GET /metrics (NaN if it
+    does not answer within a minute)."""
+    try:
+        conn = await Http(port).open()
+        try:
+            async with asyncio.timeout(60):
+                status, text = await conn.exchange("GET", "/metrics", b"", ADMIN_KEY)
+        finally:
+            conn.close()
+    except (OSError, asyncio.IncompleteReadError):
+        return math.nan, math.nan
+    found = dict(line.split() for line in text.decode().splitlines() if line.startswith("aitbc_db_commit_units_"))
+    return float(found.get("aitbc_db_commit_units_sum", math.nan)), float(found.get("aitbc_db_commit_units_count", math.nan))
+
+
 def measured(pid: int, scenario: Any) -> tuple[dict[str, float], float]:
     """Run `scenario` (a coroutine returning a dict with req_per_s), and the server's CPU us per request."""
     cpu, started = cpu_seconds(pid), time.perf_counter()
@@ -198,17 +292,22 @@ def measured(pid: int, scenario: Any) -> tuple[dict[str, float], float]:
 
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else math.nan
 
 
-async def bare_rate(port: int, connections: int, seconds: float) -> dict[str, float]:
-    """Requests/s of the bare route with `connections` concurrent keep-alive clients."""
+def distinct_price(n: int) -> float:
+    """The n-th distinct max_price (1.000001, 1.000002, ...), as the server parses it from JSON."""
+    return float(f"{1 + n / 1e6:.6f}")
+
+
+async def bare_rate(port: int, connections: int, seconds: float, path: str = "/echo") -> dict[str, float]:
+    """Requests/s of a bare route with `connections` concurrent keep-alive clients."""
     conns = [await Http(port).open() for _ in range(connections)]
     count, stop = [0], time.perf_counter() + seconds
 
     async def loop(c: Http) -> None:
         while time.perf_counter() < stop:
-            status, _ = await c.call("POST", "/echo", {"prompt": "hello", "n": 1})
+            status, _ = await c.call("POST", path, {"prompt": "hello", "n": 1})
             assert status == 200
             count[0] += 1
 
@@ -221,9 +320,10 @@ async def bare_rate(port: int, connections: int, seconds: float) -> dict[str, fl
 
 
 async def lifecycle(port: int, seconds: float, clients: int = 8, app: Any = None,
-                    jobs: int | None = None) -> dict[str, float]:
+                    jobs: int | None = None, distinct: bool = False) -> dict[str, float]:
     """Clients submit, miners long-poll and post results (each completion signs a receipt), for
-    `seconds` or until `jobs` jobs are done; over sockets to `port`, or in-process to `app`."""
+    `seconds` or until `jobs` jobs are done; over sockets to `port`, or in-process to `app`.
+    `distinct`: every job has a max_price of its own (a new shape); the miners' price 0.5 meets it."""
     def connect() -> Any:
         return Http(port).open() if app is None else Asgi(app).open()
 
@@ -234,16 +334,19 @@ async def lifecycle(port: int, seconds: float, clients: int = 8, app: Any = None
     outstanding = asyncio.Semaphore(2 * MINERS)  # a steady queue, so latency means something
     submitted: dict[str, float] = {}
     latencies: list[float] = []
-    requests, budget = [0], [jobs if jobs is not None else math.inf]
+    requests, budget, shapes = [0], [jobs if jobs is not None else math.inf], [0]
     stop = time.perf_counter() + seconds
 
     async def client(c: Http) -> None:
         while time.perf_counter() < stop and budget[0] > 0:
             budget[0] -= 1
             await outstanding.acquire()
+            body: dict[str, Any] = {"payload": {"prompt": "render a cat", "steps": 20}}
+            if distinct:
+                shapes[0] += 1
+                body["constraints"] = {"max_price": distinct_price(shapes[0])}
             t = time.perf_counter()
-            status, job = await c.call("POST", "/v1/jobs", {"payload": {"prompt": "render a cat", "steps": 20}},
-                                       CLIENT_KEY)
+            status, job = await c.call("POST", "/v1/jobs", body, CLIENT_KEY)
             assert status == 201, job
             submitted[job["job_id"]] = t
             requests[0] += 1
@@ -264,7 +367,11 @@ async def lifecycle(port: int, seconds: float, clients: int = 8, app: Any = None
 
     started = time.perf_counter()
     last_done = [started]
-    await asyncio.gather(*(client(c) for c in client_conns), *(miner(c, k) for c, k in zip(miner_conns, MINER_KEYS)))
+    submitting = asyncio.gather(*(client(c) for c in client_conns))
+    await asyncio.gather(*(miner(c, k) for c, k in zip(miner_conns, MINER_KEYS)))
+    for _ in client_conns:  # a client still waiting for a slot the miners no longer free: let it see the time
+        outstanding.release()
+    await submitting
     # with a job budget, the idle miners' last long-polls outlast the work: stop the clock at the last job
     elapsed = (last_done[0] if jobs is not None else time.perf_counter()) - started
     for c in client_conns + miner_conns:
@@ -343,22 +450,466 @@ async def depth(port: int, samples: int) -> dict[str, float]:
     return out
 
 
+# === Shapes: constraint sets the history has seen ===
+
+def seed_history(db: Path, jobs: int) -> float:
+    """`jobs` COMPLETED jobs, each with a max_price of its own (so a shape of its own), written through
+    the data layer as submit, poll and result would leave them; seconds taken."""
+    started = time.perf_counter()
+    ac.migrate(str(db))
+    conn = ac.connect(str(db), "OFF")
+    now = int(time.time() * 1000)
+    conn.execute("BEGIN")
+    for i in range(1, jobs + 1):
+        constraints = ac.compact_json({**dict.fromkeys(ac.CONSTRAINT_KEYS), "max_price": distinct_price(i)})
+        job = ac.insert_job(conn, secrets.token_hex(16), f"client-{i % 100}", '{"prompt":"x"}', constraints,
+                            ac.ensure_shape(conn, constraints), now + i, now + 86_400_000, None)
+        ac.assign_job(conn, job["seq"], "history-miner", now + i)
+        ac.finish_job(conn, job["seq"], ac.JobState.COMPLETED, now + i, None, '{"image":"ok"}', "{}")
+    conn.execute("COMMIT")
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    conn.close()
+    return time.perf_counter() - started
+
+
+async def empty_poll(port: int, samples: int) -> float:
+    """p50 ms of a poll that finds nothing (max_wait_seconds 0), by a miner whose price 0.5 meets every shape."""
+    miner, key = await Http(port).open(), MINER_KEYS[2]
+    assert (await miner.call("POST", "/v1/miners/register", {"capabilities": {"price": 0.5}}, key))[0] == 200
+    await miner.call("POST", "/v1/miners/poll", {"max_wait_seconds": 0}, key)  # the first one learns the shapes
+    times = []
+    for _ in range(samples):
+        t = time.perf_counter()
+        status, _ = await miner.call("POST", "/v1/miners/poll", {"max_wait_seconds": 0}, key)
+        times.append(time.perf_counter() - t)
+        assert status == 204, status
+    miner.close()
+    return statistics.median(times) * 1000
+
+
+async def submit_priced(port: int, price: float) -> None:
+    client = await Http(port).open()
+    status, job = await client.call("POST", "/v1/jobs", {"payload": {"p": 1}, "constraints": {"max_price": price}},
+                                    CLIENT_KEY)
+    assert status == 201, job
+    client.close()
+
+
+def shape_history(work: Path, jobs: int, samples: int) -> dict[str, float]:
+    """Empty-poll p50 on a database with `jobs` distinct shapes in its history, and on a fresh one."""
+    db = work / "history.db"
+    took = seed_history(db, jobs)
+    with server("coord", work, db) as (port, _):
+        history = asyncio.run(empty_poll(port, samples))
+        asyncio.run(submit_priced(port, distinct_price(1)))  # the API must find the shape seeding made
+    conn = sqlite3.connect(db)
+    shapes = conn.execute("SELECT COUNT(*) FROM shapes").fetchone()[0]
+    conn.close()
+    assert shapes == jobs, f"seeding left {shapes} shapes for {jobs} jobs, not what the API would"
+    with server("coord", work, work / "fresh.db") as (port, _):
+        fresh = asyncio.run(empty_poll(port, samples))
+    return {"seed_s": took, "history_ms": history, "fresh_ms": fresh}
+
+
+# === The fleet: thousands of miners on raw connections in this one process ===
+
+FLEET_CAPS = {"gpus": [{"name": "A100", "memory_mb": 81920}], "price": 0.5}
+FLEET_RESULT = {"result": {"image": "ok"}, "metrics": {"units": 1.5}}
+HEARTBEAT_SECONDS = 15.0  # each miner's interval, with ±10% jitter
+MIN_WAIT = 3.0  # each long-poll asks U[MIN_WAIT, plan.max_wait] seconds, drawn afresh
+REGISTERING = 64  # registrations in flight at once while the fleet starts
+BURST_SECONDS = 180.0  # a burst not worked off by then is reported as it stands
+WAKE_TIMEOUT = 60.0  # a wake-phase submit unanswered, or job no miner holds, by then counts as failed
+MUST_BE_ZERO = ("late polls", "5xx", "offline while heartbeating", "404/409 to results or heartbeats",
+                "never picked up", "admin check failed")
+
+
+@dataclasses.dataclass(frozen=True)
+class FleetPlan:
+    miners: int
+    max_wait: float  # the top of each long-poll's max_wait_seconds
+    idle: float  # seconds of heartbeats and renewals only, measured before any job and (`after`) once they are done
+    after: float
+    burst: int  # jobs submitted as fast as a few connections allow, worked off by the fleet
+    wake_jobs: int  # submitted one at a time, evenly over `wake_span` seconds
+    wake_span: float
+
+
+def fleet_plan(miners: int, quick: bool) -> FleetPlan:
+    """Idle window and wake phase together span two renewal cycles (quick: long-polls capped at 10 s)."""
+    if quick:
+        return FleetPlan(miners, max_wait=10.0, idle=20.0, after=5.0, burst=500, wake_jobs=300, wake_span=12.0)
+    return FleetPlan(miners, max_wait=30.0, idle=25.0, after=10.0, burst=5000, wake_jobs=300, wake_span=36.0)
+
+
+def miner_address(i: int) -> str:
+    """Miner i's own loopback address, as if on a host of its own: heartbeat connections closed every
+    15 s leave TIME_WAIT sockets behind, and one address's ephemeral ports would run out."""
+    return f"127.1.{i // 250}.{1 + i % 250}"
+
+
+def write_fleet_keys(path: Path, miners: int) -> list[str]:
+    """A key per miner, named fleet0, fleet1, ... in a 0600 file for MINER_API_KEYS_FILE."""
+    keys = [f"fleet-{i}-{secrets.token_hex(12)}" for i in range(miners)]
+    with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
+        f.writelines(f"fleet{i}={key}\n" for i, key in enumerate(keys))
+    return keys
+
+
+class Fleet:
+    """Miners that long-poll on one keep-alive connection each (reconnecting when it drops), post a
+    result at once on it, and heartbeat on a connection opened and closed around each heartbeat."""
+
+    def __init__(self, port: int, keys: list[str], max_wait: float, seconds: float) -> None:
+        self.port, self.keys, self.max_wait = port, keys, max_wait
+        self.deadline = time.perf_counter() + seconds  # every loop ends by then, even if not cancelled
+        self.conns: list[Http | None] = [None] * len(keys)
+        self.held = [0] * len(keys)  # jobs in hand, reported by heartbeats
+        self.last_beat = [0.0] * len(keys)  # when each miner last sent a heartbeat
+        self.received: dict[str, float] = {}  # job id -> when a miner held it
+        self.waiting: dict[str, asyncio.Future[None]] = {}
+        self.counts: dict[str, int] = dict.fromkeys(("registered", "register failed", "polls", "beats", "results",
+                                                     "reconnects", "timeouts", "beat errors", "submit errors",
+                                                     "submit timeouts", *MUST_BE_ZERO), 0)
+        self.latest = 0.0  # the worst lateness of a poll past its max_wait_seconds
+        self.tasks: list[asyncio.Task[None]] = []
+
+    def start(self) -> None:
+        gate = asyncio.Semaphore(REGISTERING)
+        self.tasks = [asyncio.create_task(self.miner(i, gate)) for i in range(len(self.keys))]
+
+    async def stop(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        for conn in self.conns:
+            if conn is not None:
+                conn.close()
+
+    async def connect(self, i: int) -> None:
+        """(Re)open miner i's long-poll connection, retrying while the server does not accept."""
+        while time.perf_counter() < self.deadline:
+            try:
+                async with asyncio.timeout(10):
+                    self.conns[i] = await Http(self.port, miner_address(i)).open()
+                return
+            except OSError:
+                self.counts["reconnects"] += 1
+                await asyncio.sleep(0.5)
+
+    async def request(self, i: int, path: str, body: Any, limit: float) -> tuple[int, Any]:
+        """A request on miner i's keep-alive connection: (status, answer), or (0, None) and a new
+        connection when it dropped or `limit` seconds passed."""
+        try:
+            async with asyncio.timeout(limit):
+                status, answer = await self.conns[i].call("POST", path, body, self.keys[i])  # type: ignore[union-attr]
+        except (OSError, asyncio.IncompleteReadError, ValueError) as exc:
+            self.counts["timeouts" if isinstance(exc, TimeoutError) else "reconnects"] += 1
+            self.conns[i].close()  # type: ignore[union-attr]
+            await self.connect(i)
+            return 0, None
+        self.counts["5xx"] += status >= 500
+        return status, answer
+
+    async def miner(self, i: int, gate: asyncio.Semaphore) -> None:
+        async with gate:
+            await self.connect(i)
+            for _ in range(3):
+                if (await self.request(i, "/v1/miners/register", {"capabilities": FLEET_CAPS}, 60))[0] == 200:
+                    break
+            else:
+                self.counts["register failed"] += 1
+                return
+        self.counts["registered"] += 1  # and about to park in its first long-poll
+        self.tasks.append(asyncio.create_task(self.heartbeats(i)))
+        while time.perf_counter() < self.deadline:
+            await self.poll(i)
+
+    async def poll(self, i: int) -> None:
+        """One long-poll; a job it brings is recorded as held and its result posted at once."""
+        wait = round(random.uniform(MIN_WAIT, self.max_wait), 2)
+        started = time.perf_counter()
+        status, job = await self.request(i, "/v1/miners/poll", {"max_wait_seconds": wait}, wait + 60)
+        if (late := time.perf_counter() - started - wait) > 1:
+            self.counts["late polls"] += 1
+            self.latest = max(self.latest, late)
+        self.counts["polls"] += status != 0
+        if status == 200:
+            self.hold(job["job_id"])
+            self.held[i] = 1
+            status, _ = await self.request(i, f"/v1/miners/{job['job_id']}/result", FLEET_RESULT, 60)
+            self.held[i] = 0
+            self.counts["results"] += status == 200
+            self.counts["404/409 to results or heartbeats"] += status in (404, 409)
+        elif status not in (0, 204):
+            await asyncio.sleep(1)  # refused (counted above if 5xx): do not spin
+
+    def hold(self, job_id: str) -> None:
+        self.received[job_id] = time.perf_counter()
+        if (waiter := self.waiting.pop(job_id, None)) is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def heartbeats(self, i: int) -> None:
+        due = time.perf_counter() + random.uniform(0, HEARTBEAT_SECONDS)  # spread over the first interval
+        while due < self.deadline:
+            await asyncio.sleep(max(0.0, due - time.perf_counter()))
+            self.last_beat[i] = time.perf_counter()
+            await self.beat(i)
+            due += HEARTBEAT_SECONDS * random.uniform(0.9, 1.1)
+
+    async def beat(self, i: int) -> None:
+        """One heartbeat on a connection of its own, opened and closed around it."""
+        body = b'{"inflight": %d}' % self.held[i]
+        try:
+            async with asyncio.timeout(HEARTBEAT_SECONDS):
+                status = await one_shot(self.port, miner_address(i),
+                                        http_request("POST", "/v1/miners/heartbeat", body, self.keys[i]))
+        except (OSError, ValueError):
+            self.counts["beat errors"] += 1
+            return
+        self.counts["beats"] += status == 200
+        self.counts["5xx"] += status >= 500
+        self.counts["404/409 to results or heartbeats"] += status in (404, 409)
+
+    async def parked(self, timeout: float) -> float:
+        """Seconds until every miner has registered and sent its first long-poll (or `timeout`)."""
+        started = time.perf_counter()
+        while (self.counts["registered"] + self.counts["register failed"] < len(self.keys)
+               and time.perf_counter() - started < timeout):
+            await asyncio.sleep(0.1)
+        return time.perf_counter() - started
+
+    async def idle(self, pid: int, seconds: float, name: str) -> dict[str, float]:
+        """The server's CPU and the background request rate while the fleet only heartbeats and renews;
+        keys start with `name`."""
+        answered, (units, commits) = self.counts["polls"] + self.counts["beats"], await work_done(self.port)
+        cpu, own, started = cpu_seconds(pid), time.process_time(), time.perf_counter()
+        await asyncio.sleep(seconds)
+        elapsed = time.perf_counter() - started
+        cpu, own = cpu_seconds(pid) - cpu, time.process_time() - own
+        answered = self.counts["polls"] + self.counts["beats"] - answered
+        units_after, commits_after = await work_done(self.port)
+        figures = {"s": elapsed, "cpu_pct": cpu / elapsed * 100, "req_per_s": answered / elapsed,
+                   "us_per_req": cpu / answered * 1e6 if answered else math.nan,
+                   "units_per_s": (units_after - units) / elapsed, "commits_per_s": (commits_after - commits) / elapsed,
+                   "generator_cpu_pct": own / elapsed * 100, "rss_mb": rss_mb(pid)}
+        return {f"{name}_{k}": v for k, v in figures.items()}
+
+    async def submit(self, budget: list[int]) -> None:
+        """Submit jobs back to back on one connection while `budget` lasts."""
+        conn = await Http(self.port).open()
+        try:
+            while budget[0] > 0:
+                budget[0] -= 1
+                status, _ = await conn.call("POST", "/v1/jobs", {"payload": {"prompt": "render a cat"}}, CLIENT_KEY)
+                self.counts["submit errors"] += status != 201
+                self.counts["5xx"] += status >= 500
+        finally:
+            conn.close()
+
+    async def burst(self, pid: int, jobs: int, idle_cpu_pct: float) -> dict[str, float]:
+        """Server CPU per job while the fleet works off `jobs` submitted on 4 connections, net of the
+        background CPU rate measured just before."""
+        done, budget, (units, commits) = self.counts["results"], [jobs], await work_done(self.port)
+        cpu, started = cpu_seconds(pid), time.perf_counter()
+        submitters = [asyncio.create_task(self.submit(budget)) for _ in range(4)]
+        while self.counts["results"] - done < jobs and time.perf_counter() - started < BURST_SECONDS:
+            await asyncio.sleep(0.01)
+        elapsed, cpu = time.perf_counter() - started, cpu_seconds(pid) - cpu
+        for task in submitters:
+            task.cancel()
+        await asyncio.gather(*submitters, return_exceptions=True)
+        done = self.counts["results"] - done
+        net = cpu - idle_cpu_pct / 100 * elapsed
+        units_after, commits_after = await work_done(self.port)
+        return {"burst_s": elapsed, "burst_jobs": done, "burst_jobs_per_s": done / elapsed,
+                "burst_units_per_job": (units_after - units) / done if done else math.nan,
+                "burst_commits_per_job": (commits_after - commits) / done if done else math.nan,
+                "burst_ms_per_job": net / done * 1000 if done else math.nan,
+                "burst_gross_ms_per_job": cpu / done * 1000 if done else math.nan}
+
+    async def woken(self, job_id: str, sent: float) -> float | None:
+        """Seconds from `sent` until a miner held the job; None if none did within WAKE_TIMEOUT."""
+        if job_id not in self.received:
+            self.waiting[job_id] = asyncio.get_running_loop().create_future()
+            try:
+                async with asyncio.timeout(WAKE_TIMEOUT):
+                    await self.waiting[job_id]
+            except TimeoutError:
+                self.waiting.pop(job_id, None)
+                return None
+        return self.received[job_id] - sent
+
+    async def wake(self, jobs: int, span: float) -> dict[str, float]:
+        """Submit `jobs` one at a time evenly over `span` seconds; submit latency, and time until held."""
+        conn, submits, woken = await Http(self.port).open(), [], []
+        started = time.perf_counter()
+        for k in range(jobs):
+            if time.perf_counter() > started + span + 2 * WAKE_TIMEOUT:  # a server this slow has told enough
+                self.counts["submit errors"] += jobs - k
+                break
+            await asyncio.sleep(max(0.0, started + k * span / jobs - time.perf_counter()))
+            sent = time.perf_counter()
+            try:
+                async with asyncio.timeout(WAKE_TIMEOUT):
+                    status, job = await conn.call("POST", "/v1/jobs", {"payload": {"wake": k}}, CLIENT_KEY)
+                submits.append(time.perf_counter() - sent)
+            except (OSError, asyncio.IncompleteReadError, ValueError) as exc:
+                self.counts["submit timeouts"] += isinstance(exc, TimeoutError)
+                conn.close()
+                conn, status = await Http(self.port).open(), 0
+            self.counts["submit errors"] += status != 201
+            self.counts["5xx"] += status >= 500
+            if status == 201:
+                woken.append(asyncio.create_task(self.woken(job["job_id"], sent)))
+        conn.close()
+        times = await asyncio.gather(*woken)
+        held = [t for t in times if t is not None]
+        self.counts["never picked up"] += len(times) - len(held)
+        return {"wake_p50_ms": pct(held, 0.5) * 1000, "wake_p99_ms": pct(held, 0.99) * 1000,
+                "submit_p50_ms": pct(submits, 0.5) * 1000, "submit_p99_ms": pct(submits, 0.99) * 1000}
+
+    async def offline(self) -> dict[str, float]:
+        """Miners the server shows offline (GET /v1/admin/miners), and those of them whose last
+        heartbeat was sent on time."""
+        try:
+            conn = await Http(self.port).open()
+            try:
+                async with asyncio.timeout(120):
+                    status, listed = await conn.call("GET", "/v1/admin/miners", key=ADMIN_KEY)
+            finally:
+                conn.close()
+        except (OSError, asyncio.IncompleteReadError, ValueError):
+            status, listed = 0, None
+        if status != 200:
+            self.counts["admin check failed"] += 1
+            return {"offline": math.nan, "listed": 0}
+        now, index = time.perf_counter(), {f"fleet{i}": i for i in range(len(self.keys))}
+        offline = [index[m["miner_id"]] for m in listed["items"] if not m["online"] and m["miner_id"] in index]
+        on_time = [i for i in offline if now - self.last_beat[i] <= HEARTBEAT_SECONDS * 1.1 + 1]
+        self.counts["offline while heartbeating"] += len(on_time)
+        return {"offline": len(offline), "listed": len(listed["items"])}
+
+
+async def fleet_run(port: int, pid: int, keys: list[str], plan: FleetPlan) -> dict[str, Any]:
+    """Start the fleet, wait until it is parked, then: idle window, burst, wake phase, offline check."""
+    park_timeout = 120 + len(keys) / 100
+    lasts = park_timeout + plan.idle + BURST_SECONDS + plan.wake_span + 3 * WAKE_TIMEOUT + plan.after + 300
+    fleet = Fleet(port, keys, plan.max_wait, lasts)
+    fleet.start()
+    try:
+        out: dict[str, Any] = {"parked_s": await fleet.parked(park_timeout)}
+        await asyncio.sleep(2)  # the last first-polls reach the server
+        out.update(await fleet.idle(pid, plan.idle, "idle"))
+        out.update(await fleet.burst(pid, plan.burst, out["idle_cpu_pct"]))
+        if plan.wake_jobs:
+            out.update(await fleet.wake(plan.wake_jobs, plan.wake_span))
+        out.update(await fleet.idle(pid, plan.after, "after"))  # every job done: as quiet as before?
+        out.update(await fleet.offline())
+    finally:
+        await fleet.stop()
+    return {**out, "counts": fleet.counts, "worst_late_s": fleet.latest}
+
+
+def fleet_scenario(work: Path, plan: FleetPlan) -> tuple[list[tuple[str, str]], dict[str, float]]:
+    """The fleet on its own server, then 10 such miners on a separate short server run (the baseline
+    of the cost ratio); table rows and BENCH figures."""
+    limit = raise_open_files_limit()
+    if plan.miners + 1000 > limit:
+        raise SystemExit(f"{plan.miners:,} miners need more open files than the hard limit {limit:,}")
+    runs = {}
+    small = dataclasses.replace(plan, miners=10, idle=5.0, after=1.0, wake_jobs=0)
+    for n, current in ((plan.miners, plan), (10, small)):
+        keys = write_fleet_keys(work / f"fleet-keys-{n}.txt", n)
+        env = {"MINER_API_KEYS": "", "MINER_API_KEYS_FILE": str(work / f"fleet-keys-{n}.txt")}
+        with server("coord", work, work / f"fleet-{n}.db", extra_env=env) as (port, pid):
+            runs[n] = asyncio.run(fleet_run(port, pid, keys, current))
+    return fleet_rows(plan, runs[plan.miners], runs[10])
+
+
+def fleet_rows(plan: FleetPlan, big: dict[str, Any], small: dict[str, Any]) -> tuple[list[tuple[str, str]],
+                                                                                    dict[str, float]]:
+    counts, n = big["counts"], f"{plan.miners:,}"
+    zeros = [counts[k] + small["counts"][k] for k in MUST_BE_ZERO]
+    failed = [f"{k} {v:,}" for k, v in zip(MUST_BE_ZERO, zeros) if v]
+    ratio = big["burst_ms_per_job"] / small["burst_ms_per_job"]
+    rows = [
+        (f"fleet: {n} miners, polls ask U[{MIN_WAIT:g}, {plan.max_wait:g}] s"
+         + (" (quick cap)" if plan.max_wait < 30 else "") + f", heartbeat {HEARTBEAT_SECONDS:g} s ±10%",
+         f"{counts['registered']:,} registered and parked in {big['parked_s']:.1f} s"),
+        (f"fleet idle {big['idle_s']:.0f} s: server CPU, background answers, CPU per answer",
+         f"{big['idle_cpu_pct']:.1f}% of a core, {big['idle_req_per_s']:,.0f} req/s, {big['idle_us_per_req']:.0f} us"),
+        ("fleet idle: server units of work / group commits (GET /metrics)", f"{big['idle_units_per_s']:,.0f} / "
+         f"{big['idle_commits_per_s']:,.0f} a second"),
+        ("fleet generator CPU while idle (this process)", f"{big['idle_generator_cpu_pct']:.1f}% of a core"),
+        (f"fleet server RSS with {n} miners connected", f"{big['idle_rss_mb']:.0f} MB"),
+        (f"fleet burst: {plan.burst:,} jobs, {n} / 10 miners", f"{big['burst_jobs']:,} done in {big['burst_s']:.1f} s "
+         f"({big['burst_jobs_per_s']:,.0f} jobs/s) / {small['burst_jobs']:,} in {small['burst_s']:.1f} s "
+         f"({small['burst_jobs_per_s']:,.0f} jobs/s)"),
+        (f"fleet server CPU per job net of background, {n} / 10 miners (separate server run)",
+         f"{big['burst_ms_per_job']:.2f} / {small['burst_ms_per_job']:.2f} ms (gross "
+         f"{big['burst_gross_ms_per_job']:.2f} / {small['burst_gross_ms_per_job']:.2f})"),
+        (f"fleet burst: units of work / commits per job, {n} / 10 miners",
+         f"{big['burst_units_per_job']:.1f} / {big['burst_commits_per_job']:.2f}, "
+         f"{small['burst_units_per_job']:.1f} / {small['burst_commits_per_job']:.2f}"),
+        (f"fleet wake: submit until a miner holds it p50 / p99 ({plan.wake_jobs} over {plan.wake_span:g} s)",
+         f"{big['wake_p50_ms']:.2f} / {big['wake_p99_ms']:.2f} ms"),
+        ("fleet wake-phase submit latency p50 / p99", f"{big['submit_p50_ms']:.2f} / {big['submit_p99_ms']:.2f} ms"
+         + (f" ({counts['submit timeouts']:,} unanswered in {WAKE_TIMEOUT:g} s)" if counts["submit timeouts"] else "")),
+        (f"fleet idle again {big['after_s']:.0f} s after every job: server CPU, background answers",
+         f"{big['after_cpu_pct']:.1f}% of a core, {big['after_req_per_s']:,.0f} req/s"),
+        ("fleet idle again: server units of work / group commits", f"{big['after_units_per_s']:,.0f} / "
+         f"{big['after_commits_per_s']:,.0f} a second"),
+        ("fleet answers: polls / heartbeats / results", f"{counts['polls']:,} / {counts['beats']:,} / "
+         f"{counts['results']:,}"),
+        ("fleet reconnects / timeouts / heartbeat errors / submit errors",
+         " / ".join(f"{counts[k]:,}" for k in ("reconnects", "timeouts", "beat errors", "submit errors"))),
+        (f"fleet shown offline at the end (of {big['listed']:,} listed)", f"{big['offline']:,}"),
+        ("fleet must be 0: " + " / ".join(MUST_BE_ZERO), " / ".join(f"{v:,}" for v in zeros)
+         + (f" (worst poll {big['worst_late_s']:.1f} s past its wait)" if counts["late polls"] else "")),
+        ("fleet scenario", "FAILED: " + ", ".join(failed) if failed else "ok"),
+    ]
+    bench = {"fleet_wake_p50_ms": big["wake_p50_ms"], "fleet_wake_p99_ms": big["wake_p99_ms"],
+             "fleet_submit_p99_ms": big["submit_p99_ms"], "fleet_idle_cpu_pct": big["idle_cpu_pct"],
+             "fleet_rss_mb": big["idle_rss_mb"], "fleet_cost_ratio": ratio}
+    return rows, bench
+
+
+def fleet_bench(bench: dict[str, float]) -> str:
+    return (f"fleet_wake_p50_ms={bench['fleet_wake_p50_ms']:.2f} fleet_wake_p99_ms={bench['fleet_wake_p99_ms']:.2f} "
+            f"fleet_submit_p99_ms={bench['fleet_submit_p99_ms']:.2f} fleet_idle_cpu_pct={bench['fleet_idle_cpu_pct']:.1f} "
+            f"fleet_rss_mb={bench['fleet_rss_mb']:.0f} fleet_cost_ratio={bench['fleet_cost_ratio']:.2f}")
+
+
 # === The run ===
+
+def print_table(rows: list[tuple[str, str]], quick: bool) -> None:
+    width = max(len(k) for k, _ in rows)
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
+          f"SQLite {sqlite3.sqlite_version}, {'quick' if quick else 'full'} run")
+    for k, v in rows:
+        print(f"  {k:<{width}}  {v}")
+
 
 def run(quick: bool) -> None:
     seconds = 3.0 if quick else 10.0
     big, small = (10_000, 1_000) if quick else (1_000_000, 1_000)
     samples, trials = (50, 50) if quick else (300, 300)
+    history_jobs, history_samples = (2_000, 30) if quick else (20_000, 30)
     rows: list[tuple[str, str]] = []
     with tempfile.TemporaryDirectory(prefix="aitbc-bench-") as tmp:
         work = Path(tmp)
         with server("bare", work) as (port, pid):
             bare, bare_cpu = measured(pid, bare_rate(port, 8 + MINERS, seconds))
+            durable, durable_cpu = measured(pid, bare_rate(port, 8 + MINERS, seconds, "/durable"))
         with server("coord", work, work / "full.db") as (port, pid):
             full, full_cpu = measured(pid, lifecycle(port, seconds))
             woke = asyncio.run(wake(port, trials))
         with server("coord", work, work / "normal.db", "NORMAL") as (port, _):
             normal = asyncio.run(lifecycle(port, seconds))
+        with server("coord", work, work / "distinct.db") as (port, _):
+            distinct = asyncio.run(lifecycle(port, seconds, distinct=True))
+        history = shape_history(work, history_jobs, history_samples)
         depths, rss, size = {}, 0.0, {}
         for n in (small, big):
             db = work / f"depth-{n}.db"
@@ -368,33 +919,51 @@ def run(quick: bool) -> None:
                 depths[n] = asyncio.run(depth(port, samples))
                 rss = rss_mb(pid)
             size[n] = sum(p.stat().st_size for p in work.glob(f"depth-{n}.db*"))
+        fleet, fleet_figures = fleet_scenario(work, fleet_plan(1_000 if quick else 10_000, quick))
     lifecycle_ratio = full["req_per_s"] / bare["req_per_s"]
+    durable_ratio = full["req_per_s"] / durable["req_per_s"]
+    history_ratio = history["history_ms"] / history["fresh_ms"]
+    distinct_ratio = distinct["jobs_per_s"] / full["jobs_per_s"]
     poll_ratio = depths[big]["poll"] / depths[small]["poll"]
     read_ratios = {name: depths[big][name] / depths[small][name] for name in READS}
     bytes_per_job = (size[big] - size[small]) / (big - small)
     rows = [
         ("bare Starlette JSON POST (framework ceiling)", f"{bare['req_per_s']:,.0f} req/s"),
+        ("bare Starlette POST + SQLite insert, commit each (WAL, FULL)", f"{durable['req_per_s']:,.0f} req/s, "
+         f"{durable_cpu:.0f} us server CPU a request"),
         ("lifecycle, FULL: submit + poll + result (signed)", f"{full['req_per_s']:,.0f} req/s, "
          f"{full['jobs_per_s']:,.0f} jobs/s"),
         ("lifecycle submit-to-completed latency p50 / p99", f"{full['p50_ms']:.1f} / {full['p99_ms']:.1f} ms"),
         ("server CPU per request: bare / lifecycle", f"{bare_cpu:.0f} / {full_cpu:.0f} us"),
         ("lifecycle, NORMAL", f"{normal['req_per_s']:,.0f} req/s, {normal['jobs_per_s']:,.0f} jobs/s"),
         ("wake: submit until the waiting miner holds it p50 / p99", f"{woke['p50_ms']:.2f} / {woke['p99_ms']:.2f} ms"),
+        ("lifecycle, FULL, every job a new max_price (shape)", f"{distinct['req_per_s']:,.0f} req/s, "
+         f"{distinct['jobs_per_s']:,.0f} jobs/s"),
+        (f"seeded {history_jobs:,} completed jobs, each its own shape", f"{history['seed_s']:.1f} s"),
+        (f"p50 empty poll (price 0.5 meets every shape): fresh / {history_jobs:,} shapes",
+         f"{history['fresh_ms']:.2f} / {history['history_ms']:.2f} ms"),
         *rows,
         *[(f"p50 {name} with {small:,} / {big:,} jobs",
            f"{depths[small][name]:.2f} / {depths[big][name]:.2f} ms") for name in ("poll", *READS)],
         (f"server RSS after the {big:,}-job runs", f"{rss:.0f} MB"),
         ("database bytes per job", f"{bytes_per_job:,.0f}"),
+        *fleet,
     ]
-    width = max(len(k) for k, _ in rows)
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
-          f"SQLite {sqlite3.sqlite_version}, {'quick' if quick else 'full'} run")
-    for k, v in rows:
-        print(f"  {k:<{width}}  {v}")
+    print_table(rows, quick)
     print(f"BENCH lifecycle_ratio={lifecycle_ratio:.2f} jobs_per_s={full['jobs_per_s']:.0f} "
           f"wake_p50_ms={woke['p50_ms']:.2f} wake_p99_ms={woke['p99_ms']:.2f} poll_depth_ratio={poll_ratio:.2f} "
           f"read_depth_ratio={max(read_ratios.values()):.2f} rss_mb={rss:.0f} bytes_per_job={bytes_per_job:.0f} "
-          f"full_vs_normal={full['req_per_s'] / normal['req_per_s']:.2f}")
+          f"full_vs_normal={full['req_per_s'] / normal['req_per_s']:.2f} durable_ratio={durable_ratio:.2f} "
+          f"shape_history_ratio={history_ratio:.2f} distinct_shape_ratio={distinct_ratio:.2f} "
+          + fleet_bench(fleet_figures))
+
+
+def fleet_only(miners: int, quick: bool) -> None:
+    """The fleet scenario alone (for development): its table rows and BENCH figures."""
+    with tempfile.TemporaryDirectory(prefix="aitbc-bench-") as tmp:
+        rows, figures = fleet_scenario(Path(tmp), fleet_plan(miners, quick))
+    print_table(rows, quick)
+    print("BENCH " + fleet_bench(figures))
 
 
 def in_process(jobs: int) -> None:
@@ -443,10 +1012,14 @@ def main() -> None:
                         help="instructions per request of the lifecycle run in-process under valgrind")
     parser.add_argument("--in-process", type=int, metavar="JOBS",
                         help="run the lifecycle in this process (no sockets) for JOBS jobs and print its CPU a request")
+    parser.add_argument("--fleet", type=int, metavar="N",
+                        help="only the fleet scenario, with N miners (with --quick: its short durations)")
     parser.add_argument("--bare-server", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.bare_server:
         bare_server(args.bare_server)
+    elif args.fleet:
+        fleet_only(args.fleet, args.quick)
     elif args.in_process:
         in_process(args.in_process)
     elif args.instructions:
