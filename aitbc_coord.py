@@ -2157,13 +2157,15 @@ class Coordinator:
         while True:
             picked_for, waiter.woken_for = waiter.woken_for, []
             mark = self.hub.mark(waiter.miner_id)
-            # A read first: renewals of an idle fleet then cost no write and no commit.
-            profile, ready, available = await self.db.read(read_poll, waiter.miner_id, self.now(), self.matcher)
-            if profile is None:
-                raise NotFound("miner not registered")
             job = None
-            if available:
+            if self.matcher.queued != set():  # jobs may be queued (or not known yet): claim at once
                 job, profile, ready = await self.apply(tx_poll, waiter.miner_id, self.now(), self.matcher)
+            else:  # nothing queued: a read, so that renewals of an idle fleet cost no write or commit
+                profile, ready, available = await self.db.read(read_poll, waiter.miner_id, self.now(), self.matcher)
+                if profile is None:
+                    raise NotFound("miner not registered")
+                if available:  # queued since the set was read
+                    job, profile, ready = await self.apply(tx_poll, waiter.miner_id, self.now(), self.matcher)
             missed = [p for p in picked_for if job is None or p[0] != job["job_id"]]
             if missed:  # picked for jobs it did not get: those still queued go to the next able miner
                 still = await self.db.read(list_queued_among, [p[0] for p in missed])

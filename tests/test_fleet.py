@@ -254,6 +254,7 @@ async def test_a_job_queued_while_a_poll_claims_is_not_missed(tmp_path: Path, mo
     """The poll is not parked while its claim runs; a job committed meanwhile makes it claim again."""
     async with harness(tmp_path) as h:
         await h.register()
+        assert (await h.poll()).status_code == 204  # the queue is known to be empty: claims now read first
         original, first = ac.read_poll, [True]
 
         def job_arrives_during_the_first_claim(conn: Any, *args: Any) -> Any:
