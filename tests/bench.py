@@ -783,10 +783,65 @@ class Fleet:
         return {"offline": len(offline), "listed": len(listed["items"])}
 
 
+ATTACKER = "127.0.0.2"  # not a trusted proxy address: the per-address cap applies to it
+ATTACK_CONNECTIONS = 2_000
+
+
+class Slowloris:
+    """Connections from ATTACKER that send a request line and then one header line every 2 s, never
+    finishing the head; each reconnects when the server closes it (408) or refuses it (503)."""
+
+    def __init__(self, port: int, connections: int) -> None:
+        self.port, self.connections = port, connections
+        self.counts = {"opened": 0, "refused": 0, "cut": 0, "open": 0, "most open": 0}
+        self.tasks: list[asyncio.Task[None]] = []
+
+    def start(self) -> None:
+        self.tasks = [asyncio.create_task(self.client()) for _ in range(self.connections)]
+
+    async def stop(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+
+    async def client(self) -> None:
+        while True:
+            try:
+                reader, writer = await asyncio.open_connection("127.0.0.1", self.port, local_addr=(ATTACKER, 0))
+            except OSError:
+                await asyncio.sleep(1)
+                continue
+            self.counts["opened"] += 1
+            self.counts["open"] += 1
+            self.counts["most open"] = max(self.counts["most open"], self.counts["open"])
+            try:
+                await self.trickle(reader, writer)
+            finally:
+                self.counts["open"] -= 1
+                writer.close()
+            await asyncio.sleep(0.5)
+
+    async def trickle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"POST /v1/jobs HTTP/1.1\r\nHost: bench\r\n")
+        while True:
+            try:
+                answer = await asyncio.wait_for(reader.read(64), 2)
+            except TimeoutError:
+                writer.write(b"X-Slow: 1\r\n")
+                continue
+            except OSError:
+                return
+            if answer.startswith(b"HTTP/1.1 503"):
+                self.counts["refused"] += 1
+            elif answer.startswith(b"HTTP/1.1 408"):
+                self.counts["cut"] += 1
+            return
+
+
 async def fleet_run(port: int, pid: int, keys: list[str], plan: FleetPlan) -> dict[str, Any]:
     """Start the fleet, wait until it is parked, then: idle window, burst, wake phase, offline check."""
     park_timeout = 120 + len(keys) / 100
-    lasts = park_timeout + plan.idle + BURST_SECONDS + plan.wake_span + 3 * WAKE_TIMEOUT + plan.after + 300
+    lasts = park_timeout + 2 * plan.idle + BURST_SECONDS + plan.wake_span + 3 * WAKE_TIMEOUT + plan.after + 305
     fleet = Fleet(port, keys, plan.max_wait, lasts)
     fleet.start()
     try:
@@ -794,8 +849,16 @@ async def fleet_run(port: int, pid: int, keys: list[str], plan: FleetPlan) -> di
         await asyncio.sleep(2)  # the last first-polls reach the server
         out.update(await fleet.idle(pid, plan.idle, "idle"))
         out.update(await fleet.burst(pid, plan.burst, out["idle_cpu_pct"]))
-        if plan.wake_jobs:
-            out.update(await fleet.wake(plan.wake_jobs, plan.wake_span))
+        if plan.wake_jobs:  # the wake phase runs under a slowloris attack from another address
+            attack = Slowloris(port, ATTACK_CONNECTIONS)
+            attack.start()
+            try:
+                await asyncio.sleep(5)  # the attack settles at its cap
+                out.update(await fleet.idle(pid, plan.idle, "attacked"))
+                out.update(await fleet.wake(plan.wake_jobs, plan.wake_span))
+            finally:
+                await attack.stop()
+            out["attack"] = dict(attack.counts)
         out.update(await fleet.idle(pid, plan.after, "after"))  # every job done: as quiet as before?
         out.update(await fleet.offline())
     finally:
@@ -844,7 +907,12 @@ def fleet_rows(plan: FleetPlan, big: dict[str, Any], small: dict[str, Any]) -> t
         (f"fleet burst: units of work / commits per job, {n} / 10 miners",
          f"{big['burst_units_per_job']:.1f} / {big['burst_commits_per_job']:.2f}, "
          f"{small['burst_units_per_job']:.1f} / {small['burst_commits_per_job']:.2f}"),
-        (f"fleet wake: submit until a miner holds it p50 / p99 ({plan.wake_jobs} over {plan.wake_span:g} s)",
+        (f"fleet idle with {ATTACK_CONNECTIONS:,} slowloris connections from {ATTACKER}: server CPU, answers",
+         f"{big['attacked_cpu_pct']:.1f}% of a core, {big['attacked_req_per_s']:,.0f} req/s"),
+        ("slowloris: connections opened / refused 503 / cut 408 / most open at once",
+         " / ".join(f"{big['attack'][k]:,}" for k in ("opened", "refused", "cut", "most open"))),
+        (f"fleet wake under the attack: submit until a miner holds it p50 / p99 ({plan.wake_jobs} over "
+         f"{plan.wake_span:g} s)",
          f"{big['wake_p50_ms']:.2f} / {big['wake_p99_ms']:.2f} ms"),
         ("fleet wake-phase submit latency p50 / p99", f"{big['submit_p50_ms']:.2f} / {big['submit_p99_ms']:.2f} ms"
          + (f" ({counts['submit timeouts']:,} unanswered in {WAKE_TIMEOUT:g} s)" if counts["submit timeouts"] else "")),
@@ -863,14 +931,16 @@ def fleet_rows(plan: FleetPlan, big: dict[str, Any], small: dict[str, Any]) -> t
     ]
     bench = {"fleet_wake_p50_ms": big["wake_p50_ms"], "fleet_wake_p99_ms": big["wake_p99_ms"],
              "fleet_submit_p99_ms": big["submit_p99_ms"], "fleet_idle_cpu_pct": big["idle_cpu_pct"],
-             "fleet_rss_mb": big["idle_rss_mb"], "fleet_cost_ratio": ratio}
+             "fleet_rss_mb": big["idle_rss_mb"], "fleet_cost_ratio": ratio,
+             "fleet_attacked_idle_cpu_pct": big["attacked_cpu_pct"]}
     return rows, bench
 
 
 def fleet_bench(bench: dict[str, float]) -> str:
     return (f"fleet_wake_p50_ms={bench['fleet_wake_p50_ms']:.2f} fleet_wake_p99_ms={bench['fleet_wake_p99_ms']:.2f} "
             f"fleet_submit_p99_ms={bench['fleet_submit_p99_ms']:.2f} fleet_idle_cpu_pct={bench['fleet_idle_cpu_pct']:.1f} "
-            f"fleet_rss_mb={bench['fleet_rss_mb']:.0f} fleet_cost_ratio={bench['fleet_cost_ratio']:.2f}")
+            f"fleet_rss_mb={bench['fleet_rss_mb']:.0f} fleet_cost_ratio={bench['fleet_cost_ratio']:.2f} "
+            f"fleet_attacked_idle_cpu_pct={bench['fleet_attacked_idle_cpu_pct']:.1f}")
 
 
 # === The run ===
