@@ -7,6 +7,7 @@ Honest clients (on 127.0.0.1, a trusted address) keep working meanwhile.
 
 from __future__ import annotations
 
+import asyncio
 import re
 import socket
 import time
@@ -145,12 +146,13 @@ def test_the_documented_defaults(tmp_path: Path) -> None:
 def test_the_caps_count_and_release(tmp_path: Path) -> None:
     s = ac.Settings.load({"MAX_CONNECTIONS_PER_ADDRESS": "2", "FORWARDED_ALLOW_IPS": "10.0.0.0/8"}, dotenv=False)
     guard = ac.ConnectionGuard(s, open_files=ac.OPEN_FILES_HEADROOM + 16)
-    assert [guard.admit("192.0.2.1") for _ in range(3)] == [None, None, "address"]
-    assert [guard.admit("10.1.2.3") for _ in range(5)] == [None] * 5  # trusted: no per-address cap
-    guard.release("192.0.2.1")
-    assert guard.admit("192.0.2.1") is None
+    assert guard.peer("192.0.2.1") == ("192.0.2.1", False) and guard.peer("10.1.2.3") == ("10.1.2.3", True)
+    assert [guard.admit(guard.peer("192.0.2.1")) for _ in range(3)] == [None, None, "address"]
+    assert [guard.admit(guard.peer("10.1.2.3")) for _ in range(5)] == [None] * 5  # trusted: no per-address cap
+    guard.release(guard.peer("192.0.2.1"))
+    assert guard.admit(guard.peer("192.0.2.1")) is None
     assert guard.open == 7 and guard.refused == {"address": 1, "total": 0}
-    assert [guard.admit(f"192.0.2.{i}") for i in range(100, 111)] == [None] * 9 + ["total"] * 2  # 16 in all
+    assert [guard.admit(guard.peer(f"192.0.2.{i}")) for i in range(100, 111)] == [None] * 9 + ["total"] * 2
 
 
 def test_pipelined_requests_and_outsized_declarations_do_not_escape_the_deadlines(tmp_path: Path) -> None:
@@ -175,3 +177,50 @@ def test_pipelined_requests_and_outsized_declarations_do_not_escape_the_deadline
         honest.settimeout(5)
         assert honest.recv(4096).startswith(b"HTTP/1.1 200")
         honest.close()
+
+
+def gc_collections(base: str) -> dict[str, float]:
+    text = httpx.get(base + "/metrics", timeout=10).text
+    return {g: float(n) for g, n in re.findall(r'^python_gc_collections_total\{generation="(\d)"\} (\S+)$', text, re.M)}
+
+
+def test_the_oldest_generation_is_collected_on_a_clock_not_by_allocation_counts(tmp_path: Path) -> None:
+    """With 10,000 parked long-polls CPython's own rule ran a full collection every few seconds, each
+    pausing the loop for most of a second; serve freezes its start-up objects and collects the
+    oldest generation every FULL_COLLECTION_SECONDS instead. Rounds of parked polls (what promotes
+    objects to the oldest generation) cost young collections only."""
+    env = {**DEADLINES, "POLL_MAX_CONCURRENT": "400"}
+    proc, base = start_server(tmp_path, "--db", str(tmp_path / "c.db"), env=env)
+
+    async def rounds_of_parked_polls(n: int, rounds: int) -> None:
+        limits = httpx.Limits(max_connections=n, max_keepalive_connections=n)
+        async with httpx.AsyncClient(base_url=base, timeout=30, limits=limits) as http:
+            for _ in range(rounds):
+                answers = await asyncio.gather(*(http.post("/v1/miners/poll", json={"max_wait_seconds": 0.5},
+                                                           headers=MINER) for _ in range(n)))
+                assert {r.status_code for r in answers} == {204}
+
+    try:
+        deadline = time.monotonic() + 10
+        while "start-up objects frozen" not in (tmp_path / "serve.log").read_text():
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        httpx.post(base + "/v1/miners/register", json={"capabilities": {}}, headers=MINER)
+        before = gc_collections(base)
+        asyncio.run(rounds_of_parked_polls(300, 8))
+        after = gc_collections(base)
+        assert after["1"] - before["1"] > 12, (before, after)  # enough for CPython's rule to have fired
+        assert after["2"] == before["2"], (before, after)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_a_scheduled_full_collection_is_timed_and_rescheduled() -> None:
+    app = ac.App(ac.Settings.load({"APP_ENV": "dev"}, dotenv=False))
+    server = ac.Server(ac.uvicorn.Config(app), app.coord, app.metrics)
+    server.full_collection_due = 0.0
+    asyncio.run(server.on_tick(1))
+    assert server.full_collection_due > time.monotonic() + ac.FULL_COLLECTION_SECONDS - 60
+    text = ac.generate_latest(app.metrics.registry).decode()
+    assert "aitbc_gc_full_collection_seconds_count 1.0" in text
