@@ -60,8 +60,9 @@ import tempfile
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, NamedTuple, TypeVar
 
@@ -128,6 +129,10 @@ class Settings:
     forwarded_allow_ips: tuple[str, ...] = ("127.0.0.1", "::1")  # trusted proxies: X-Forwarded-For, no cap
     signing_seed: bytes | None = dataclasses.field(default=None, repr=False)
     attestation_seed: bytes | None = dataclasses.field(default=None, repr=False)
+    dev_signing_key: bool = True  # APP_ENV=dev without a signing key: make one beside the database
+    log_seed: bytes | None = dataclasses.field(default=None, repr=False)  # signs checkpoints (else the signing key)
+    log_origin: str | None = None  # the checkpoints' origin line (else derived from coordinator_id and the key)
+    log_checkpoint_seconds: float = 1.0  # a new checkpoint at most this often, when the log has grown
 
     @classmethod
     def load(
@@ -153,6 +158,7 @@ class Settings:
         values["api_keys"], values["dev_key_roles"] = _load_api_keys(env, app_env)
         values["signing_seed"] = load_seed(env, "RECEIPT_SIGNING_KEY")
         values["attestation_seed"] = load_seed(env, "RECEIPT_ATTESTATION_KEY")
+        values["log_seed"] = load_seed(env, "RECEIPT_LOG_SIGNING_KEY")
         return cls(**values)
 
 
@@ -232,6 +238,18 @@ def _parse_networks(raw: str) -> tuple[str, ...]:
     return items
 
 
+# A checkpoint's origin line doubles as its signed-note key name (C2SP signed-note): printable ASCII
+# without spaces or "+".
+ORIGIN_RE = re.compile(r"[!-*,-~]{1,255}")
+
+
+def _parse_origin(raw: str) -> str:
+    if not ORIGIN_RE.fullmatch(raw):
+        raise ValueError(f"must be 1-255 printable ASCII characters without spaces or '+', e.g. "
+                         f"example.org/aitbc/receipts, got {raw!r}")
+    return raw
+
+
 def _parse_app_env(raw: str) -> str:
     if not re.fullmatch(r"[a-z][a-z0-9_-]{0,31}", raw):
         raise ValueError(f"must be a short lower-case name such as dev or prod, got {raw!r}")
@@ -261,6 +279,9 @@ ENV_VARS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "REQUEST_BODY_TIMEOUT_SECONDS": ("request_body_timeout_seconds", _parse_seconds),
     "MAX_CONNECTIONS_PER_ADDRESS": ("max_connections_per_address", _parse_int(0)),
     "FORWARDED_ALLOW_IPS": ("forwarded_allow_ips", _parse_networks),
+    "RECEIPT_DEV_SIGNING_KEY": ("dev_signing_key", _parse_bool),
+    "RECEIPT_LOG_ORIGIN": ("log_origin", _parse_origin),
+    "RECEIPT_LOG_CHECKPOINT_SECONDS": ("log_checkpoint_seconds", _parse_seconds),
 }
 
 
@@ -297,6 +318,28 @@ def load_seed(env: Mapping[str, str], prefix: str) -> bytes | None:
         return parse_seed(raw)
     except ValueError as exc:
         raise ConfigError(f"{file_var if path else hex_var}: {exc}") from None
+
+
+def load_dev_seed(db_path: str) -> tuple[bytes, Path | None, bool]:
+    """The development signing key's seed: (seed, the file beside the database that keeps it, whether it
+    was made now). Made on first use, mode 0600, and reused; an in-memory database gets one that lives
+    as long as the process (file None). Raises ConfigError when the file is unreadable or malformed."""
+    if db_path == ":memory:":
+        return secrets.token_bytes(32), None, True
+    path = Path(f"{db_path}.dev-signing-key")
+    seed, made = secrets.token_bytes(32), True
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w", encoding="ascii") as f:
+            f.write(seed.hex() + "\n")
+    except FileExistsError:  # made by an earlier start (or a concurrent one): keep using it
+        try:
+            seed, made = parse_seed(read_secret_file("development signing key", str(path))), False
+        except ValueError as exc:
+            raise ConfigError(f"development signing key {path}: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot write the development signing key {path}: {exc.strerror}") from None
+    return seed, path, made
 
 
 def key_digest(key: str) -> str:
@@ -517,7 +560,7 @@ class Outcome:
 
 # === Database ===
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 MIN_SQLITE = (3, 35, 0)  # RETURNING
 
 
@@ -543,7 +586,11 @@ def schema_section(version: int) -> str:
 # are the tail sections of schema.sql; one that must alter existing tables is written out here.
 UPGRADES: dict[int, Callable[[], str]] = {
     2: lambda: schema_section(2),  # receipts, signing_keys, counters
+    3: lambda: schema_section(3),  # the receipt log
 }
+# What an upgrade step must also compute in Python (hashes SQLite has no function for), run after its
+# SQL in the same transaction: BACKFILLS[n](conn). Registered where their logic lives (Units of work).
+BACKFILLS: dict[int, Callable[[sqlite3.Connection], None]] = {}
 
 
 def check_sqlite_version(version: str = sqlite3.sqlite_version) -> None:
@@ -592,10 +639,12 @@ def migrate(path: str) -> tuple[int, int]:
         if before > SCHEMA_VERSION:
             raise ConfigError(f"database {path} has schema version {before}, newer than this "
                               f"coordinator's {SCHEMA_VERSION}; upgrade aitbc-coord")
-        steps = [schema_sql()] if before == 0 else [UPGRADES[v]() for v in range(before + 1, SCHEMA_VERSION + 1)]
-        for script in steps:
+        steps = [(0, schema_sql())] if before == 0 else [(v, UPGRADES[v]()) for v in range(before + 1, SCHEMA_VERSION + 1)]
+        for version, script in steps:
             for statement in split_statements(script):
                 conn.execute(statement)
+            if version in BACKFILLS:
+                BACKFILLS[version](conn)
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         conn.execute("COMMIT")
         return before, SCHEMA_VERSION
@@ -1161,6 +1210,125 @@ def get_counter(conn: sqlite3.Connection, name: str) -> int:
     return 0 if row is None else int(row[0])
 
 
+# The receipt log. Leaves and the hashes of complete subtrees are only ever added; checkpoints are
+# pruned by age. A node is (level, idx): level 0 is a leaf (log_leaves), higher ones are in log_nodes.
+
+def insert_log_leaf(conn: sqlite3.Connection, receipt_id: str, leaf_hash: bytes) -> int:
+    """Append a leaf one past the last, so indexes have no gap; returns its index. (SQLite numbers an
+    INTEGER PRIMARY KEY left out one more than the largest, or 1 in an empty table: the log's very first
+    leaf is moved to 0. A plain insert costs half of one that asks for MAX() itself.)"""
+    index = int(conn.execute("INSERT INTO log_leaves (receipt_id, leaf_hash) VALUES (?, ?)",
+                             (receipt_id, leaf_hash)).lastrowid)
+    if index == 1 and conn.execute("SELECT 1 FROM log_leaves WHERE leaf_index = 0").fetchone() is None:
+        conn.execute("UPDATE log_leaves SET leaf_index = 0 WHERE leaf_index = 1")
+        index = 0
+    return index
+
+
+def _node_id(level: int, idx: int) -> int:
+    """The log_nodes key of the subtree (level, idx): its in-order position."""
+    return (idx << (level + 1)) | ((1 << level) - 1)
+
+
+def insert_log_nodes(conn: sqlite3.Connection, nodes: Iterable[tuple[int, int, bytes]]) -> None:
+    """Store (level, idx, hash) of complete subtrees above the leaves (level >= 1)."""
+    conn.executemany("INSERT INTO log_nodes (node_id, hash) VALUES (?, ?)",
+                     [(_node_id(level, idx), digest) for level, idx, digest in nodes])
+
+
+def get_log_nodes(conn: sqlite3.Connection, keys: Collection[tuple[int, int]]) -> dict[tuple[int, int], bytes]:
+    """The stored hashes of the nodes (level, idx) `keys` names, one row each (a node not stored is absent)."""
+    found: dict[tuple[int, int], bytes] = {}
+    leaves = [idx for level, idx in keys if level == 0]
+    inner = {_node_id(*key): key for key in keys if key[0] > 0}
+    if leaves:
+        rows = conn.execute(f"SELECT leaf_index, leaf_hash FROM log_leaves WHERE leaf_index IN"
+                            f" ({','.join('?' * len(leaves))})", leaves)
+        found.update(((0, index), digest) for index, digest in rows)
+    if inner:
+        rows = conn.execute(f"SELECT node_id, hash FROM log_nodes WHERE node_id IN ({','.join('?' * len(inner))})",
+                            list(inner))
+        found.update((inner[node_id], digest) for node_id, digest in rows)
+    return found
+
+
+def get_log_size(conn: sqlite3.Connection) -> int:
+    """The number of leaves."""
+    return int(conn.execute("SELECT COALESCE(MAX(leaf_index) + 1, 0) FROM log_leaves").fetchone()[0])
+
+
+def get_log_leaf(conn: sqlite3.Connection, receipt_id: str) -> sqlite3.Row | None:
+    """(leaf_index, leaf_hash) of a receipt's leaf, or None."""
+    return conn.execute("SELECT leaf_index, leaf_hash FROM log_leaves WHERE receipt_id = ?", (receipt_id,)).fetchone()
+
+
+def get_log_indexes(conn: sqlite3.Connection, receipt_ids: Sequence[str]) -> dict[str, int]:
+    """The leaf index of each of `receipt_ids` that has a leaf."""
+    if not receipt_ids:
+        return {}
+    rows = conn.execute(f"SELECT receipt_id, leaf_index FROM log_leaves WHERE receipt_id IN"
+                        f" ({','.join('?' * len(receipt_ids))})", receipt_ids)
+    return {r[0]: r[1] for r in rows}
+
+
+def get_latest_receipt_log_index(conn: sqlite3.Connection, job_id: str) -> int | None:
+    """The leaf index of the job's latest receipt, or None."""
+    row = conn.execute("SELECT leaf_index FROM log_leaves WHERE receipt_id ="
+                       " (SELECT receipt_id FROM receipts WHERE job_id = ? ORDER BY seq DESC LIMIT 1)",
+                       (job_id,)).fetchone()
+    return None if row is None else int(row[0])
+
+
+def list_log_entries(conn: sqlite3.Connection, start: int, end: int) -> sqlite3.Cursor:
+    """Leaves start..end (inclusive) in order, lazily: leaf_index, leaf_hash and the receipt's body as
+    stored (NULL once pruned)."""
+    return conn.execute("SELECT l.leaf_index, l.leaf_hash, r.body FROM log_leaves AS l"
+                        " LEFT JOIN receipts AS r ON r.receipt_id = l.receipt_id"
+                        " WHERE l.leaf_index BETWEEN ? AND ? ORDER BY l.leaf_index", (start, end))
+
+
+def list_receipts_in_issue_order(conn: sqlite3.Connection) -> Iterable[sqlite3.Row]:
+    """Every receipt's id and body, oldest first, lazily."""
+    return conn.execute("SELECT receipt_id, body FROM receipts ORDER BY seq")
+
+
+def insert_checkpoint(conn: sqlite3.Connection, tree_size: int, root_hash: bytes, created_at: int, note: str) -> None:
+    conn.execute("INSERT INTO log_checkpoints (tree_size, root_hash, created_at, note) VALUES (?, ?, ?, ?)",
+                 (tree_size, root_hash, created_at, note))
+
+
+def get_latest_checkpoint(conn: sqlite3.Connection) -> sqlite3.Row | None:
+    return conn.execute("SELECT * FROM log_checkpoints ORDER BY tree_size DESC LIMIT 1").fetchone()
+
+
+def get_checkpoint(conn: sqlite3.Connection, tree_size: int) -> sqlite3.Row | None:
+    return conn.execute("SELECT * FROM log_checkpoints WHERE tree_size = ?", (tree_size,)).fetchone()
+
+
+def list_checkpoints(conn: sqlite3.Connection, below_size: int | None, limit: int) -> list[sqlite3.Row]:
+    """Checkpoints newest first, of trees smaller than `below_size` (the cursor) when given."""
+    return conn.execute("SELECT * FROM log_checkpoints WHERE tree_size < ? ORDER BY tree_size DESC LIMIT ?",
+                        (2**63 - 1 if below_size is None else below_size, limit)).fetchall()
+
+
+def prune_checkpoints(conn: sqlite3.Connection, since: int, cutoff: int, period: int) -> None:
+    """Of the checkpoints made from `since` to before `cutoff`, keep only the last of each `period`
+    (ms, counted from the epoch; `since` is the start of one)."""
+    conn.execute("DELETE FROM log_checkpoints WHERE created_at >= :since AND created_at < :cutoff"
+                 " AND tree_size NOT IN (SELECT MAX(tree_size) FROM log_checkpoints"
+                 " WHERE created_at >= :since AND created_at < :cutoff GROUP BY created_at / :period)",
+                 {"since": since, "cutoff": cutoff, "period": period})
+
+
+def upsert_log_key(conn: sqlite3.Connection, key_id: str, origin: str, now: int) -> None:
+    conn.execute("INSERT INTO log_keys (key_id, origin, first_seen_at) VALUES (?, ?, ?)"
+                 " ON CONFLICT (key_id) DO UPDATE SET origin = excluded.origin", (key_id, origin, now))
+
+
+def list_log_keys(conn: sqlite3.Connection) -> list[sqlite3.Row]:
+    return conn.execute("SELECT key_id, origin FROM log_keys ORDER BY first_seen_at, key_id").fetchall()
+
+
 # Marketplace. Miner offers are derived here from liveness and RUNNING jobs; admin offers are rows.
 OFFERS_SQL = """
 SELECT * FROM (
@@ -1502,6 +1670,18 @@ def signature_of(key: SigningKey, message: bytes, key_id: str | None = None) -> 
     return {"alg": "Ed25519", "key_id": key_id or key_id_of(key), "sig": b64url(key.sign(message).signature)}
 
 
+def splice_signatures(canonical: str, signatures: Mapping[str, Any]) -> str:
+    """A receipt's stored text: its signed canonical JSON (an object with members), then its signatures."""
+    return f"{canonical[:-1]},{canonical_json(signatures)[1:]}"
+
+
+def stored_receipt_text(receipt: Mapping[str, Any]) -> str:
+    """The text this coordinator stores and serves for a receipt it sealed, rebuilt from the receipt
+    (as a client holds it, in any layout): the leaf the receipt log holds for it."""
+    signatures = {k: receipt[k] for k in ("signature", "attestations") if k in receipt}
+    return splice_signatures(canonical_receipt_bytes(receipt).decode(), signatures)
+
+
 def check_signature(sig: Any, message: bytes) -> bool:
     """Whether `sig` ({alg, key_id, sig}) is a valid Ed25519 signature of `message` by its own key_id."""
     if not isinstance(sig, dict) or sig.get("alg") != "Ed25519":
@@ -1526,11 +1706,13 @@ class Signer:
         object.__setattr__(self, "ids", tuple(key_id_of(k) for k in keys))
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> Signer | None:
-        if settings.signing_seed is None:
+    def from_settings(cls, settings: Settings, signing_seed: bytes | None = None) -> Signer | None:
+        """The configured keys (`signing_seed` standing in for an unset signing key), or None."""
+        seed = settings.signing_seed or signing_seed
+        if seed is None:
             return None
         att = settings.attestation_seed
-        return cls(SigningKey(settings.signing_seed), None if att is None else SigningKey(att))
+        return cls(SigningKey(seed), None if att is None else SigningKey(att))
 
     def key_ids(self) -> list[tuple[str, str]]:
         """(key_id, role) of every configured key."""
@@ -1549,7 +1731,7 @@ class Signer:
         if self.attestation is not None:
             receipt["attestations"] = [signature_of(self.attestation, message, self.ids[1])]
         signatures = {k: receipt[k] for k in ("signature", "attestations") if k in receipt}
-        return receipt, f"{canonical[:-1]},{canonical_json(signatures)[1:]}"  # the signed text, then them
+        return receipt, splice_signatures(canonical, signatures)
 
 
 def build_receipt(job: sqlite3.Row, provider: str, capabilities: Mapping[str, Any], result: Mapping[str, Any],
@@ -1616,6 +1798,308 @@ def verify_receipt(receipt: Mapping[str, Any], signing_keys: set[str],
     reason = next((r for r in reasons if r is not None), None)
     return {"valid": reason is None, "signature_valid": signature_valid, "attestations_valid": attestations_valid,
             "known_key": known, "reason": reason}
+
+
+# --- The receipt log: RFC 9162 Merkle tree hashes and proofs, C2SP signed-note checkpoints ---
+# A node (level, idx) is the complete subtree over leaves [idx * 2^level, (idx + 1) * 2^level); level 0
+# is a leaf. Every hash a proof needs is one such node or a right edge made of a few of them.
+
+EMPTY_ROOT = hashlib.sha256(b"").digest()  # RFC 9162 2.1.1: MTH({}) = SHA-256()
+
+
+def leaf_hash(leaf: bytes) -> bytes:
+    """RFC 9162 2.1.1: SHA-256(0x00 || leaf)."""
+    return hashlib.sha256(b"\x00" + leaf).digest()
+
+
+def node_hash(left: bytes, right: bytes) -> bytes:
+    """RFC 9162 2.1.1: SHA-256(0x01 || left || right)."""
+    return hashlib.sha256(b"\x01" + left + right).digest()
+
+
+def _split(size: int) -> int:
+    """k of RFC 9162 2.1.1: the largest power of two smaller than `size` (> 1)."""
+    return 1 << ((size - 1).bit_length() - 1)
+
+
+def subtrees(start: int, end: int) -> list[tuple[int, int]]:
+    """The complete subtrees (level, idx) that make up leaves [start, end), largest first. `start` must
+    be a multiple of the largest of them, as in every range RFC 9162's MTH splits off."""
+    parts = []
+    while start < end:
+        level = (end - start).bit_length() - 1
+        parts.append((level, start >> level))
+        start += 1 << level
+    return parts
+
+
+def range_hash(parts: Sequence[bytes]) -> bytes:
+    """MTH of a range of leaves from the hashes of its subtrees, largest first (see `subtrees`): each
+    is the left child of a node whose right child is the rest."""
+    digest = parts[-1]
+    for part in reversed(parts[:-1]):
+        digest = node_hash(part, digest)
+    return digest
+
+
+def inclusion_ranges(index: int, size: int) -> list[tuple[int, int]]:
+    """The leaf ranges whose MTHs are the audit path of leaf `index` in a tree of `size` leaves, in path
+    order, nearest the leaf first (RFC 9162 2.1.3.1 PATH(m, D[n]))."""
+    ranges, start, end = [], 0, size
+    while end - start > 1:
+        k = _split(end - start)
+        if index < start + k:
+            ranges.append((start + k, end))
+            end = start + k
+        else:
+            ranges.append((start, start + k))
+            start += k
+    return ranges[::-1]
+
+
+def consistency_ranges(first: int, second: int) -> list[tuple[int, int]]:
+    """The leaf ranges whose MTHs are the consistency proof from a tree of `first` leaves to one of
+    `second`, in proof order (RFC 9162 2.1.4.1 PROOF(m, D[n])); none when first is 0 or second."""
+    if not 0 < first < second:
+        return []
+    ranges, start, end, m, whole = [], 0, second, first, True  # whole: SUBPROOF's b
+    while m != end - start:
+        k = _split(end - start)
+        if m <= k:
+            ranges.append((start + k, end))
+            end = start + k
+        else:
+            ranges.append((start, start + k))
+            start, m, whole = start + k, m - k, False
+    if not whole:
+        ranges.append((start, end))
+    return ranges[::-1]
+
+
+def proof_nodes(ranges: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Every node the MTHs of `ranges` are made of (each once)."""
+    return list(dict.fromkeys(node for start, end in ranges for node in subtrees(start, end)))
+
+
+def proof_hashes(ranges: Sequence[tuple[int, int]], nodes: Mapping[tuple[int, int], bytes]) -> list[bytes]:
+    """The MTH of each range, from the stored hashes of `proof_nodes(ranges)`; raises LookupError for a
+    node not stored."""
+    return [range_hash([nodes[node] for node in subtrees(start, end)]) for start, end in ranges]
+
+
+def root_from_inclusion(index: int, size: int, leaf: bytes, path: Sequence[bytes]) -> bytes | None:
+    """The root an audit path leads to from a leaf hash (RFC 9162 2.1.3.2), or None when it cannot be the
+    path of leaf `index` in a tree of `size` leaves."""
+    if not 0 <= index < size:
+        return None
+    fn, sn, digest = index, size - 1, leaf
+    for sibling in path:
+        if sn == 0:
+            return None
+        if fn & 1 or fn == sn:
+            digest = node_hash(sibling, digest)
+            while fn and not fn & 1:
+                fn, sn = fn >> 1, sn >> 1
+        else:
+            digest = node_hash(digest, sibling)
+        fn, sn = fn >> 1, sn >> 1
+    return digest if sn == 0 else None
+
+
+def verify_consistency(first: int, second: int, first_root: bytes, second_root: bytes,
+                       path: Sequence[bytes]) -> bool:
+    """Whether `path` proves the tree of `first` leaves with `first_root` a prefix of the one of `second`
+    leaves with `second_root` (RFC 9162 2.1.4.2; equal sizes need equal roots and an empty path, and the
+    empty tree precedes every tree)."""
+    if first == second:
+        return not path and first_root == second_root
+    if first == 0:
+        return not path
+    if not 0 < first < second or not path:
+        return False
+    path = [first_root, *path] if first & (first - 1) == 0 else list(path)
+    fn, sn = first - 1, second - 1
+    while fn & 1:
+        fn, sn = fn >> 1, sn >> 1
+    fr = sr = path[0]
+    for c in path[1:]:
+        if sn == 0:
+            return False
+        if fn & 1 or fn == sn:
+            fr, sr = node_hash(c, fr), node_hash(c, sr)
+            while fn and not fn & 1:
+                fn, sn = fn >> 1, sn >> 1
+        else:
+            sr = node_hash(sr, c)
+        fn, sn = fn >> 1, sn >> 1
+    return fr == first_root and sr == second_root and sn == 0
+
+
+def frontier_append(frontier: list[bytes], size: int, leaf: bytes) -> list[tuple[int, int, bytes]]:
+    """Add a leaf hash to `frontier`, the hashes of the subtrees that make up a tree of `size` leaves
+    (largest first: what a monitor keeps to replay a log without holding it, and what an append needs
+    of the tree). Returns (level, idx, hash) of each subtree the leaf completes: O(log n) hashing."""
+    completed, digest, level = [], leaf, 0
+    while size >> level & 1:
+        digest = node_hash(frontier.pop(), digest)
+        level += 1
+        completed.append((level, size >> level, digest))
+    frontier.append(digest)
+    return completed
+
+
+def frontier_root(frontier: Sequence[bytes]) -> bytes:
+    return range_hash(frontier) if frontier else EMPTY_ROOT
+
+
+class LogEdge:
+    """The receipt log's right edge as this process last appended to it: the frontier of its first
+    `size` leaves, so that an append finds the siblings of the subtrees it completes without reading
+    them back. Each append checks `size` against the index it was given, so an append that was rolled
+    back (or one made elsewhere) costs one read of the frontier, never a wrong hash. Used on the loop's
+    thread only, by units of work."""
+
+    def __init__(self) -> None:
+        self.size, self.frontier = -1, []
+
+    def reset(self) -> None:
+        """Forget the edge (after an aborted batch)."""
+        self.size, self.frontier = -1, []
+
+
+def b64(data: bytes) -> str:
+    """Standard base64 with padding, as signed notes and checkpoints write hashes."""
+    return base64.b64encode(data).decode("ascii")
+
+
+def b64_decode(text: str) -> bytes:
+    """Raises ValueError (binascii.Error) for anything but standard base64."""
+    return base64.b64decode(text, validate=True)
+
+
+def default_origin(coordinator_id: str, public_key: bytes) -> str:
+    """An origin line no other coordinator's log shares: COORDINATOR_ID (as an origin may spell it),
+    /receipt-log/, and 16 hex chars of the log key's SHA-256."""
+    name = re.sub(r"[^!-*,-~]", "-", coordinator_id)[:200] or "aitbc-coordinator"
+    return f"{name}/receipt-log/{hashlib.sha256(public_key).hexdigest()[:16]}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Checkpoint:
+    """A signed tree head's body in the C2SP tlog-checkpoint format: origin, tree size and base64 root
+    hash lines, then extension lines (this log writes `timestamp <Unix ms>`), each ending in a newline."""
+
+    origin: str
+    tree_size: int
+    root_hash: bytes
+    extensions: tuple[str, ...] = ()
+
+    def body(self) -> str:
+        return "".join(f"{line}\n" for line in (self.origin, self.tree_size, b64(self.root_hash), *self.extensions))
+
+    @classmethod
+    def parse(cls, body: str) -> Checkpoint:
+        """Raises ValueError saying what is malformed."""
+        lines = body.split("\n")
+        if len(lines) < 4 or lines[-1] != "" or not all(lines[:-1]):
+            raise ValueError("a checkpoint is an origin, a size and a root hash line, each ending in a newline")
+        origin, size, root, *extensions = lines[:-1]
+        if not re.fullmatch(r"0|[1-9][0-9]{0,18}", size):
+            raise ValueError(f"tree size {size[:30]!r} is not a decimal number")
+        try:
+            root_hash = b64_decode(root)
+        except ValueError:
+            root_hash = b""
+        if len(root_hash) != 32:
+            raise ValueError("the root hash is not 32 bytes of base64")
+        return cls(origin, int(size), root_hash, tuple(extensions))
+
+
+NOTE_DASH = "\u2014"  # each signature line of a signed note starts with an em dash and a space
+SIGNATURE_LINE_RE = re.compile(NOTE_DASH + r" ([^\s+]+) ([A-Za-z0-9+/]+=*)")
+
+
+ED25519_NOTE_KEY = b"\x01"  # the signature type byte of an Ed25519 signed-note key
+
+
+def note_key_hash(name: str, public_key: bytes) -> bytes:
+    """C2SP signed-note key ID of an Ed25519 key: SHA-256(name || 0x0A || 0x01 || key)[:4]."""
+    return hashlib.sha256(name.encode() + b"\n" + ED25519_NOTE_KEY + public_key).digest()[:4]
+
+
+@dataclasses.dataclass(frozen=True)
+class NoteVerifier:
+    """An Ed25519 signed-note verifier key (C2SP signed-note): a key name and a public key."""
+
+    name: str
+    public_key: bytes
+
+    @property
+    def key_hash(self) -> bytes:
+        return note_key_hash(self.name, self.public_key)
+
+    def encode(self) -> str:
+        """The verifier key string: <name>+<key ID, 8 hex>+<base64(0x01 || key)>."""
+        return f"{self.name}+{self.key_hash.hex()}+{b64(ED25519_NOTE_KEY + self.public_key)}"
+
+    @classmethod
+    def parse(cls, text: str) -> NoteVerifier:
+        """From a verifier key string; raises ValueError."""
+        parts = text.strip().split("+", 2)  # a name has no "+"; base64 may
+        name, key_hash, key = parts if len(parts) == 3 else ("", "", "")
+        try:
+            raw = b64_decode(key)
+        except ValueError:
+            raw = b""
+        if not ORIGIN_RE.fullmatch(name) or len(raw) != 33 or raw[:1] != ED25519_NOTE_KEY:
+            raise ValueError("not an Ed25519 verifier key (<name>+<8 hex>+<base64 of 0x01 and the key>)")
+        verifier = cls(name, raw[1:])
+        if verifier.key_hash.hex() != key_hash.lower():
+            raise ValueError("the verifier key's ID does not match its name and key")
+        return verifier
+
+    def open(self, note: str) -> str:
+        """The text of a signed note that carries a valid signature by this key; raises ValueError
+        saying why not (malformed, unsigned by this key, or a signature that does not verify)."""
+        split = note.rfind("\n\n")
+        if split < 0 or not note.endswith("\n"):
+            raise ValueError("not a signed note (text, a blank line, signature lines)")
+        text, ours = note[:split + 1], []
+        for line in note[split + 2:-1].split("\n"):
+            match = SIGNATURE_LINE_RE.fullmatch(line)
+            try:
+                signature = b64_decode(match[2]) if match is not None else b""
+            except ValueError:
+                signature = b""
+            if len(signature) < 5:
+                raise ValueError(f"malformed signature line {line[:60]!r}")
+            if match[1] == self.name and signature[:4] == self.key_hash:
+                ours.append(signature[4:])
+        if not ours:
+            raise ValueError(f"not signed by the key {self.encode()}")
+        try:
+            VerifyKey(self.public_key).verify(text.encode(), ours[0])
+        except (CryptoError, ValueError):
+            raise ValueError(f"the signature by {self.name} does not verify (note altered or forged)") from None
+        return text
+
+
+@dataclasses.dataclass(frozen=True)
+class Notary:
+    """Signs checkpoints as C2SP signed notes with an Ed25519 key named after the log's origin."""
+
+    key: SigningKey
+    origin: str
+
+    @property
+    def verifier(self) -> NoteVerifier:
+        return NoteVerifier(self.origin, bytes(self.key.verify_key))
+
+    def sign(self, checkpoint: Checkpoint) -> str:
+        """The signed note of a checkpoint: its body, a blank line, one signature line."""
+        text = checkpoint.body()
+        signature = self.verifier.key_hash + self.key.sign(text.encode()).signature
+        return f"{text}\n{NOTE_DASH} {self.origin} {b64(signature)}\n"
 
 
 # --- Rate limits and the poll hub ---
@@ -1923,8 +2407,9 @@ def _refused(conn: sqlite3.Connection, miner_id: str, now: int, error: ApiError)
 
 
 def tx_result(conn: sqlite3.Connection, miner_id: str, job_id: str, result: dict[str, Any], metrics: dict[str, Any],
-              now: int, signer: Signer | None, coordinator_id: str) -> Outcome:
-    """Complete a RUNNING job held by `miner_id` and issue its receipt in the same transaction.
+              now: int, signer: Signer | None, coordinator_id: str, edge: LogEdge | None = None) -> Outcome:
+    """Complete a RUNNING job held by `miner_id` and issue its receipt in the same transaction, the
+    receipt appended to the receipt log.
 
     Returns the receipt as stored (JSON text; None without a signing key). A repeat of the same
     result returns the same receipt; any other report is a Conflict.
@@ -1947,8 +2432,36 @@ def tx_result(conn: sqlite3.Connection, miner_id: str, job_id: str, result: dict
         receipt, text = signer.seal(build_receipt(job, miner_id, capabilities, without_nulls(result, result_json),
                                                   without_nulls(metrics, metrics_json), now, coordinator_id))
         receipt_id, stored = receipt["receipt_id"], insert_receipt(conn, receipt, job["client_id"], now, text)
+        append_to_log(conn, edge or LogEdge(), receipt_id, stored.encode())
     add_miner_outcome(conn, miner_id, now, 1, 0, now - job["assigned_at"], receipt_id)
     return Outcome(stored, Wake(miners={miner_id}))
+
+
+def append_to_log(conn: sqlite3.Connection, edge: LogEdge, receipt_id: str, stored: bytes) -> int:
+    """Append a receipt (its bytes as stored and served) as the next leaf of the receipt log, with the
+    subtrees it completes: O(log n) hashing, two rows on average, no read while `edge` is current.
+    Returns its leaf index."""
+    digest = leaf_hash(stored)
+    index = insert_log_leaf(conn, receipt_id, digest)
+    if edge.size != index:  # first append here, or the edge went past an append rolled back
+        parts = subtrees(0, index)
+        nodes = get_log_nodes(conn, parts)
+        edge.frontier = [nodes[node] for node in parts]
+    edge.size = -1  # until the frontier below is whole again
+    if completed := frontier_append(edge.frontier, index, digest):
+        insert_log_nodes(conn, completed)
+    edge.size = index + 1
+    return index
+
+
+def backfill_receipt_log(conn: sqlite3.Connection) -> None:
+    """Upgrade step 3: every receipt issued before the log existed becomes a leaf, once, in issue order."""
+    edge = LogEdge()
+    for receipt_id, body in list_receipts_in_issue_order(conn):
+        append_to_log(conn, edge, receipt_id, body.encode())
+
+
+BACKFILLS[3] = backfill_receipt_log
 
 
 def tx_fail(conn: sqlite3.Connection, miner_id: str, job_id: str, error_text: str, metrics: str,
@@ -1989,6 +2502,52 @@ def tx_sweep(conn: sqlite3.Connection, now: int, is_silent: Callable[[str], bool
     wake.add_rows(lost)
     delete_idempotency_before(conn, idem_cutoff)
     return Outcome(len(lost), wake)
+
+
+CHECKPOINTS_KEPT_MS = 86_400_000  # every checkpoint is kept this long,
+CHECKPOINT_PERIOD_MS = 3_600_000  # then the last of each hour
+
+
+def log_root(conn: sqlite3.Connection, size: int) -> bytes:
+    """The root hash of the log's first `size` leaves: from at most log2(size) stored subtrees."""
+    parts = subtrees(0, size)
+    nodes = get_log_nodes(conn, parts)
+    return range_hash([nodes[node] for node in parts]) if parts else EMPTY_ROOT
+
+
+def log_has_grown(conn: sqlite3.Connection) -> bool:
+    """Whether the log has leaves no checkpoint covers, or no checkpoint at all (a read)."""
+    latest = get_latest_checkpoint(conn)
+    return latest is None or get_log_size(conn) > latest["tree_size"]
+
+
+def tx_open_log(conn: sqlite3.Connection, key_id: str, configured: str | None, default: str, now: int) -> Outcome:
+    """Record the key that signs checkpoints and settle the log's origin (the value): the configured
+    one, else the one the latest checkpoint carries (a rotated key keeps the log), else `default`."""
+    latest = get_latest_checkpoint(conn)
+    origin = configured or (latest["note"].split("\n", 1)[0] if latest is not None else default)
+    upsert_log_key(conn, key_id, origin, now)
+    return Outcome(origin)
+
+
+def tx_checkpoint(conn: sqlite3.Connection, notary: Notary, now: int, pruned_to: int) -> Outcome:
+    """Sign and store a checkpoint of the log as it stands, unless the latest one covers it already; then
+    keep, of the checkpoints older than a day and made since `pruned_to` (ms), the last of each hour.
+    The value is (tree size, what pruning reached) of a new checkpoint, or None."""
+    latest = get_latest_checkpoint(conn)
+    size = get_log_size(conn)
+    if latest is not None and size <= latest["tree_size"]:
+        if size < latest["tree_size"]:
+            log.error("the receipt log has %d leaves, fewer than its checkpoint of %d: no new checkpoint",
+                      size, latest["tree_size"])
+        return Outcome()
+    created = now if latest is None else max(now, latest["created_at"])  # never before the one it follows
+    root = log_root(conn, size)
+    insert_checkpoint(conn, size, root, created, notary.sign(Checkpoint(notary.origin, size, root,
+                                                                        (f"timestamp {created}",))))
+    cutoff = created - CHECKPOINTS_KEPT_MS
+    prune_checkpoints(conn, pruned_to - pruned_to % CHECKPOINT_PERIOD_MS, cutoff, CHECKPOINT_PERIOD_MS)
+    return Outcome((size, cutoff))
 
 
 def tx_create_offer(conn: sqlite3.Connection, provider: str, capacity: int, price: float, sla: str, status: str,
@@ -2036,7 +2595,11 @@ class Coordinator:
         self.matcher = Matcher()
         self.limiter = RateLimiter(settings.rate_limit_requests, settings.rate_limit_window_seconds)
         self.signer = Signer.from_settings(settings)
-        self.db.abort_hooks.append(self.matcher.reset)
+        self.notary: Notary | None = None  # signs the receipt log's checkpoints, once start() has one
+        self.checkpoint_due = -math.inf  # monotonic time when the log may have its next checkpoint
+        self.pruned_to = 0  # how far (wall-clock ms) old checkpoints have been thinned to one an hour
+        self.log_edge = LogEdge()
+        self.db.abort_hooks += [self.matcher.reset, self.log_edge.reset]
         self._sweeper: asyncio.Task[None] | None = None
 
     def now(self) -> int:
@@ -2051,14 +2614,54 @@ class Coordinator:
         for role in self.settings.dev_key_roles:
             log.warning("no %s keys configured: accepting the development key (APP_ENV=dev only)", role)
         await self.db.start()
+        s = self.settings
+        if self.signer is None and s.app_env == "dev" and s.dev_signing_key:
+            seed, path, made = load_dev_seed(s.db_path)
+            self.signer = Signer.from_settings(s, seed)
+            log.warning("no RECEIPT_SIGNING_KEY_HEX/_FILE: receipts are signed with a development key %s %s "
+                        "(APP_ENV=dev only; it proves nothing to anyone else)",
+                        "made now in" if made else "kept in", path or "memory")
         if self.signer is not None:
             await self.db.write(add_signing_keys, self.signer.key_ids(), self.now())
             for key_id, role in self.signer.key_ids():
                 log.info("receipt %s key %s", role, key_id)
         else:
             log.warning("no RECEIPT_SIGNING_KEY_HEX/_FILE: completed jobs get no receipts")
+        await self.open_log()
         if self.settings.sweep_interval_seconds > 0:
             self._sweeper = asyncio.create_task(self._sweep_forever())
+
+    async def open_log(self) -> None:
+        """Settle the receipt log's key and origin, and publish a checkpoint if it has none of its size."""
+        s = self.settings
+        seed = s.log_seed or (self.signer.signing.encode() if self.signer is not None else None)
+        if seed is None:
+            return
+        key = SigningKey(seed)
+        origin = await self.apply(tx_open_log, key_id_of(key), s.log_origin,
+                                  default_origin(s.coordinator_id, bytes(key.verify_key)), self.now())
+        self.notary = Notary(key, origin)
+        log.info("receipt log %s: checkpoints signed by %s", origin, self.notary.verifier.encode())
+        await self.checkpoint()
+
+    async def checkpoint(self) -> bool:
+        """Publish a checkpoint of the receipt log if it has grown since the last one and that is at least
+        RECEIPT_LOG_CHECKPOINT_SECONDS old (monotonic clock); whether one was made."""
+        if self.notary is None or self.monotonic() < self.checkpoint_due:
+            return False
+        if not await self.db.read(log_has_grown):
+            return False  # the common case when idle: a read, no write
+        made = await self.apply(tx_checkpoint, self.notary, self.now(), self.pruned_to)
+        if made is None:
+            return False
+        self.pruned_to = made[1]
+        self.checkpoint_due = self.monotonic() + self.settings.log_checkpoint_seconds
+        return True
+
+    def checkpoint_retry_after(self) -> int:
+        """Seconds until a receipt logged now is under a checkpoint (at least 1): for 425's Retry-After."""
+        wait = self.checkpoint_due - self.monotonic() + self.settings.sweep_interval_seconds
+        return max(1, math.ceil(wait))
 
     async def stop(self) -> None:
         self.hub.close()
@@ -2119,12 +2722,14 @@ class Coordinator:
         self.reported.pop(miner_id, None)
 
     async def _sweep_forever(self) -> None:
+        """The background tick: expiry and lost-miner recovery, then the receipt log's checkpoint."""
         while True:
             await asyncio.sleep(self.settings.sweep_interval_seconds)
-            try:
-                await self.sweep()
-            except Exception:  # keep sweeping; the next pass retries
-                log.exception("sweep failed")
+            for duty in (self.sweep, self.checkpoint):
+                try:
+                    await duty()
+                except Exception:  # keep ticking; the next pass retries
+                    log.exception("%s failed", duty.__name__)
 
     async def poll(self, miner_id: str, max_wait: float) -> tuple[sqlite3.Row | None, bool]:
         """Assign a job now, or wait up to `max_wait` seconds for one: (job or None, whether it waited)."""
@@ -2242,6 +2847,29 @@ class ReceiptListQuery(Model):
 
 class ReceiptVerify(Model):
     receipt: dict[str, Any]
+
+
+class CheckpointListQuery(ReceiptListQuery):
+    """A page of the receipt log's checkpoints, newest first."""
+
+
+LOG_INDEX = Field(ge=0, le=2**62)  # leaf counts and indexes fit a signed 64-bit column
+
+
+class InclusionQuery(Model):
+    receipt_id: Text = Field(min_length=1, max_length=128)
+    tree_size: Annotated[int, LOG_INDEX] | None = Field(None, description="default: the latest checkpoint's")
+
+
+class ConsistencyQuery(Model):
+    first: Annotated[int, LOG_INDEX] = Field(description="the smaller tree size (a checkpoint the client holds)")
+    second: Annotated[int, LOG_INDEX] = Field(description="the larger tree size")
+
+
+class EntriesQuery(Model):
+    start: Annotated[int, LOG_INDEX] = Field(description="index of the first leaf")
+    end: Annotated[int, LOG_INDEX] | None = Field(None, description="index of the last leaf (inclusive, as RFC 9162's "
+                                                  "get-entries); fewer may come back")
 
 
 OFFER_STATUSES = ("open", "reserved", "closed")
@@ -2481,12 +3109,22 @@ class KeyInfo(Out):
     alg: str
     role: str
     status: str
+    origin: str | None = Field(None, description="role log: the origin of the checkpoints it signs")
+    verifier_key: str | None = Field(None, description="role log: its C2SP signed-note verifier key")
 
 
 def key_info_view(row: sqlite3.Row, active: set[tuple[str, str]]) -> dict[str, Any]:
     """A signing_keys row; `active` holds the (key_id, role) pairs this server signs with now."""
     return {"key_id": row["key_id"], "alg": "Ed25519", "role": row["role"],
             "status": "active" if (row["key_id"], row["role"]) in active else "retired"}
+
+
+def log_key_info_view(row: sqlite3.Row, active: str | None) -> dict[str, Any]:
+    """A log_keys row; `active` is the key_id that signs checkpoints now."""
+    verifier = NoteVerifier(row["origin"], b64url_decode(row["key_id"]))
+    return {"key_id": row["key_id"], "alg": "Ed25519", "role": "log",
+            "status": "active" if row["key_id"] == active else "retired", "origin": row["origin"],
+            "verifier_key": verifier.encode()}
 
 
 class KeyList(Out):
@@ -2826,20 +3464,158 @@ class ExplorerReceipt(Out):
     issuedAt: str
     status: str
     payload: Receipt
+    logIndex: int | None = Field(description="the receipt's leaf index in the receipt log")
 
 
 def explorer_receipt_view(row: sqlite3.Row) -> dict[str, Any]:
-    """A list_receipts row (issued_at, attested, body)."""
+    """A list_receipts row (issued_at, attested, body); logIndex is filled in by read_explorer_receipts."""
     receipt = load_json(row["body"])
     return {"jobId": receipt["job_id"], "receiptId": receipt["receipt_id"], "miner": receipt["provider"],
             "coordinator": receipt["coordinator_id"], "issuedAt": iso(row["issued_at"]),
-            "status": "Attested" if row["attested"] else "Signed", "payload": receipt}
+            "status": "Attested" if row["attested"] else "Signed", "payload": receipt, "logIndex": None}
+
+
+def read_explorer_receipts(conn: sqlite3.Connection, job_id: str | None, limit: int, offset: int) -> list[dict[str, Any]]:
+    """A page of explorer receipt items, each with its leaf index."""
+    items = [explorer_receipt_view(r) for r in list_receipts(conn, job_id, limit, offset)]
+    indexes = get_log_indexes(conn, [item["receiptId"] for item in items])
+    for item in items:
+        item["logIndex"] = indexes.get(item["receiptId"])
+    return items
 
 
 class ExplorerReceiptPage(Out):
     jobId: str
     items: list[ExplorerReceipt]
     next_offset: int | None
+
+
+# --- The receipt log ---
+
+LOG_ENTRIES_MAX = 100  # leaves per entries page,
+LOG_ENTRIES_MAX_BYTES = 4 << 20  # and about this many bytes of receipts (fewer leaves when they are big)
+
+
+class LogCheckpoint(Out):
+    origin: str
+    tree_size: int
+    root_hash: str = Field(description="base64, as in the note")
+    timestamp: str
+    note: str = Field(description="the signed note (C2SP tlog-checkpoint), exactly as signed")
+
+
+def checkpoint_view(row: sqlite3.Row) -> dict[str, Any]:
+    """A log_checkpoints row."""
+    return {"origin": row["note"].split("\n", 1)[0], "tree_size": row["tree_size"], "root_hash": b64(row["root_hash"]),
+            "timestamp": iso(row["created_at"]), "note": row["note"]}
+
+
+class LogCheckpointPage(Out):
+    items: list[LogCheckpoint]
+    next_cursor: str | None
+
+
+def checkpoint_page(rows: Sequence[sqlite3.Row], limit: int) -> dict[str, Any]:
+    """A page from up to `limit` + 1 rows (the extra one says there is more); the cursor names the list
+    and the last tree size."""
+    more = len(rows) > limit
+    return {"items": [checkpoint_view(r) for r in rows[:limit]],
+            "next_cursor": make_cursor("checkpoints", rows[limit - 1]["tree_size"]) if more else None}
+
+
+def _published_size(conn: sqlite3.Connection) -> tuple[sqlite3.Row | None, int]:
+    """The latest checkpoint and its tree size (0 without one)."""
+    latest = get_latest_checkpoint(conn)
+    return latest, latest["tree_size"] if latest is not None else 0
+
+
+def _proof(conn: sqlite3.Connection, ranges: Sequence[tuple[int, int]]) -> list[str]:
+    """The MTHs of `ranges` (base64), from one read of the nodes they are made of. Raises InternalError
+    when the log lacks one (rows deleted behind its back: never by the coordinator)."""
+    try:
+        return [b64(h) for h in proof_hashes(ranges, get_log_nodes(conn, proof_nodes(ranges)))]
+    except LookupError as exc:
+        log.error("the receipt log lacks node %s (level, idx): rows were deleted", exc)
+        raise InternalError(f"the receipt log is damaged: node {exc} is missing") from None
+
+
+class InclusionProof(Out):
+    receipt_id: str
+    leaf_index: int
+    tree_size: int
+    leaf_hash: str = Field(description="base64 of SHA-256(0x00 || the receipt's bytes as served)")
+    audit_path: list[str] = Field(description="base64 hashes, nearest the leaf first (RFC 9162 2.1.3)")
+    checkpoint: LogCheckpoint | None = Field(description="the checkpoint of tree_size, when one is kept")
+
+
+def read_inclusion_proof(conn: sqlite3.Connection, receipt_id: str, tree_size: int | None,
+                         retry_after: int) -> dict[str, Any]:
+    """A receipt's leaf index and audit path in the tree of `tree_size` leaves (default: the latest
+    checkpoint's), from O(log n) rows. Raises NotFound (no such leaf, or no checkpoint of `tree_size` or
+    more), NotReady with Retry-After (not under a checkpoint yet) or Invalid (the leaf is not in a tree
+    of `tree_size`)."""
+    leaf = get_log_leaf(conn, receipt_id)
+    if leaf is None:
+        raise NotFound("receipt not in the log")
+    latest, published = _published_size(conn)
+    index, size = leaf["leaf_index"], published if tree_size is None else tree_size
+    if tree_size is not None and index >= tree_size:
+        raise Invalid.one(["query", "tree_size"], f"the receipt is leaf {index}: not in a tree of {tree_size}",
+                          tree_size)
+    if size > published:
+        raise NotFound(f"no checkpoint of {size} leaves or more")
+    if index >= size:
+        raise NotReady("receipt not yet under a checkpoint", headers={"Retry-After": str(retry_after)})
+    checkpoint = latest if size == published else get_checkpoint(conn, size)
+    return {"receipt_id": receipt_id, "leaf_index": index, "tree_size": size, "leaf_hash": b64(leaf["leaf_hash"]),
+            "audit_path": _proof(conn, inclusion_ranges(index, size)),
+            "checkpoint": None if checkpoint is None else checkpoint_view(checkpoint)}
+
+
+class ConsistencyProof(Out):
+    first: int
+    second: int
+    consistency_path: list[str] = Field(description="base64 hashes (RFC 9162 2.1.4); empty when first is 0 or second")
+
+
+def read_consistency_proof(conn: sqlite3.Connection, first: int, second: int) -> dict[str, Any]:
+    """The consistency proof between two tree sizes, from O(log n) rows. Raises Invalid (first > second)
+    or NotFound (second is past the latest checkpoint)."""
+    if first > second:
+        raise Invalid.one(["query", "first"], "must not be larger than second", first)
+    if second > _published_size(conn)[1]:
+        raise NotFound(f"no checkpoint of {second} leaves or more")
+    return {"first": first, "second": second, "consistency_path": _proof(conn, consistency_ranges(first, second))}
+
+
+class LogEntry(Out):
+    leaf_index: int
+    leaf_hash: str = Field(description="base64 of SHA-256(0x00 || leaf)")
+    leaf: str | None = Field(description="base64 of the receipt's bytes as stored and served; null once pruned")
+
+
+class LogEntries(Out):
+    items: list[LogEntry]
+
+
+def read_log_entries(conn: sqlite3.Connection, start: int, end: int | None) -> dict[str, Any]:
+    """Leaves start..end (inclusive), at most LOG_ENTRIES_MAX and about LOG_ENTRIES_MAX_BYTES of them; none
+    past the last. Raises Invalid when end < start."""
+    if end is not None and end < start:
+        raise Invalid.one(["query", "end"], "must not be smaller than start", end)
+    last = start + LOG_ENTRIES_MAX - 1 if end is None else min(end, start + LOG_ENTRIES_MAX - 1)
+    items, size = [], 0
+    rows = list_log_entries(conn, start, last)
+    try:
+        for index, digest, body in rows:
+            items.append({"leaf_index": index, "leaf_hash": b64(digest),
+                          "leaf": None if body is None else b64(body.encode())})
+            size += len(body or "")
+            if size >= LOG_ENTRIES_MAX_BYTES:
+                break
+    finally:
+        rows.close()
+    return {"items": items}
 
 
 # === Request parsing ===
@@ -3109,14 +3885,22 @@ async def delete_job(call: Call) -> Response:
     return await cancel_job(call)
 
 
+LOG_INDEX_HEADER = "Receipt-Log-Index"
+
+
 @endpoint("GET", "/v1/jobs/{job_id}/receipt", role="client", responses={200: Receipt, **_errors(401, 404)})
 async def get_job_receipt(call: Call) -> Response:
-    """The job's latest signed receipt."""
+    """The job's latest signed receipt, its leaf index in the receipt log in a Receipt-Log-Index header."""
     row = await _client_job(call)
-    receipt = await call.coord.db.read(get_latest_receipt, row["job_id"])
+
+    def read(conn: sqlite3.Connection) -> tuple[str | None, int | None]:
+        return get_latest_receipt(conn, row["job_id"]), get_latest_receipt_log_index(conn, row["job_id"])
+
+    receipt, index = await call.coord.db.read(read)
     if receipt is None:
         raise NotFound("receipt not available")
-    return Response(receipt.encode(), media_type="application/json")
+    headers = {} if index is None else {LOG_INDEX_HEADER: str(index), "Access-Control-Expose-Headers": LOG_INDEX_HEADER}
+    return Response(receipt.encode(), headers=headers, media_type="application/json")
 
 
 @endpoint("GET", "/v1/jobs/{job_id}/receipts", role="client", query=ReceiptListQuery,
@@ -3135,10 +3919,17 @@ async def list_job_receipts(call: Call) -> Response:
 
 @endpoint("GET", "/v1/receipts/keys", responses={200: KeyList})
 async def receipt_keys(call: Call) -> Response:
-    """Every public key this coordinator has signed receipts with, current and retired."""
-    rows = await call.coord.db.read(list_signing_keys)
-    active = set(call.coord.signer.key_ids()) if call.coord.signer else set()
-    return json_response({"items": [key_info_view(r, active) for r in rows]})
+    """Every public key this coordinator has signed receipts or receipt-log checkpoints with, current and retired."""
+    coord = call.coord
+
+    def read(conn: sqlite3.Connection) -> tuple[list[sqlite3.Row], list[sqlite3.Row]]:
+        return list_signing_keys(conn), list_log_keys(conn)
+
+    rows, log_rows = await coord.db.read(read)
+    active = set(coord.signer.key_ids()) if coord.signer else set()
+    active_log = key_id_of(coord.notary.key) if coord.notary else None
+    return json_response({"items": [key_info_view(r, active) for r in rows]
+                          + [log_key_info_view(r, active_log) for r in log_rows]})
 
 
 @endpoint("POST", "/v1/receipts/verify", body=ReceiptVerify, responses={200: VerifyResult, **_errors(413, 422)})
@@ -3196,7 +3987,8 @@ async def miner_result(call: Call) -> Response:
     """Complete a job the caller holds."""
     b, coord = call.body, call.coord
     receipt = await coord.apply(tx_result, call.caller.identity, call.path("job_id"),  # type: ignore[union-attr]
-                                b.result, b.metrics, coord.now(), coord.signer, coord.settings.coordinator_id)
+                                b.result, b.metrics, coord.now(), coord.signer, coord.settings.coordinator_id,
+                                coord.log_edge)
     return result_accepted_response(receipt)
 
 
@@ -3337,9 +4129,56 @@ async def explorer_receipts(call: Call) -> Response:
     """Receipts newest first, of every job or of `job_id`."""
     q = call.query
     job_id = q.job_id or None  # ?job_id= (empty) is every job's, as the answer says
-    rows = await call.coord.db.read(list_receipts, job_id, q.limit, q.offset)
-    items = [explorer_receipt_view(r) for r in rows]
+    items = await call.coord.db.read(read_explorer_receipts, job_id, q.limit, q.offset)
     return json_response({"jobId": job_id or "all", **page(items, q.limit, q.offset)})
+
+
+# The receipt log (public, read-only): each answer costs O(log n) rows, entries one per leaf.
+
+@endpoint("GET", "/v1/log/checkpoint", responses={200: LogCheckpoint, 404: Detail})
+async def log_checkpoint(call: Call) -> Response:
+    """The receipt log's latest signed checkpoint (C2SP tlog-checkpoint note)."""
+    row = await call.coord.db.read(get_latest_checkpoint)
+    if row is None:
+        raise NotFound("the receipt log has no checkpoint (no signing key)")
+    return json_response(checkpoint_view(row))
+
+
+@endpoint("GET", "/v1/log/checkpoints", query=CheckpointListQuery, responses={200: LogCheckpointPage, 422: ValidationDetail})
+async def log_checkpoints(call: Call) -> Response:
+    """Checkpoints newest first: every one of the last day, then one an hour."""
+    q, below = call.query, None
+    if q.cursor is not None:
+        name, below = read_cursor(q.cursor, str, int)
+        if name != "checkpoints":
+            raise Invalid.one(["query", "cursor"], "not a cursor this server issued for this list", q.cursor)
+    rows = await call.coord.db.read(list_checkpoints, below, q.limit + 1)
+    return json_response(checkpoint_page(rows, q.limit))
+
+
+@endpoint("GET", "/v1/log/proof/inclusion", query=InclusionQuery,
+          responses={200: InclusionProof, 404: Detail, 422: ValidationDetail, 425: Detail})
+async def log_inclusion_proof(call: Call) -> Response:
+    """A receipt's leaf index and audit path under a checkpoint; 425 until one covers it."""
+    q, coord = call.query, call.coord
+    return json_response(await coord.db.read(read_inclusion_proof, q.receipt_id, q.tree_size,
+                                             coord.checkpoint_retry_after()))
+
+
+@endpoint("GET", "/v1/log/proof/consistency", query=ConsistencyQuery,
+          responses={200: ConsistencyProof, 404: Detail, 422: ValidationDetail})
+async def log_consistency_proof(call: Call) -> Response:
+    """Proof that the tree of `first` leaves is a prefix of the tree of `second` (both at most the latest
+    checkpoint's size)."""
+    q = call.query
+    return json_response(await call.coord.db.read(read_consistency_proof, q.first, q.second))
+
+
+@endpoint("GET", "/v1/log/entries", query=EntriesQuery, responses={200: LogEntries, 422: ValidationDetail})
+async def log_entries(call: Call) -> Response:
+    """Leaves start..end, so a monitor can replay the tree (a pruned receipt's leaf comes as its hash)."""
+    q = call.query
+    return json_response(await call.coord.db.read(read_log_entries, q.start, q.end))
 
 
 # === OpenAPI ===
@@ -3371,8 +4210,9 @@ def openapi_document(settings: Settings, root_path: str = "") -> dict[str, Any]:
         op["parameters"] += [{"name": n, "in": "path", "required": True, "schema": {"type": "string"}}
                              for n in re.findall(r"{(\w+)}", ep.path)]
         if ep.query is not None:
-            props = schemas[ep.query.__name__]["properties"]
-            op["parameters"] += [{"name": n, "in": "query", "required": False, "schema": s} for n, s in props.items()]
+            props, required = schemas[ep.query.__name__]["properties"], schemas[ep.query.__name__].get("required", [])
+            op["parameters"] += [{"name": n, "in": "query", "required": n in required, "schema": s}
+                                 for n, s in props.items()]
         if ep.body is not None:
             op["requestBody"] = {"required": not ep.optional_body,
                                  "content": {"application/json": {"schema": refs[(ep.body, "validation")]}}}
@@ -4339,22 +5179,286 @@ def keygen(out: str | None, force: bool) -> None:
     click.echo(f"key_id: {key_id_of(key)}")
 
 
+# The receipt log from a client's side (`verify --log`, `audit`): everything fetched is checked here,
+# nothing the log says is taken on trust but the key pinned for it.
+
+class LogFault(Exception):
+    """The log failed a check (bad signature, fork, shrunk tree, entries that do not make its root, a
+    receipt it does not hold): exit status 1."""
+
+
+class LogUnreachable(Exception):
+    """The log could not be checked (unreachable, an unexpected answer, nothing to check yet): exit status 2."""
+
+
+class LogClient:
+    """The public /v1/log routes of the coordinator at `base` (its URL), over HTTP."""
+
+    def __init__(self, base: str) -> None:
+        self.base = base.rstrip("/")
+
+    def get(self, path: str, ok: Sequence[int] = (200,), **params: Any) -> tuple[int, Any]:
+        """(status, JSON) of a GET; raises LogUnreachable unless the status is one of `ok`."""
+        query = urllib.parse.urlencode({k: v for k, v in params.items() if v is not None})
+        request = urllib.request.Request(f"{self.base}{path}{'?' + query if query else ''}",
+                                         headers={"Accept": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                status, raw = response.status, response.read()
+        except urllib.error.HTTPError as exc:
+            status, raw = exc.code, exc.read()
+        except (urllib.error.URLError, OSError) as exc:
+            raise LogUnreachable(f"cannot reach {self.base}: {getattr(exc, 'reason', exc)}") from None
+        try:
+            data = json.loads(raw) if raw else None
+        except ValueError:
+            data = None
+        if status not in ok:
+            detail = data.get("detail") if isinstance(data, dict) else raw[:100].decode(errors="replace")
+            raise LogUnreachable(f"GET {path}: {status} {detail}")
+        return status, data
+
+    def checkpoint(self) -> str:
+        """The latest checkpoint's signed note."""
+        _, data = self.get("/v1/log/checkpoint")
+        return _field(data, "note", str)
+
+    def log_keys(self) -> list[dict[str, Any]]:
+        """The log keys GET /v1/receipts/keys lists."""
+        _, data = self.get("/v1/receipts/keys")
+        return [k for k in _field(data, "items", list) if isinstance(k, dict) and k.get("role") == "log"]
+
+    def consistency(self, first: int, second: int) -> list[bytes]:
+        _, data = self.get("/v1/log/proof/consistency", first=first, second=second)
+        return _hashes(_field(data, "consistency_path", list))
+
+    def entries(self, start: int, end: int) -> Iterable[tuple[int, bytes | None, bytes]]:
+        """(index, leaf bytes or None once pruned, leaf hash) of leaves start..end; raises LogFault when
+        they stop short or come out of order."""
+        while start <= end:
+            _, data = self.get("/v1/log/entries", start=start, end=end)
+            items = _field(data, "items", list)
+            if not items:
+                raise LogFault(f"the log serves no entry {start}, yet its checkpoint has {end + 1} leaves")
+            for item in items:
+                if not isinstance(item, dict) or item.get("leaf_index") != start:
+                    raise LogFault(f"the log served entries out of order where {start} was due")
+                leaf = item.get("leaf")
+                try:
+                    yield start, None if leaf is None else b64_decode(leaf), _hashes([item.get("leaf_hash")])[0]
+                except (TypeError, ValueError):
+                    raise LogFault(f"entry {start} is not base64") from None
+                start += 1
+
+
+def _field(data: Any, name: str, kind: type) -> Any:
+    if not isinstance(data, dict) or not isinstance(data.get(name), kind):
+        raise LogUnreachable(f"the log answered without a {name}")
+    return data[name]
+
+
+def _hashes(items: Sequence[Any]) -> list[bytes]:
+    """32-byte hashes from base64 strings; raises LogFault for anything else."""
+    try:
+        hashes = [b64_decode(item) for item in items]
+    except (TypeError, ValueError):
+        hashes = []
+    if len(hashes) != len(items) or any(len(h) != 32 for h in hashes):
+        raise LogFault("the log sent a hash that is not 32 bytes of base64")
+    return hashes
+
+
+def trusted_key(text: str, origin: str) -> NoteVerifier:
+    """A log key given by an operator: a verifier key string, or a key_id (base64url public key, as
+    GET /v1/receipts/keys lists it) named after `origin`. Raises click.BadParameter."""
+    try:
+        if re.fullmatch(r"[A-Za-z0-9_-]{43}", text):
+            return NoteVerifier(origin, b64url_decode(text))
+        return NoteVerifier.parse(text)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--key") from None
+
+
+def listed_key(client: LogClient, origin: str) -> NoteVerifier:
+    """The active log key the log itself lists for `origin` (trust on first use)."""
+    for key in client.log_keys():
+        if key.get("status") == "active" and key.get("origin") == origin and isinstance(key.get("verifier_key"), str):
+            with contextlib.suppress(ValueError):
+                return NoteVerifier.parse(key["verifier_key"])
+    raise LogUnreachable(f"the log lists no active key for {origin}; pass --key")
+
+
+def open_checkpoint(note: str, verifier: NoteVerifier) -> Checkpoint:
+    """The checkpoint in a note signed by `verifier`; raises LogFault (bad signature, malformed)."""
+    try:
+        return Checkpoint.parse(verifier.open(note))
+    except ValueError as exc:
+        raise LogFault(f"bad checkpoint: {exc}") from None
+
+
+def read_state(path: str) -> dict[str, Any] | None:
+    """An audit state file (None when there is none yet); raises click.ClickException when unreadable."""
+    try:
+        state = json.loads(Path(path).read_text(encoding="utf-8"))
+        NoteVerifier.parse(state["verifier_key"])
+        Checkpoint.parse(state["checkpoint"].rsplit("\n\n", 1)[0] + "\n")
+        if not isinstance(state["frontier"], list):
+            raise TypeError("frontier")
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise click.ClickException(f"{path} is not an audit state file ({exc})") from None
+    return state
+
+
+def write_state(path: str, state: Mapping[str, Any]) -> None:
+    """Replace the state file at once (a crash leaves the old one or the new one, never half of one)."""
+    target = Path(path)
+    fd, partial = tempfile.mkstemp(dir=target.resolve().parent, prefix=target.name + ".")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(state, f, indent=1)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(partial, target)
+
+
+def saved_checkpoint(state: Mapping[str, Any]) -> Checkpoint:
+    """The checkpoint an audit saved (checked when it was saved), as it stands in the file."""
+    return Checkpoint.parse(state["checkpoint"].rsplit("\n\n", 1)[0] + "\n")
+
+
+def check_consistent(client: LogClient, old: Checkpoint, new: Checkpoint, what: str) -> None:
+    """Raises LogFault unless `new` extends `old` (same origin, not smaller, a consistency proof)."""
+    if new.origin != old.origin:
+        raise LogFault(f"{what}: origin {new.origin} is not {old.origin}")
+    if new.tree_size < old.tree_size:
+        raise LogFault(f"{what}: the tree shrank from {old.tree_size} to {new.tree_size} leaves")
+    path = [] if new.tree_size == old.tree_size else client.consistency(old.tree_size, new.tree_size)
+    if not verify_consistency(old.tree_size, new.tree_size, old.root_hash, new.root_hash, path):
+        raise LogFault(f"{what}: fork: the tree of {new.tree_size} leaves does not extend the one of "
+                       f"{old.tree_size} (root {b64(old.root_hash)})")
+
+
+def replay(client: LogClient, frontier: list[bytes], start: int, checkpoint: Checkpoint,
+           saved: Checkpoint | None = None) -> int:
+    """Extend `frontier` (the subtrees of the first `start` leaves) with the log's entries up to the
+    checkpoint's size, checking each receipt against its leaf hash, the root against the checkpoint's
+    and, passing `saved`'s size, against its root. Returns the entries replayed; raises LogFault."""
+    size = start
+    for index, leaf, digest in client.entries(start, checkpoint.tree_size - 1):
+        if leaf is not None and leaf_hash(leaf) != digest:
+            raise LogFault(f"entry {index}: its receipt does not hash to its leaf hash (rewritten)")
+        frontier_append(frontier, size, digest)
+        size += 1
+        if saved is not None and size == saved.tree_size and frontier_root(frontier) != saved.root_hash:
+            raise LogFault(f"the log's first {size} entries do not make the saved checkpoint's root (history rewritten)")
+    if frontier_root(frontier) != checkpoint.root_hash:
+        raise LogFault(f"the log's {size} entries do not make the root of its checkpoint")
+    return size - start
+
+
+def audit_log(client: LogClient, state: dict[str, Any] | None, key: str | None, full: bool) -> tuple[dict[str, Any], str]:
+    """One audit (see `aitbc-coord audit`): the new state and a summary line; raises LogFault or
+    LogUnreachable."""
+    note = client.checkpoint()
+    origin = note.split("\n", 1)[0]
+    pinned = NoteVerifier.parse(state["verifier_key"]) if state else None
+    verifier = trusted_key(key, origin) if key else pinned or listed_key(client, origin)
+    try:
+        checkpoint = open_checkpoint(note, verifier)
+    except LogFault as exc:
+        hint = "; if the log's key was rotated on purpose, pass its new key with --key" if pinned and not key else ""
+        raise LogFault(f"{exc}{hint}") from None
+    saved = saved_checkpoint(state) if state else None
+    if saved is not None:
+        check_consistent(client, saved, checkpoint, "the latest checkpoint")
+    if full or saved is None:
+        frontier, start = [], 0
+    else:
+        frontier, start = _hashes(state["frontier"]), saved.tree_size
+        if frontier_root(frontier) != saved.root_hash:
+            raise click.ClickException("the state file's frontier does not make its checkpoint's root")
+    replayed = replay(client, frontier, start, checkpoint, saved if full else None)
+    new_state = {"log": client.base, "verifier_key": verifier.encode(), "checkpoint": note,
+                 "frontier": [b64(h) for h in frontier]}
+    grew = f"{checkpoint.tree_size - saved.tree_size} new since the saved checkpoint, consistent" if saved else \
+        f"first audit, key {'given' if key else 'pinned from the log'}"
+    summary = (f"ok: {checkpoint.origin}: {checkpoint.tree_size} leaves ({grew}); {replayed} entries replayed "
+               f"and their root matches the checkpoint")
+    return new_state, summary
+
+
+def compare_audits(client: LogClient, mine: Mapping[str, Any], other: Mapping[str, Any]) -> str:
+    """Check two auditors' saved checkpoints against each other: each signed by its auditor's pinned
+    key, and the smaller extended by the larger. Raises LogFault (a split view) or LogUnreachable."""
+    a, b = (open_checkpoint(s["checkpoint"], NoteVerifier.parse(s["verifier_key"])) for s in (mine, other))
+    small, big = sorted((a, b), key=lambda c: c.tree_size)
+    check_consistent(client, small, big, "split view")
+    return f"ok: the two saved checkpoints ({a.tree_size} and {b.tree_size} leaves of {a.origin}) are consistent"
+
+
+def log_inclusion(client: LogClient, receipt: Mapping[str, Any], raw: bytes, key: str | None,
+                  state: Mapping[str, Any] | None) -> str:
+    """Check that the log holds `receipt` (as `raw`, the bytes of its file, or as the coordinator
+    stores it) under a checkpoint signed by the trusted key, and, with an audit `state`, in the audited
+    tree or one consistent with it. A summary; raises LogFault or LogUnreachable."""
+    receipt_id = receipt.get("receipt_id")
+    status, proof = client.get("/v1/log/proof/inclusion", ok=(200, 404, 425), receipt_id=receipt_id)
+    if status == 404:
+        raise LogFault(f"receipt {receipt_id} is not in the log")
+    if status == 425:
+        raise LogUnreachable("the receipt is not under a checkpoint yet; try again in a second or two")
+    index, note = _field(proof, "leaf_index", int), _field(_field(proof, "checkpoint", dict), "note", str)
+    origin = note.split("\n", 1)[0]
+    saved = saved_checkpoint(state) if state else None
+    if saved is not None and index < saved.tree_size:  # the audited tree itself: no signature to trust
+        _, proof = client.get("/v1/log/proof/inclusion", receipt_id=receipt_id, tree_size=saved.tree_size)
+        checkpoint, how = saved, "the audited checkpoint"
+    else:
+        verifier = trusted_key(key, origin) if key else NoteVerifier.parse(state["verifier_key"]) if state \
+            else listed_key(client, origin)
+        checkpoint = open_checkpoint(note, verifier)
+        how = f"a checkpoint signed by {verifier.encode()}" + ("" if key or state else " (key as the log lists it)")
+        if saved is not None:
+            check_consistent(client, saved, checkpoint, "the log's checkpoint")
+            how += ", consistent with the audited one"
+    path = _hashes(_field(proof, "audit_path", list))
+    if _field(proof, "tree_size", int) != checkpoint.tree_size or _field(proof, "leaf_index", int) != index:
+        raise LogFault("the log's proof is for another tree or leaf than asked")
+    leaves = {raw.strip(), stored_receipt_text(receipt).encode()}
+    if not any(root_from_inclusion(index, checkpoint.tree_size, leaf_hash(leaf), path) == checkpoint.root_hash
+               for leaf in leaves):
+        raise LogFault(f"the log does not hold this receipt at leaf {index} (altered, or the log rewritten)")
+    return f"in the receipt log {checkpoint.origin} as leaf {index} of {checkpoint.tree_size}, under {how}"
+
+
 @cli.command("verify")
 @click.argument("receipt_file", type=click.File("rb"))
 @click.option("--key-id", "key_ids", multiple=True, help="A trusted signing key_id (repeatable).")
-def verify_command(receipt_file: Any, key_ids: tuple[str, ...]) -> None:
+@click.option("--log", "log_url", metavar="URL", help="Also check the receipt is in this coordinator's receipt log.")
+@click.option("--log-key", metavar="KEY", help="With --log: the log's trusted key (verifier key or key_id); "
+              "default: the --state file's, else the one the log lists.")
+@click.option("--state", "state_path", type=click.Path(dir_okay=False), metavar="FILE",
+              help="With --log: an `audit` state file; the receipt must be in the audited tree or a consistent later one.")
+def verify_command(receipt_file: Any, key_ids: tuple[str, ...], log_url: str | None, log_key: str | None,
+                   state_path: str | None) -> None:
     """Verify a receipt file offline; exit status 1 (with the reason) if it is invalid.
 
     Checks the signature and every attestation over the canonical bytes; with --key-id, the
-    receipt must also be signed by one of those keys (see GET /v1/receipts/keys).
+    receipt must also be signed by one of those keys (see GET /v1/receipts/keys). With --log, the
+    receipt must also be a leaf of that coordinator's receipt log under a checkpoint signed by the
+    log's key (RFC 9162 inclusion proof); exit status 2 when the log cannot be asked.
 
     \b
-    Example:
+    Examples:
       curl -s -H "X-Api-Key: $KEY" http://127.0.0.1:8011/v1/jobs/$JOB/receipt > receipt.json
       aitbc-coord verify receipt.json --key-id TJvH0A9pkk0c3uQMNlCivLs3GR3i1T2TtfIbLT0n29Q
+      aitbc-coord verify receipt.json --log http://127.0.0.1:8011 --state /var/lib/aitbc-audit/log.json
     """
+    raw = receipt_file.read()
     try:
-        data = decode_json(receipt_file.read())
+        data = decode_json(raw)
     except Invalid:
         raise click.ClickException(f"{receipt_file.name} is not valid JSON") from None
     receipt = data["receipt"] if isinstance(data, dict) and isinstance(data.get("receipt"), dict) else data
@@ -4367,8 +5471,65 @@ def verify_command(receipt_file: Any, key_ids: tuple[str, ...]) -> None:
         click.echo(f"invalid: {report['reason']}", err=True)
         sys.exit(1)
     trust = "" if key_ids else " (signing key not checked: pass --key-id)"
+    logged = ""
+    if log_url is not None:
+        state = read_state(state_path) if state_path else None
+        if state_path and state is None:
+            raise click.ClickException(f"no audit state file at {state_path}")
+        try:
+            logged = "; " + log_inclusion(LogClient(log_url), receipt, raw, log_key, state)
+        except LogFault as exc:
+            click.echo(f"invalid: {exc}", err=True)
+            sys.exit(1)
+        except LogUnreachable as exc:
+            click.echo(f"cannot check the log: {exc}", err=True)
+            sys.exit(2)
     click.echo(f"valid: receipt {receipt.get('receipt_id')} for job {receipt.get('job_id')} "
-               f"signed by {own_key}{trust}")
+               f"signed by {own_key}{trust}{logged}")
+
+
+@cli.command("audit")
+@click.option("--log", "log_url", required=True, metavar="URL", help="The coordinator whose receipt log to audit.")
+@click.option("--state", "state_path", required=True, type=click.Path(dir_okay=False), metavar="FILE",
+              help="Where the last audited checkpoint, the pinned key and the replayed tree's edge are kept.")
+@click.option("--key", metavar="KEY", help="The log's key (verifier key or key_id); pinned in FILE. Without it, "
+              "the first audit pins the key the log lists.")
+@click.option("--full", is_flag=True, help="Replay every entry from the first, not only those since the last audit.")
+@click.option("--compare", "other_path", type=click.Path(dir_okay=False, exists=True), metavar="OTHER",
+              help="Only check FILE's checkpoint against another auditor's state file (a split view shows here).")
+def audit_command(log_url: str, state_path: str, key: str | None, full: bool, other_path: str | None) -> None:
+    """Audit a receipt log, as a monitor run from cron; exit status 1 with a one-line reason if it fails.
+
+    Fetches the latest checkpoint and checks its signature against the pinned key; checks it is
+    consistent with the checkpoint saved in FILE (RFC 9162 consistency proof: the log only grew);
+    replays the entries since then (every receipt must hash to its leaf) and recomputes the root;
+    then saves the new checkpoint. Fails on a bad signature (or a key other than the pinned one,
+    until you pass the new one with --key), a fork, a shrunk tree, or entries that do not make the
+    checkpoint's root. Exit status 2 when the log cannot be reached or asked.
+
+    \b
+    Examples:
+      aitbc-coord audit --log https://coord.example.org --state /var/lib/aitbc-audit/coord.json
+      aitbc-coord audit --log https://coord.example.org --state mine.json --compare theirs.json
+    """
+    state = read_state(state_path)
+    client = LogClient(log_url)
+    try:
+        if other_path is not None:
+            other = read_state(other_path)
+            if state is None or other is None:
+                raise click.ClickException("--compare needs two audit state files")
+            click.echo(compare_audits(client, state, other))
+            return
+        new_state, summary = audit_log(client, state, key, full)
+    except LogFault as exc:
+        click.echo(f"audit failed: {exc}", err=True)
+        sys.exit(1)
+    except LogUnreachable as exc:
+        click.echo(f"cannot audit: {exc}", err=True)
+        sys.exit(2)
+    write_state(state_path, new_state)
+    click.echo(summary)
 
 
 @cli.command("backup")

@@ -216,4 +216,42 @@ BEGIN
      WHERE address = NEW.client_id;
 END;
 
-PRAGMA user_version = 2;
+-- Version 3: the receipt log, an RFC 9162 Merkle tree with every receipt as a leaf, and its signed
+-- checkpoints (C2SP tlog-checkpoint notes).
+
+-- One leaf per receipt, from 0 in issue order with no gap: appended in the transaction that stores the
+-- receipt. leaf_hash = SHA-256(0x00 || the receipt's bytes as stored and served); it stays when the
+-- receipt's body is pruned, so proofs keep working.
+CREATE TABLE log_leaves (
+    leaf_index INTEGER PRIMARY KEY,
+    receipt_id TEXT NOT NULL UNIQUE,
+    leaf_hash  BLOB NOT NULL
+);
+
+-- The hash of every complete subtree above the leaves, written in the transaction of the leaf that
+-- completes it and never changed, so a proof reads about one row per level. The subtree over leaves
+-- [idx * 2^level, (idx + 1) * 2^level) is keyed by its in-order position, idx * 2^(level+1) + 2^level - 1
+-- (a "flat tree" numbering: one integer key, one B-tree).
+CREATE TABLE log_nodes (
+    node_id INTEGER PRIMARY KEY,
+    hash    BLOB NOT NULL
+);
+
+-- Signed tree heads as published: every one of the last day, then the last of each hour.
+CREATE TABLE log_checkpoints (
+    tree_size  INTEGER PRIMARY KEY,
+    root_hash  BLOB NOT NULL,
+    created_at INTEGER NOT NULL,
+    note       TEXT NOT NULL                 -- the signed note, exactly as served
+);
+CREATE INDEX log_checkpoints_by_age ON log_checkpoints (created_at);
+
+-- Every key that has signed checkpoints, with the origin it signed for (the log keeps its origin when
+-- its key is rotated).
+CREATE TABLE log_keys (
+    key_id        TEXT PRIMARY KEY,
+    origin        TEXT NOT NULL,
+    first_seen_at INTEGER NOT NULL
+);
+
+PRAGMA user_version = 3;

@@ -2,6 +2,7 @@
 
     python tests/bench.py [--quick]
     python tests/bench.py --fleet N [--quick]
+    python tests/bench.py --log N
     python tests/bench.py --instructions
 
 
@@ -20,6 +21,11 @@ The fleet (`--fleet N` alone; 10,000 miners in the full run, 1,000 with --quick)
 process, each with its own key (MINER_API_KEYS_FILE) and loopback address, one keep-alive connection
 for its long-polls and a heartbeat every 15 s on a connection of its own; then the server's idle
 cost, wake-up latency, RSS, and CPU per job in a burst against 10 miners, and counts that must be 0.
+
+The receipt log (`--log N` alone): a log of 1,000 and of 1,000,000 leaves (10,000 with --quick) seeded
+through the data layer, the server started on each (it signs a checkpoint of it), then the p50 of
+GET /v1/log/proof/inclusion and the most rows an inclusion proof reads over a few hundred leaves;
+`log_proof_reads` is that count at the larger size over ceil(log2 n) (target <= 2).
 
 `--instructions` is for judging a change to the hot path, where wall-clock figures on a shared
 machine move more than the change: it runs the same lifecycle in-process (through the app's ASGI
@@ -447,6 +453,110 @@ async def depth(port: int, samples: int) -> dict[str, float]:
         out[name] = statistics.median(times) * 1000
     miner.close()
     client.close()
+    return out
+
+
+# === The receipt log: proofs at depth ===
+
+class CountingConnection:
+    """A connection that counts the rows its statements hand back: the storage reads of whatever
+    reads through it (tests/test_log.py counts a proof's with it too)."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn, self.rows = conn, 0
+
+    def execute(self, sql: str, params: Any = ()) -> CountingCursor:
+        return CountingCursor(self, self.conn.execute(sql, params))
+
+    def executemany(self, sql: str, params: Any) -> sqlite3.Cursor:
+        return self.conn.executemany(sql, params)  # writes: no rows to count
+
+
+class CountingCursor:
+    def __init__(self, owner: CountingConnection, cursor: sqlite3.Cursor) -> None:
+        self.owner, self.cursor = owner, cursor
+
+    def fetchone(self) -> Any:
+        row = self.cursor.fetchone()
+        self.owner.rows += row is not None
+        return row
+
+    def fetchall(self) -> list[Any]:
+        rows = self.cursor.fetchall()
+        self.owner.rows += len(rows)
+        return rows
+
+    def __iter__(self) -> Any:
+        for row in self.cursor:
+            self.owner.rows += 1
+            yield row
+
+    @property
+    def lastrowid(self) -> int | None:
+        return self.cursor.lastrowid
+
+    def close(self) -> None:
+        self.cursor.close()
+
+
+def receipt_id_of(i: int) -> str:
+    """The receipt id of the i-th leaf seed_log appends."""
+    return f"{i:032x}"
+
+
+def seed_log(db: Path, leaves: int) -> float:
+    """`leaves` leaves (receipt-sized entries) appended to the receipt log through the data layer, in
+    one transaction; seconds taken."""
+    started = time.perf_counter()
+    ac.migrate(str(db))
+    conn = ac.connect(str(db), "OFF")
+    edge, entry = ac.LogEdge(), b'{"receipt":"%d","pad":"' + b"x" * 600 + b'"}'
+    conn.execute("BEGIN")
+    for i in range(leaves):
+        ac.append_to_log(conn, edge, receipt_id_of(i), entry % i)
+    conn.execute("COMMIT")
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    conn.close()
+    return time.perf_counter() - started
+
+
+def proof_reads(db: Path, samples: list[int], size: int) -> int:
+    """The most rows an inclusion proof (read_inclusion_proof, as the route runs it) reads among the
+    leaves `samples` of a tree of `size` leaves."""
+    conn = ac.connect(str(db), "OFF", readonly=True)
+    most = 0
+    for i in samples:
+        counting = CountingConnection(conn)
+        proof = ac.read_inclusion_proof(counting, receipt_id_of(i), size, 1)  # type: ignore[arg-type]
+        assert proof["leaf_index"] == i and proof["tree_size"] == size
+        most = max(most, counting.rows)
+    conn.close()
+    return most
+
+
+async def inclusion_latency(port: int, samples: list[int]) -> float:
+    """p50 ms of GET /v1/log/proof/inclusion for the leaves `samples`, under the latest checkpoint."""
+    client, times = await Http(port).open(), []
+    for i in samples:
+        t = time.perf_counter()
+        status, proof = await client.call("GET", f"/v1/log/proof/inclusion?receipt_id={receipt_id_of(i)}")
+        times.append(time.perf_counter() - t)
+        assert status == 200 and proof["leaf_index"] == i, proof
+    client.close()
+    return statistics.median(times) * 1000
+
+
+def log_depth(work: Path, sizes: tuple[int, ...], samples: int) -> dict[int, dict[str, float]]:
+    """Per tree size: seconds to seed it, the most rows an inclusion proof read (over `samples` random
+    leaves, the first and the last) and the p50 of the proof route."""
+    out = {}
+    for n in sizes:
+        db = work / f"log-{n}.db"
+        took = seed_log(db, n)
+        leaves = sorted({0, n - 1, *random.Random(n).sample(range(n), min(samples, n))})
+        with server("coord", work, db) as (port, _):  # its start signs a checkpoint of the seeded tree
+            latency = asyncio.run(inclusion_latency(port, leaves))
+        out[n] = {"seed_s": took, "rows": proof_reads(db, leaves, n), "p50_ms": latency}
     return out
 
 
@@ -981,6 +1091,7 @@ def run(quick: bool) -> None:
                 depths[n] = asyncio.run(depth(port, samples))
                 rss = rss_mb(pid)
             size[n] = sum(p.stat().st_size for p in work.glob(f"depth-{n}.db*"))
+        logs = log_depth(work, (small, big), samples)
         fleet, fleet_figures = fleet_scenario(work, fleet_plan(1_000 if quick else 10_000, quick))
     lifecycle_ratio = full["req_per_s"] / bare["req_per_s"]
     durable_ratio = full["req_per_s"] / durable["req_per_s"]
@@ -989,6 +1100,7 @@ def run(quick: bool) -> None:
     poll_ratio = depths[big]["poll"] / depths[small]["poll"]
     read_ratios = {name: depths[big][name] / depths[small][name] for name in READS}
     bytes_per_job = (size[big] - size[small]) / (big - small)
+    log_proof_reads = logs[big]["rows"] / math.ceil(math.log2(big))
     rows = [
         ("bare Starlette JSON POST (framework ceiling)", f"{bare['req_per_s']:,.0f} req/s"),
         ("bare Starlette POST + SQLite insert, commit each (WAL, FULL)", f"{durable['req_per_s']:,.0f} req/s, "
@@ -1009,6 +1121,12 @@ def run(quick: bool) -> None:
            f"{depths[small][name]:.2f} / {depths[big][name]:.2f} ms") for name in ("poll", *READS)],
         (f"server RSS after the {big:,}-job runs", f"{rss:.0f} MB"),
         ("database bytes per job", f"{bytes_per_job:,.0f}"),
+        *[(f"seeded a receipt log of {n:,} leaves through the data layer", f"{logs[n]['seed_s']:.1f} s")
+          for n in (small, big)],
+        (f"p50 inclusion proof (GET /v1/log/proof/inclusion) at {small:,} / {big:,} leaves",
+         f"{logs[small]['p50_ms']:.2f} / {logs[big]['p50_ms']:.2f} ms"),
+        (f"rows an inclusion proof reads at {small:,} / {big:,} leaves (most over {samples} leaves)",
+         f"{logs[small]['rows']:.0f} / {logs[big]['rows']:.0f} (log_proof_reads = rows / ceil(log2 n))"),
         *fleet,
     ]
     print_table(rows, quick)
@@ -1017,7 +1135,7 @@ def run(quick: bool) -> None:
           f"read_depth_ratio={max(read_ratios.values()):.2f} rss_mb={rss:.0f} bytes_per_job={bytes_per_job:.0f} "
           f"full_vs_normal={full['req_per_s'] / normal['req_per_s']:.2f} durable_ratio={durable_ratio:.2f} "
           f"shape_history_ratio={history_ratio:.2f} distinct_shape_ratio={distinct_ratio:.2f} "
-          + fleet_bench(fleet_figures))
+          + fleet_bench(fleet_figures) + f" log_proof_reads={log_proof_reads:.2f}")
 
 
 def fleet_only(miners: int, quick: bool) -> None:
@@ -1026,6 +1144,16 @@ def fleet_only(miners: int, quick: bool) -> None:
         rows, figures = fleet_scenario(Path(tmp), fleet_plan(miners, quick))
     print_table(rows, quick)
     print("BENCH " + fleet_bench(figures))
+
+
+def log_only(leaves: int) -> None:
+    """The receipt-log scenario alone (for development): its figures and the BENCH figure."""
+    with tempfile.TemporaryDirectory(prefix="aitbc-bench-") as tmp:
+        logs = log_depth(Path(tmp), (1_000, leaves), 300)
+    for n, figures in logs.items():
+        print(f"  {n:>9,} leaves: seeded in {figures['seed_s']:.1f} s, an inclusion proof reads at most "
+              f"{figures['rows']:.0f} rows, p50 {figures['p50_ms']:.2f} ms")
+    print(f"BENCH log_proof_reads={logs[leaves]['rows'] / math.ceil(math.log2(leaves)):.2f}")
 
 
 def in_process(jobs: int) -> None:
@@ -1076,12 +1204,16 @@ def main() -> None:
                         help="run the lifecycle in this process (no sockets) for JOBS jobs and print its CPU a request")
     parser.add_argument("--fleet", type=int, metavar="N",
                         help="only the fleet scenario, with N miners (with --quick: its short durations)")
+    parser.add_argument("--log", type=int, metavar="N",
+                        help="only the receipt-log scenario: proofs at 1,000 and at N leaves, and log_proof_reads")
     parser.add_argument("--bare-server", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.bare_server:
         bare_server(args.bare_server)
     elif args.fleet:
         fleet_only(args.fleet, args.quick)
+    elif args.log:
+        log_only(args.log)
     elif args.in_process:
         in_process(args.in_process)
     elif args.instructions:

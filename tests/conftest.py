@@ -19,6 +19,9 @@ CLIENT = {"X-Api-Key": CLIENT_KEY}
 MINER = {"X-Api-Key": MINER_KEY}
 ADMIN = {"X-Api-Key": ADMIN_KEY}
 T0 = 1_764_000_000.0
+# APP_ENV=dev signs receipts with a development key when none is configured; tests that expect no
+# receipts (as outside dev without a key) say so with these settings.
+NO_RECEIPTS = {"RECEIPT_DEV_SIGNING_KEY": "false"}
 
 
 @pytest.fixture

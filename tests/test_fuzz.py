@@ -44,6 +44,14 @@ def test_every_route_survives_generated_input(base_url: str) -> None:
         @settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", "25")), deadline=None, database=None,
                   suppress_health_check=list(HealthCheck))
         def run(case: schemathesis.Case) -> None:
+            # An opaque cursor is schema-valid as any base64url string, but only one this server issued
+            # names a position in its list: the rest are 422 by design (tests/test_log.py, test_receipts.py).
+            if case.query:
+                case.query.pop("cursor", None)
+                # relations between parameters that a schema cannot state: first <= second, start <= end
+                for low, high in (("first", "second"), ("start", "end")):
+                    if isinstance(case.query.get(low), int) and isinstance(case.query.get(high), int):
+                        case.query[low], case.query[high] = sorted((case.query[low], case.query[high]))
             case.call_and_validate(headers=headers)
 
         tried += 1

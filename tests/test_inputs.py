@@ -195,6 +195,15 @@ BASE: dict[str, dict[str, Any]] = {
 }
 
 
+# Required query parameters of the routes that have them, for a probe of another one ("receipt" is
+# the seeded receipt's id).
+QUERY_BASE: dict[str, dict[str, Any]] = {
+    "/v1/log/proof/inclusion": {"receipt_id": "receipt"},
+    "/v1/log/proof/consistency": {"first": 0, "second": 1},
+    "/v1/log/entries": {"start": 0},
+}
+
+
 def set_in(body: dict[str, Any], name: tuple[Any, ...], value: Any) -> None:
     node: Any = body
     for i, step in enumerate(name):
@@ -416,7 +425,9 @@ class World:
 
     async def send(self, place: Place, value: Any) -> httpx.Response:
         headers: dict[str, Any] = {**KEYS[ROLE[(place.method, place.route)]]}
-        params = [(place.name[0], as_text(value))] if place.where == "query" else []
+        params = [(name, as_text(self.receipt["receipt_id"] if v == "receipt" else v))
+                  for name, v in QUERY_BASE.get(place.route, {}).items() if (place.where, name) != ("query", place.name[0])]
+        params += [(place.name[0], as_text(value))] if place.where == "query" else []
         if place.where == "header":
             headers[place.name[0]] = as_text(value).encode("utf-8")
         content = None

@@ -7,7 +7,7 @@ from datetime import datetime
 
 import pytest
 
-from conftest import ADMIN, CLIENT, MINER, T0, Harness, harness
+from conftest import ADMIN, CLIENT, MINER, NO_RECEIPTS, T0, Harness, harness
 
 ISO_Z = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
 ALICE, BOB = {"X-Api-Key": "key-alice"}, {"X-Api-Key": "key-bob"}
@@ -84,17 +84,18 @@ async def test_list_is_newest_first_filtered_and_paged(h: Harness) -> None:
         assert r.status_code == 422 and r.json()["detail"][0]["loc"][0] == "query", bad
 
 
-async def test_result_is_425_until_finished_then_returns_it(h: Harness) -> None:
-    job = await h.submit()
-    url = f"/v1/jobs/{job['job_id']}/result"
-    assert (await h.client.get(url, headers=CLIENT)).json() == {"detail": "job not ready"}
-    await h.register()
-    await h.take()
-    r = await h.client.get(url, headers=CLIENT)
-    assert r.status_code == 425
-    assert (await h.result(job["job_id"], {"answer": 42})).status_code == 200
-    r = await h.client.get(url, headers=CLIENT)
-    assert (r.status_code, r.json()) == (200, {"result": {"answer": 42}, "receipt": None})
+async def test_result_is_425_until_finished_then_returns_it(tmp_path) -> None:
+    async with harness(tmp_path, NO_RECEIPTS) as h:
+        job = await h.submit()
+        url = f"/v1/jobs/{job['job_id']}/result"
+        assert (await h.client.get(url, headers=CLIENT)).json() == {"detail": "job not ready"}
+        await h.register()
+        await h.take()
+        r = await h.client.get(url, headers=CLIENT)
+        assert r.status_code == 425
+        assert (await h.result(job["job_id"], {"answer": 42})).status_code == 200
+        r = await h.client.get(url, headers=CLIENT)
+        assert (r.status_code, r.json()) == (200, {"result": {"answer": 42}, "receipt": None})
 
 
 async def test_cancel_by_post_and_delete(h: Harness) -> None:
@@ -153,7 +154,7 @@ async def test_idempotent_submission(tmp_path) -> None:
 
 
 async def test_admin_sees_every_clients_jobs_and_stats(tmp_path) -> None:
-    async with harness(tmp_path, TWO_CLIENTS) as h:
+    async with harness(tmp_path, {**TWO_CLIENTS, **NO_RECEIPTS}) as h:
         a, b = await h.submit(headers=ALICE), await h.submit(headers=BOB)
         await h.register()
         await h.take()

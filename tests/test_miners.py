@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 import aitbc_coord as ac
-from conftest import ADMIN, CLIENT, MINER, MINER_KEY, T0, Harness, harness, http_scope
+from conftest import ADMIN, CLIENT, MINER, NO_RECEIPTS, MINER_KEY, T0, Harness, harness, http_scope
 
 MINERS = {"MINER_API_KEYS": ",".join(f"m{i}=key-m{i}" for i in range(20))}
 
@@ -139,7 +139,7 @@ async def test_draining_or_offline_miners_get_no_work(h: Harness) -> None:
 
 
 async def test_result_ownership_and_repeats(tmp_path) -> None:
-    async with harness(tmp_path, MINERS) as h:
+    async with harness(tmp_path, {**MINERS, **NO_RECEIPTS}) as h:
         job = await h.submit()
         await h.register(miner(0))
         await h.register(miner(1))

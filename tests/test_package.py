@@ -14,6 +14,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+import aitbc_coord as ac
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -35,7 +37,7 @@ def test_the_wheel_installs_and_runs_from_an_empty_directory(tmp_path: Path) -> 
 
     assert run("--version").returncode == 0
     migrated = run("migrate")
-    assert migrated.returncode == 0 and "schema version 0 -> 2" in migrated.stdout
+    assert migrated.returncode == 0 and f"schema version 0 -> {ac.SCHEMA_VERSION}" in migrated.stdout
     checked = run("check")
     assert checked.returncode == 0 and "9 steps passed" in checked.stdout, checked.stderr
     proc = subprocess.Popen([exe, "serve", "--port", "0"], cwd=empty, stderr=subprocess.PIPE, text=True,

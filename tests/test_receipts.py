@@ -15,7 +15,7 @@ from nacl.exceptions import BadSignatureError
 from nacl.signing import SigningKey, VerifyKey
 
 import aitbc_coord as ac
-from conftest import ADMIN, CLIENT, MINER, T0, Harness, harness
+from conftest import ADMIN, CLIENT, MINER, NO_RECEIPTS, T0, Harness, harness
 
 pytestmark = pytest.mark.anyio
 
@@ -273,15 +273,16 @@ async def test_tampering_dropping_or_swapping_breaks_every_receipt(tmp_path) -> 
         assert report["valid"] is False and report["reason"] == "receipt has no signature"
 
 
-async def test_no_signing_key_means_no_receipts(h: Harness) -> None:
-    job = await h.submit()
-    await h.register()
-    await h.take()
-    assert (await h.result(job["job_id"])).json() == {"status": "ok", "receipt": None}
-    r = await h.client.get(f"/v1/jobs/{job['job_id']}/receipt", headers=CLIENT)
-    assert (r.status_code, r.json()) == (404, {"detail": "receipt not available"})
-    assert (await h.client.get(f"/v1/jobs/{job['job_id']}/result", headers=CLIENT)).json()["receipt"] is None
-    assert (await h.client.get("/v1/receipts/keys")).json() == {"items": []}
+async def test_no_signing_key_means_no_receipts(tmp_path) -> None:
+    async with harness(tmp_path, NO_RECEIPTS) as h:
+        job = await h.submit()
+        await h.register()
+        await h.take()
+        assert (await h.result(job["job_id"])).json() == {"status": "ok", "receipt": None}
+        r = await h.client.get(f"/v1/jobs/{job['job_id']}/receipt", headers=CLIENT)
+        assert (r.status_code, r.json()) == (404, {"detail": "receipt not available"})
+        assert (await h.client.get(f"/v1/jobs/{job['job_id']}/result", headers=CLIENT)).json()["receipt"] is None
+        assert (await h.client.get("/v1/receipts/keys")).json() == {"items": []}
 
 
 async def test_key_rotation_keeps_old_receipts_verifiable(tmp_path) -> None:
@@ -290,11 +291,15 @@ async def test_key_rotation_keeps_old_receipts_verifiable(tmp_path) -> None:
     new_seed = SigningKey.generate().encode().hex()
     async with harness(tmp_path, {"RECEIPT_SIGNING_KEY_HEX": new_seed}) as h:
         new = await complete_one(h)
-        keys = {k["key_id"]: k for k in (await h.client.get("/v1/receipts/keys")).json()["items"]}
-        assert keys[EDGE_SIGNATURE["key_id"]] == {"key_id": EDGE_SIGNATURE["key_id"], "alg": "Ed25519",
-                                                  "role": "signing", "status": "retired"}
-        assert keys[EDGE_ATTESTATION["key_id"]]["status"] == "retired"
-        assert keys[new["signature"]["key_id"]]["status"] == "active"
+        keys = {(k["key_id"], k["role"]): k for k in (await h.client.get("/v1/receipts/keys")).json()["items"]}
+        assert keys[EDGE_SIGNATURE["key_id"], "signing"] == {"key_id": EDGE_SIGNATURE["key_id"], "alg": "Ed25519",
+                                                             "role": "signing", "status": "retired"}
+        assert keys[EDGE_ATTESTATION["key_id"], "attestation"]["status"] == "retired"
+        assert keys[new["signature"]["key_id"], "signing"]["status"] == "active"
+        # the receipt key signed the log's checkpoints too: rotated with it, the log keeps its origin
+        old_log, new_log = keys[EDGE_SIGNATURE["key_id"], "log"], keys[new["signature"]["key_id"], "log"]
+        assert (old_log["status"], new_log["status"]) == ("retired", "active")
+        assert old_log["origin"] == new_log["origin"]
         for receipt in (old, new):
             assert (await h.client.post("/v1/receipts/verify", json={"receipt": receipt})).json()["valid"] is True
 

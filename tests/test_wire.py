@@ -328,6 +328,34 @@ async def explorer(h: Harness, ids: dict[str, str]) -> None:
     await call(h, "GET", "/v1/explorer/receipts", job_id=NOPE)
 
 
+async def receipt_log(h: Harness, receipt: dict[str, Any]) -> None:
+    """The receipt log: 425 until a checkpoint covers the receipt, then every route's answers and errors."""
+    rid = receipt["receipt_id"]
+    await call(h, "GET", "/v1/log/proof/inclusion", expect=425, receipt_id=rid)
+    h.clock.advance(2)
+    assert await h.coord.checkpoint()
+    await call(h, "GET", "/v1/log/checkpoint")
+    first = await call(h, "GET", "/v1/log/checkpoints", limit=1)
+    await call(h, "GET", "/v1/log/checkpoints", cursor=first["next_cursor"])
+    await call(h, "GET", "/v1/log/checkpoints", expect=422, cursor="abc")
+    await call(h, "GET", "/v1/log/proof/inclusion", receipt_id=rid)
+    await call(h, "GET", "/v1/log/proof/inclusion", expect=404, receipt_id=NOPE)
+    await call(h, "GET", "/v1/log/proof/inclusion", expect=404, receipt_id=rid, tree_size=9)
+    await call(h, "GET", "/v1/log/proof/inclusion", expect=422, receipt_id=rid, tree_size=0)
+    await call(h, "GET", "/v1/log/proof/consistency", first=0, second=1)
+    await call(h, "GET", "/v1/log/proof/consistency", expect=422, first=1, second=0)
+    await call(h, "GET", "/v1/log/proof/consistency", expect=404, first=1, second=9)
+    await call(h, "GET", "/v1/log/entries", start=0)
+    await call(h, "GET", "/v1/log/entries", expect=422, start=1, end=0)
+
+
+async def keyless_log(tmp_path: Path, recorder: Recorder) -> None:
+    """A coordinator without a signing key has no checkpoint: 404."""
+    async with harness(tmp_path / "keyless", {"RECEIPT_DEV_SIGNING_KEY": "false"}) as h:
+        h.client.event_hooks = {"request": [], "response": [recorder]}
+        await call(h, "GET", "/v1/log/checkpoint", expect=404)
+
+
 # --- the same errors for every route: probes ---
 
 
@@ -340,7 +368,7 @@ class Probe(NamedTuple):
 
 
 def probes(ids: dict[str, str]) -> dict[Route, Probe]:
-    job, offer, bid = ids["done"], ids["admin_offer"], ids["bid"]
+    job, offer, bid, receipt = ids["done"], ids["admin_offer"], ids["bid"], ids["receipt"]
     return {
         ("GET", "/v1/health"): Probe("/v1/health", {}),
         ("POST", "/v1/jobs"): Probe("/v1/jobs", CLIENT, {"payload": {"task": "probe"}}),
@@ -375,6 +403,11 @@ def probes(ids: dict[str, str]) -> dict[Route, Probe]:
         ("GET", "/v1/explorer/transactions"): Probe("/v1/explorer/transactions", {}),
         ("GET", "/v1/explorer/addresses"): Probe("/v1/explorer/addresses", {}),
         ("GET", "/v1/explorer/receipts"): Probe("/v1/explorer/receipts", {}),
+        ("GET", "/v1/log/checkpoint"): Probe("/v1/log/checkpoint", {}),
+        ("GET", "/v1/log/checkpoints"): Probe("/v1/log/checkpoints", {}),
+        ("GET", "/v1/log/proof/inclusion"): Probe(f"/v1/log/proof/inclusion?receipt_id={receipt}", {}),
+        ("GET", "/v1/log/proof/consistency"): Probe("/v1/log/proof/consistency?first=0&second=1", {}),
+        ("GET", "/v1/log/entries"): Probe("/v1/log/entries?start=0", {}),
     }
 
 
@@ -431,6 +464,8 @@ async def scenario(h: Harness) -> None:
     await receipts_and_admin(h, receipt)
     ids |= await marketplace(h)
     await explorer(h, ids)
+    await receipt_log(h, receipt)
+    ids["receipt"] = receipt["receipt_id"]
     table = probes(ids)
     assert set(table) == {(ep.method, ep.path) for ep in ac.ENDPOINTS}, "a route has no probe"
     await probe_errors(h, table)
@@ -445,6 +480,7 @@ async def test_every_response_matches_the_model_openapi_names(tmp_path: Path) ->
         recorder = Recorder(h.app)
         h.client.event_hooks = {"request": [], "response": [recorder]}
         await scenario(h)
+    await keyless_log(tmp_path, recorder)
     exchanges = recorder.exchanges
     mismatches, missing = report(exchanges), uncovered(exchanges)
     assert not mismatches, (f"{len(exchanges)} responses checked; where the wire and the model /openapi.json "

@@ -1,0 +1,395 @@
+"""The receipt log (issue 17): every receipt a leaf of an RFC 9162 Merkle tree, signed C2SP checkpoints,
+inclusion and consistency proofs, entries, and the client side (verify --log, audit).
+
+Proofs are checked by tests/rfc9162.py, an independent verifier written from the RFC that shares no
+code with the module: every leaf and every pair of sizes of trees up to 200 leaves, and random ones
+up to 100,000 (hypothesis). Storage reads per proof are counted (rows, through bench.CountingConnection).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import math
+import sqlite3
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from nacl.signing import SigningKey
+
+import aitbc_coord as ac
+import rfc9162 as rfc
+from bench import CountingConnection
+from conftest import CLIENT, NO_RECEIPTS, T0, Harness, harness
+from test_receipts import EDGE_SEED, SIGNING, complete_one
+
+pytestmark = pytest.mark.anyio
+SMALL = 200  # every leaf and every pair of sizes up to this
+LARGE = 100_000  # random ones up to this
+
+
+def entry(i: int) -> bytes:
+    """The i-th leaf of the synthetic logs: receipt-like bytes."""
+    return json.dumps({"receipt_id": f"{i:032x}", "units": i}).encode()
+
+
+def build(db: Path, n: int) -> rfc.Tree:
+    """A log of `n` synthetic leaves appended through the module's data layer, with a checkpoint of all
+    of them (proofs are served up to the latest checkpoint); the independent tree of the same entries."""
+    ac.migrate(str(db))
+    conn = ac.connect(str(db), "OFF")
+    edge = ac.LogEdge()
+    conn.execute("BEGIN")
+    for i in range(n):
+        assert ac.append_to_log(conn, edge, f"{i:032x}", entry(i)) == i
+    ac.tx_checkpoint(conn, ac.Notary(SigningKey(bytes.fromhex(EDGE_SEED)), "test/log"), int(T0 * 1000), 0)
+    conn.execute("COMMIT")
+    conn.close()
+    return rfc.Tree(entry(i) for i in range(n))
+
+
+def hashes(items: list[str]) -> list[bytes]:
+    return [base64.b64decode(h) for h in items]
+
+
+def reads_bound(n: int) -> int:
+    """The most rows an inclusion proof may read: the leaf, the checkpoint, and two per level."""
+    return 2 + 2 * max(1, math.ceil(math.log2(n)))
+
+
+@pytest.fixture(scope="module")
+def large(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[sqlite3.Connection, rfc.Tree]]:
+    db = tmp_path_factory.mktemp("large") / "log.db"
+    tree = build(db, LARGE)
+    conn = ac.connect(str(db), "OFF", readonly=True)
+    yield conn, tree
+    conn.close()
+
+
+# --- the tree and its proofs, against the independent verifier ---
+
+def test_every_leaf_and_every_pair_of_sizes_up_to_200(tmp_path: Path) -> None:
+    tree = build(tmp_path / "log.db", SMALL)
+    conn = ac.connect(str(tmp_path / "log.db"), "OFF", readonly=True)
+    assert tree.root(0) == ac.EMPTY_ROOT == ac.log_root(conn, 0)
+    for n in range(1, SMALL + 1):
+        root = tree.root(n)
+        assert ac.log_root(conn, n) == root, n
+        for i in range(n):
+            counting = CountingConnection(conn)
+            proof = ac.read_inclusion_proof(counting, f"{i:032x}", n, 1)
+            assert (proof["leaf_index"], proof["tree_size"]) == (i, n)
+            assert base64.b64decode(proof["leaf_hash"]) == tree.levels[0][i]
+            assert rfc.verify_inclusion(tree.levels[0][i], i, n, hashes(proof["audit_path"]), root), (i, n)
+            assert counting.rows <= reads_bound(n), (i, n, counting.rows)
+        assert ac.read_consistency_proof(conn, 0, n)["consistency_path"] == []  # the empty tree precedes all
+        for m in range(1, n + 1):
+            proof = ac.read_consistency_proof(conn, m, n)
+            assert rfc.verify_consistency(m, n, tree.root(m), root, hashes(proof["consistency_path"])), (m, n)
+    conn.close()
+
+
+def test_a_proof_proves_nothing_else(tmp_path: Path) -> None:
+    tree = build(tmp_path / "log.db", 37)
+    conn = ac.connect(str(tmp_path / "log.db"), "OFF", readonly=True)
+    root = tree.root(37)
+    path = hashes(ac.read_inclusion_proof(conn, f"{5:032x}", 37, 1)["audit_path"])
+    assert rfc.verify_inclusion(tree.levels[0][5], 5, 37, path, root)
+    assert not rfc.verify_inclusion(tree.levels[0][6], 5, 37, path, root)  # another leaf
+    assert not rfc.verify_inclusion(tree.levels[0][5], 4, 37, path, root)  # another index
+    assert not rfc.verify_inclusion(rfc.hash_leaf(entry(5) + b" "), 5, 37, path, root)  # altered bytes
+    assert not rfc.verify_inclusion(tree.levels[0][5], 5, 37, path[:-1], root)
+    path = hashes(ac.read_consistency_proof(conn, 13, 37)["consistency_path"])
+    assert rfc.verify_consistency(13, 37, tree.root(13), root, path)
+    assert not rfc.verify_consistency(13, 37, tree.root(12), root, path)
+    assert not rfc.verify_consistency(13, 37, tree.root(13), tree.root(36), path)
+    # and the module's own checks (verify --log, audit) agree with the independent ones
+    assert ac.verify_consistency(13, 37, tree.root(13), root, path)
+    assert not ac.verify_consistency(13, 37, tree.root(13), tree.root(36), path)
+    conn.close()
+
+
+@given(data=st.data())
+@settings(max_examples=200, deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_random_leaves_and_pairs_up_to_100000(large: tuple[sqlite3.Connection, rfc.Tree], data: st.DataObject) -> None:
+    conn, tree = large
+    n = data.draw(st.integers(1, LARGE), "tree size")
+    m = data.draw(st.integers(1, n), "first")
+    i = data.draw(st.integers(0, n - 1), "leaf")
+    counting = CountingConnection(conn)
+    proof = ac.read_inclusion_proof(counting, f"{i:032x}", n, 1)
+    assert rfc.verify_inclusion(tree.levels[0][i], i, n, hashes(proof["audit_path"]), tree.root(n))
+    assert counting.rows <= reads_bound(n)
+    proof = ac.read_consistency_proof(conn, m, n)
+    assert rfc.verify_consistency(m, n, tree.root(m), tree.root(n), hashes(proof["consistency_path"]))
+
+
+def test_appending_reads_nothing_while_its_edge_is_current(tmp_path: Path) -> None:
+    """A leaf costs its own row and the subtrees it completes (O(log n) hashing, no full-tree work);
+    after a rolled-back append, the next one reads the frontier once and hashes right."""
+    db = tmp_path / "log.db"
+    ac.migrate(str(db))
+    conn = ac.connect(str(db), "OFF")
+    edge = ac.LogEdge()
+    conn.execute("BEGIN")
+    for i in range(1000):
+        ac.append_to_log(conn, edge, f"{i:032x}", entry(i))
+    counting = CountingConnection(conn)
+    for i in range(1000, 1024):
+        ac.append_to_log(counting, edge, f"{i:032x}", entry(i))  # type: ignore[arg-type]
+    assert counting.rows == 0
+    conn.execute("SAVEPOINT unit")
+    ac.append_to_log(conn, edge, "rolled back", b"never")
+    conn.execute("ROLLBACK TO unit")
+    conn.execute("RELEASE unit")
+    for i in range(1024, 1100):
+        ac.append_to_log(conn, edge, f"{i:032x}", entry(i))
+    tree = rfc.Tree(entry(i) for i in range(1100))
+    assert ac.log_root(conn, 1100) == tree.root(1100) and ac.get_log_size(conn) == 1100
+    nodes = conn.execute("SELECT COUNT(*) FROM log_nodes").fetchone()[0]
+    assert nodes == 1100 - bin(1100).count("1")  # every complete subtree above the leaves, once
+    conn.execute("COMMIT")
+    conn.close()
+
+
+# --- the coordinator's log: leaves, checkpoints and routes ---
+
+async def served(h: Harness, job_id: str) -> bytes:
+    """The receipt's bytes as GET /v1/jobs/{id}/receipt serves them: the leaf."""
+    r = await h.client.get(f"/v1/jobs/{job_id}/receipt", headers=CLIENT)
+    assert r.status_code == 200
+    return r.content
+
+
+async def checkpoint_now(h: Harness) -> dict[str, Any]:
+    """Let the checkpoint interval pass and publish one; the latest checkpoint."""
+    h.clock.advance(h.coord.settings.log_checkpoint_seconds)
+    await h.coord.checkpoint()
+    return (await h.client.get("/v1/log/checkpoint")).json()
+
+
+def log_key(seed: str = EDGE_SEED) -> tuple[bytes, SigningKey]:
+    key = SigningKey(bytes.fromhex(seed))
+    return bytes(key.verify_key), key
+
+
+async def test_every_receipt_is_a_leaf_under_a_signed_checkpoint(tmp_path: Path) -> None:
+    async with harness(tmp_path, SIGNING) as h:
+        start = (await h.client.get("/v1/log/checkpoint")).json()  # published at start, of the empty log
+        assert start["tree_size"] == 0 and base64.b64decode(start["root_hash"]) == rfc.sha256(b"")
+        receipts = [await complete_one(h) for _ in range(5)]
+        leaves = [await served(h, r["job_id"]) for r in receipts]
+        assert [json.loads(leaf) for leaf in leaves] == receipts
+        cp = await checkpoint_now(h)
+        public, _ = log_key()
+        origin = cp["origin"]
+        assert origin == f"aitbc-coordinator/receipt-log/{hashlib.sha256(public).hexdigest()[:16]}"
+        text = rfc.open_signed_note(cp["note"], origin, public)
+        assert cp["note"].endswith("\n") and "\n\n\u2014 " + origin + " " in cp["note"]
+        name, size, root, extensions = rfc.parse_checkpoint(text)
+        assert (name, size, root) == (origin, 5, rfc.Tree(leaves).root(5))
+        assert extensions == [f"timestamp {int(h.clock() * 1000)}"] and cp["timestamp"].endswith("Z")
+        assert (cp["tree_size"], base64.b64decode(cp["root_hash"])) == (size, root)
+        with pytest.raises(ValueError):
+            rfc.open_signed_note(cp["note"].replace("\n5\n", "\n6\n"), origin, public)
+        for i, receipt in enumerate(receipts):
+            r = await h.client.get(f"/v1/jobs/{receipt['job_id']}/receipt", headers=CLIENT)
+            assert r.headers["receipt-log-index"] == str(i)
+            proof = (await h.client.get("/v1/log/proof/inclusion", params={"receipt_id": receipt["receipt_id"]})).json()
+            assert (proof["leaf_index"], proof["tree_size"], proof["checkpoint"]) == (i, 5, cp)
+            assert rfc.verify_inclusion(rfc.hash_leaf(leaves[i]), i, 5, hashes(proof["audit_path"]), root)
+        items = (await h.client.get("/v1/explorer/receipts")).json()["items"]
+        assert [(item["receiptId"], item["logIndex"]) for item in items] == \
+            [(r["receipt_id"], i) for i, r in reversed(list(enumerate(receipts)))]
+        keys = [k for k in (await h.client.get("/v1/receipts/keys")).json()["items"] if k["role"] == "log"]
+        hash4 = rfc.sha256(origin.encode() + b"\n\x01" + public)[:4].hex()
+        typed_key = base64.b64encode(b"\x01" + public).decode()
+        assert keys == [{"key_id": ac.b64url(public), "alg": "Ed25519", "role": "log", "status": "active",
+                         "origin": origin, "verifier_key": f"{origin}+{hash4}+{typed_key}"}]
+
+
+async def test_a_receipt_not_yet_under_a_checkpoint_is_425_with_retry_after(tmp_path: Path) -> None:
+    async with harness(tmp_path, {**SIGNING, "RECEIPT_LOG_CHECKPOINT_SECONDS": "5"}) as h:
+        receipt = await complete_one(h)
+        r = await h.client.get("/v1/log/proof/inclusion", params={"receipt_id": receipt["receipt_id"]})
+        assert (r.status_code, r.json()["detail"]) == (425, "receipt not yet under a checkpoint")
+        assert 1 <= int(r.headers["retry-after"]) <= 5
+        assert not await h.coord.checkpoint()  # 2.5 s after the one at start: at most every 5 s
+        assert (await h.client.get("/v1/log/proof/inclusion", params={"receipt_id": receipt["receipt_id"]})).status_code == 425
+        h.clock.advance(2.5)
+        assert await h.coord.checkpoint()
+        h.clock.advance(5)
+        assert not await h.coord.checkpoint()  # the log has not grown
+        assert (await h.client.get("/v1/log/proof/inclusion", params={"receipt_id": receipt["receipt_id"]})).status_code == 200
+        assert [c["tree_size"] for c in (await h.client.get("/v1/log/checkpoints")).json()["items"]] == [1, 0]
+
+
+async def test_errors_of_the_proof_routes(tmp_path: Path) -> None:
+    async with harness(tmp_path, SIGNING) as h:
+        receipts = [await complete_one(h) for _ in range(3)]
+        await checkpoint_now(h)
+        rid = receipts[2]["receipt_id"]
+
+        async def get(path: str, **params: Any) -> tuple[int, Any]:
+            r = await h.client.get(path, params=params)
+            return r.status_code, r.json()
+
+        assert await get("/v1/log/proof/inclusion", receipt_id="0" * 32) == (404, {"detail": "receipt not in the log"})
+        status, body = await get("/v1/log/proof/inclusion", receipt_id=rid, tree_size=2)
+        assert status == 422 and body["detail"][0]["loc"] == ["query", "tree_size"]
+        assert (await get("/v1/log/proof/inclusion", receipt_id=rid, tree_size=4))[0] == 404
+        status, body = await get("/v1/log/proof/inclusion", receipt_id=receipts[0]["receipt_id"], tree_size=2)
+        assert status == 200 and body["checkpoint"] is None  # a size no checkpoint was made of: still proven
+        status, body = await get("/v1/log/proof/consistency", first=3, second=2)
+        assert status == 422 and body["detail"][0]["loc"] == ["query", "first"]
+        assert (await get("/v1/log/proof/consistency", first=1, second=4))[0] == 404
+        assert await get("/v1/log/proof/consistency", first=3, second=3) == (200, {"first": 3, "second": 3,
+                                                                                  "consistency_path": []})
+        status, body = await get("/v1/log/entries", start=2, end=1)
+        assert status == 422 and body["detail"][0]["loc"] == ["query", "end"]
+        for params in ({"first": "x", "second": 1}, {"first": -1, "second": 1}, {"second": 1}):
+            assert (await get("/v1/log/proof/consistency", **params))[0] == 422
+
+
+async def test_entries_replay_the_tree_and_a_pruned_receipt_keeps_its_leaf_hash(tmp_path: Path) -> None:
+    async with harness(tmp_path, SIGNING) as h:
+        receipts = [await complete_one(h) for _ in range(7)]
+        leaves = [await served(h, r["job_id"]) for r in receipts]
+        await checkpoint_now(h)
+        got = (await h.client.get("/v1/log/entries", params={"start": 2, "end": 4})).json()["items"]
+        assert [(e["leaf_index"], base64.b64decode(e["leaf"])) for e in got] == [(i, leaves[i]) for i in (2, 3, 4)]
+        assert all(base64.b64decode(e["leaf_hash"]) == rfc.hash_leaf(leaves[e["leaf_index"]]) for e in got)
+        assert [e["leaf_index"] for e in (await h.client.get("/v1/log/entries", params={"start": 5})).json()["items"]] \
+            == [5, 6]
+        assert (await h.client.get("/v1/log/entries", params={"start": 7})).json() == {"items": []}
+        # pruning a receipt's body (as RECEIPT_RETENTION_DAYS will) leaves its leaf hash: proofs still work
+        with sqlite3.connect(tmp_path / "coord.db") as conn:
+            conn.execute("DELETE FROM receipts WHERE receipt_id = ?", (receipts[3]["receipt_id"],))
+        conn.close()
+        got = (await h.client.get("/v1/log/entries", params={"start": 3, "end": 3})).json()["items"]
+        assert got == [{"leaf_index": 3, "leaf_hash": base64.b64encode(rfc.hash_leaf(leaves[3])).decode(), "leaf": None}]
+        proof = (await h.client.get("/v1/log/proof/inclusion", params={"receipt_id": receipts[3]["receipt_id"]})).json()
+        assert rfc.verify_inclusion(rfc.hash_leaf(leaves[3]), 3, 7, hashes(proof["audit_path"]), rfc.Tree(leaves).root(7))
+
+
+async def test_entries_come_in_pages(tmp_path: Path) -> None:
+    async with harness(tmp_path, SIGNING) as h:
+        db = ac.connect(str(tmp_path / "coord.db"))
+        edge = ac.LogEdge()
+        db.execute("BEGIN IMMEDIATE")
+        for i in range(ac.LOG_ENTRIES_MAX + 5):
+            ac.append_to_log(db, edge, f"{i:032x}", entry(i))
+        db.execute("COMMIT")
+        db.close()
+        got = (await h.client.get("/v1/log/entries", params={"start": 0, "end": 10**6})).json()["items"]
+        assert [e["leaf_index"] for e in got] == list(range(ac.LOG_ENTRIES_MAX))
+        assert all(e["leaf"] is None for e in got)  # leaves without a receipt row, as once pruned
+
+
+async def test_checkpoint_history_pages_and_thins_to_one_an_hour(tmp_path: Path) -> None:
+    async with harness(tmp_path, {**SIGNING, "RECEIPT_LOG_CHECKPOINT_SECONDS": "600"}) as h:
+        start = h.clock()
+        made = []
+        db = ac.connect(str(tmp_path / "coord.db"))
+        edge = ac.LogEdge()
+        for i in range(6 * 30):  # every 10 minutes for 30 hours, each after a new leaf
+            db.execute("BEGIN IMMEDIATE")
+            ac.append_to_log(db, edge, f"{i:032x}", entry(i))
+            db.execute("COMMIT")
+            h.clock.advance(600)
+            assert await h.coord.checkpoint()
+            made.append((h.clock(), (await h.client.get("/v1/log/checkpoint")).json()["tree_size"]))
+        db.close()
+        sizes, cursor = [], None
+        while True:
+            page = (await h.client.get("/v1/log/checkpoints", params={"limit": 50, **({"cursor": cursor} if cursor else {})})).json()
+            sizes += [c["tree_size"] for c in page["items"]]
+            if (cursor := page["next_cursor"]) is None:
+                break
+        now = h.clock()
+        last_of_hour: dict[int, int] = {}
+        for t, size in [(start, 0), *made]:
+            last_of_hour[int(t * 1000) // 3_600_000] = size
+        kept = {size for t, size in [(start, 0), *made] if (now - t) * 1000 < 86_400_000 + 600_000}
+        assert set(sizes) >= {size for t, size in made if (now - t) * 1000 < 86_400_000}  # the last day: all
+        assert set(sizes) <= kept | set(last_of_hour.values())  # before: the last of each hour
+        assert set(last_of_hour.values()) <= set(sizes)
+        assert sizes == sorted(sizes, reverse=True) and len(sizes) < len(made)
+        r = await h.client.get("/v1/log/checkpoints", params={"cursor": ac.make_cursor("jobs", 5)})
+        assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["query", "cursor"]
+
+
+# --- keys and start-up ---
+
+async def test_dev_makes_a_signing_key_beside_the_database_and_keeps_it(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    async with harness(tmp_path) as h:  # APP_ENV=dev, no key configured
+        first = await complete_one(h)
+        cp = await checkpoint_now(h)
+    key_file = tmp_path / "coord.db.dev-signing-key"
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    assert any("development key made now" in r.getMessage() and r.levelname == "WARNING" for r in caplog.records)
+    gitignore = (Path(__file__).parent.parent / ".gitignore").read_text().split()
+    assert any(Path(key_file.name).match(pattern) for pattern in gitignore)
+    async with harness(tmp_path) as h:  # reused: the same key signs, the log goes on
+        second = await complete_one(h)
+        assert second["signature"]["key_id"] == first["signature"]["key_id"]
+        assert (await checkpoint_now(h))["origin"] == cp["origin"]
+        assert ac.verify_receipt(second, {first["signature"]["key_id"]})["valid"]
+    assert any("development key kept in" in r.getMessage() for r in caplog.records)
+
+
+async def test_outside_dev_no_key_means_no_receipts_and_no_log(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    keys = {"APP_ENV": "prod", "CLIENT_API_KEYS": ac.DEV_KEYS["client"], "MINER_API_KEYS": ac.DEV_KEYS["miner"],
+            "ADMIN_API_KEYS": ac.DEV_KEYS["admin"]}
+    async with harness(tmp_path, keys) as h:
+        job = await h.submit()
+        await h.register()
+        await h.take()
+        assert (await h.result(job["job_id"])).json()["receipt"] is None
+        assert (await h.client.get("/v1/log/checkpoint")).status_code == 404
+    assert not list(tmp_path.glob("*.dev-signing-key"))
+    warnings = [r.getMessage() for r in caplog.records if "completed jobs get no receipts" in r.getMessage()]
+    assert len(warnings) == 1
+
+
+async def test_a_separate_log_key_and_origin(tmp_path: Path) -> None:
+    log_seed = SigningKey.generate().encode().hex()
+    env = {**SIGNING, "RECEIPT_LOG_SIGNING_KEY_HEX": log_seed, "RECEIPT_LOG_ORIGIN": "coord.example.org/receipts"}
+    async with harness(tmp_path, env) as h:
+        await complete_one(h)
+        cp = await checkpoint_now(h)
+        public, _ = log_key(log_seed)
+        assert rfc.parse_checkpoint(rfc.open_signed_note(cp["note"], "coord.example.org/receipts", public))[1] == 1
+        roles = {(k["key_id"], k["role"]) for k in (await h.client.get("/v1/receipts/keys")).json()["items"]}
+        assert roles == {(ac.b64url(log_key()[0]), "signing"), (ac.b64url(public), "log")}
+    for bad in ("has space", "a+b", "x" * 256, "caf\u00e9"):
+        with pytest.raises(ac.ConfigError, match="RECEIPT_LOG_ORIGIN"):
+            ac.Settings.load({"RECEIPT_LOG_ORIGIN": bad})
+
+
+def test_an_upgrade_appends_the_receipts_issued_before_it_once_in_issue_order(tmp_path: Path) -> None:
+    db = tmp_path / "v2.db"
+    text = ac.schema_sql()
+    conn = sqlite3.connect(db)
+    conn.executescript(text[:text.index("-- Version 3:")] + "PRAGMA user_version = 2;")
+    bodies = [json.dumps({"receipt_id": f"{i:032x}", "n": i}, separators=(",", ":")) for i in range(11)]
+    order = [3, 0, 7, 1, 10, 2, 9, 4, 8, 5, 6]  # issue order (seq) differs from the ids' order
+    for seq, i in enumerate(order, 1):
+        conn.execute("INSERT INTO receipts (seq, receipt_id, job_id, provider, client_id, issued_at, attested, body)"
+                     " VALUES (?, ?, 'j', 'p', 'c', 0, 0, ?)", (seq, f"{i:032x}", bodies[i]))
+    conn.commit()
+    conn.close()
+    assert ac.migrate(str(db)) == (2, ac.SCHEMA_VERSION)
+    assert ac.migrate(str(db)) == (ac.SCHEMA_VERSION, ac.SCHEMA_VERSION)  # once
+    conn = ac.connect(str(db))
+    rows = conn.execute("SELECT leaf_index, receipt_id, leaf_hash FROM log_leaves ORDER BY leaf_index").fetchall()
+    assert [(r[0], r[1]) for r in rows] == [(n, f"{i:032x}") for n, i in enumerate(order)]
+    tree = rfc.Tree(bodies[i].encode() for i in order)
+    assert [r[2] for r in rows] == tree.levels[0] and ac.log_root(conn, 11) == tree.root(11)
+    conn.close()

@@ -1,0 +1,234 @@
+"""The receipt log from a client's side (issue 17): `aitbc-coord verify --log` and `aitbc-coord audit`
+against the real server over HTTP, and what they report when the database is tampered with: a
+rewritten receipt, a deleted one, a tree rolled back, a split view, a key that changed."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import sqlite3
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from click.testing import CliRunner
+from nacl.signing import SigningKey
+
+import aitbc_coord as ac
+from conftest import CLIENT, MINER
+from test_receipts import EDGE_SEED
+
+pytestmark = pytest.mark.slow
+
+
+class Log:
+    """A coordinator serving on a free port (checkpoints as soon as the log grows), and a client of it."""
+
+    def __init__(self, tmp: Path, **env: str) -> None:
+        self.tmp, self.db = tmp, tmp / "coord.db"
+        self.settings = ac.Settings.load({"APP_ENV": "dev", "DATABASE_URL": f"sqlite:///{self.db}",
+                                          "RECEIPT_SIGNING_KEY_HEX": EDGE_SEED, "RATE_LIMIT_REQUESTS": "0",
+                                          "RECEIPT_LOG_CHECKPOINT_SECONDS": "0", **env},
+                                         dotenv=False, sweep_interval_seconds=0.02)
+        self.base = ""
+        self.files = 0
+
+    @contextlib.contextmanager
+    def serving(self) -> Iterator[Log]:
+        with ac.running_server(self.settings) as base:
+            self.base = base
+            yield self
+
+    def issue(self, n: int = 1) -> list[Path]:
+        """n receipts, each saved to a file as GET /v1/jobs/{id}/receipt serves it; once a checkpoint
+        covers them."""
+        files = []
+        with httpx.Client(base_url=self.base, timeout=10) as http:
+            assert http.post("/v1/miners/register", json={"capabilities": {"price": 1}}, headers=MINER).status_code == 200
+            for _ in range(n):
+                job = http.post("/v1/jobs", json={"payload": {"n": self.files}}, headers=CLIENT).json()["job_id"]
+                assert http.post("/v1/miners/poll", json={}, headers=MINER).json()["job_id"] == job
+                assert http.post(f"/v1/miners/{job}/result", json={"result": {"ok": 1}, "metrics": {"units": 1}},
+                                 headers=MINER).status_code == 200
+                self.files += 1
+                path = self.tmp / f"receipt-{self.files}.json"
+                path.write_bytes(http.get(f"/v1/jobs/{job}/receipt", headers=CLIENT).content)
+                files.append(path)
+        self.wait_for(self.size())
+        return files
+
+    def size(self) -> int:
+        conn = sqlite3.connect(self.db)
+        try:
+            return conn.execute("SELECT COUNT(*) FROM log_leaves").fetchone()[0]
+        finally:
+            conn.close()
+
+    def wait_for(self, size: int) -> dict[str, Any]:
+        """The latest checkpoint, once it is of `size` leaves."""
+        deadline = time.monotonic() + 20
+        while True:
+            cp = httpx.get(f"{self.base}/v1/log/checkpoint").json()
+            if cp.get("tree_size") == size:
+                return cp
+            assert time.monotonic() < deadline, (cp, size)
+            time.sleep(0.02)
+
+    def cli(self, *args: str) -> tuple[int, str]:
+        result = CliRunner().invoke(ac.cli, [str(a) for a in args])
+        return result.exit_code, result.output
+
+    def audit(self, state: Path, *more: str) -> tuple[int, str]:
+        return self.cli("audit", "--log", self.base, "--state", state, *more)
+
+    def verify(self, receipt: Path, *more: str) -> tuple[int, str]:
+        return self.cli("verify", receipt, "--log", self.base, *more)
+
+    def sql(self, *statements: tuple[str, tuple[Any, ...]]) -> None:
+        """Write to the database behind the server's back, as whoever holds the file could."""
+        conn = sqlite3.connect(self.db, timeout=10)
+        with conn:
+            for sql, params in statements:
+                conn.execute(sql, params)
+        conn.close()
+
+
+def resealed(path: Path, **changes: Any) -> str:
+    """The receipt in `path` changed and signed again with the coordinator's own key (an insider): its
+    signature verifies; only the log can tell."""
+    receipt = json.loads(path.read_bytes())
+    body = {k: v for k, v in receipt.items() if k not in ("signature", "attestations")} | changes
+    return ac.Signer(SigningKey(bytes.fromhex(EDGE_SEED))).seal(body)[1]
+
+
+def test_verify_log_and_audit_follow_a_growing_log(tmp_path: Path) -> None:
+    with Log(tmp_path).serving() as log:
+        first = log.issue(3)
+        code, out = log.verify(first[1])
+        assert code == 0 and "as leaf 1 of 3" in out and "key as the log lists it" in out, out
+        pretty = tmp_path / "pretty.json"  # a receipt as a client may keep it: not byte for byte
+        pretty.write_text(json.dumps({"receipt": json.loads(first[2].read_bytes())}, indent=2))
+        assert log.verify(pretty)[0] == 0
+        state = tmp_path / "audit.json"
+        code, out = log.audit(state)
+        assert code == 0 and "3 leaves (first audit, key pinned from the log); 3 entries replayed" in out, out
+        more = log.issue(2)
+        code, out = log.audit(state)
+        assert code == 0 and "5 leaves (2 new since the saved checkpoint, consistent); 2 entries replayed" in out, out
+        latest = log.issue(1)
+        for path, where in ((first[0], "as leaf 0 of 5, under the audited checkpoint"),
+                            (more[0], "as leaf 3 of 5, under the audited checkpoint"),
+                            (latest[0], "as leaf 5 of 6, under a checkpoint signed by")):
+            code, out = log.verify(path, "--state", state)
+            assert code == 0 and where in out, out
+        assert "consistent with the audited one" in out
+        assert log.audit(state, "--full")[0] == 0
+        stranger = ac.NoteVerifier("aitbc-coordinator/x", bytes(SigningKey.generate().verify_key)).encode()
+        code, out = log.verify(first[0], "--log-key", stranger)
+        assert code == 1 and "invalid: bad checkpoint: not signed by the key" in out, out
+        stranger_id = ac.b64url(bytes(SigningKey.generate().verify_key))
+        code, out = log.audit(tmp_path / "fresh.json", "--key", stranger_id)
+        assert code == 1 and out.startswith("audit failed: bad checkpoint") and out.count("\n") == 1, out
+        code, out = log.verify(first[0], "--log", "http://127.0.0.1:9")  # nothing listens there
+        assert code == 2 and "cannot check the log" in out
+
+
+def test_a_rewritten_receipt_fails_verify_and_audit(tmp_path: Path) -> None:
+    with Log(tmp_path).serving() as log:
+        old = log.issue(2)
+        state = tmp_path / "audit.json"
+        assert log.audit(state)[0] == 0
+        new = log.issue(2)
+        for path in (old[0], new[1]):  # one the auditor has replayed, one it has not
+            forged = resealed(path, units=1000)
+            receipt_id = json.loads(path.read_bytes())["receipt_id"]
+            log.sql(("UPDATE receipts SET body = ? WHERE receipt_id = ?", (forged, receipt_id)))
+            path.write_text(forged)  # what GET /v1/jobs/{id}/receipt now serves
+            code, out = log.verify(path)
+            assert code == 1 and "invalid: the log does not hold this receipt" in out, out
+            assert ac.verify_receipt(json.loads(forged), {json.loads(forged)["signature"]["key_id"]})["valid"]
+        code, out = log.audit(state)
+        assert code == 1 and out == "audit failed: entry 3: its receipt does not hash to its leaf hash (rewritten)\n"
+        code, out = log.audit(tmp_path / "other.json", "--full")
+        assert code == 1 and "entry 0: its receipt does not hash to its leaf hash" in out, out
+
+
+def drop_last(log: Log) -> None:
+    """Delete the last receipt with its leaf, the subtrees it completed and the checkpoints that hold it."""
+    last = log.size() - 1
+    node_ids = [ac._node_id(level, last >> level) for level in range(1, 64)]
+    log.sql(("DELETE FROM receipts WHERE receipt_id = (SELECT receipt_id FROM log_leaves WHERE leaf_index = ?)", (last,)),
+            ("DELETE FROM log_leaves WHERE leaf_index = ?", (last,)),
+            (f"DELETE FROM log_nodes WHERE node_id IN ({','.join('?' * len(node_ids))})", tuple(node_ids)),
+            ("DELETE FROM log_checkpoints WHERE tree_size > ?", (last,)))
+
+
+def test_a_deleted_receipt_shows_as_a_shrunk_tree_then_a_fork(tmp_path: Path) -> None:
+    with Log(tmp_path).serving() as log:
+        files = log.issue(4)
+        state = tmp_path / "audit.json"
+        assert log.audit(state)[0] == 0
+        drop_last(log)
+        code, out = log.audit(state)
+        assert code == 1 and out.startswith("audit failed: the latest checkpoint: the tree shrank from 4 to "), out
+        code, out = log.verify(files[3])
+        assert code == 1 and "is not in the log" in out
+        log.issue(1)  # another receipt takes its place at leaf 3
+        code, out = log.audit(state)
+        assert code == 1 and "fork: the tree of 4 leaves does not extend the one of 4" in out, out
+
+
+def test_a_rolled_back_database_and_a_split_view(tmp_path: Path) -> None:
+    log = Log(tmp_path)
+    copy = tmp_path / "copy.db"
+    mine, theirs = tmp_path / "mine.json", tmp_path / "theirs.json"
+    with log.serving():
+        log.issue(3)
+        ac.backup(str(log.db), str(copy))
+        log.issue(3)
+        assert log.audit(mine)[0] == 0
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{log.db}{suffix}").unlink(missing_ok=True)
+    shutil.copy(copy, log.db)
+    with log.serving():
+        log.wait_for(3)
+        code, out = log.audit(mine)
+        assert code == 1 and "the tree shrank from 6 to 3 leaves" in out, out
+        log.issue(4)
+        code, out = log.audit(mine)
+        assert code == 1 and "fork: the tree of 7 leaves does not extend the one of 6" in out, out
+        assert log.audit(theirs)[0] == 0  # a second auditor, who only ever saw the rolled-back log
+        code, out = log.cli("audit", "--log", log.base, "--state", mine, "--compare", theirs)
+        assert code == 1 and "split view: fork" in out, out
+        agreeing = tmp_path / "agreeing.json"
+        assert log.audit(agreeing)[0] == 0
+        code, out = log.cli("audit", "--log", log.base, "--state", theirs, "--compare", agreeing)
+        assert code == 0 and "are consistent" in out, out
+
+
+def test_a_new_log_key_fails_the_audit_until_the_operator_passes_it(tmp_path: Path) -> None:
+    log = Log(tmp_path)
+    state = tmp_path / "audit.json"
+    with log.serving():
+        log.issue(2)
+        assert log.audit(state)[0] == 0
+    new_key = SigningKey.generate()
+    log.settings = ac.Settings.load({"APP_ENV": "dev", "DATABASE_URL": f"sqlite:///{log.db}", "RATE_LIMIT_REQUESTS": "0",
+                                     "RECEIPT_SIGNING_KEY_HEX": EDGE_SEED, "RECEIPT_LOG_CHECKPOINT_SECONDS": "0",
+                                     "RECEIPT_LOG_SIGNING_KEY_HEX": new_key.encode().hex()},
+                                    dotenv=False, sweep_interval_seconds=0.02)
+    with log.serving():
+        log.issue(1)
+        code, out = log.audit(state)
+        assert code == 1 and "not signed by the key" in out and "pass its new key with --key" in out, out
+        keys = httpx.get(f"{log.base}/v1/receipts/keys").json()["items"]
+        active = next(k for k in keys if k["role"] == "log" and k["status"] == "active")
+        assert active["key_id"] == ac.b64url(bytes(new_key.verify_key))
+        code, out = log.audit(state, "--key", active["verifier_key"])
+        assert code == 0 and "1 new since the saved checkpoint" in out, out
+        assert log.audit(state)[0] == 0  # the new key is pinned now
+        assert json.loads(state.read_text())["verifier_key"] == active["verifier_key"]
