@@ -1,10 +1,15 @@
 """Crash safety (issue 7.1): kill -9 the real server under load, restart it, account for everything.
 
+Also the receipt log's guarantees (issue 17): every acknowledged receipt has a leaf, leaf indexes are
+consecutive, and the latest checkpoint after the restarts is consistent with every checkpoint that was
+published before a crash (checked with the independent verifier of tests/rfc9162.py).
+
 CRASH_CYCLES sets the number of kills (default 3; the README's figures come from 20).
 """
 
 from __future__ import annotations
 
+import base64
 import os
 import random
 import signal
@@ -21,6 +26,7 @@ import pytest
 from nacl.signing import SigningKey
 
 import aitbc_coord as ac
+import rfc9162 as rfc
 
 SEED = SigningKey.generate().encode().hex()
 KEYS = {"CLIENT_API_KEYS": "c1=crash-client", "MINER_API_KEYS": ",".join(f"m{i}=crash-miner-{i}" for i in range(3)),
@@ -73,6 +79,22 @@ class Load:
         self.results: dict[str, list[dict]] = {}  # job id -> receipts of results that got 200
         self.stop_clients, self.stop_miners = threading.Event(), threading.Event()
         self.lock = threading.Lock()
+        self.checkpoints: dict[int, str] = {}  # tree size -> the signed note, as published
+
+    def watcher(self) -> None:
+        """Read the published checkpoint over and over, as a monitor would, keeping each one seen."""
+        with httpx.Client(base_url=self.base, timeout=5) as http:
+            while not self.stop_miners.is_set():
+                try:
+                    r = http.get("/v1/log/checkpoint")
+                except httpx.TransportError:
+                    time.sleep(0.05)
+                    continue
+                if r.status_code == 200:
+                    cp = r.json()
+                    seen = self.checkpoints.setdefault(cp["tree_size"], cp["note"])
+                    assert seen == cp["note"], f"two checkpoints of {cp['tree_size']} leaves"
+                time.sleep(0.05)
 
     def client(self) -> None:
         with httpx.Client(base_url=self.base, timeout=5, headers={"X-Api-Key": "crash-client"}) as http:
@@ -120,6 +142,7 @@ def test_kill_9_under_load_loses_and_duplicates_nothing(tmp_path: Path) -> None:
     load = Load(f"http://127.0.0.1:{server.port}")
     threads = [threading.Thread(target=load.client) for _ in range(2)]
     threads += [threading.Thread(target=load.miner, args=(i,)) for i in range(3)]
+    threads.append(threading.Thread(target=load.watcher))
     for t in threads:
         t.start()
     try:
@@ -136,6 +159,10 @@ def test_kill_9_under_load_loses_and_duplicates_nothing(tmp_path: Path) -> None:
             if queued == 0:
                 break
             time.sleep(0.2)
+        load.stop_miners.set()
+        for t in threads:
+            t.join(timeout=30)
+        check_checkpoints(load, tmp_path / "crash.db")
     finally:
         load.stop_clients.set()
         load.stop_miners.set()
@@ -143,6 +170,28 @@ def test_kill_9_under_load_loses_and_duplicates_nothing(tmp_path: Path) -> None:
             t.join(timeout=30)
         server.stop()
     account(tmp_path / "crash.db", load, cycles)
+
+
+def check_checkpoints(load: Load, db: Path) -> None:
+    """Once a checkpoint covers every leaf: each checkpoint published during the run, before and after
+    the crashes, is signed by the log key and is a prefix of that latest one (consistency proofs)."""
+    public = bytes(SigningKey(bytes.fromhex(SEED)).verify_key)
+    with sqlite3.connect(db) as conn:
+        leaves = conn.execute("SELECT COUNT(*) FROM log_leaves").fetchone()[0]
+    conn.close()
+    deadline = time.monotonic() + 30
+    while (latest := httpx.get(f"{load.base}/v1/log/checkpoint").json())["tree_size"] != leaves:
+        assert time.monotonic() < deadline, (latest, leaves)
+        time.sleep(0.1)
+    origin = latest["origin"]
+    _, size, root, _ = rfc.parse_checkpoint(rfc.open_signed_note(latest["note"], origin, public))
+    for first, note in sorted(load.checkpoints.items()):
+        _, first_size, first_root, _ = rfc.parse_checkpoint(rfc.open_signed_note(note, origin, public))
+        proof = httpx.get(f"{load.base}/v1/log/proof/consistency", params={"first": first, "second": size}).json()
+        path = [base64.b64decode(h) for h in proof["consistency_path"]]
+        assert first_size == 0 or rfc.verify_consistency(first_size, size, first_root, root, path), first
+    print(f"crash: checkpoints_seen={len(load.checkpoints)} latest_size={size} all consistent with the latest")
+    assert len(load.checkpoints) > 1
 
 
 def account(db: Path, load: Load, cycles: int) -> None:
@@ -154,8 +203,15 @@ def account(db: Path, load: Load, cycles: int) -> None:
         receipts: dict[str, list[str]] = {}
         for job_id, body in conn.execute("SELECT job_id, body FROM receipts ORDER BY seq"):
             receipts.setdefault(job_id, []).append(body)
+        leaves = conn.execute("SELECT l.leaf_index, l.receipt_id, l.leaf_hash, r.body FROM log_leaves AS l"
+                              " LEFT JOIN receipts AS r USING (receipt_id) ORDER BY l.leaf_index").fetchall()
     finally:
         conn.close()
+    logged = {receipt_id for _, receipt_id, _, _ in leaves}
+    assert [index for index, _, _, _ in leaves] == list(range(len(leaves)))  # consecutive from 0, no gap
+    assert len(leaves) == sum(map(len, receipts.values()))  # a leaf per receipt, no more
+    assert all(body is not None and digest == rfc.hash_leaf(body.encode()) for _, _, digest, body in leaves)
+    unlogged = [r["receipt_id"] for returned in load.results.values() for r in returned if r["receipt_id"] not in logged]
     lost = [j for j in load.acked if j not in states]
     unfinished = [j for j in load.acked if states.get(j) != "COMPLETED"]
     duplicated = [j for j, bodies in receipts.items() if len(bodies) > 1]
@@ -168,6 +224,8 @@ def account(db: Path, load: Load, cycles: int) -> None:
             bad_results.append(job_id)
     print(f"crash: cycles={cycles} acked={len(load.acked)} results_200={len(load.results)} jobs={len(states)} "
           f"lost={len(lost)} duplicated={len(duplicated)} unfinished={len(unfinished)} "
-          f"bad_results={len(bad_results)} missing_receipts={len(missing_receipt)} integrity=ok")
+          f"bad_results={len(bad_results)} missing_receipts={len(missing_receipt)} leaves={len(leaves)} "
+          f"unlogged={len(unlogged)} integrity=ok")
     assert len(load.acked) > 0 and len(load.results) > 0
     assert lost == [] and duplicated == [] and unfinished == [] and bad_results == [] and missing_receipt == []
+    assert unlogged == []
