@@ -5,6 +5,7 @@ matches each job to a miner whose capabilities satisfy its constraints and track
 
 Run it:   aitbc-coord serve [--host 127.0.0.1] [--port 8011] [--db PATH]   (or python -m aitbc_coord)
 Schema:   aitbc-coord migrate [--db PATH]
+Audit:    aitbc-coord audit --log URL --state FILE   (the receipt log: RFC 9162, C2SP checkpoints)
 
 Transactions: every write is a unit of work run by the one writer; units that arrive while a
 commit is in flight share the next BEGIN IMMEDIATE ... COMMIT (group commit), each inside its own
@@ -19,7 +20,8 @@ app at the bottom down to the database near the top, and back, scrolls one way e
     Domain types      JobState, amounts, MinerProfile, Wake, Outcome
     Database          connect (the pragmas), migrate, backup, Database (group commit, reads)
     Data layer        named SQL functions, the connection first
-    Domain logic      time, matching, receipts (canonical JSON, Ed25519), rate limiter, poll hub
+    Domain logic      time, matching, receipts (canonical JSON, Ed25519), the receipt log (RFC 9162
+                      Merkle tree and proofs, C2SP checkpoints), rate limiter, poll hub
     Units of work     tx_*: one transaction's worth of data-layer calls each
     Coordinator       the service: runs units, wakes pollers, sweeps
     Wire models       request models; each response model beside the function that builds it
@@ -29,7 +31,7 @@ app at the bottom down to the database near the top, and back, scrolls one way e
     ASGI app          router, CORS, errors, access log, metrics, App
     Serving           log formatters, the socket, the uvicorn server
     Smoke check       `aitbc-coord check`
-    CLI               click commands
+    CLI               click commands, with the receipt log's client side (verify --log, audit)
 """
 
 from __future__ import annotations
@@ -1438,7 +1440,7 @@ def get_duration_totals(conn: sqlite3.Connection) -> tuple[int, int]:
 
 
 # === Domain logic ===
-# Time, matching, receipts, the rate limiter and the poll hub: no SQL here.
+# Time, matching, receipts, the receipt log, the rate limiter and the poll hub: no SQL here.
 
 def now_ms(clock: Callable[[], float]) -> int:
     return int(clock() * 1000)
