@@ -4789,27 +4789,37 @@ class GuardedProtocol(HttpToolsProtocol):
 
     guard: ConnectionGuard  # set by protocol_for
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:  # noqa: D107 - see connection_made
+        self.deferred = (args, kwargs)
+        self.peer: Peer | None = None
+
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        """Admit the connection or answer 503 and close it. uvicorn's own set-up (its parser, flow
+        control, addresses, `__init__` deferred to here) runs only for an admitted connection: an
+        address that reconnects the moment it is refused costs one accept and one write."""
+        peer = self.guard.peer(peer_host(transport))
+        if self.guard.admit(peer) is not None:
+            transport.write(OVER_CAP_503)
+            transport.close()
+            return
+        args, kwargs = self.deferred
+        super().__init__(*args, **kwargs)
         super().connection_made(transport)
-        self.peer: Peer | None = self.guard.peer(self.client[0] if self.client else "-")
-        if not self.peer.exempt and isinstance(self.app, ProxyHeadersMiddleware):
+        self.peer = peer
+        if not peer.exempt and isinstance(self.app, ProxyHeadersMiddleware):
             self.app = self.app.app  # X-Forwarded-For counts only from FORWARDED_ALLOW_IPS: none to read here
         self.receiving: str | None = None  # "head" from a request's first byte, then "body" until it is all in
         self.stage: str | None = None  # the stage whose deadline is armed
         self.timer: asyncio.TimerHandle | None = None
         self.body_started, self.body_bytes = 0.0, 0
-        if self.guard.admit(self.peer) is not None:
-            self.peer = None  # not admitted: nothing to release
-            transport.write(OVER_CAP_503)
-            transport.close()
-            return
         self.arm("head", self.guard.header_timeout)  # the first head is due from opening
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.peer is None:
+            return  # refused: uvicorn never saw it
         self.disarm()
-        if self.peer is not None:
-            self.guard.release(self.peer)
-            self.peer = None
+        self.guard.release(self.peer)
+        self.peer = None
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
@@ -4874,6 +4884,12 @@ class GuardedProtocol(HttpToolsProtocol):
             if self.cycle is None or self.cycle.response_complete or not self.cycle.response_started:
                 self.transport.write(REQUEST_TIMEOUT_408)
             self.transport.close()
+
+
+def peer_host(transport: asyncio.BaseTransport) -> str:
+    """The remote address of a TCP connection, or "-" (a Unix socket)."""
+    peername = transport.get_extra_info("peername")
+    return peername[0] if isinstance(peername, tuple) and peername else "-"
 
 
 def protocol_for(guard: ConnectionGuard) -> type[GuardedProtocol]:
