@@ -4689,6 +4689,9 @@ def setup_logging(level: str, fmt: str = "text") -> None:
         logging.logAsyncioTasks = False
 
 
+LISTEN_BACKLOG = 4096  # a fleet reconnecting after a restart; the kernel caps it at net.core.somaxconn
+
+
 def bind_socket(host: str, port: int) -> socket.socket:
     """A listening-ready socket on host:port (port 0 picks a free one)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -4920,6 +4923,7 @@ def run_server(settings: Settings, migrated: tuple[int, int] | None = None) -> N
     # log_config=None: uvicorn's lines go through our handler; access_log=False: App logs requests
     config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="on", timeout_graceful_shutdown=5,
                             server_header=False, root_path=settings.root_path, http=protocol_for(app.guard),
+                            backlog=LISTEN_BACKLOG,
                             forwarded_allow_ips=list(settings.forwarded_allow_ips), proxy_headers=True)
     Server(config, app.coord, app.metrics).run(sockets=[sock])
 
