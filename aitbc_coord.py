@@ -4707,29 +4707,39 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-FULL_COLLECTION_SECONDS = 600.0  # how often the server runs the cycle collector's oldest generation
+FULL_COLLECTION_SECONDS = 86_400.0  # the cycle collector's oldest generation at least once a day...
+FULL_COLLECTION_GROWTH = 1.5, 256 << 20  # ...or once the peak RSS grew by half and by 256 MiB since the last
 NEVER_BY_COUNT = 1 << 30  # a threshold that allocation counts never reach
+
+
+def peak_rss_bytes() -> int:
+    """The process's peak resident set size (getrusage: KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
 
 
 class Server(uvicorn.Server):
     """uvicorn's server, except that SIGTERM/SIGINT release waiting long-polls at once (204), a
     graceful shutdown ends with exit status 0 instead of re-raising the signal, and the cycle
-    collector's oldest generation is collected on a clock rather than by allocation counts.
+    collector's oldest generation is collected when memory grew, not by allocation counts.
 
-    Why the clock: a parked long-poll holds ~65 container objects (its task, coroutines, event,
-    timer, request), so 10,000 parked miners are ~600,000 objects in the oldest generation, and
-    polls that renew every few seconds promote fresh ones all the time. CPython's own rule (a full
-    collection once a quarter of the old generation is new) then ran a full collection every ~4 s,
-    each pausing the event loop ~0.5-1 s. Objects that die through the ordinary request and poll
-    paths are freed by reference counting or in the young generations (a full collection after a
-    10,000-miner run found no cyclic garbage left), so one full collection every
-    FULL_COLLECTION_SECONDS keeps memory bounded. What start-up built lives as long as the process:
-    it is moved out of the collector's sight (`gc.freeze`, Python's documented use for it)."""
+    Why: a parked long-poll holds ~65 container objects (its task, coroutines, event, timer,
+    request), so 10,000 parked miners are ~600,000 objects in the oldest generation, and polls
+    that renew every few seconds promote fresh ones all the time. CPython's own rule (a full
+    collection once a quarter of the old generation is newly promoted) then ran a full collection
+    every ~4 s, each stopping the event loop for 0.5-2.4 s. Objects that die through the request
+    and poll paths are freed by reference counting or in the young generations: full collections
+    after 10-minute 10,000-miner runs (registration, idle, a 5,000-job burst, a slowloris attack)
+    found no cyclic garbage left. So the oldest generation is collected once a day, or sooner when
+    the peak RSS has grown by half and by 256 MiB since the last full collection (cyclic garbage
+    piling up shows there first); what start-up built lives as long as the process and is moved
+    out of the collector's sight (`gc.freeze`, Python's documented use for it)."""
 
-    def __init__(self, config: uvicorn.Config, coord: Coordinator, metrics: Metrics | None = None) -> None:
+    def __init__(self, config: uvicorn.Config, coord: Coordinator, metrics: Metrics | None = None,
+                 peak_rss: Callable[[], int] = peak_rss_bytes) -> None:
         super().__init__(config)
-        self.coord, self.metrics = coord, metrics
-        self.full_collection_due = math.inf
+        self.coord, self.metrics, self.peak_rss = coord, metrics, peak_rss
+        self.full_collection_due, self.rss_at_collection = math.inf, 0
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets=sockets)
@@ -4737,20 +4747,26 @@ class Server(uvicorn.Server):
         gc.freeze()
         young, middle, _ = gc.get_threshold()
         gc.set_threshold(young, middle, NEVER_BY_COUNT)
-        self.full_collection_due = time.monotonic() + FULL_COLLECTION_SECONDS
-        log.info("start-up objects frozen; full garbage collections every %.0f s", FULL_COLLECTION_SECONDS)
+        self.full_collection_due, self.rss_at_collection = time.monotonic() + FULL_COLLECTION_SECONDS, self.peak_rss()
+        log.info("start-up objects frozen; the oldest generation is collected daily or after memory grows")
 
     async def on_tick(self, counter: int) -> bool:
-        if time.monotonic() >= self.full_collection_due:
+        if counter % 10 == 0 and self.full_collection_is_due():
             self.collect_fully()
         return await super().on_tick(counter)
+
+    def full_collection_is_due(self) -> bool:
+        factor, least = FULL_COLLECTION_GROWTH
+        grown = self.peak_rss() - self.rss_at_collection
+        return time.monotonic() >= self.full_collection_due or (
+            grown >= least and self.rss_at_collection + grown >= factor * self.rss_at_collection)
 
     def collect_fully(self) -> None:
         """One full collection (every generation but the frozen start-up objects); logged and timed."""
         started = time.perf_counter()
         freed = gc.collect()
         seconds = time.perf_counter() - started
-        self.full_collection_due = time.monotonic() + FULL_COLLECTION_SECONDS
+        self.full_collection_due, self.rss_at_collection = time.monotonic() + FULL_COLLECTION_SECONDS, self.peak_rss()
         if self.metrics is not None:
             self.metrics.full_collection.observe(seconds)
         log.info("full garbage collection: %d unreachable objects freed in %.0f ms", freed, seconds * 1000)
