@@ -455,8 +455,8 @@ class TooManyRequests(ApiError):
 class Unavailable(ApiError):
     status, default = 503, "database unavailable"
 
-    def __init__(self, detail: Any = None) -> None:
-        super().__init__(detail, headers={"Retry-After": "1"})
+    def __init__(self, detail: Any = None, retry_after: int | None = 1) -> None:
+        super().__init__(detail, headers={} if retry_after is None else {"Retry-After": str(retry_after)})
 
 
 class InternalError(ApiError):
@@ -2660,9 +2660,13 @@ class Coordinator:
         self.checkpoint_due = self.monotonic() + self.settings.log_checkpoint_seconds
         return True
 
-    def checkpoint_retry_after(self) -> int:
-        """Seconds until a receipt logged now is under a checkpoint (at least 1): for 425's Retry-After."""
-        wait = self.checkpoint_due - self.monotonic() + self.settings.sweep_interval_seconds
+    def checkpoint_retry_after(self) -> int | None:
+        """Seconds until a receipt logged now is under a checkpoint (at least 1): for 425's Retry-After.
+        None when this process signs no checkpoints (no log key): none will come."""
+        if self.notary is None:
+            return None
+        # checkpoint_due is -inf until this process has made a checkpoint: then the next tick may
+        wait = max(self.checkpoint_due - self.monotonic(), 0.0) + self.settings.sweep_interval_seconds
         return max(1, math.ceil(wait))
 
     async def stop(self) -> None:
@@ -3550,12 +3554,11 @@ class InclusionProof(Out):
     checkpoint: LogCheckpoint | None = Field(description="the checkpoint of tree_size, when one is kept")
 
 
-def read_inclusion_proof(conn: sqlite3.Connection, receipt_id: str, tree_size: int | None,
-                         retry_after: int) -> dict[str, Any]:
+def read_inclusion_proof(conn: sqlite3.Connection, receipt_id: str, tree_size: int | None) -> dict[str, Any]:
     """A receipt's leaf index and audit path in the tree of `tree_size` leaves (default: the latest
     checkpoint's), from O(log n) rows. Raises NotFound (no such leaf, or no checkpoint of `tree_size` or
-    more), NotReady with Retry-After (not under a checkpoint yet) or Invalid (the leaf is not in a tree
-    of `tree_size`)."""
+    more), NotReady (not under a checkpoint yet; the caller adds when one may come) or Invalid (the leaf
+    is not in a tree of `tree_size`)."""
     leaf = get_log_leaf(conn, receipt_id)
     if leaf is None:
         raise NotFound("receipt not in the log")
@@ -3567,7 +3570,7 @@ def read_inclusion_proof(conn: sqlite3.Connection, receipt_id: str, tree_size: i
     if size > published:
         raise NotFound(f"no checkpoint of {size} leaves or more")
     if index >= size:
-        raise NotReady("receipt not yet under a checkpoint", headers={"Retry-After": str(retry_after)})
+        raise NotReady("receipt not yet under a checkpoint")
     checkpoint = latest if size == published else get_checkpoint(conn, size)
     return {"receipt_id": receipt_id, "leaf_index": index, "tree_size": size, "leaf_hash": b64(leaf["leaf_hash"]),
             "audit_path": _proof(conn, inclusion_ranges(index, size)),
@@ -4163,8 +4166,15 @@ async def log_checkpoints(call: Call) -> Response:
 async def log_inclusion_proof(call: Call) -> Response:
     """A receipt's leaf index and audit path under a checkpoint; 425 until one covers it."""
     q, coord = call.query, call.coord
-    return json_response(await coord.db.read(read_inclusion_proof, q.receipt_id, q.tree_size,
-                                             coord.checkpoint_retry_after()))
+    try:
+        return json_response(await coord.db.read(read_inclusion_proof, q.receipt_id, q.tree_size))
+    except NotReady as exc:
+        retry_after = coord.checkpoint_retry_after()
+        if retry_after is None:
+            raise Unavailable("no checkpoint will cover this receipt: this server has no log signing key",
+                              retry_after=None) from None
+        exc.headers["Retry-After"] = str(retry_after)
+        raise
 
 
 @endpoint("GET", "/v1/log/proof/consistency", query=ConsistencyQuery,

@@ -230,6 +230,45 @@ async def test_a_receipt_not_yet_under_a_checkpoint_is_425_with_retry_after(tmp_
         assert [c["tree_size"] for c in (await h.client.get("/v1/log/checkpoints")).json()["items"]] == [1, 0]
 
 
+async def test_inclusion_after_a_restart_and_without_a_key_is_never_a_500(tmp_path: Path) -> None:
+    """Break report 17 #1: a server restarted on a log its last run had checkpointed (no checkpoint made
+    by this process yet), or one without a log key, answered every inclusion request 500."""
+    async with harness(tmp_path, SIGNING) as h:
+        covered = await complete_one(h)
+        await checkpoint_now(h)
+        pending = await complete_one(h)  # logged, but this run ends before a checkpoint covers it
+    async with harness(tmp_path, {**SIGNING, "RECEIPT_LOG_CHECKPOINT_SECONDS": "30"}) as h:
+        get = h.client.get
+        assert (await get("/v1/log/proof/inclusion", params={"receipt_id": "nope"})).status_code == 404
+        assert (await get("/v1/log/proof/inclusion", params={"receipt_id": covered["receipt_id"]})).status_code == 200
+        late = await complete_one(h)  # the start-up checkpoint covered `pending`; this one waits for the next
+        assert (await get("/v1/log/proof/inclusion", params={"receipt_id": pending["receipt_id"]})).status_code == 200
+        r = await get("/v1/log/proof/inclusion", params={"receipt_id": late["receipt_id"]})
+        assert (r.status_code, r.headers["retry-after"]) == (425, "28")  # complete_one took 2.5 s of the 30
+        h.clock.advance(30)
+        assert await h.coord.checkpoint()
+    async with harness(tmp_path, {**SIGNING}) as h:  # restarted once the log is covered: no checkpoint at start
+        assert not await h.coord.checkpoint() and h.coord.checkpoint_due == -math.inf
+        r = await h.client.get("/v1/log/proof/inclusion", params={"receipt_id": "nope"})
+        assert (r.status_code, r.json()) == (404, {"detail": "receipt not in the log"})
+        assert (await h.client.get("/v1/log/proof/inclusion", params={"receipt_id": late["receipt_id"]})).status_code == 200
+        newest = await complete_one(h)
+        r = await h.client.get("/v1/log/proof/inclusion", params={"receipt_id": newest["receipt_id"]})
+        assert (r.status_code, r.headers["retry-after"]) == (425, "1")  # the next tick may checkpoint it
+    async with harness(tmp_path, NO_RECEIPTS) as h:  # no key: no checkpoint will ever cover `newest`
+        assert h.coord.notary is None
+        r = await h.client.get("/v1/log/proof/inclusion", params={"receipt_id": "nope"})
+        assert r.status_code == 404
+        assert (await h.client.get("/v1/log/proof/inclusion", params={"receipt_id": covered["receipt_id"]})).status_code == 200
+        r = await h.client.get("/v1/log/proof/inclusion", params={"receipt_id": newest["receipt_id"]})
+        assert r.status_code == 503 and "no log signing key" in r.json()["detail"] and "retry-after" not in r.headers
+    prod = {"APP_ENV": "prod", "CLIENT_API_KEYS": "c", "MINER_API_KEYS": "m", "ADMIN_API_KEYS": "a"}
+    (tmp_path / "fresh").mkdir()
+    async with harness(tmp_path / "fresh", prod) as h:  # outside dev without a key: an empty log, no checkpoint
+        r = await h.client.get("/v1/log/proof/inclusion", params={"receipt_id": "nope"})
+        assert (r.status_code, r.json()) == (404, {"detail": "receipt not in the log"})
+
+
 async def test_errors_of_the_proof_routes(tmp_path: Path) -> None:
     async with harness(tmp_path, SIGNING) as h:
         receipts = [await complete_one(h) for _ in range(3)]
