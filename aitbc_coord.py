@@ -186,11 +186,17 @@ def parse_list(raw: str) -> list[str]:
     return [i.strip() for i in raw.split(",") if i.strip()]
 
 
-def _parse_int(low: int) -> Callable[[str], int]:
+# Bounds on numeric settings: past them, millisecond arithmetic overflows a float to infinity or an
+# SQLite integer, which would fail every request that uses the value instead of start-up.
+SECONDS_MAX = 10 * 365 * 86_400  # ten years: "never" for any duration setting
+COUNT_MAX = 2**31 - 1
+
+
+def _parse_int(low: int, high: int = COUNT_MAX) -> Callable[[str], int]:
     def parse(raw: str) -> int:
         value = int(raw)
-        if value < low:
-            raise ValueError(f"must be at least {low}, got {value}")
+        if not low <= value <= high:
+            raise ValueError(f"must be from {low} to {high}, got {value}")
         return value
 
     return parse
@@ -198,8 +204,8 @@ def _parse_int(low: int) -> Callable[[str], int]:
 
 def _parse_seconds(raw: str) -> float:
     value = float(raw)
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"must be a non-negative number of seconds, got {raw}")
+    if not 0 <= value <= SECONDS_MAX:  # NaN fails this too
+        raise ValueError(f"must be a number of seconds from 0 to {SECONDS_MAX} (ten years), got {raw}")
     return value
 
 
@@ -261,11 +267,11 @@ def _parse_app_env(raw: str) -> str:
 ENV_VARS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "APP_ENV": ("app_env", _parse_app_env),
     "APP_HOST": ("host", str),
-    "APP_PORT": ("port", _parse_int(0)),
+    "APP_PORT": ("port", _parse_int(0, 65535)),
     "DATABASE_URL": ("db_path", _parse_database_url),
     "ALLOW_ORIGINS": ("allow_origins", lambda raw: tuple(parse_list(raw))),
-    "JOB_TTL_SECONDS": ("job_ttl_seconds", _parse_int(1)),
-    "JOB_TTL_MAX_SECONDS": ("job_ttl_max_seconds", _parse_int(1)),
+    "JOB_TTL_SECONDS": ("job_ttl_seconds", _parse_int(1, SECONDS_MAX)),
+    "JOB_TTL_MAX_SECONDS": ("job_ttl_max_seconds", _parse_int(1, SECONDS_MAX)),
     "HEARTBEAT_TIMEOUT_SECONDS": ("heartbeat_timeout_seconds", _parse_seconds),
     "JOB_MAX_ATTEMPTS": ("job_max_attempts", _parse_int(1)),
     "POLL_MAX_WAIT_SECONDS": ("poll_max_wait_seconds", _parse_seconds),

@@ -72,6 +72,20 @@ def test_malformed_values_name_the_variable(env: dict[str, str], name: str) -> N
         load(env)
 
 
+@pytest.mark.parametrize(("name", "raw"), [
+    ("HEARTBEAT_TIMEOUT_SECONDS", "1e306"), ("HEARTBEAT_TIMEOUT_SECONDS", "inf"), ("POLL_MAX_WAIT_SECONDS", "1e20"),
+    ("RECEIPT_LOG_CHECKPOINT_SECONDS", "1e306"), ("JOB_TTL_SECONDS", str(10**20)), ("JOB_TTL_MAX_SECONDS", str(10**20)),
+    ("JOB_MAX_ATTEMPTS", str(2**63)), ("APP_PORT", "70000"), ("RATE_LIMIT_WINDOW_SECONDS", "315360001"),
+])
+def test_values_whose_arithmetic_would_overflow_stop_start_up(name: str, raw: str) -> None:
+    """Once HEARTBEAT_TIMEOUT_SECONDS=1e306 made every admin read and sweep fail (ms: infinity) and
+    JOB_TTL_SECONDS=1e20 every submit (past SQLite's 64-bit integers): 500s, not a start-up error."""
+    with pytest.raises(ac.ConfigError, match=name):
+        load({name: raw})
+    assert load({"HEARTBEAT_TIMEOUT_SECONDS": str(ac.SECONDS_MAX), "JOB_TTL_MAX_SECONDS": str(ac.SECONDS_MAX),
+                 "APP_PORT": "65535"}).heartbeat_timeout_seconds == 315_360_000
+
+
 def test_database_url_forms() -> None:
     assert load({"DATABASE_URL": "sqlite:///./data/c.db"}).db_path == "./data/c.db"
     assert load({"DATABASE_URL": "sqlite:////var/lib/aitbc/c.db"}).db_path == "/var/lib/aitbc/c.db"
