@@ -45,6 +45,7 @@ import enum
 import functools
 import gc
 import hashlib
+import http.client
 import ipaddress
 import json
 import logging
@@ -5234,7 +5235,12 @@ def keygen(out: str | None, force: bool) -> None:
 
 
 # The receipt log from a client's side (`verify --log`, `audit`): everything fetched is checked here,
-# nothing the log says is taken on trust but the key pinned for it.
+# nothing the log says is taken on trust but the key pinned for it. Both commands exit with one
+# scheme, so that a monitor can tell a log at fault from a network glitch or its own mistake:
+EXIT_FAILED = 1  # the log (or the receipt) failed a check
+EXIT_TRANSPORT = 2  # the server could not be reached, or its answer could not be used
+EXIT_LOCAL = 3  # a problem on this side: usage, a state or receipt file that cannot be read or written
+
 
 class LogFault(Exception):
     """The log failed a check (bad signature, fork, shrunk tree, entries that do not make its root, a
@@ -5242,34 +5248,107 @@ class LogFault(Exception):
 
 
 class LogUnreachable(Exception):
-    """The log could not be checked (unreachable, an unexpected answer, nothing to check yet): exit status 2."""
+    """The log could not be checked (unreachable, an answer that is not HTTP or not the JSON asked for,
+    nothing to check yet): exit status 2."""
+
+
+class LocalProblem(click.ClickException):
+    """A problem on the auditor's side (a state file that cannot be read or written): exit status 3."""
+
+    exit_code = EXIT_LOCAL
+
+
+class LogCheckCommand(click.Command):
+    """`verify` and `audit`: click's usage errors exit 3 (EXIT_LOCAL) instead of 2, which these
+    commands use for a server that could not be asked."""
+
+    def make_context(self, info_name: str | None, args: list[str], parent: click.Context | None = None,
+                     **extra: Any) -> click.Context:
+        try:
+            return super().make_context(info_name, args, parent, **extra)
+        except click.UsageError as exc:
+            exc.exit_code = EXIT_LOCAL
+            raise
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except click.UsageError as exc:  # a BadParameter found while running (e.g. a malformed key)
+            exc.exit_code = EXIT_LOCAL
+            raise
+
+
+def log_url_option(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """A coordinator's base URL: http(s), a host, an optional path prefix; raises click.BadParameter."""
+    if value is None:
+        return None
+    try:
+        parts = urllib.parse.urlsplit(value)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number up to 65535
+    except ValueError as exc:
+        raise click.BadParameter(f"{value!r} is not a URL ({exc})") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
+        raise click.BadParameter(f"{value!r} is not a coordinator's URL (http:// or https://, a host, "
+                                 f"no query), e.g. https://coord.example.org")
+    return value
+
+
+def http_opener() -> urllib.request.OpenerDirector:
+    """urllib's opener for HTTP and HTTPS only (proxies from the environment, redirects), without
+    its file:, ftp: and data: handlers: a redirect cannot make the client read a local file."""
+    opener = urllib.request.OpenerDirector()
+    for handler in (urllib.request.ProxyHandler(), urllib.request.HTTPHandler(), urllib.request.HTTPSHandler(),
+                    urllib.request.HTTPDefaultErrorHandler(), urllib.request.HTTPRedirectHandler(),
+                    urllib.request.HTTPErrorProcessor()):
+        opener.add_handler(handler)
+    return opener
+
+
+def one_line(text: Any, limit: int = 200) -> str:
+    """`text` as one line of at most about `limit` characters (what a server sent may hold anything)."""
+    return " ".join(str(text).split())[:limit]
 
 
 class LogClient:
     """The public /v1/log routes of the coordinator at `base` (its URL), over HTTP."""
 
-    def __init__(self, base: str) -> None:
-        self.base = base.rstrip("/")
+    MAX_ANSWER_BYTES = 64 << 20  # an entries page is a few MB; a server sending more is not answering
+
+    def __init__(self, base: str, timeout: float = 30.0) -> None:
+        self.base, self.timeout, self.opener = base.rstrip("/"), timeout, http_opener()
+
+    def fetch(self, url: str) -> tuple[int, bytes]:
+        """(status, body) of a GET; raises LogUnreachable for anything that is not a whole HTTP answer
+        (refused, reset, timed out, not HTTP, shorter than its Content-Length, too large)."""
+        request = urllib.request.Request(url, headers={"Accept": "application/json"})
+        try:
+            try:
+                with self.opener.open(request, timeout=self.timeout) as response:
+                    status, raw = response.status, response.read(self.MAX_ANSWER_BYTES + 1)
+            except urllib.error.HTTPError as exc:
+                with exc:
+                    status, raw = exc.code, exc.read(self.MAX_ANSWER_BYTES + 1)
+        except (OSError, http.client.HTTPException, ValueError) as exc:  # URLError is an OSError
+            reason = getattr(exc, "reason", None) or f"{type(exc).__name__} {exc}"
+            raise LogUnreachable(f"cannot reach {self.base}: {one_line(reason)}") from None
+        if len(raw) > self.MAX_ANSWER_BYTES:
+            raise LogUnreachable(f"{self.base} sent an answer over {self.MAX_ANSWER_BYTES >> 20} MiB")
+        return status, raw
 
     def get(self, path: str, ok: Sequence[int] = (200,), **params: Any) -> tuple[int, Any]:
-        """(status, JSON) of a GET; raises LogUnreachable unless the status is one of `ok`."""
+        """(status, JSON) of a GET; raises LogUnreachable unless the status is one of `ok` and the
+        answer is JSON."""
         query = urllib.parse.urlencode({k: v for k, v in params.items() if v is not None})
-        request = urllib.request.Request(f"{self.base}{path}{'?' + query if query else ''}",
-                                         headers={"Accept": "application/json"})
+        status, raw = self.fetch(f"{self.base}{path}{'?' + query if query else ''}")
         try:
-            with urllib.request.urlopen(request, timeout=30) as response:
-                status, raw = response.status, response.read()
-        except urllib.error.HTTPError as exc:
-            status, raw = exc.code, exc.read()
-        except (urllib.error.URLError, OSError) as exc:
-            raise LogUnreachable(f"cannot reach {self.base}: {getattr(exc, 'reason', exc)}") from None
-        try:
-            data = json.loads(raw) if raw else None
-        except ValueError:
-            data = None
+            data = json.loads(raw)
+        except (ValueError, RecursionError):  # RecursionError: nested past what json can parse
+            data = raw
         if status not in ok:
             detail = data.get("detail") if isinstance(data, dict) else raw[:100].decode(errors="replace")
-            raise LogUnreachable(f"GET {path}: {status} {detail}")
+            raise LogUnreachable(f"GET {path}: {status} {one_line(detail)}")
+        if data is raw:
+            raise LogUnreachable(f"GET {path}: {status} answer is not JSON: {one_line(raw[:100].decode(errors='replace'))}")
         return status, data
 
     def checkpoint(self) -> str:
@@ -5351,7 +5430,7 @@ def open_checkpoint(note: str, verifier: NoteVerifier) -> Checkpoint:
 
 
 def read_state(path: str) -> dict[str, Any] | None:
-    """An audit state file (None when there is none yet); raises click.ClickException when unreadable."""
+    """An audit state file (None when there is none yet); raises LocalProblem when unreadable."""
     try:
         state = json.loads(Path(path).read_text(encoding="utf-8"))
         NoteVerifier.parse(state["verifier_key"])
@@ -5361,7 +5440,7 @@ def read_state(path: str) -> dict[str, Any] | None:
     except FileNotFoundError:
         return None
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise click.ClickException(f"{path} is not an audit state file ({exc})") from None
+        raise LocalProblem(f"{path} is not an audit state file ({one_line(exc)})") from None
     return state
 
 
@@ -5487,10 +5566,11 @@ def log_inclusion(client: LogClient, receipt: Mapping[str, Any], raw: bytes, key
     return f"in the receipt log {checkpoint.origin} as leaf {index} of {checkpoint.tree_size}, under {how}"
 
 
-@cli.command("verify")
+@cli.command("verify", cls=LogCheckCommand)
 @click.argument("receipt_file", type=click.File("rb"))
 @click.option("--key-id", "key_ids", multiple=True, help="A trusted signing key_id (repeatable).")
-@click.option("--log", "log_url", metavar="URL", help="Also check the receipt is in this coordinator's receipt log.")
+@click.option("--log", "log_url", metavar="URL", callback=log_url_option,
+              help="Also check the receipt is in this coordinator's receipt log.")
 @click.option("--log-key", metavar="KEY", help="With --log: the log's trusted key (verifier key or key_id); "
               "default: the --state file's, else the one the log lists.")
 @click.option("--state", "state_path", type=click.Path(dir_okay=False), metavar="FILE",
@@ -5502,7 +5582,11 @@ def verify_command(receipt_file: Any, key_ids: tuple[str, ...], log_url: str | N
     Checks the signature and every attestation over the canonical bytes; with --key-id, the
     receipt must also be signed by one of those keys (see GET /v1/receipts/keys). With --log, the
     receipt must also be a leaf of that coordinator's receipt log under a checkpoint signed by the
-    log's key (RFC 9162 inclusion proof); exit status 2 when the log cannot be asked.
+    log's key (RFC 9162 inclusion proof).
+
+    Exit status: 0 valid; 1 invalid (the receipt or the log failed a check); 2 the log could not be
+    asked (unreachable, or an answer that is not the one asked for); 3 a local problem (usage, a
+    file that cannot be read).
 
     \b
     Examples:
@@ -5523,27 +5607,28 @@ def verify_command(receipt_file: Any, key_ids: tuple[str, ...], log_url: str | N
     report = verify_receipt(receipt, set(key_ids) if key_ids else {own_key} - {None})
     if not report["valid"]:
         click.echo(f"invalid: {report['reason']}", err=True)
-        sys.exit(1)
+        sys.exit(EXIT_FAILED)
     trust = "" if key_ids else " (signing key not checked: pass --key-id)"
     logged = ""
     if log_url is not None:
         state = read_state(state_path) if state_path else None
         if state_path and state is None:
-            raise click.ClickException(f"no audit state file at {state_path}")
+            raise LocalProblem(f"no audit state file at {state_path}")
         try:
             logged = "; " + log_inclusion(LogClient(log_url), receipt, raw, log_key, state)
         except LogFault as exc:
             click.echo(f"invalid: {exc}", err=True)
-            sys.exit(1)
+            sys.exit(EXIT_FAILED)
         except LogUnreachable as exc:
             click.echo(f"cannot check the log: {exc}", err=True)
-            sys.exit(2)
+            sys.exit(EXIT_TRANSPORT)
     click.echo(f"valid: receipt {receipt.get('receipt_id')} for job {receipt.get('job_id')} "
                f"signed by {own_key}{trust}{logged}")
 
 
-@cli.command("audit")
-@click.option("--log", "log_url", required=True, metavar="URL", help="The coordinator whose receipt log to audit.")
+@cli.command("audit", cls=LogCheckCommand)
+@click.option("--log", "log_url", required=True, metavar="URL", callback=log_url_option,
+              help="The coordinator whose receipt log to audit.")
 @click.option("--state", "state_path", required=True, type=click.Path(dir_okay=False), metavar="FILE",
               help="Where the last audited checkpoint, the pinned key and the replayed tree's edge are kept.")
 @click.option("--key", metavar="KEY", help="The log's key (verifier key or key_id); pinned in FILE. Without it, "
@@ -5559,7 +5644,11 @@ def audit_command(log_url: str, state_path: str, key: str | None, full: bool, ot
     replays the entries since then (every receipt must hash to its leaf) and recomputes the root;
     then saves the new checkpoint. Fails on a bad signature (or a key other than the pinned one,
     until you pass the new one with --key), a fork, a shrunk tree, or entries that do not make the
-    checkpoint's root. Exit status 2 when the log cannot be reached or asked.
+    checkpoint's root.
+
+    Exit status: 0 ok; 1 the log failed a check; 2 the log could not be asked (unreachable, or an
+    answer that is not the one asked for: try again later); 3 a local problem (usage, a state file
+    that cannot be read or written).
 
     \b
     Examples:
@@ -5572,16 +5661,16 @@ def audit_command(log_url: str, state_path: str, key: str | None, full: bool, ot
         if other_path is not None:
             other = read_state(other_path)
             if state is None or other is None:
-                raise click.ClickException("--compare needs two audit state files")
+                raise LocalProblem("--compare needs two audit state files")
             click.echo(compare_audits(client, state, other))
             return
         new_state, summary = audit_log(client, state, key, full)
     except LogFault as exc:
         click.echo(f"audit failed: {exc}", err=True)
-        sys.exit(1)
+        sys.exit(EXIT_FAILED)
     except LogUnreachable as exc:
         click.echo(f"cannot audit: {exc}", err=True)
-        sys.exit(2)
+        sys.exit(EXIT_TRANSPORT)
     write_state(state_path, new_state)
     click.echo(summary)
 

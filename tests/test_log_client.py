@@ -1,0 +1,121 @@
+"""The receipt log's client side (`verify --log`, `audit`) against servers that misbehave and against
+its own mistakes: one exit status per kind of outcome (0 ok, 1 a check failed, 2 the server could
+not be asked, 3 a local problem), always one line, never a traceback. (Break report 17 #2, #3, #9, #11.)"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner, Result
+
+import aitbc_coord as ac
+from test_receipts import EDGE_PAYLOAD, EDGE_SIGNATURE
+
+# What a server that is not a coordinator (or a broken one) may send, as the break report tried it.
+ANSWERS = {
+    "not HTTP": b"\x00\xffgarbage not http\r\n\r\n",
+    "shorter than its Content-Length": b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n"
+                                       b"Connection: close\r\n\r\n{\"note\": \"x",
+    "closed without an answer": b"",
+    "HTML": b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: 13\r\nConnection: close\r\n\r\n<html></html>",
+    "JSON of another shape": b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n"
+                             b"Connection: close\r\n\r\n[]",
+    "a 500": b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 5\r\nConnection: close\r\n\r\noops!",
+    "JSON nested too deep": b"HTTP/1.1 200 OK\r\nContent-Length: 200000\r\nConnection: close\r\n\r\n" + b"[" * 200_000,
+    "a redirect to a local file": b"HTTP/1.1 302 Found\r\nLocation: file:///etc/passwd\r\nContent-Length: 0\r\n"
+                                  b"Connection: close\r\n\r\n",
+}
+
+
+@contextlib.contextmanager
+def raw_server(answer: bytes) -> Iterator[str]:
+    """A TCP server on a free port that reads a request and sends `answer` as it is; yields its URL."""
+    sock = socket.create_server(("127.0.0.1", 0))
+    sock.settimeout(0.1)
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = sock.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                conn.settimeout(5)
+                with contextlib.suppress(OSError):
+                    conn.recv(65536)
+                    conn.sendall(answer)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        stop.set()
+        thread.join()
+        sock.close()
+
+
+def run(*args: object) -> Result:
+    return CliRunner().invoke(ac.cli, [str(a) for a in args])
+
+
+def one_line(result: Result) -> str:
+    """The command's only line of output; fails on a traceback or more lines."""
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    assert "Traceback" not in result.output
+    lines = result.output.splitlines()
+    assert len(lines) == 1, result.output
+    return lines[0]
+
+
+@pytest.fixture
+def receipt(tmp_path: Path) -> Path:
+    """A receipt whose signature verifies (the edge vector), so that verify goes on to ask the log."""
+    path = tmp_path / "receipt.json"
+    path.write_text(json.dumps({**EDGE_PAYLOAD, "signature": EDGE_SIGNATURE}))
+    return path
+
+
+@pytest.mark.parametrize("what", list(ANSWERS))
+def test_a_server_that_does_not_answer_as_a_log_is_exit_2_in_one_line(what: str, receipt: Path, tmp_path: Path) -> None:
+    with raw_server(ANSWERS[what]) as url:
+        result = run("verify", receipt, "--log", url)
+        assert result.exit_code == ac.EXIT_TRANSPORT and one_line(result).startswith("cannot check the log: "), \
+            result.output
+        result = run("audit", "--log", url, "--state", tmp_path / "state.json")
+        assert result.exit_code == ac.EXIT_TRANSPORT and one_line(result).startswith("cannot audit: "), result.output
+    assert not (tmp_path / "state.json").exists()
+
+
+def test_a_server_that_does_not_answer_in_time_is_exit_2(receipt: Path) -> None:
+    listener = socket.create_server(("127.0.0.1", 0))  # accepts (the backlog does) but never answers
+    try:
+        client = ac.LogClient(f"http://127.0.0.1:{listener.getsockname()[1]}", timeout=0.2)
+        with pytest.raises(ac.LogUnreachable, match="cannot reach .*timed out"):
+            client.checkpoint()
+    finally:
+        listener.close()
+
+
+@pytest.mark.parametrize("url", ["", "http://[::1", "ftp://coord.example.org", "file:///etc/passwd",
+                                 "http://coord.example.org:99999", "http://coord.example.org/?x=1", "coord.example.org"])
+def test_a_log_url_that_is_not_a_coordinators_is_a_usage_error_exit_3(url: str, receipt: Path, tmp_path: Path) -> None:
+    for args in (("verify", receipt, "--log", url), ("audit", "--log", url, "--state", tmp_path / "s.json")):
+        result = run(*args)
+        assert result.exit_code == ac.EXIT_LOCAL and "Invalid value for '--log'" in result.output, result.output
+        assert "Traceback" not in result.output
+
+
+def test_usage_errors_of_verify_and_audit_are_exit_3_not_click_s_2(receipt: Path, tmp_path: Path) -> None:
+    assert run("audit", "--state", tmp_path / "s.json").exit_code == ac.EXIT_LOCAL  # --log missing
+    assert run("audit", "--log", "http://127.0.0.1:9", "--bogus").exit_code == ac.EXIT_LOCAL
+    assert run("verify", tmp_path / "missing.json").exit_code == ac.EXIT_LOCAL  # cannot be read
+    assert run("verify", "--help").exit_code == 0
+    assert run("migrate", "--bogus").exit_code == 2  # other commands keep click's usual status
