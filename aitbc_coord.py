@@ -294,6 +294,36 @@ ENV_VARS: dict[str, tuple[str, Callable[[str], Any]]] = {
 }
 
 
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_file_atomically(path: str | Path, text: str, replace: bool) -> None:
+    """Write `text` to `path` whole or not at all, mode 0600: into a temporary file beside it, fsynced,
+    then renamed over `path` (`replace`) or linked to its name (not `replace`: FileExistsError when
+    it exists, so that of two writers racing one wins and both read the winner's file), then the
+    directory fsynced. A crash leaves the old file or the new one, never a part. Raises OSError."""
+    target = Path(path)
+    fd, partial = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")  # mode 0600
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        if replace:
+            os.replace(partial, target)
+        else:
+            os.link(partial, target)
+    finally:
+        with contextlib.suppress(FileNotFoundError):  # renamed: already gone
+            os.unlink(partial)
+    _fsync(target.parent)
+
+
 def parse_seed(text: str) -> bytes:
     """A 32-byte Ed25519 seed from 64 hex chars; raises ValueError."""
     text = text.strip()
@@ -664,14 +694,6 @@ def migrate(path: str) -> tuple[int, int]:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             conn.close()
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def backup(path: str, dest: str) -> dict[str, Any]:
@@ -5200,17 +5222,14 @@ def check_command(url: str | None, client_key: str, miner_key: str) -> None:
 
 
 def write_secret(path: str, text: str, force: bool) -> None:
-    """Write `text` to a new file readable only by its owner; raises click.ClickException if it exists."""
-    flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if force else os.O_EXCL)
+    """Write `text` to a new file readable only by its owner, whole or not at all (a key replaced with
+    --force is never left truncated); raises click.ClickException if it exists or cannot be written."""
     try:
-        fd = os.open(path, flags, 0o600)
+        write_file_atomically(path, text, replace=force)
     except FileExistsError:
         raise click.ClickException(f"{path} exists; use --force to replace it") from None
     except OSError as exc:
-        raise click.ClickException(f"cannot write {path}: {exc.strerror}") from None
-    with os.fdopen(fd, "w", encoding="ascii") as f:
-        os.fchmod(fd, 0o600)  # an existing file replaced with --force keeps no looser mode
-        f.write(text)
+        raise click.ClickException(f"cannot write {path}: {exc.strerror or exc}") from None
 
 
 @cli.command()
@@ -5432,28 +5451,41 @@ def open_checkpoint(note: str, verifier: NoteVerifier) -> Checkpoint:
 def read_state(path: str) -> dict[str, Any] | None:
     """An audit state file (None when there is none yet); raises LocalProblem when unreadable."""
     try:
-        state = json.loads(Path(path).read_text(encoding="utf-8"))
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise LocalProblem(f"cannot read the audit state {path}: {getattr(exc, 'strerror', None) or exc}") from None
+    try:
+        state = json.loads(text)
         NoteVerifier.parse(state["verifier_key"])
         Checkpoint.parse(state["checkpoint"].rsplit("\n\n", 1)[0] + "\n")
         if not isinstance(state["frontier"], list):
             raise TypeError("frontier")
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
         raise LocalProblem(f"{path} is not an audit state file ({one_line(exc)})") from None
     return state
 
 
+def state_directory(path: str) -> Path:
+    """The directory a state file is written in; raises LocalProblem when there is none to write in
+    (checked before an audit asks the log anything, so a long replay is not lost at the end)."""
+    directory = Path(path).resolve().parent
+    if not directory.is_dir():
+        raise LocalProblem(f"cannot write the audit state {path}: no directory {directory}")
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise LocalProblem(f"cannot write the audit state {path}: {directory} is not writable")
+    return directory
+
+
 def write_state(path: str, state: Mapping[str, Any]) -> None:
-    """Replace the state file at once (a crash leaves the old one or the new one, never half of one)."""
-    target = Path(path)
-    fd, partial = tempfile.mkstemp(dir=target.resolve().parent, prefix=target.name + ".")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(state, f, indent=1)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(partial, target)
+    """Replace the state file at once (a crash leaves the old one or the new one, never half of one);
+    raises LocalProblem naming the file when it cannot be written."""
+    state_directory(path)
+    try:
+        write_file_atomically(path, json.dumps(state, indent=1) + "\n", replace=True)
+    except OSError as exc:
+        raise LocalProblem(f"cannot write the audit state {path}: {exc.strerror or exc}") from None
 
 
 def saved_checkpoint(state: Mapping[str, Any]) -> Checkpoint:
@@ -5656,6 +5688,8 @@ def audit_command(log_url: str, state_path: str, key: str | None, full: bool, ot
       aitbc-coord audit --log https://coord.example.org --state mine.json --compare theirs.json
     """
     state = read_state(state_path)
+    if other_path is None:
+        state_directory(state_path)
     client = LogClient(log_url)
     try:
         if other_path is not None:
@@ -5671,7 +5705,11 @@ def audit_command(log_url: str, state_path: str, key: str | None, full: bool, ot
     except LogUnreachable as exc:
         click.echo(f"cannot audit: {exc}", err=True)
         sys.exit(EXIT_TRANSPORT)
-    write_state(state_path, new_state)
+    try:
+        write_state(state_path, new_state)
+    except LocalProblem as exc:
+        exc.message += f" (the audit itself passed: {summary})"
+        raise
     click.echo(summary)
 
 

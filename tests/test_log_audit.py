@@ -5,7 +5,9 @@ rewritten receipt, a deleted one, a tree rolled back, a split view, a key that c
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
+import os
 import shutil
 import sqlite3
 import time
@@ -232,3 +234,27 @@ def test_a_new_log_key_fails_the_audit_until_the_operator_passes_it(tmp_path: Pa
         assert code == 0 and "1 new since the saved checkpoint" in out, out
         assert log.audit(state)[0] == 0  # the new key is pinned now
         assert json.loads(state.read_text())["verifier_key"] == active["verifier_key"]
+
+
+def test_a_state_file_that_cannot_be_saved_after_a_passing_audit_is_exit_3(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Break report 17 #3: a failed write of the state file was a traceback and exit 1 (a log fault)."""
+    with Log(tmp_path).serving() as log:
+        log.issue(2)
+        state = tmp_path / "audit.json"
+        assert log.audit(state)[0] == 0
+        saved = state.read_text()
+        log.issue(1)
+
+        def disk_error(fd: int) -> None:
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+        with monkeypatch.context() as m:
+            m.setattr(os, "fsync", disk_error)
+            code, out = log.audit(state)
+        assert code == ac.EXIT_LOCAL and out.count("\n") == 1, out
+        assert out.startswith(f"Error: cannot write the audit state {state}: Input/output error") and \
+            "(the audit itself passed: ok: " in out, out
+        assert state.read_text() == saved and [p.name for p in tmp_path.glob(".audit.json.*")] == []
+        code, out = log.audit(state)
+        assert code == 0 and "3 leaves (1 new since the saved checkpoint" in out, out

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import socket
 import threading
 from collections.abc import Iterator
@@ -119,3 +120,32 @@ def test_usage_errors_of_verify_and_audit_are_exit_3_not_click_s_2(receipt: Path
     assert run("verify", tmp_path / "missing.json").exit_code == ac.EXIT_LOCAL  # cannot be read
     assert run("verify", "--help").exit_code == 0
     assert run("migrate", "--bogus").exit_code == 2  # other commands keep click's usual status
+
+
+def test_a_state_file_that_cannot_be_written_is_exit_3_before_the_log_is_asked(tmp_path: Path) -> None:
+    """Break report 17 #3: --state /nonexistent/dir/s.json crashed with mkstemp's traceback, exit 1."""
+    (tmp_path / "a-file").write_text("x")
+    for state, why in ((tmp_path / "nonexistent" / "dir" / "s.json", "no directory"),
+                       (tmp_path / "a-file" / "s.json", "")):
+        result = run("audit", "--log", "http://127.0.0.1:9", "--state", state)  # port 9: asked, it would be 2
+        line = one_line(result)
+        assert result.exit_code == ac.EXIT_LOCAL and str(state) in line and why in line, result.output
+    (tmp_path / "dir.json").mkdir()
+    result = run("audit", "--log", "http://127.0.0.1:9", "--state", tmp_path / "dir.json")
+    assert result.exit_code == ac.EXIT_LOCAL and "is a directory" in result.output  # click's usage error
+    if os.geteuid() != 0:  # root writes anywhere
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o555)
+        result = run("audit", "--log", "http://127.0.0.1:9", "--state", locked / "s.json")
+        assert result.exit_code == ac.EXIT_LOCAL and "is not writable" in one_line(result)
+
+
+def test_keygen_writes_a_key_whole_or_not_at_all(tmp_path: Path) -> None:
+    out = tmp_path / "nowhere" / "k.key"
+    result = run("keygen", "--out", out)
+    assert result.exit_code == 1 and one_line(result).startswith(f"Error: cannot write {out}")
+    key = tmp_path / "k.key"
+    assert run("keygen", "--out", key).exit_code == 0 and oct(key.stat().st_mode & 0o777) == "0o600"
+    first = key.read_text()
+    assert run("keygen", "--out", key, "--force").exit_code == 0 and key.read_text() != first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["k.key"]  # no temporary file left
