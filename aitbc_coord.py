@@ -5505,14 +5505,26 @@ def check_consistent(client: LogClient, old: Checkpoint, new: Checkpoint, what: 
                        f"{old.tree_size} (root {b64(old.root_hash)})")
 
 
+class Replayed(NamedTuple):
+    """What a replay saw: the entries replayed, how many of them came without their receipt (a leaf
+    hash alone: pruned, or deleted), and the index of the first such."""
+
+    entries: int
+    bodiless: int
+    first_bodiless: int | None
+
+
 def replay(client: LogClient, frontier: list[bytes], start: int, checkpoint: Checkpoint,
-           saved: Checkpoint | None = None) -> int:
+           saved: Checkpoint | None = None) -> Replayed:
     """Extend `frontier` (the subtrees of the first `start` leaves) with the log's entries up to the
     checkpoint's size, checking each receipt against its leaf hash, the root against the checkpoint's
-    and, passing `saved`'s size, against its root. Returns the entries replayed; raises LogFault."""
-    size = start
+    and, passing `saved`'s size, against its root. Raises LogFault."""
+    size, bodiless, first_bodiless = start, 0, None
     for index, leaf, digest in client.entries(start, checkpoint.tree_size - 1):
-        if leaf is not None and leaf_hash(leaf) != digest:
+        if leaf is None:
+            bodiless += 1
+            first_bodiless = index if first_bodiless is None else first_bodiless
+        elif leaf_hash(leaf) != digest:
             raise LogFault(f"entry {index}: its receipt does not hash to its leaf hash (rewritten)")
         frontier_append(frontier, size, digest)
         size += 1
@@ -5520,12 +5532,13 @@ def replay(client: LogClient, frontier: list[bytes], start: int, checkpoint: Che
             raise LogFault(f"the log's first {size} entries do not make the saved checkpoint's root (history rewritten)")
     if frontier_root(frontier) != checkpoint.root_hash:
         raise LogFault(f"the log's {size} entries do not make the root of its checkpoint")
-    return size - start
+    return Replayed(size - start, bodiless, first_bodiless)
 
 
-def audit_log(client: LogClient, state: dict[str, Any] | None, key: str | None, full: bool) -> tuple[dict[str, Any], str]:
-    """One audit (see `aitbc-coord audit`): the new state and a summary line; raises LogFault or
-    LogUnreachable."""
+def audit_log(client: LogClient, state: dict[str, Any] | None, key: str | None, full: bool,
+              allow_pruned: bool = False) -> tuple[dict[str, Any], str]:
+    """One audit (see `aitbc-coord audit`): the new state and a summary line; raises LogFault (also
+    for entries served without their receipt, unless `allow_pruned`) or LogUnreachable."""
     note = client.checkpoint()
     origin = note.split("\n", 1)[0]
     pinned = NoteVerifier.parse(state["verifier_key"]) if state else None
@@ -5545,12 +5558,17 @@ def audit_log(client: LogClient, state: dict[str, Any] | None, key: str | None, 
         if frontier_root(frontier) != saved.root_hash:
             raise click.ClickException("the state file's frontier does not make its checkpoint's root")
     replayed = replay(client, frontier, start, checkpoint, saved if full else None)
+    if replayed.bodiless and not allow_pruned:
+        raise LogFault(f"{replayed.bodiless} of the {replayed.entries} entries replayed came without their receipt "
+                       f"(the first: entry {replayed.first_bodiless}): deleted, or pruned by receipt retention; "
+                       f"if this log prunes receipts, audit it with --allow-pruned")
     new_state = {"log": client.base, "verifier_key": verifier.encode(), "checkpoint": note,
                  "frontier": [b64(h) for h in frontier]}
     grew = f"{checkpoint.tree_size - saved.tree_size} new since the saved checkpoint, consistent" if saved else \
         f"first audit, key {'given' if key else 'pinned from the log'}"
-    summary = (f"ok: {checkpoint.origin}: {checkpoint.tree_size} leaves ({grew}); {replayed} entries replayed "
-               f"and their root matches the checkpoint")
+    pruned = f" ({replayed.bodiless} without their receipt: pruned)" if replayed.bodiless else ""
+    summary = (f"ok: {checkpoint.origin}: {checkpoint.tree_size} leaves ({grew}); {replayed.entries} entries "
+               f"replayed{pruned} and their root matches the checkpoint")
     return new_state, summary
 
 
@@ -5666,17 +5684,21 @@ def verify_command(receipt_file: Any, key_ids: tuple[str, ...], log_url: str | N
 @click.option("--key", metavar="KEY", help="The log's key (verifier key or key_id); pinned in FILE. Without it, "
               "the first audit pins the key the log lists.")
 @click.option("--full", is_flag=True, help="Replay every entry from the first, not only those since the last audit.")
+@click.option("--allow-pruned", is_flag=True, help="Accept entries served without their receipt (a log that prunes "
+              "receipt bodies: RECEIPT_RETENTION_DAYS); they are counted. Without it they fail the audit.")
 @click.option("--compare", "other_path", type=click.Path(dir_okay=False, exists=True), metavar="OTHER",
               help="Only check FILE's checkpoint against another auditor's state file (a split view shows here).")
-def audit_command(log_url: str, state_path: str, key: str | None, full: bool, other_path: str | None) -> None:
+def audit_command(log_url: str, state_path: str, key: str | None, full: bool, allow_pruned: bool,
+                  other_path: str | None) -> None:
     """Audit a receipt log, as a monitor run from cron; exit status 1 with a one-line reason if it fails.
 
     Fetches the latest checkpoint and checks its signature against the pinned key; checks it is
     consistent with the checkpoint saved in FILE (RFC 9162 consistency proof: the log only grew);
     replays the entries since then (every receipt must hash to its leaf) and recomputes the root;
     then saves the new checkpoint. Fails on a bad signature (or a key other than the pinned one,
-    until you pass the new one with --key), a fork, a shrunk tree, or entries that do not make the
-    checkpoint's root.
+    until you pass the new one with --key), a fork, a shrunk tree, entries that do not make the
+    checkpoint's root, or entries served without their receipt (a receipt deleted from the log's
+    database looks so; unless --allow-pruned, for a log that prunes receipt bodies).
 
     Exit status: 0 ok; 1 the log failed a check; 2 the log could not be asked (unreachable, or an
     answer that is not the one asked for: try again later); 3 a local problem (usage, a state file
@@ -5698,7 +5720,7 @@ def audit_command(log_url: str, state_path: str, key: str | None, full: bool, ot
                 raise LocalProblem("--compare needs two audit state files")
             click.echo(compare_audits(client, state, other))
             return
-        new_state, summary = audit_log(client, state, key, full)
+        new_state, summary = audit_log(client, state, key, full, allow_pruned)
     except LogFault as exc:
         click.echo(f"audit failed: {exc}", err=True)
         sys.exit(EXIT_FAILED)

@@ -184,6 +184,35 @@ def test_a_deleted_receipt_shows_as_a_shrunk_tree_then_a_fork(tmp_path: Path) ->
         assert code == 1 and "fork: the tree of 4 leaves does not extend the one of 4" in out, out
 
 
+def test_a_receipt_deleted_from_the_database_fails_the_audit_unless_pruning_is_allowed(tmp_path: Path) -> None:
+    """Break report 17 #4: `delete from receipts where job_id = ...` passed every audit (entries served
+    the leaf with "leaf": null, as for a pruned receipt)."""
+    with Log(tmp_path).serving() as log:
+        files = log.issue(3)
+        state = tmp_path / "audit.json"
+        assert log.audit(state)[0] == 0
+        files += log.issue(2)
+        for i in (1, 3):  # one the auditor has replayed, one it has not
+            job_id = json.loads(files[i].read_bytes())["job_id"]
+            log.sql(("DELETE FROM receipts WHERE job_id = ?", (job_id,)))
+        code, out = log.audit(state)
+        assert code == 1 and out == ("audit failed: 1 of the 2 entries replayed came without their receipt (the first: "
+                                     "entry 3): deleted, or pruned by receipt retention; if this log prunes receipts, "
+                                     "audit it with --allow-pruned\n"), out
+        for args in (("--full",), ()):
+            code, out = log.audit(tmp_path / f"fresh{len(args)}.json", *args)
+            assert code == 1 and "2 of the 5 entries replayed came without their receipt (the first: entry 1)" in out, out
+        code, out = log.audit(state, "--full")
+        assert code == 1 and "2 of the 5 entries" in out, out
+        code, out = log.audit(state, "--allow-pruned")
+        assert code == 0 and "5 leaves (2 new since the saved checkpoint, consistent); 2 entries replayed " \
+            "(1 without their receipt: pruned) and their root matches" in out, out
+        code, out = log.audit(tmp_path / "fresh-allowing.json", "--allow-pruned")
+        assert code == 0 and "5 entries replayed (2 without their receipt: pruned)" in out, out
+        code, out = log.verify(files[1])  # the client's copy is still a leaf: the log holds the receipt
+        assert code == 0 and "as leaf 1 of 5" in out, out
+
+
 def test_a_rolled_back_database_and_a_split_view(tmp_path: Path) -> None:
     log = Log(tmp_path)
     copy = tmp_path / "copy.db"
