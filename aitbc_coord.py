@@ -594,7 +594,7 @@ class Outcome:
 
     value: Any = None
     wake: Wake = dataclasses.field(default_factory=Wake)
-    error: ApiError | None = None
+    error: ApiError | ConfigError | None = None
 
 
 # === Database ===
@@ -2553,10 +2553,17 @@ def log_has_grown(conn: sqlite3.Connection) -> bool:
 
 
 def tx_open_log(conn: sqlite3.Connection, key_id: str, configured: str | None, default: str, now: int) -> Outcome:
-    """Record the key that signs checkpoints and settle the log's origin (the value): the configured
-    one, else the one the latest checkpoint carries (a rotated key keeps the log), else `default`."""
+    """Record the key that signs checkpoints and settle the log's origin (the value): the one its
+    checkpoints carry (a rotated key keeps the log), else the configured one, else `default`. The
+    error is a ConfigError when the configured origin is not the one the log already has: an origin
+    is a log's identity for life (auditors pin it), so a new one would strand every auditor."""
     latest = get_latest_checkpoint(conn)
-    origin = configured or (latest["note"].split("\n", 1)[0] if latest is not None else default)
+    current = latest["note"].split("\n", 1)[0] if latest is not None else None
+    if configured is not None and current is not None and configured != current:
+        return Outcome(error=ConfigError(
+            f"RECEIPT_LOG_ORIGIN: the receipt log's checkpoints carry the origin {current}, not {configured}; "
+            f"a log keeps its origin for life: set RECEIPT_LOG_ORIGIN={current} or unset it"))
+    origin = current or configured or default
     upsert_log_key(conn, key_id, origin, now)
     return Outcome(origin)
 
@@ -2632,19 +2639,37 @@ class Coordinator:
         self.log_edge = LogEdge()
         self.db.abort_hooks += [self.matcher.reset, self.log_edge.reset]
         self._sweeper: asyncio.Task[None] | None = None
+        self.running = False  # between start() and stop()
 
     def now(self) -> int:
         return now_ms(self.clock)
 
     async def start(self) -> None:
-        """Migrate (unless `migrated` says it was done), open the database and start the background
-        sweeper; raises ConfigError."""
+        """Migrate (unless `migrated` says it was done), open the database, settle the keys and the
+        receipt log, and start the background sweeper; raises ConfigError, having closed what it
+        opened. Once started, a second call does nothing (the server starts the coordinator before
+        uvicorn's lifespan does, so that a ConfigError ends `serve` with one line)."""
+        if self.running:
+            return
         before, after = self.migrated or migrate(self.settings.db_path)
         log.info("aitbc-coord %s database %s schema version %d (was %d)",
                  __version__, self.settings.db_path, after, before)
         for role in self.settings.dev_key_roles:
             log.warning("no %s keys configured: accepting the development key (APP_ENV=dev only)", role)
         await self.db.start()
+        try:
+            await self.open_keys()
+            await self.open_log()
+        except BaseException:
+            await self.db.close()
+            raise
+        self.running = True
+        if self.settings.sweep_interval_seconds > 0:
+            self._sweeper = asyncio.create_task(self._sweep_forever())
+
+    async def open_keys(self) -> None:
+        """Settle the receipt keys (a development one in dev when none is configured) and record them;
+        raises ConfigError (a development key file that cannot be used)."""
         s = self.settings
         if self.signer is None and s.app_env == "dev" and s.dev_signing_key:
             seed, path, made = load_dev_seed(s.db_path)
@@ -2658,9 +2683,6 @@ class Coordinator:
                 log.info("receipt %s key %s", role, key_id)
         else:
             log.warning("no RECEIPT_SIGNING_KEY_HEX/_FILE: completed jobs get no receipts")
-        await self.open_log()
-        if self.settings.sweep_interval_seconds > 0:
-            self._sweeper = asyncio.create_task(self._sweep_forever())
 
     async def open_log(self) -> None:
         """Settle the receipt log's key and origin, and publish a checkpoint if it has none of its size."""
@@ -2699,6 +2721,7 @@ class Coordinator:
         return max(1, math.ceil(wait))
 
     async def stop(self) -> None:
+        self.running = False
         self.hub.close()
         if self._sweeper is not None:
             self._sweeper.cancel()
@@ -4781,6 +4804,11 @@ class Server(uvicorn.Server):
         self.full_collection_due, self.rss_at_collection = math.inf, 0
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        # The coordinator first (the lifespan then finds it started): a ConfigError here (a development
+        # key file that cannot be used, a changed log origin) leaves run() as itself, for `serve` to
+        # report in one line with exit status 1, where uvicorn's lifespan would log "Application
+        # startup failed" and exit 3.
+        await self.coord.start()
         await super().startup(sockets=sockets)
         gc.collect()
         gc.freeze()
@@ -4966,8 +4994,9 @@ def raise_open_files_limit() -> int:
 
 
 def run_server(settings: Settings, migrated: tuple[int, int] | None = None) -> None:
-    """Serve until SIGTERM/SIGINT; raises click.ClickException when the address is taken.
-    `migrated`: (before, after) schema versions when the caller has migrated already."""
+    """Serve until SIGTERM/SIGINT; raises click.ClickException when the address is taken, ConfigError
+    when the coordinator cannot start. `migrated`: (before, after) schema versions when the caller has
+    migrated already."""
     sock = bind_socket(settings.host, settings.port)
     log.info("listening on http://%s:%d%s", settings.host, sock.getsockname()[1],
              f" (served under {settings.root_path} by a proxy that strips it)" if settings.root_path else "")
@@ -5162,10 +5191,9 @@ def serve(host: str | None, port: int | None, db_path: str | None, env_file: str
     settings = _settings_or_exit(env_file, host=host, port=port, db_path=db_path, root_path=parsed_root)
     setup_logging(log_level, log_format)
     try:
-        migrated = migrate(settings.db_path)
+        run_server(settings, migrate(settings.db_path))
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
-    run_server(settings, migrated)
 
 
 @cli.command("migrate")

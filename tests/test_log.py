@@ -412,6 +412,31 @@ async def test_a_separate_log_key_and_origin(tmp_path: Path) -> None:
             ac.Settings.load({"RECEIPT_LOG_ORIGIN": bad})
 
 
+async def test_a_log_keeps_its_origin_a_new_one_configured_refuses_to_start(tmp_path: Path) -> None:
+    """Break report 17 #5: setting RECEIPT_LOG_ORIGIN on a log with checkpoints silently renamed it (and
+    the key's listed origin with it): every auditor failed from then on."""
+    async with harness(tmp_path, SIGNING) as h:
+        await complete_one(h)
+        origin = (await checkpoint_now(h))["origin"]
+    settings = ac.Settings.load({"APP_ENV": "dev", **SIGNING, "RECEIPT_LOG_ORIGIN": "coord.example.org/renamed"},
+                                db_path=str(tmp_path / "coord.db"), sweep_interval_seconds=0)
+    app = ac.App(settings)
+    with pytest.raises(ac.ConfigError) as refused:
+        async with app.lifespan():
+            pass
+    assert str(refused.value) == (f"RECEIPT_LOG_ORIGIN: the receipt log's checkpoints carry the origin {origin}, "
+                                  f"not coord.example.org/renamed; a log keeps its origin for life: set "
+                                  f"RECEIPT_LOG_ORIGIN={origin} or unset it")
+    assert not app.coord.db.open  # what start() opened, it closed
+    for env in (SIGNING, {**SIGNING, "RECEIPT_LOG_ORIGIN": origin}):  # unset, or the same: the log goes on
+        async with harness(tmp_path, env) as h:
+            await complete_one(h)
+            cp = await checkpoint_now(h)
+            assert cp["origin"] == origin
+            keys = (await h.client.get("/v1/receipts/keys")).json()["items"]
+            assert [(k["origin"], k["status"]) for k in keys if k["role"] == "log"] == [(origin, "active")]
+
+
 def test_an_upgrade_appends_the_receipts_issued_before_it_once_in_issue_order(tmp_path: Path) -> None:
     db = tmp_path / "v2.db"
     text = ac.schema_sql()

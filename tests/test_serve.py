@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import signal
@@ -89,6 +90,33 @@ def test_serve_refuses_a_newer_database_without_a_traceback(tmp_path: Path) -> N
     out = subprocess.run([sys.executable, "-m", "aitbc_coord", "serve", "--port", "0", "--db", str(db)],
                          cwd=tmp_path, capture_output=True, text=True, timeout=30)
     assert out.returncode == 1 and "newer" in out.stderr and "Traceback" not in out.stderr
+
+
+def serve_refused(tmp_path: Path, db: Path, env: dict[str, str]) -> str:
+    """Run serve on `db` expecting it to refuse to start: its last line (stderr), after checking that it
+    exits 1 with no traceback and not through uvicorn's "Application startup failed" (exit 3)."""
+    out = subprocess.run([sys.executable, "-m", "aitbc_coord", "serve", "--port", "0", "--db", str(db)],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=30,
+                         env={k: v for k, v in os.environ.items() if not k.startswith(("RECEIPT_", "APP_"))} | env)
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+    assert "Application startup failed" not in out.stderr, out.stderr
+    return out.stderr.splitlines()[-1]
+
+
+def test_serve_refuses_a_new_origin_for_a_log_that_has_one(tmp_path: Path) -> None:
+    db, seed = tmp_path / "c.db", SigningKey.generate().encode().hex()
+    settings = ac.Settings.load({"RECEIPT_SIGNING_KEY_HEX": seed}, db_path=str(db), sweep_interval_seconds=0)
+
+    async def first_start() -> str:  # publishes the log's first checkpoint, under the default origin
+        app = ac.App(settings)
+        async with app.lifespan():
+            return app.coord.notary.origin
+
+    origin = asyncio.run(first_start())
+    line = serve_refused(tmp_path, db, {"APP_ENV": "dev", "RECEIPT_SIGNING_KEY_HEX": seed,
+                                        "RECEIPT_LOG_ORIGIN": "coord.example.org/other"})
+    assert line == (f"Error: RECEIPT_LOG_ORIGIN: the receipt log's checkpoints carry the origin {origin}, not "
+                    f"coord.example.org/other; a log keeps its origin for life: set RECEIPT_LOG_ORIGIN={origin} or unset it")
 
 
 def test_sigterm_releases_a_waiting_long_poll_and_exits_cleanly(tmp_path: Path) -> None:
