@@ -527,7 +527,7 @@ def proof_reads(db: Path, samples: list[int], size: int) -> int:
     most = 0
     for i in samples:
         counting = CountingConnection(conn)
-        proof = ac.read_inclusion_proof(counting, receipt_id_of(i), size, 1)  # type: ignore[arg-type]
+        proof = ac.read_inclusion_proof(counting, receipt_id_of(i), size)  # type: ignore[arg-type]
         assert proof["leaf_index"] == i and proof["tree_size"] == size
         most = max(most, counting.rows)
     conn.close()

@@ -83,7 +83,7 @@ def test_every_leaf_and_every_pair_of_sizes_up_to_200(tmp_path: Path) -> None:
         assert ac.log_root(conn, n) == root, n
         for i in range(n):
             counting = CountingConnection(conn)
-            proof = ac.read_inclusion_proof(counting, f"{i:032x}", n, 1)
+            proof = ac.read_inclusion_proof(counting, f"{i:032x}", n)
             assert (proof["leaf_index"], proof["tree_size"]) == (i, n)
             assert base64.b64decode(proof["leaf_hash"]) == tree.levels[0][i]
             assert rfc.verify_inclusion(tree.levels[0][i], i, n, hashes(proof["audit_path"]), root), (i, n)
@@ -99,7 +99,7 @@ def test_a_proof_proves_nothing_else(tmp_path: Path) -> None:
     tree = build(tmp_path / "log.db", 37)
     conn = ac.connect(str(tmp_path / "log.db"), "OFF", readonly=True)
     root = tree.root(37)
-    path = hashes(ac.read_inclusion_proof(conn, f"{5:032x}", 37, 1)["audit_path"])
+    path = hashes(ac.read_inclusion_proof(conn, f"{5:032x}", 37)["audit_path"])
     assert rfc.verify_inclusion(tree.levels[0][5], 5, 37, path, root)
     assert not rfc.verify_inclusion(tree.levels[0][6], 5, 37, path, root)  # another leaf
     assert not rfc.verify_inclusion(tree.levels[0][5], 4, 37, path, root)  # another index
@@ -123,7 +123,7 @@ def test_random_leaves_and_pairs_up_to_100000(large: tuple[sqlite3.Connection, r
     m = data.draw(st.integers(1, n), "first")
     i = data.draw(st.integers(0, n - 1), "leaf")
     counting = CountingConnection(conn)
-    proof = ac.read_inclusion_proof(counting, f"{i:032x}", n, 1)
+    proof = ac.read_inclusion_proof(counting, f"{i:032x}", n)
     assert rfc.verify_inclusion(tree.levels[0][i], i, n, hashes(proof["audit_path"]), tree.root(n))
     assert counting.rows <= reads_bound(n)
     proof = ac.read_consistency_proof(conn, m, n)
