@@ -58,6 +58,7 @@ import secrets
 import signal
 import socket
 import sqlite3
+import stat
 import sys
 import tempfile
 import threading
@@ -333,10 +334,13 @@ def parse_seed(text: str) -> bytes:
 
 
 def read_secret_file(file_var: str, path: str, encoding: str = "ascii") -> str:
-    """The text of a secret file named by `file_var`; raises ConfigError when it is readable by group
-    or others, or cannot be read."""
+    """The text of a secret file named by `file_var`; raises ConfigError when it is not a regular file,
+    is readable by group or others, or cannot be read."""
     try:
-        if os.stat(path).st_mode & 0o077:
+        mode = os.stat(path).st_mode
+        if not stat.S_ISREG(mode):  # a directory, a device (/dev/null), a FIFO that would block
+            raise ConfigError(f"{file_var}: {path} is not a regular file")
+        if mode & 0o077:
             raise ConfigError(f"{file_var}: {path} is readable or writable by group or others; chmod 600 it")
         return Path(path).read_text(encoding=encoding).removeprefix("\ufeff")
     except (OSError, UnicodeDecodeError) as exc:
@@ -361,24 +365,27 @@ def load_seed(env: Mapping[str, str], prefix: str) -> bytes | None:
 
 def load_dev_seed(db_path: str) -> tuple[bytes, Path | None, bool]:
     """The development signing key's seed: (seed, the file beside the database that keeps it, whether it
-    was made now). Made on first use, mode 0600, and reused; an in-memory database gets one that lives
-    as long as the process (file None). Raises ConfigError when the file is unreadable or malformed."""
+    was made now). Made on first use, mode 0600, whole or not at all (of concurrent starts, one makes
+    it and all use it), and reused; an in-memory database gets one that lives as long as the process
+    (file None). Raises ConfigError when the file cannot be written, read or used; the message says
+    it can be deleted to make a new one."""
     if db_path == ":memory:":
         return secrets.token_bytes(32), None, True
     path = Path(f"{db_path}.dev-signing-key")
-    seed, made = secrets.token_bytes(32), True
+    seed = secrets.token_bytes(32)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w", encoding="ascii") as f:
-            f.write(seed.hex() + "\n")
-    except FileExistsError:  # made by an earlier start (or a concurrent one): keep using it
-        try:
-            seed, made = parse_seed(read_secret_file("development signing key", str(path))), False
-        except ValueError as exc:
-            raise ConfigError(f"development signing key {path}: {exc}") from None
+        write_file_atomically(path, seed.hex() + "\n", replace=False)
+        return seed, path, True
+    except FileExistsError:
+        pass  # made by an earlier start (or a concurrent one): keep using it
     except OSError as exc:
-        raise ConfigError(f"cannot write the development signing key {path}: {exc.strerror}") from None
-    return seed, path, made
+        raise ConfigError(f"cannot write the development signing key {path}: {exc.strerror or exc}") from None
+    try:
+        return parse_seed(read_secret_file("development signing key", str(path))), path, False
+    except (ConfigError, ValueError) as exc:
+        why = str(exc) if isinstance(exc, ConfigError) else f"development signing key {path}: {exc}"
+        raise ConfigError(f"{why}; deleting {path} makes a new development key") from None
 
 
 def key_digest(key: str) -> str:

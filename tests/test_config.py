@@ -145,6 +145,10 @@ def test_a_fleets_keys_come_from_files_one_entry_a_line(tmp_path: Path) -> None:
         load({"MINER_API_KEYS_FILE": str(miners), "MINER_API_KEYS": "k"})
     with pytest.raises(ac.ConfigError, match="ADMIN_API_KEYS_FILE: cannot read"):
         load({"ADMIN_API_KEYS_FILE": str(tmp_path / "missing")})
+    (tmp_path / "null.keys").symlink_to("/dev/null")
+    for var, odd in (("ADMIN_API_KEYS_FILE", tmp_path), ("RECEIPT_SIGNING_KEY_FILE", tmp_path / "null.keys")):
+        with pytest.raises(ac.ConfigError, match=f"{var}: .* is not a regular file"):  # not "readable by others"
+            load({var: str(odd)})
     empty = tmp_path / "empty.keys"
     empty.write_text("# nobody yet\n")
     empty.chmod(0o600)

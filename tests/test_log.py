@@ -9,9 +9,11 @@ up to 100,000 (hypothesis). Storage reads per proof are counted (rows, through b
 from __future__ import annotations
 
 import base64
+import errno
 import hashlib
 import json
 import math
+import os
 import sqlite3
 import stat
 from collections.abc import Iterator
@@ -381,6 +383,65 @@ async def test_dev_makes_a_signing_key_beside_the_database_and_keeps_it(tmp_path
         assert (await checkpoint_now(h))["origin"] == cp["origin"]
         assert ac.verify_receipt(second, {first["signature"]["key_id"]})["valid"]
     assert any("development key kept in" in r.getMessage() for r in caplog.records)
+
+
+def spoil(path: Path, how: str) -> None:
+    """Leave at `path` a development key file as the break report found them."""
+    if how == "directory":
+        path.mkdir()
+    elif how == "symlink to /dev/null":
+        path.symlink_to("/dev/null")
+    else:
+        path.write_bytes({"empty": b"", "corrupt": b"not a key\n", "binary": b"\xff\xfe\x00" * 30,
+                          "loose": (SigningKey.generate().encode().hex() + "\n").encode()}[how])
+        path.chmod(0o644 if how == "loose" else 0o600)
+
+
+@pytest.mark.parametrize(("how", "why"), [
+    ("empty", "must be 64 hex characters"), ("corrupt", "must be 64 hex characters"), ("binary", "cannot read"),
+    ("loose", "is readable or writable by group or others; chmod 600 it"), ("directory", "is not a regular file"),
+    ("symlink to /dev/null", "is not a regular file"),
+])
+def test_a_development_key_file_that_cannot_be_used_says_why_and_how_to_start_afresh(tmp_path: Path, how: str,
+                                                                                   why: str) -> None:
+    """Break report 17 #7: these made uvicorn exit 3 ("Application startup failed"); a directory or
+    /dev/null was blamed on its mode."""
+    path = tmp_path / "coord.db.dev-signing-key"
+    spoil(path, how)
+    with pytest.raises(ac.ConfigError) as refused:
+        ac.load_dev_seed(str(tmp_path / "coord.db"))
+    assert why in str(refused.value) and str(refused.value).endswith(f"; deleting {path} makes a new development key")
+    path.rmdir() if how == "directory" else path.unlink()
+    seed, kept, made = ac.load_dev_seed(str(tmp_path / "coord.db"))  # deleted: a new one
+    assert made and kept == path and ac.load_dev_seed(str(tmp_path / "coord.db")) == (seed, path, False)
+
+
+def test_the_development_key_is_made_whole_or_not_at_all_and_a_racing_start_uses_the_winner(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Break report 17 #7: the key file was created (O_EXCL) and then written, so a concurrent start read
+    it empty (3 of 30 races of 4 processes failed) and a crash between left an empty file for good."""
+    db, path = str(tmp_path / "coord.db"), tmp_path / "coord.db.dev-signing-key"
+    real_fsync = os.fsync
+
+    def crash(fd: int) -> None:
+        raise OSError(errno.EIO, "crash before the key was on disk")
+
+    monkeypatch.setattr(os, "fsync", crash)
+    with pytest.raises(ac.ConfigError, match="cannot write the development signing key"):
+        ac.load_dev_seed(db)
+    assert list(tmp_path.iterdir()) == []  # no key file, empty or partial, and no temporary one
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    winner = SigningKey.generate().encode()
+    real_link = os.link
+
+    def another_start_links_first(src: str, dst: str) -> None:  # the other start's whole file lands first
+        monkeypatch.setattr(os, "link", real_link)
+        ac.write_file_atomically(dst, winner.hex() + "\n", replace=False)
+        real_link(src, dst)
+
+    monkeypatch.setattr(os, "link", another_start_links_first)
+    assert ac.load_dev_seed(db) == (winner, path, False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
 
 
 async def test_outside_dev_no_key_means_no_receipts_and_no_log(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

@@ -119,6 +119,15 @@ def test_serve_refuses_a_new_origin_for_a_log_that_has_one(tmp_path: Path) -> No
                     f"coord.example.org/other; a log keeps its origin for life: set RECEIPT_LOG_ORIGIN={origin} or unset it")
 
 
+def test_serve_refuses_a_development_key_file_it_cannot_use_in_one_line(tmp_path: Path) -> None:
+    key = tmp_path / "c.db.dev-signing-key"
+    key.write_text("")  # as a crash between creating and writing it once left it
+    key.chmod(0o600)
+    line = serve_refused(tmp_path, tmp_path / "c.db", {"APP_ENV": "dev"})
+    assert line.startswith(f"Error: development signing key {key}: must be 64 hex characters") and \
+        line.endswith(f"; deleting {key} makes a new development key"), line
+
+
 def test_sigterm_releases_a_waiting_long_poll_and_exits_cleanly(tmp_path: Path) -> None:
     import threading
 
