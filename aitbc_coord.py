@@ -507,6 +507,19 @@ class InternalError(ApiError):
     status, default = 500, "Internal Server Error"
 
 
+class LogDamaged(ApiError):
+    """The receipt log's rows contradict each other (deleted or rolled back behind the coordinator's
+    back): no receipt can be appended, nor a proof served from what is missing, until an operator
+    repairs it. 503: a miner's result is not lost if it retries after the repair."""
+
+    status = 503
+
+    def __init__(self, why: str) -> None:
+        super().__init__(f"the receipt log is damaged: {why}; an operator must repair it (see the service log)",
+                         headers={"Retry-After": "60"})
+        self.why = why
+
+
 # === Domain types ===
 
 class JobState(enum.StrEnum):
@@ -1290,6 +1303,15 @@ def get_log_nodes(conn: sqlite3.Connection, keys: Collection[tuple[int, int]]) -
     return found
 
 
+def get_stored_log_nodes(conn: sqlite3.Connection, keys: Sequence[tuple[int, int]]) -> dict[tuple[int, int], bytes]:
+    """get_log_nodes, all of `keys` (distinct); raises LogDamaged naming one the log lacks."""
+    found = get_log_nodes(conn, keys)
+    if len(found) < len(keys):
+        missing = next(key for key in keys if key not in found)
+        raise LogDamaged(f"subtree {missing} (level, index) is missing: rows were deleted")
+    return found
+
+
 def get_log_size(conn: sqlite3.Connection) -> int:
     """The number of leaves."""
     return int(conn.execute("SELECT COALESCE(MAX(leaf_index) + 1, 0) FROM log_leaves").fetchone()[0])
@@ -1920,8 +1942,7 @@ def proof_nodes(ranges: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
 
 
 def proof_hashes(ranges: Sequence[tuple[int, int]], nodes: Mapping[tuple[int, int], bytes]) -> list[bytes]:
-    """The MTH of each range, from the stored hashes of `proof_nodes(ranges)`; raises LookupError for a
-    node not stored."""
+    """The MTH of each range, from the stored hashes of `proof_nodes(ranges)` (all of them)."""
     return [range_hash([nodes[node] for node in subtrees(start, end)]) for start, end in ranges]
 
 
@@ -2478,16 +2499,26 @@ def tx_result(conn: sqlite3.Connection, miner_id: str, job_id: str, result: dict
 def append_to_log(conn: sqlite3.Connection, edge: LogEdge, receipt_id: str, stored: bytes) -> int:
     """Append a receipt (its bytes as stored and served) as the next leaf of the receipt log, with the
     subtrees it completes: O(log n) hashing, two rows on average, no read while `edge` is current.
-    Returns its leaf index."""
+    Returns its leaf index. Raises LogDamaged when the log's rows contradict each other (leaves
+    removed from under a checkpoint or from under the subtrees they made, a subtree missing): the
+    coordinator would otherwise sign a fork of its own log."""
     digest = leaf_hash(stored)
     index = insert_log_leaf(conn, receipt_id, digest)
     if edge.size != index:  # first append here, or the edge went past an append rolled back
+        latest = get_latest_checkpoint(conn)
+        if latest is not None and latest["tree_size"] > index:
+            raise LogDamaged(f"it has {index} leaves, fewer than its checkpoint of {latest['tree_size']}: "
+                             f"leaves were removed")
         parts = subtrees(0, index)
-        nodes = get_log_nodes(conn, parts)
+        nodes = get_stored_log_nodes(conn, parts)
         edge.frontier = [nodes[node] for node in parts]
     edge.size = -1  # until the frontier below is whole again
     if completed := frontier_append(edge.frontier, index, digest):
-        insert_log_nodes(conn, completed)
+        try:
+            insert_log_nodes(conn, completed)
+        except sqlite3.IntegrityError:
+            raise LogDamaged(f"leaf {index} completes subtrees that are stored already: leaves were removed "
+                             f"from under them") from None
     edge.size = index + 1
     return index
 
@@ -2549,14 +2580,15 @@ CHECKPOINT_PERIOD_MS = 3_600_000  # then the last of each hour
 def log_root(conn: sqlite3.Connection, size: int) -> bytes:
     """The root hash of the log's first `size` leaves: from at most log2(size) stored subtrees."""
     parts = subtrees(0, size)
-    nodes = get_log_nodes(conn, parts)
+    nodes = get_stored_log_nodes(conn, parts)
     return range_hash([nodes[node] for node in parts]) if parts else EMPTY_ROOT
 
 
 def log_has_grown(conn: sqlite3.Connection) -> bool:
-    """Whether the log has leaves no checkpoint covers, or no checkpoint at all (a read)."""
+    """Whether the log has leaves no checkpoint covers, or no checkpoint at all (a read). Fewer leaves
+    than the latest checkpoint's counts too, so that tx_checkpoint reports the damage."""
     latest = get_latest_checkpoint(conn)
-    return latest is None or get_log_size(conn) > latest["tree_size"]
+    return latest is None or get_log_size(conn) != latest["tree_size"]
 
 
 def tx_open_log(conn: sqlite3.Connection, key_id: str, configured: str | None, default: str, now: int) -> Outcome:
@@ -2578,13 +2610,14 @@ def tx_open_log(conn: sqlite3.Connection, key_id: str, configured: str | None, d
 def tx_checkpoint(conn: sqlite3.Connection, notary: Notary, now: int, pruned_to: int) -> Outcome:
     """Sign and store a checkpoint of the log as it stands, unless the latest one covers it already; then
     keep, of the checkpoints older than a day and made since `pruned_to` (ms), the last of each hour.
-    The value is (tree size, what pruning reached) of a new checkpoint, or None."""
+    The value is (tree size, what pruning reached) of a new checkpoint, or None. Raises LogDamaged
+    (fewer leaves than the latest checkpoint, a subtree missing)."""
     latest = get_latest_checkpoint(conn)
     size = get_log_size(conn)
     if latest is not None and size <= latest["tree_size"]:
         if size < latest["tree_size"]:
-            log.error("the receipt log has %d leaves, fewer than its checkpoint of %d: no new checkpoint",
-                      size, latest["tree_size"])
+            raise LogDamaged(f"it has {size} leaves, fewer than its checkpoint of {latest['tree_size']}: "
+                             f"leaves were removed")
         return Outcome()
     created = now if latest is None else max(now, latest["created_at"])  # never before the one it follows
     root = log_root(conn, size)
@@ -2644,6 +2677,7 @@ class Coordinator:
         self.checkpoint_due = -math.inf  # monotonic time when the log may have its next checkpoint
         self.pruned_to = 0  # how far (wall-clock ms) old checkpoints have been thinned to one an hour
         self.log_edge = LogEdge()
+        self.log_damage: str | None = None  # why the receipt log is damaged, once found (logged once)
         self.db.abort_hooks += [self.matcher.reset, self.log_edge.reset]
         self._sweeper: asyncio.Task[None] | None = None
         self.running = False  # between start() and stop()
@@ -2714,6 +2748,9 @@ class Coordinator:
         made = await self.apply(tx_checkpoint, self.notary, self.now(), self.pruned_to)
         if made is None:
             return False
+        if self.log_damage is not None:
+            log.warning("the receipt log is whole again: a checkpoint of %d leaves was made", made[0])
+            self.log_damage = None
         self.pruned_to = made[1]
         self.checkpoint_due = self.monotonic() + self.settings.log_checkpoint_seconds
         return True
@@ -2736,9 +2773,21 @@ class Coordinator:
                 await self._sweeper
         await self.db.close()
 
+    def note_log_damage(self, exc: LogDamaged) -> None:
+        """Log, once until a checkpoint shows the log whole again, that the receipt log is damaged."""
+        if self.log_damage is None:
+            log.error("the receipt log is damaged: %s. Completions (which must log their receipts) and proofs "
+                      "that need the missing rows answer 503 until an operator restores the database from "
+                      "its latest backup; auditors will report what changed", exc.why)
+        self.log_damage = exc.why
+
     async def apply(self, fn: Callable[..., Outcome], *args: Any) -> Any:
         """Run a unit of work; wake the pollers it concerns; raise the error it returned, else its value."""
-        out = await self.db.write(fn, *args)
+        try:
+            out = await self.db.write(fn, *args)
+        except LogDamaged as exc:
+            self.note_log_damage(exc)
+            raise
         if out.wake:  # nothing changed that could give anyone work: nobody to wake
             self.matcher.queue(job[2] for job in out.wake.queued)
             self.hub.notify(out.wake)
@@ -2786,6 +2835,14 @@ class Coordinator:
         """A (re-)registration reset what the miner had reported."""
         self.reported.pop(miner_id, None)
 
+    async def read_log(self, fn: Callable[..., T], *args: Any) -> T:
+        """db.read for the receipt log's routes: a damaged log is noted (logged once) and raised."""
+        try:
+            return await self.db.read(fn, *args)
+        except LogDamaged as exc:
+            self.note_log_damage(exc)
+            raise
+
     async def _sweep_forever(self) -> None:
         """The background tick: expiry and lost-miner recovery, then the receipt log's checkpoint."""
         while True:
@@ -2793,6 +2850,8 @@ class Coordinator:
             for duty in (self.sweep, self.checkpoint):
                 try:
                     await duty()
+                except LogDamaged:  # noted, and logged once, by apply
+                    pass
                 except Exception:  # keep ticking; the next pass retries
                     log.exception("%s failed", duty.__name__)
 
@@ -3595,13 +3654,9 @@ def _published_size(conn: sqlite3.Connection) -> tuple[sqlite3.Row | None, int]:
 
 
 def _proof(conn: sqlite3.Connection, ranges: Sequence[tuple[int, int]]) -> list[str]:
-    """The MTHs of `ranges` (base64), from one read of the nodes they are made of. Raises InternalError
+    """The MTHs of `ranges` (base64), from one read of the nodes they are made of. Raises LogDamaged
     when the log lacks one (rows deleted behind its back: never by the coordinator)."""
-    try:
-        return [b64(h) for h in proof_hashes(ranges, get_log_nodes(conn, proof_nodes(ranges)))]
-    except LookupError as exc:
-        log.error("the receipt log lacks node %s (level, idx): rows were deleted", exc)
-        raise InternalError(f"the receipt log is damaged: node {exc} is missing") from None
+    return [b64(h) for h in proof_hashes(ranges, get_stored_log_nodes(conn, proof_nodes(ranges)))]
 
 
 class InclusionProof(Out):
@@ -4226,7 +4281,7 @@ async def log_inclusion_proof(call: Call) -> Response:
     """A receipt's leaf index and audit path under a checkpoint; 425 until one covers it."""
     q, coord = call.query, call.coord
     try:
-        return json_response(await coord.db.read(read_inclusion_proof, q.receipt_id, q.tree_size))
+        return json_response(await coord.read_log(read_inclusion_proof, q.receipt_id, q.tree_size))
     except NotReady as exc:
         retry_after = coord.checkpoint_retry_after()
         if retry_after is None:
@@ -4242,7 +4297,7 @@ async def log_consistency_proof(call: Call) -> Response:
     """Proof that the tree of `first` leaves is a prefix of the tree of `second` (both at most the latest
     checkpoint's size)."""
     q = call.query
-    return json_response(await call.coord.db.read(read_consistency_proof, q.first, q.second))
+    return json_response(await call.coord.read_log(read_consistency_proof, q.first, q.second))
 
 
 @endpoint("GET", "/v1/log/entries", query=EntriesQuery, responses={200: LogEntries, 422: ValidationDetail})

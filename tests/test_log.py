@@ -298,6 +298,75 @@ async def test_errors_of_the_proof_routes(tmp_path: Path) -> None:
             assert (await get("/v1/log/proof/consistency", **params))[0] == 422
 
 
+def damage(db: Path, *statements: str) -> None:
+    """Change the log's rows behind the coordinator's back, as whoever holds the file could."""
+    conn = sqlite3.connect(db)
+    with conn:
+        for sql in statements:
+            conn.execute(sql)
+    conn.close()
+
+
+def damage_logged(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.getMessage().startswith("the receipt log is damaged")]
+
+
+async def test_a_log_missing_a_subtree_refuses_completions_clearly_and_says_so_once(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Break report 17 #8: a missing node made completions 500 (KeyError in append_to_log)."""
+    async with harness(tmp_path, SIGNING) as h:
+        receipts = [await complete_one(h) for _ in range(3)]
+        await checkpoint_now(h)
+    damage(tmp_path / "coord.db", f"DELETE FROM log_nodes WHERE node_id = {ac._node_id(1, 0)}")
+    async with harness(tmp_path, SIGNING) as h:  # a new process: its first append reads the frontier
+        job = await h.submit()
+        await h.register()
+        await h.take()
+        for _ in range(2):  # the miner retries: refused alike, logged once
+            r = await h.result(job["job_id"])
+            assert (r.status_code, r.headers.get("retry-after")) == (503, "60"), (r.text, r.headers)
+            assert r.json()["detail"] == ("the receipt log is damaged: subtree (1, 0) (level, index) is missing: rows "
+                                          "were deleted; an operator must repair it (see the service log)")
+            assert (await h.job(job["job_id"]))["state"] == "RUNNING"  # not completed without its receipt
+        r = await h.client.get("/v1/log/proof/inclusion", params={"receipt_id": receipts[2]["receipt_id"]})
+        assert r.status_code == 503 and r.json()["detail"].startswith("the receipt log is damaged: subtree (1, 0)")
+        r = await h.client.get("/v1/log/proof/consistency", params={"first": 2, "second": 3})
+        assert r.status_code == 200  # its path is leaf 2 alone: a proof that needs no missing row still works
+        assert (await h.client.get("/v1/log/proof/inclusion", params={"receipt_id": receipts[0]["receipt_id"]})).status_code == 200
+        assert (await h.client.get("/v1/log/checkpoint")).status_code == 200
+    assert len(damage_logged(caplog)) == 1, damage_logged(caplog)
+    assert not [r for r in caplog.records if r.levelname == "ERROR" and not r.getMessage().startswith("the receipt log")]
+
+
+async def test_leaves_rolled_back_under_their_subtrees_or_checkpoint_refuse_completions_clearly(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Break report 17 #8: leaves removed but not the subtrees they made (a partial rollback) gave
+    'UNIQUE constraint failed: log_nodes.node_id' as a 503 'database unavailable' on every completion."""
+    async with harness(tmp_path, SIGNING) as h:
+        for _ in range(4):
+            await complete_one(h)
+        await checkpoint_now(h)
+        damage(tmp_path / "coord.db", "DELETE FROM log_leaves WHERE leaf_index >= 2")
+        job = await h.submit()
+        await h.register()
+        await h.take()
+        r = await h.result(job["job_id"])
+        assert r.status_code == 503 and r.json()["detail"].startswith(
+            "the receipt log is damaged: it has 2 leaves, fewer than its checkpoint of 4: leaves were removed"), r.text
+        h.clock.advance(1)
+        with pytest.raises(ac.LogDamaged, match="fewer than its checkpoint of 4"):  # the checkpoint duty sees it too
+            await h.coord.checkpoint()
+        damage(tmp_path / "coord.db", "DELETE FROM log_checkpoints WHERE tree_size > 2")  # the checkpoints too
+        assert (await h.result(job["job_id"])).status_code == 200  # leaf 2 completes no subtree
+        job = await h.submit()
+        await h.take()
+        r = await h.result(job["job_id"])  # leaf 3 would complete (1, 1) and (2, 0): both still stored
+        assert r.status_code == 503 and r.json()["detail"].startswith(
+            "the receipt log is damaged: leaf 3 completes subtrees that are stored already"), r.text
+    assert len(damage_logged(caplog)) == 1, damage_logged(caplog)
+    assert not any("UNIQUE constraint" in r.getMessage() or "database error" in r.getMessage() for r in caplog.records)
+
+
 async def test_entries_replay_the_tree_and_a_pruned_receipt_keeps_its_leaf_hash(tmp_path: Path) -> None:
     async with harness(tmp_path, SIGNING) as h:
         receipts = [await complete_one(h) for _ in range(7)]
