@@ -41,6 +41,7 @@ import base64
 import collections
 import contextlib
 import dataclasses
+import email.utils
 import enum
 import functools
 import gc
@@ -3616,7 +3617,7 @@ class ExplorerReceiptPage(Out):
 
 # --- The receipt log ---
 
-LOG_ENTRIES_MAX = 100  # leaves per entries page,
+LOG_ENTRIES_MAX = 1000  # leaves per entries page (a monitor replays a million in a thousand requests),
 LOG_ENTRIES_MAX_BYTES = 4 << 20  # and about this many bytes of receipts (fewer leaves when they are big)
 
 
@@ -5418,44 +5419,72 @@ def one_line(text: Any, limit: int = 200) -> str:
     return " ".join(str(text).split())[:limit]
 
 
+def retry_after_seconds(value: str | None, now: float) -> float | None:
+    """The wait a Retry-After header asks for, in seconds (RFC 9110 10.2.3: delay-seconds or an
+    HTTP-date; `now` is Unix time), or None when there is none or it cannot be read."""
+    if value is None:
+        return None
+    value = value.strip()
+    if re.fullmatch(r"[0-9]{1,9}", value):
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return None if when.tzinfo is None else max(0.0, when.timestamp() - now)
+
+
 class LogClient:
-    """The public /v1/log routes of the coordinator at `base` (its URL), over HTTP."""
+    """The public /v1/log routes of the coordinator at `base` (its URL), over HTTP. A 429 (or a 503
+    that asks for a short wait) is retried after the wait its Retry-After asks for, a few times in a
+    row: a first audit of a big log makes a request per LOG_ENTRIES_MAX leaves."""
 
     MAX_ANSWER_BYTES = 64 << 20  # an entries page is a few MB; a server sending more is not answering
+    RETRIES = 5  # waits in a row for one request
+    LONGEST_WAIT = {429: 120.0, 503: 5.0}  # seconds: past these the answer is reported (503: a blip only)
 
-    def __init__(self, base: str, timeout: float = 30.0) -> None:
-        self.base, self.timeout, self.opener = base.rstrip("/"), timeout, http_opener()
+    def __init__(self, base: str, timeout: float = 30.0, sleep: Callable[[float], None] = time.sleep) -> None:
+        self.base, self.timeout, self.sleep, self.opener = base.rstrip("/"), timeout, sleep, http_opener()
 
-    def fetch(self, url: str) -> tuple[int, bytes]:
-        """(status, body) of a GET; raises LogUnreachable for anything that is not a whole HTTP answer
-        (refused, reset, timed out, not HTTP, shorter than its Content-Length, too large)."""
+    def fetch(self, url: str) -> tuple[int, bytes, str | None]:
+        """(status, body, Retry-After) of a GET; raises LogUnreachable for anything that is not a whole
+        HTTP answer (refused, reset, timed out, not HTTP, shorter than its Content-Length, too large)."""
         request = urllib.request.Request(url, headers={"Accept": "application/json"})
         try:
             try:
                 with self.opener.open(request, timeout=self.timeout) as response:
-                    status, raw = response.status, response.read(self.MAX_ANSWER_BYTES + 1)
+                    status, raw, headers = response.status, response.read(self.MAX_ANSWER_BYTES + 1), response.headers
             except urllib.error.HTTPError as exc:
                 with exc:
-                    status, raw = exc.code, exc.read(self.MAX_ANSWER_BYTES + 1)
+                    status, raw, headers = exc.code, exc.read(self.MAX_ANSWER_BYTES + 1), exc.headers
         except (OSError, http.client.HTTPException, ValueError) as exc:  # URLError is an OSError
             reason = getattr(exc, "reason", None) or f"{type(exc).__name__} {exc}"
             raise LogUnreachable(f"cannot reach {self.base}: {one_line(reason)}") from None
         if len(raw) > self.MAX_ANSWER_BYTES:
             raise LogUnreachable(f"{self.base} sent an answer over {self.MAX_ANSWER_BYTES >> 20} MiB")
-        return status, raw
+        return status, raw, headers.get("Retry-After")
 
     def get(self, path: str, ok: Sequence[int] = (200,), **params: Any) -> tuple[int, Any]:
-        """(status, JSON) of a GET; raises LogUnreachable unless the status is one of `ok` and the
-        answer is JSON."""
+        """(status, JSON) of a GET, after the waits a 429 or a short 503 asks for; raises LogUnreachable
+        unless the status is one of `ok` and the answer is JSON."""
         query = urllib.parse.urlencode({k: v for k, v in params.items() if v is not None})
-        status, raw = self.fetch(f"{self.base}{path}{'?' + query if query else ''}")
+        url, waits = f"{self.base}{path}{'?' + query if query else ''}", 0
+        while True:
+            status, raw, retry_after = self.fetch(url)
+            wait = retry_after_seconds(retry_after, time.time())
+            if status in ok or wait is None or wait > self.LONGEST_WAIT.get(status, -1) or waits == self.RETRIES:
+                break
+            self.sleep(wait)
+            waits += 1
         try:
             data = json.loads(raw)
         except (ValueError, RecursionError):  # RecursionError: nested past what json can parse
             data = raw
         if status not in ok:
             detail = data.get("detail") if isinstance(data, dict) else raw[:100].decode(errors="replace")
-            raise LogUnreachable(f"GET {path}: {status} {one_line(detail)}")
+            after = f" (after {waits} waits as its Retry-After asked)" if waits else \
+                f" (Retry-After: {one_line(retry_after)})" if retry_after is not None else ""
+            raise LogUnreachable(f"GET {path}: {status} {one_line(detail)}{after}")
         if data is raw:
             raise LogUnreachable(f"GET {path}: {status} answer is not JSON: {one_line(raw[:100].decode(errors='replace'))}")
         return status, data

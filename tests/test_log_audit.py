@@ -287,3 +287,17 @@ def test_a_state_file_that_cannot_be_saved_after_a_passing_audit_is_exit_3(tmp_p
         assert state.read_text() == saved and [p.name for p in tmp_path.glob(".audit.json.*")] == []
         code, out = log.audit(state)
         assert code == 0 and "3 leaves (1 new since the saved checkpoint" in out, out
+
+
+def test_audits_under_a_tight_rate_limit_wait_as_asked(tmp_path: Path) -> None:
+    """Break report 17 #6: with RATE_LIMIT_REQUESTS=30 a first audit got a 429 and exit 2; a first audit
+    (or --full) of a big log makes a request per page of entries."""
+    with Log(tmp_path).serving() as log:
+        files = log.issue(5)
+    with Log(tmp_path, RATE_LIMIT_REQUESTS="2", RATE_LIMIT_WINDOW_SECONDS="1").serving() as log:
+        state = tmp_path / "audit.json"
+        for args in ((), ("--full",), ()):  # 3, 3 and 1 requests: past 2 a second, each waits for the next second
+            code, out = log.audit(state, *args)
+            assert code == 0 and "5 leaves" in out, out
+        code, out = log.verify(files[0], "--state", state)
+        assert code == 0 and "as leaf 0 of 5" in out, out

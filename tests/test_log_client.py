@@ -5,6 +5,7 @@ not be asked, 3 a local problem), always one line, never a traceback. (Break rep
 from __future__ import annotations
 
 import contextlib
+import http.server
 import json
 import os
 import socket
@@ -149,3 +150,72 @@ def test_keygen_writes_a_key_whole_or_not_at_all(tmp_path: Path) -> None:
     first = key.read_text()
     assert run("keygen", "--out", key, "--force").exit_code == 0 and key.read_text() != first
     assert sorted(p.name for p in tmp_path.iterdir()) == ["k.key"]  # no temporary file left
+
+
+@contextlib.contextmanager
+def scripted_server(answers: list[tuple[int, dict[str, str], object]]) -> Iterator[tuple[str, list[str]]]:
+    """An HTTP server that gives `answers` (status, headers, JSON body) in turn, the last one from then
+    on; yields its URL and the paths asked for."""
+    asked: list[str] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - the name http.server calls
+            status, headers, body = answers[min(len(asked), len(answers) - 1)]
+            asked.append(self.path)
+            raw = json.dumps(body).encode()
+            self.send_response(status)
+            for name, value in {**headers, "Content-Length": str(len(raw))}.items():
+                self.send_header(name, value)
+            self.end_headers()
+            self.wfile.write(raw)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", asked
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+LIMITED = {"detail": "rate limit exceeded"}
+CHECKPOINT = {"note": "a note\n"}
+
+
+def test_the_client_waits_as_a_429_s_retry_after_asks_a_few_times_in_a_row() -> None:
+    """Break report 17 #6: the audit gave up on the first 429 (exit 2) instead of honouring Retry-After."""
+    slept: list[float] = []
+    answers = [(429, {"Retry-After": "2"}, LIMITED), (429, {"Retry-After": "Wed, 21 Oct 2015 07:28:00 GMT"}, LIMITED),
+               (200, {}, CHECKPOINT)]
+    with scripted_server(answers) as (url, asked):
+        assert ac.LogClient(url, sleep=slept.append).checkpoint() == "a note\n"
+    assert slept == [2.0, 0.0] and asked == ["/v1/log/checkpoint"] * 3  # an HTTP-date in the past: at once
+    slept.clear()
+    with scripted_server([(429, {"Retry-After": "1"}, LIMITED)]) as (url, asked):
+        with pytest.raises(ac.LogUnreachable) as gave_up:
+            ac.LogClient(url, sleep=slept.append).checkpoint()
+    assert str(gave_up.value) == "GET /v1/log/checkpoint: 429 rate limit exceeded (after 5 waits as its Retry-After asked)"
+    assert slept == [1.0] * ac.LogClient.RETRIES and len(asked) == ac.LogClient.RETRIES + 1
+
+
+@pytest.mark.parametrize(("status", "retry_after", "waits"), [
+    (429, "3600", False), (429, "soon", False), (429, None, False),  # too long, unreadable, absent: reported
+    (503, "1", True), (503, "60", False),  # a blip (database busy) is waited out; a damaged log is not
+    (404, "1", False),
+])
+def test_which_answers_are_waited_out(status: int, retry_after: str | None, waits: bool) -> None:
+    slept: list[float] = []
+    headers = {} if retry_after is None else {"Retry-After": retry_after}
+    with scripted_server([(status, headers, {"detail": "no"}), (200, {}, CHECKPOINT)]) as (url, _):
+        client = ac.LogClient(url, sleep=slept.append)
+        if waits:
+            assert client.checkpoint() == "a note\n" and slept == [float(retry_after)]
+        else:
+            with pytest.raises(ac.LogUnreachable, match=f"GET /v1/log/checkpoint: {status} no"):
+                client.checkpoint()
+            assert slept == []
