@@ -5568,7 +5568,10 @@ def open_checkpoint(note: str, verifier: NoteVerifier) -> Checkpoint:
 
 
 def read_state(path: str) -> dict[str, Any] | None:
-    """An audit state file (None when there is none yet); raises LocalProblem when unreadable."""
+    """An audit state file (None when there is none yet), checked whole as `audit` wrote it: the log's
+    URL, the pinned key, a checkpoint signed by that key and the frontier of its tree. Raises
+    LocalProblem when it cannot be read or is not such a file: the file is the auditor's, so nothing
+    wrong in it is the log's fault."""
     try:
         text = Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -5577,13 +5580,30 @@ def read_state(path: str) -> dict[str, Any] | None:
         raise LocalProblem(f"cannot read the audit state {path}: {getattr(exc, 'strerror', None) or exc}") from None
     try:
         state = json.loads(text)
-        NoteVerifier.parse(state["verifier_key"])
-        Checkpoint.parse(state["checkpoint"].rsplit("\n\n", 1)[0] + "\n")
-        if not isinstance(state["frontier"], list):
-            raise TypeError("frontier")
-    except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
+        if not isinstance(state, dict) or not isinstance(state.get("log"), str):
+            raise ValueError("not a JSON object with the log's URL")
+        if not isinstance(state["checkpoint"], str) or not isinstance(state["verifier_key"], str):
+            raise ValueError("its checkpoint or key is not text")
+        checkpoint = Checkpoint.parse(NoteVerifier.parse(state["verifier_key"]).open(state["checkpoint"]))
+        frontier = saved_frontier(state)
+        if len(frontier) != checkpoint.tree_size.bit_count() or frontier_root(frontier) != checkpoint.root_hash:
+            raise ValueError("its frontier does not make its checkpoint's root")
+    except KeyError as exc:
+        raise LocalProblem(f"{path} is not an audit state file (no {exc})") from None
+    except (ValueError, TypeError, AttributeError, RecursionError) as exc:
         raise LocalProblem(f"{path} is not an audit state file ({one_line(exc)})") from None
     return state
+
+
+def saved_frontier(state: Mapping[str, Any]) -> list[bytes]:
+    """The frontier an audit saved; raises ValueError or TypeError when it is not 32-byte base64 hashes."""
+    try:
+        frontier = [b64_decode(item) for item in state["frontier"]]
+    except (TypeError, ValueError):
+        raise ValueError("its frontier holds an entry that is not base64") from None
+    if any(len(digest) != 32 for digest in frontier):
+        raise ValueError("its frontier holds a hash that is not 32 bytes")
+    return frontier
 
 
 def state_directory(path: str) -> Path:
@@ -5608,8 +5628,36 @@ def write_state(path: str, state: Mapping[str, Any]) -> None:
 
 
 def saved_checkpoint(state: Mapping[str, Any]) -> Checkpoint:
-    """The checkpoint an audit saved (checked when it was saved), as it stands in the file."""
+    """The checkpoint an audit saved (checked when it was saved, and by read_state), as it stands in the file."""
     return Checkpoint.parse(state["checkpoint"].rsplit("\n\n", 1)[0] + "\n")
+
+
+def same_url(a: str, b: str) -> bool:
+    """Whether two base URLs name the same server and path (case of scheme and host, a default port
+    and a trailing slash aside)."""
+    def key(url: str) -> tuple[str, str | None, int | None, str]:
+        parts = urllib.parse.urlsplit(url)
+        scheme = parts.scheme.lower()
+        return scheme, parts.hostname, parts.port or {"http": 80, "https": 443}.get(scheme), parts.path.rstrip("/")
+
+    try:
+        return key(a) == key(b)
+    except ValueError:  # a port that is not a number, an unbalanced [
+        return False
+
+
+def check_state_is_of(client: LogClient, state: Mapping[str, Any], origin: str) -> None:
+    """Check that an audit state is of the log at `client` (whose checkpoints carry `origin`). Raises
+    LocalProblem when it is another log's (another origin, saved from another URL: the wrong file),
+    LogFault when the log at the state's own URL now carries another origin (it changed its identity);
+    a log with the state's origin at another URL (moved, or an alias) is the same log."""
+    audited = saved_checkpoint(state).origin
+    if origin == audited:
+        return
+    if not same_url(state["log"], client.base):
+        raise LocalProblem(f"the --state file is the audit of {state['log']} (origin {audited}), not of "
+                           f"{client.base} (origin {origin}): give this log's state file")
+    raise LogFault(f"the log's origin is now {origin}, not {audited} as audited: a log keeps its origin for life")
 
 
 def check_consistent(client: LogClient, old: Checkpoint, new: Checkpoint, what: str) -> None:
@@ -5660,6 +5708,8 @@ def audit_log(client: LogClient, state: dict[str, Any] | None, key: str | None, 
     for entries served without their receipt, unless `allow_pruned`) or LogUnreachable."""
     note = client.checkpoint()
     origin = note.split("\n", 1)[0]
+    if state:
+        check_state_is_of(client, state, origin)
     pinned = NoteVerifier.parse(state["verifier_key"]) if state else None
     verifier = trusted_key(key, origin) if key else pinned or listed_key(client, origin)
     try:
@@ -5673,9 +5723,7 @@ def audit_log(client: LogClient, state: dict[str, Any] | None, key: str | None, 
     if full or saved is None:
         frontier, start = [], 0
     else:
-        frontier, start = _hashes(state["frontier"]), saved.tree_size
-        if frontier_root(frontier) != saved.root_hash:
-            raise click.ClickException("the state file's frontier does not make its checkpoint's root")
+        frontier, start = saved_frontier(state), saved.tree_size  # checked by read_state
     replayed = replay(client, frontier, start, checkpoint, saved if full else None)
     if replayed.bodiless and not allow_pruned:
         raise LogFault(f"{replayed.bodiless} of the {replayed.entries} entries replayed came without their receipt "
@@ -5692,9 +5740,14 @@ def audit_log(client: LogClient, state: dict[str, Any] | None, key: str | None, 
 
 
 def compare_audits(client: LogClient, mine: Mapping[str, Any], other: Mapping[str, Any]) -> str:
-    """Check two auditors' saved checkpoints against each other: each signed by its auditor's pinned
-    key, and the smaller extended by the larger. Raises LogFault (a split view) or LogUnreachable."""
-    a, b = (open_checkpoint(s["checkpoint"], NoteVerifier.parse(s["verifier_key"])) for s in (mine, other))
+    """Check two auditors' saved checkpoints (each signed by its auditor's pinned key: read_state checked)
+    against each other: the smaller extended by the larger, by a proof from the log at `client`.
+    Raises LogFault (a split view), LogUnreachable, or LocalProblem (states of different logs, or not
+    of this one)."""
+    a, b = saved_checkpoint(mine), saved_checkpoint(other)
+    if a.origin != b.origin:
+        raise LocalProblem(f"the two state files are audits of different logs ({a.origin} and {b.origin})")
+    check_state_is_of(client, mine, client.checkpoint().split("\n", 1)[0])
     small, big = sorted((a, b), key=lambda c: c.tree_size)
     check_consistent(client, small, big, "split view")
     return f"ok: the two saved checkpoints ({a.tree_size} and {b.tree_size} leaves of {a.origin}) are consistent"
@@ -5713,6 +5766,8 @@ def log_inclusion(client: LogClient, receipt: Mapping[str, Any], raw: bytes, key
         raise LogUnreachable("the receipt is not under a checkpoint yet; try again in a second or two")
     index, note = _field(proof, "leaf_index", int), _field(_field(proof, "checkpoint", dict), "note", str)
     origin = note.split("\n", 1)[0]
+    if state:
+        check_state_is_of(client, state, origin)
     saved = saved_checkpoint(state) if state else None
     if saved is not None and index < saved.tree_size:  # the audited tree itself: no signature to trust
         _, proof = client.get("/v1/log/proof/inclusion", receipt_id=receipt_id, tree_size=saved.tree_size)

@@ -301,3 +301,35 @@ def test_audits_under_a_tight_rate_limit_wait_as_asked(tmp_path: Path) -> None:
             assert code == 0 and "5 leaves" in out, out
         code, out = log.verify(files[0], "--state", state)
         assert code == 0 and "as leaf 0 of 5" in out, out
+
+
+def test_a_state_file_of_another_log_is_a_local_problem_and_a_renamed_log_a_fault(tmp_path: Path) -> None:
+    """Break report 17 #9: auditing log B with log A's state suggested a key rotation, and verify --log B
+    --state A said "404 no checkpoint of 20 leaves": the state's origin and URL were never compared."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    a = Log(tmp_path / "a")
+    b = Log(tmp_path / "b", RECEIPT_SIGNING_KEY_HEX=SigningKey.generate().encode().hex())
+    with a.serving(), b.serving():
+        a.issue(3)
+        receipt_b = b.issue(1)[0]
+        state_a, state_b = tmp_path / "a.json", tmp_path / "b.json"
+        assert a.audit(state_a)[0] == 0 and b.audit(state_b)[0] == 0
+        origin_a, origin_b = (json.loads(p.read_text())["checkpoint"].split("\n")[0] for p in (state_a, state_b))
+        wrong = (f"Error: the --state file is the audit of {a.base} (origin {origin_a}), not of {b.base} "
+                 f"(origin {origin_b}): give this log's state file\n")
+        assert b.audit(state_a) == (ac.EXIT_LOCAL, wrong)
+        assert b.verify(receipt_b, "--state", state_a) == (ac.EXIT_LOCAL, wrong)
+        code, out = b.cli("audit", "--log", b.base, "--state", state_b, "--compare", state_a)
+        assert code == ac.EXIT_LOCAL and "audits of different logs" in out, out
+        code, out = a.cli("audit", "--log", b.base, "--state", state_a, "--compare", state_a)
+        assert (code, out) == (ac.EXIT_LOCAL, wrong)
+        moved = tmp_path / "moved.json"  # the same log reached under another name: still its state
+        moved.write_text(json.dumps({**json.loads(state_a.read_text()), "log": a.base.replace("127.0.0.1", "localhost")}))
+        code, out = a.audit(moved)
+        assert code == 0 and json.loads(moved.read_text())["log"] == a.base, out
+        renamed = tmp_path / "renamed.json"  # saved from B's URL, where another origin now answers
+        renamed.write_text(json.dumps({**json.loads(state_a.read_text()), "log": b.base + "/"}))
+        code, out = b.audit(renamed)
+        assert (code, out) == (ac.EXIT_FAILED, f"audit failed: the log's origin is now {origin_b}, not {origin_a} as "
+                                               f"audited: a log keeps its origin for life\n")

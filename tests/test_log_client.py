@@ -15,9 +15,10 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner, Result
+from nacl.signing import SigningKey
 
 import aitbc_coord as ac
-from test_receipts import EDGE_PAYLOAD, EDGE_SIGNATURE
+from test_receipts import EDGE_PAYLOAD, EDGE_SEED, EDGE_SIGNATURE
 
 # What a server that is not a coordinator (or a broken one) may send, as the break report tried it.
 ANSWERS = {
@@ -219,3 +220,58 @@ def test_which_answers_are_waited_out(status: int, retry_after: str | None, wait
             with pytest.raises(ac.LogUnreachable, match=f"GET /v1/log/checkpoint: {status} no"):
                 client.checkpoint()
             assert slept == []
+
+
+def audit_state(size: int = 4, url: str = "http://127.0.0.1:9") -> dict[str, object]:
+    """A state file as `audit` writes it, of a log of `size` leaves signed with the edge vector's key."""
+    frontier: list[bytes] = []
+    for i in range(size):
+        ac.frontier_append(frontier, i, ac.leaf_hash(b"leaf %d" % i))
+    notary = ac.Notary(SigningKey(bytes.fromhex(EDGE_SEED)), "coord.example.org/receipts")
+    note = notary.sign(ac.Checkpoint(notary.origin, size, ac.frontier_root(frontier), ("timestamp 1",)))
+    return {"log": url, "verifier_key": notary.verifier.encode(), "checkpoint": note,
+            "frontier": [ac.b64(h) for h in frontier]}
+
+
+GOOD = audit_state()
+SPOILT = {  # as the break report left them in /work/scratch17 (s_*.json)
+    "a frontier hash that is not base64": ({**GOOD, "frontier": ["!!"]}, "is not an audit state file"),
+    "a frontier that is not the checkpoint's": ({**GOOD, "frontier": ["A" * 43 + "="]},
+                                                "its frontier does not make its checkpoint's root"),
+    "a frontier of numbers": ({**GOOD, "frontier": [1, 2]}, "is not an audit state file"),
+    "a frontier hash of 31 bytes": ({**GOOD, "frontier": [ac.b64(bytes(31))] * 1}, "not 32 bytes"),
+    "a checkpoint altered after it was signed": ({**GOOD, "checkpoint": str(GOOD["checkpoint"]).replace("\n4\n", "\n3\n")},
+                                                 "does not verify"),
+    "a checkpoint that is a number": ({**GOOD, "checkpoint": 7}, "is not an audit state file"),
+    "a verifier key that is not one": ({**GOOD, "verifier_key": "x"}, "not an Ed25519 verifier key"),
+    "no frontier": ({k: v for k, v in GOOD.items() if k != "frontier"}, "(no 'frontier')"),
+    "no URL": ({k: v for k, v in GOOD.items() if k != "log"}, "the log's URL"),
+    "a list": ([], "is not an audit state file"), "null": (None, "is not an audit state file"),
+}
+
+
+@pytest.mark.parametrize("what", list(SPOILT))
+def test_a_spoilt_state_file_is_a_local_problem_not_the_log_s_fault(what: str, receipt: Path, tmp_path: Path) -> None:
+    """Break report 17 #9: a corrupt frontier was reported as "the log sent a hash that is not 32 bytes",
+    exit 1 (a log fault), and other unreadable state files exited 1 as well."""
+    state, why = SPOILT[what]
+    path = tmp_path / "state.json"
+    path.write_text(json.dumps(state))
+    for args in (("audit", "--log", "http://127.0.0.1:9", "--state", path),
+                 ("verify", receipt, "--log", "http://127.0.0.1:9", "--state", path)):
+        result = run(*args)
+        line = one_line(result)
+        assert result.exit_code == ac.EXIT_LOCAL and line.startswith(f"Error: {path} is not an audit state file") \
+            and why in line, (what, line)
+
+
+def test_state_files_that_cannot_be_read_are_exit_3(tmp_path: Path) -> None:
+    for name, content in (("empty", b""), ("binary", b"\xff\xfe"), ("truncated", json.dumps(GOOD).encode()[:200])):
+        path = tmp_path / f"{name}.json"
+        path.write_bytes(content)
+        result = run("audit", "--log", "http://127.0.0.1:9", "--state", path)
+        assert result.exit_code == ac.EXIT_LOCAL and str(path) in one_line(result), (name, result.output)
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps(GOOD))
+    result = run("audit", "--log", "http://127.0.0.1:9", "--state", good)  # read and accepted: then the log is asked
+    assert result.exit_code == ac.EXIT_TRANSPORT and one_line(result).startswith("cannot audit: cannot reach")
