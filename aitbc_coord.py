@@ -46,6 +46,7 @@ import enum
 import functools
 import gc
 import hashlib
+import http
 import http.client
 import ipaddress
 import json
@@ -3870,6 +3871,7 @@ class Endpoint:
     query: type[Model] | None
     responses: Mapping[int, type[BaseModel] | None]
     optional_body: bool = False
+    headers: Mapping[int, tuple[str, ...]] = dataclasses.field(default_factory=dict)  # per status, RESPONSE_HEADERS
 
 
 ENDPOINTS: list[Endpoint] = []
@@ -3877,11 +3879,15 @@ ENDPOINTS: list[Endpoint] = []
 
 def endpoint(method: str, path: str, *, role: str | None = None, body: type[Model] | None = None,
              query: type[Model] | None = None, responses: Mapping[int, type[BaseModel] | None],
-             optional_body: bool = False) -> Callable[[Handler], Handler]:
-    """Register a handler with what /openapi.json and the request parser need to know."""
+             optional_body: bool = False, headers: Mapping[int, tuple[str, ...]] | None = None
+             ) -> Callable[[Handler], Handler]:
+    """Register a handler with what /openapi.json and the request parser need to know: its responses'
+    models and the headers they may carry (by status)."""
     def register(handler: Handler) -> Handler:
         every = {429: Detail, 503: Detail}  # rate limits and an unavailable database apply to all
-        ENDPOINTS.append(Endpoint(method, path, handler, role, body, query, {**every, **responses}, optional_body))
+        every_header = {429: ("Retry-After",), 503: ("Retry-After",)}
+        ENDPOINTS.append(Endpoint(method, path, handler, role, body, query, {**every, **responses}, optional_body,
+                                  {**every_header, **(headers or {})}))
         return handler
     return register
 
@@ -4008,7 +4014,8 @@ async def delete_job(call: Call) -> Response:
 LOG_INDEX_HEADER = "Receipt-Log-Index"
 
 
-@endpoint("GET", "/v1/jobs/{job_id}/receipt", role="client", responses={200: Receipt, **_errors(401, 404)})
+@endpoint("GET", "/v1/jobs/{job_id}/receipt", role="client", responses={200: Receipt, **_errors(401, 404)},
+          headers={200: (LOG_INDEX_HEADER,)})
 async def get_job_receipt(call: Call) -> Response:
     """The job's latest signed receipt, its leaf index in the receipt log in a Receipt-Log-Index header."""
     row = await _client_job(call)
@@ -4277,7 +4284,7 @@ async def log_checkpoints(call: Call) -> Response:
 
 
 @endpoint("GET", "/v1/log/proof/inclusion", query=InclusionQuery,
-          responses={200: InclusionProof, 404: Detail, 422: ValidationDetail, 425: Detail})
+          responses={200: InclusionProof, 404: Detail, 422: ValidationDetail, 425: Detail}, headers={425: ("Retry-After",)})
 async def log_inclusion_proof(call: Call) -> Response:
     """A receipt's leaf index and audit path under a checkpoint; 425 until one covers it."""
     q, coord = call.query, call.coord
@@ -4310,6 +4317,14 @@ async def log_entries(call: Call) -> Response:
 
 # === OpenAPI ===
 
+RESPONSE_HEADERS: dict[str, dict[str, Any]] = {  # every header a response may carry beside its framing
+    "Retry-After": {"description": "seconds to wait before asking again (RFC 9110 10.2.3)",
+                    "schema": {"type": "integer", "minimum": 1}},
+    LOG_INDEX_HEADER: {"description": "the receipt's leaf index in the receipt log (when it has one)",
+                       "schema": {"type": "integer", "minimum": 0}},
+}
+
+
 def openapi_document(settings: Settings, root_path: str = "") -> dict[str, Any]:
     """An OpenAPI 3.1 description of every endpoint, generated from the pydantic models.
 
@@ -4325,10 +4340,12 @@ def openapi_document(settings: Settings, root_path: str = "") -> dict[str, Any]:
             branch["maximum"] = settings.job_ttl_max_seconds
     paths: dict[str, dict[str, Any]] = {}
     for ep in ENDPOINTS:
-        op: dict[str, Any] = {"operationId": ep.handler.__name__, "summary": (ep.handler.__doc__ or "").strip(),
-                              "responses": {}, "parameters": []}
+        summary = " ".join((ep.handler.__doc__ or "").split("\n\n")[0].split())  # its first paragraph, one line
+        op: dict[str, Any] = {"operationId": ep.handler.__name__, "summary": summary, "responses": {}, "parameters": []}
         for code, model in sorted(ep.responses.items()):
-            resp: dict[str, Any] = {"description": str(code)}
+            resp: dict[str, Any] = {"description": http.HTTPStatus(code).phrase}
+            if code in ep.headers:
+                resp["headers"] = {name: RESPONSE_HEADERS[name] for name in ep.headers[code]}
             if model is not None:
                 resp["content"] = {"application/json": {"schema": refs[(model, "validation")]}}
             elif code != 204:

@@ -8,6 +8,8 @@ explorer lists with data; 401, 404, 409, 413, 422, 425, 400, 429 and 503). Every
 at the client and checked:
 
 - its status must be one the endpoint declares (an undeclared status is a mismatch);
+- every header it carries beside the framing (content type and length, CORS) must be declared for
+  its status (`@endpoint(..., headers=...)`, which /openapi.json lists);
 - its body must validate, in pydantic's strict JSON mode, against a copy of the declared model that
   forbids extra fields at every depth (nested models, list items, unions), so a field the model lacks,
   a missing required field or a wrong JSON type all fail. Aliases count as on the wire (`from`, not
@@ -97,6 +99,7 @@ class Exchange:
     status: int
     content_type: str
     body: bytes
+    headers: frozenset[str] = frozenset()  # names, lower case
 
 
 @dataclasses.dataclass
@@ -110,7 +113,8 @@ class Recorder:
         await response.aread()
         method, path = response.request.method, response.request.url.path
         self.exchanges.append(Exchange(self.endpoint(method, path), method, path, response.status_code,
-                                       response.headers.get("content-type", ""), response.content))
+                                       response.headers.get("content-type", ""), response.content,
+                                       frozenset(name.lower() for name in response.headers)))
 
     def endpoint(self, method: str, path: str) -> ac.Endpoint | None:
         try:
@@ -145,9 +149,15 @@ def problems_of(ex: Exchange) -> tuple[str, list[str]]:
     if ex.status not in ep.responses:
         return "undeclared", [f"status {ex.status} is not declared (declared: {sorted(ep.responses)})"]
     shape, label = ep.responses[ex.status], "declared model"
+    declared_headers = {name.lower() for name in ep.headers.get(ex.status, ())}
+    header_problems = [f"header {name} is not declared for {ex.status}" for name in sorted(ex.headers)
+                       if name not in declared_headers and name not in FRAMING and not name.startswith("access-control-")]
     if shape is None:
-        return "declared with no body", [] if not ex.body else ["the response has a body"]
-    return f"{label} {shape_name(shape)}", body_problems(shape, ex)
+        return "declared with no body", header_problems + ([] if not ex.body else ["the response has a body"])
+    return f"{label} {shape_name(shape)}", header_problems + body_problems(shape, ex)
+
+
+FRAMING = {"content-length", "content-type"}  # headers every response carries, declared by the format itself
 
 
 def report(exchanges: list[Exchange]) -> list[str]:
@@ -489,13 +499,23 @@ async def test_every_response_matches_the_model_openapi_names(tmp_path: Path) ->
 
 
 def test_openapi_names_exactly_the_declared_models() -> None:
-    """What the test above checks against is what /openapi.json says: the model per route and status."""
+    """What the test above checks against is what /openapi.json says: the model and the headers per
+    route and status; and every operation's summary is one line, every response described."""
     paths = ac.openapi_document(ac.Settings.load({}, dotenv=False))["paths"]
     for ep in ac.ENDPOINTS:
+        op = paths[ep.path][ep.method.lower()]
+        assert op["summary"] and "\n" not in op["summary"] and "  " not in op["summary"], (ep.path, op["summary"])
         for status, model in ep.responses.items():
-            content = paths[ep.path][ep.method.lower()]["responses"][str(status)].get("content")
+            response = op["responses"][str(status)]
+            content = response.get("content")
             schema = content["application/json"]["schema"] if content else None
             assert schema == documented_schema(ep, status, model), (ep.method, ep.path, status)
+            assert not response["description"].isdigit(), (ep.path, status, response["description"])
+            assert set(response.get("headers", {})) == set(ep.headers.get(status, ())), (ep.path, status)
+    inclusion = paths["/v1/log/proof/inclusion"]["get"]["responses"]
+    assert inclusion["425"]["description"] == "Too Early" and "Retry-After" in inclusion["425"]["headers"]
+    assert "Receipt-Log-Index" in paths["/v1/jobs/{job_id}/receipt"]["get"]["responses"]["200"]["headers"]
+    assert "\n" not in paths["/v1/log/proof/consistency"]["get"]["summary"]  # once broken across two lines
 
 
 def documented_schema(ep: ac.Endpoint, status: int, model: type[BaseModel] | None) -> dict[str, Any] | None:
