@@ -79,8 +79,10 @@ from nacl.exceptions import CryptoError
 from nacl.signing import SigningKey, VerifyKey
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, GCCollector, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, RootModel, ValidationError, field_validator
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, RootModel, ValidationError,
+                      field_validator)
 from pydantic.json_schema import models_json_schema
+from pydantic_core import PydanticCustomError
 from starlette.requests import Request
 from starlette.responses import Response
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
@@ -2954,10 +2956,24 @@ class JobSubmit(Model):
     ttl_seconds: int | None = Field(None, description="values below 1 count as 1; above JOB_TTL_MAX_SECONDS: 422")
 
 
+DECIMAL_RE = re.compile(r"-?[0-9]+")
+
+
+def _decimal_digits(value: Any) -> Any:
+    """A query parameter's integer in decimal digits only: int() and pydantic's lax mode would take
+    "3_0" as 30, "1.0" as 1 and " 7" or "+7" as 7, which a cache or proxy keyed by the query does not."""
+    if isinstance(value, str) and not DECIMAL_RE.fullmatch(value):
+        raise PydanticCustomError("int_parsing", "Input should be a whole number in decimal digits")
+    return value
+
+
+QueryInt = Annotated[int, BeforeValidator(_decimal_digits)]  # every integer a query string carries
+
+
 class JobListQuery(Model):
     state: JobState | None = None
-    limit: int = Field(50, ge=1, le=500)
-    offset: int = Field(0, ge=0, le=2**53)
+    limit: QueryInt = Field(50, ge=1, le=500)
+    offset: QueryInt = Field(0, ge=0, le=2**53)
 
     @field_validator("state", mode="before")
     @classmethod
@@ -2966,7 +2982,7 @@ class JobListQuery(Model):
 
 
 class ReceiptListQuery(Model):
-    limit: int = Field(100, ge=1, le=500)
+    limit: QueryInt = Field(100, ge=1, le=500)
     cursor: str | None = Field(None, min_length=1, max_length=400, pattern=r"^[A-Za-z0-9_-]+$",
                                description="next_cursor of the previous page (opaque)")
 
@@ -2984,17 +3000,17 @@ LOG_INDEX = Field(ge=0, le=2**62)  # leaf counts and indexes fit a signed 64-bit
 
 class InclusionQuery(Model):
     receipt_id: Text = Field(min_length=1, max_length=128)
-    tree_size: Annotated[int, LOG_INDEX] | None = Field(None, description="default: the latest checkpoint's")
+    tree_size: Annotated[QueryInt, LOG_INDEX] | None = Field(None, description="default: the latest checkpoint's")
 
 
 class ConsistencyQuery(Model):
-    first: Annotated[int, LOG_INDEX] = Field(description="the smaller tree size (a checkpoint the client holds)")
-    second: Annotated[int, LOG_INDEX] = Field(description="the larger tree size")
+    first: Annotated[QueryInt, LOG_INDEX] = Field(description="the smaller tree size (a checkpoint the client holds)")
+    second: Annotated[QueryInt, LOG_INDEX] = Field(description="the larger tree size")
 
 
 class EntriesQuery(Model):
-    start: Annotated[int, LOG_INDEX] = Field(description="index of the first leaf")
-    end: Annotated[int, LOG_INDEX] | None = Field(None, description="index of the last leaf (inclusive, as RFC 9162's "
+    start: Annotated[QueryInt, LOG_INDEX] = Field(description="index of the first leaf")
+    end: Annotated[QueryInt, LOG_INDEX] | None = Field(None, description="index of the last leaf (inclusive, as RFC 9162's "
                                                   "get-entries); fewer may come back")
 
 
@@ -3032,18 +3048,18 @@ class BidCreate(Model):
 class OfferQuery(Model):
     # Documented as the three values in any case; anything else is the spec's 400, not a 422.
     status: str | None = Field(None, json_schema_extra={"pattern": OFFER_STATUS_PATTERN})
-    limit: int = Field(100, ge=1, le=500)
-    offset: int = Field(0, ge=0, le=2**53)
+    limit: QueryInt = Field(100, ge=1, le=500)
+    offset: QueryInt = Field(0, ge=0, le=2**53)
 
 
 class BlockQuery(Model):
-    limit: int = Field(20, ge=1, le=200)
-    offset: int = Field(0, ge=0, le=2**53)
+    limit: QueryInt = Field(20, ge=1, le=200)
+    offset: QueryInt = Field(0, ge=0, le=2**53)
 
 
 class ExplorerQuery(Model):
-    limit: int = Field(50, ge=1, le=500)
-    offset: int = Field(0, ge=0, le=2**53)
+    limit: QueryInt = Field(50, ge=1, le=500)
+    offset: QueryInt = Field(0, ge=0, le=2**53)
 
 
 class ExplorerReceiptQuery(ExplorerQuery):
@@ -5452,16 +5468,19 @@ def retry_after_seconds(value: str | None, now: float) -> float | None:
 
 
 class LogClient:
-    """The public /v1/log routes of the coordinator at `base` (its URL), over HTTP. A 429 (or a 503
-    that asks for a short wait) is retried after the wait its Retry-After asks for, a few times in a
-    row: a first audit of a big log makes a request per LOG_ENTRIES_MAX leaves."""
+    """The public /v1/log routes of the coordinator at `base` (its URL), over HTTP. A 429 (or a 503 or
+    425 that asks for a short wait) is retried after the wait its Retry-After asks for, a few times in
+    a row: a first audit of a big log makes a request per LOG_ENTRIES_MAX leaves, and a receipt is
+    under a checkpoint a second after it is issued."""
 
     MAX_ANSWER_BYTES = 64 << 20  # an entries page is a few MB; a server sending more is not answering
     RETRIES = 5  # waits in a row for one request
-    LONGEST_WAIT = {429: 120.0, 503: 5.0}  # seconds: past these the answer is reported (503: a blip only)
+    # seconds: past these the answer is reported (503: a blip only; 425: a checkpoint due within seconds)
+    LONGEST_WAIT = {429: 120.0, 503: 5.0, 425: 5.0}
 
     def __init__(self, base: str, timeout: float = 30.0, sleep: Callable[[float], None] = time.sleep) -> None:
         self.base, self.timeout, self.sleep, self.opener = base.rstrip("/"), timeout, sleep, http_opener()
+        self.retry_after: str | None = None  # the last answer's Retry-After header
 
     def fetch(self, url: str) -> tuple[int, bytes, str | None]:
         """(status, body, Retry-After) of a GET; raises LogUnreachable for anything that is not a whole
@@ -5487,9 +5506,9 @@ class LogClient:
         query = urllib.parse.urlencode({k: v for k, v in params.items() if v is not None})
         url, waits = f"{self.base}{path}{'?' + query if query else ''}", 0
         while True:
-            status, raw, retry_after = self.fetch(url)
-            wait = retry_after_seconds(retry_after, time.time())
-            if status in ok or wait is None or wait > self.LONGEST_WAIT.get(status, -1) or waits == self.RETRIES:
+            status, raw, self.retry_after = self.fetch(url)
+            wait = retry_after_seconds(self.retry_after, time.time())
+            if wait is None or wait > self.LONGEST_WAIT.get(status, -1) or waits == self.RETRIES:
                 break
             self.sleep(wait)
             waits += 1
@@ -5500,7 +5519,7 @@ class LogClient:
         if status not in ok:
             detail = data.get("detail") if isinstance(data, dict) else raw[:100].decode(errors="replace")
             after = f" (after {waits} waits as its Retry-After asked)" if waits else \
-                f" (Retry-After: {one_line(retry_after)})" if retry_after is not None else ""
+                f" (Retry-After: {one_line(self.retry_after)})" if self.retry_after is not None else ""
             raise LogUnreachable(f"GET {path}: {status} {one_line(detail)}{after}")
         if data is raw:
             raise LogUnreachable(f"GET {path}: {status} answer is not JSON: {one_line(raw[:100].decode(errors='replace'))}")
@@ -5558,13 +5577,22 @@ def _hashes(items: Sequence[Any]) -> list[bytes]:
 
 def trusted_key(text: str, origin: str) -> NoteVerifier:
     """A log key given by an operator: a verifier key string, or a key_id (base64url public key, as
-    GET /v1/receipts/keys lists it) named after `origin`. Raises click.BadParameter."""
-    try:
-        if re.fullmatch(r"[A-Za-z0-9_-]{43}", text):
-            return NoteVerifier(origin, b64url_decode(text))
-        return NoteVerifier.parse(text)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc), param_hint="--key") from None
+    GET /v1/receipts/keys lists it) named after `origin`. Raises ValueError."""
+    if re.fullmatch(r"[A-Za-z0-9_-]{43}", text):
+        public_key = b64url_decode(text)
+        if len(public_key) == 32:
+            return NoteVerifier(origin, public_key)
+    return NoteVerifier.parse(text)
+
+
+def log_key_option(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """--key / --log-key: a verifier key or a key_id, checked when parsed (whose name it is comes later)."""
+    if value is not None:
+        try:
+            trusted_key(value, "any-origin")
+        except ValueError as exc:
+            raise click.BadParameter(f"{exc}, or a key_id of 43 base64url characters") from None
+    return value
 
 
 def listed_key(client: LogClient, origin: str) -> NoteVerifier:
@@ -5780,7 +5808,9 @@ def log_inclusion(client: LogClient, receipt: Mapping[str, Any], raw: bytes, key
     if status == 404:
         raise LogFault(f"receipt {receipt_id} is not in the log")
     if status == 425:
-        raise LogUnreachable("the receipt is not under a checkpoint yet; try again in a second or two")
+        wait = retry_after_seconds(client.retry_after, time.time())
+        raise LogUnreachable("the receipt is not under a checkpoint yet; try again "
+                             + ("later" if wait is None else f"in {wait:g} s (the log's Retry-After)"))
     index, note = _field(proof, "leaf_index", int), _field(_field(proof, "checkpoint", dict), "note", str)
     origin = note.split("\n", 1)[0]
     if state:
@@ -5812,7 +5842,7 @@ def log_inclusion(client: LogClient, receipt: Mapping[str, Any], raw: bytes, key
 @click.option("--key-id", "key_ids", multiple=True, help="A trusted signing key_id (repeatable).")
 @click.option("--log", "log_url", metavar="URL", callback=log_url_option,
               help="Also check the receipt is in this coordinator's receipt log.")
-@click.option("--log-key", metavar="KEY", help="With --log: the log's trusted key (verifier key or key_id); "
+@click.option("--log-key", metavar="KEY", callback=log_key_option, help="With --log: the log's trusted key (verifier key or key_id); "
               "default: the --state file's, else the one the log lists.")
 @click.option("--state", "state_path", type=click.Path(dir_okay=False), metavar="FILE",
               help="With --log: an `audit` state file; the receipt must be in the audited tree or a consistent later one.")
@@ -5835,6 +5865,8 @@ def verify_command(receipt_file: Any, key_ids: tuple[str, ...], log_url: str | N
       aitbc-coord verify receipt.json --key-id TJvH0A9pkk0c3uQMNlCivLs3GR3i1T2TtfIbLT0n29Q
       aitbc-coord verify receipt.json --log http://127.0.0.1:8011 --state /var/lib/aitbc-audit/log.json
     """
+    if log_url is None and (log_key is not None or state_path is not None):
+        raise click.UsageError("--log-key and --state only apply with --log URL")
     raw = receipt_file.read()
     try:
         data = decode_json(raw)
@@ -5872,7 +5904,7 @@ def verify_command(receipt_file: Any, key_ids: tuple[str, ...], log_url: str | N
               help="The coordinator whose receipt log to audit.")
 @click.option("--state", "state_path", required=True, type=click.Path(dir_okay=False), metavar="FILE",
               help="Where the last audited checkpoint, the pinned key and the replayed tree's edge are kept.")
-@click.option("--key", metavar="KEY", help="The log's key (verifier key or key_id); pinned in FILE. Without it, "
+@click.option("--key", metavar="KEY", callback=log_key_option, help="The log's key (verifier key or key_id); pinned in FILE. Without it, "
               "the first audit pins the key the log lists.")
 @click.option("--full", is_flag=True, help="Replay every entry from the first, not only those since the last audit.")
 @click.option("--allow-pruned", is_flag=True, help="Accept entries served without their receipt (a log that prunes "

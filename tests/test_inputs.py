@@ -797,3 +797,30 @@ async def test_nul_inside_json_objects_stays_allowed(tmp_path: Path) -> None:
         assert receipt["metadata"]["result"]["s"] == NUL
         verify = await h.client.post("/v1/receipts/verify", json={"receipt": receipt})
         assert verify.json()["valid"] is True, verify.text
+
+
+LAX_INTEGERS = ["3_0", "1.0", " 7", "7 ", "+7", "\u0667"]  # int() takes all of these (the last: Arabic-Indic 7)
+
+
+@pytest.mark.anyio
+async def test_every_integer_in_a_query_string_is_decimal_digits_only(tmp_path: Path) -> None:
+    """Break report 17 #11: tree_size=3_0 was taken as 30 and first=1.0 as 1 (pydantic's lax parsing)."""
+    async with harness(tmp_path, ENV) as h:
+        paths = (await h.client.get("/openapi.json")).json()["paths"]
+
+        def is_integer(schema: dict[str, Any]) -> bool:
+            return schema.get("type") == "integer" or any(is_integer(branch) for branch in schema.get("anyOf", []))
+
+        places = [(ep, p["name"]) for ep in ac.ENDPOINTS for p in paths[ep.path][ep.method.lower()]["parameters"]
+                  if p["in"] == "query" and is_integer(p["schema"])]
+        names = {(ep.path, name) for ep, name in places}
+        assert {("/v1/log/proof/inclusion", "tree_size"), ("/v1/log/proof/consistency", "first"),
+                ("/v1/log/entries", "start"), ("/v1/explorer/blocks", "offset"), ("/v1/jobs", "limit")} <= names
+        for ep, name in places:
+            path = re.sub(r"{\w+}", "x", ep.path)
+            for value in LAX_INTEGERS:
+                r = await h.client.request(ep.method, path, params={name: value}, headers=KEYS[ep.role])
+                assert r.status_code == 422, (ep.path, name, value, r.status_code)
+                assert ["query", name] in [item["loc"] for item in r.json()["detail"]], (ep.path, name, r.text)
+        r = await h.client.get("/v1/log/proof/consistency", params={"first": "0", "second": "0"})
+        assert r.status_code == 200  # decimal digits are as before

@@ -275,3 +275,38 @@ def test_state_files_that_cannot_be_read_are_exit_3(tmp_path: Path) -> None:
     good.write_text(json.dumps(GOOD))
     result = run("audit", "--log", "http://127.0.0.1:9", "--state", good)  # read and accepted: then the log is asked
     assert result.exit_code == ac.EXIT_TRANSPORT and one_line(result).startswith("cannot audit: cannot reach")
+
+
+def test_key_options_are_checked_when_parsed_and_named_as_given(receipt: Path, tmp_path: Path) -> None:
+    """Break report 17 #11: --log-key garbage was reported as "Invalid value for --key", after asking the log."""
+    result = run("verify", receipt, "--log", "http://127.0.0.1:9", "--log-key", "garbage")
+    assert result.exit_code == ac.EXIT_LOCAL and "Invalid value for '--log-key': not an Ed25519 verifier key" \
+        in result.output, result.output
+    result = run("audit", "--log", "http://127.0.0.1:9", "--state", tmp_path / "s.json", "--key", "garbage")
+    assert result.exit_code == ac.EXIT_LOCAL and "Invalid value for '--key'" in result.output, result.output
+    key_id = ac.b64url(bytes(SigningKey(bytes.fromhex(EDGE_SEED)).verify_key))  # a key_id is taken, then the log asked
+    assert run("verify", receipt, "--log", "http://127.0.0.1:9", "--log-key", key_id).exit_code == ac.EXIT_TRANSPORT
+
+
+def test_log_options_without_log_are_a_usage_error(receipt: Path, tmp_path: Path) -> None:
+    """Break report 17 #11: verify --state or --log-key without --log were silently ignored."""
+    (tmp_path / "s.json").write_text(json.dumps(GOOD))
+    for extra in (("--state", tmp_path / "s.json"), ("--log-key", GOOD["verifier_key"])):
+        result = run("verify", receipt, *extra)
+        assert result.exit_code == ac.EXIT_LOCAL and "--log-key and --state only apply with --log URL" in result.output
+
+
+def test_a_receipt_not_yet_under_a_checkpoint_says_when_the_log_said(receipt: Path) -> None:
+    """Break report 17 #11: the CLI said "try again in a second or two" where the server sent Retry-After: 28;
+    a wait of a few seconds (the default: a checkpoint a second) is now waited out."""
+    not_yet = {"detail": "receipt not yet under a checkpoint"}
+    receipt_data = json.loads(receipt.read_text())
+    with scripted_server([(425, {"Retry-After": "28"}, not_yet)]) as (url, _):
+        result = run("verify", receipt, "--log", url)
+        assert (result.exit_code, one_line(result)) == (ac.EXIT_TRANSPORT, "cannot check the log: the receipt is not "
+                                                        "under a checkpoint yet; try again in 28 s (the log's Retry-After)")
+    slept: list[float] = []
+    with scripted_server([(425, {"Retry-After": "1"}, not_yet), (404, {}, {"detail": "receipt not in the log"})]) as (url, _):
+        with pytest.raises(ac.LogFault, match="is not in the log"):
+            ac.log_inclusion(ac.LogClient(url, sleep=slept.append), receipt_data, receipt.read_bytes(), None, None)
+    assert slept == [1.0]
