@@ -5498,6 +5498,9 @@ class LogClient:
             raise LogUnreachable(f"cannot reach {self.base}: {one_line(reason)}") from None
         if len(raw) > self.MAX_ANSWER_BYTES:
             raise LogUnreachable(f"{self.base} sent an answer over {self.MAX_ANSWER_BYTES >> 20} MiB")
+        length = headers.get("Content-Length", "")
+        if length.isdecimal() and len(raw) < int(length):  # read(n) returns what came before the close
+            raise LogUnreachable(f"{self.base} cut its answer short ({len(raw)} of {length} bytes)")
         return status, raw, headers.get("Retry-After")
 
     def get(self, path: str, ok: Sequence[int] = (200,), **params: Any) -> tuple[int, Any]:

@@ -97,6 +97,12 @@ def test_a_server_that_does_not_answer_as_a_log_is_exit_2_in_one_line(what: str,
     assert not (tmp_path / "state.json").exists()
 
 
+def test_an_answer_cut_short_is_reported_as_such_even_when_what_came_is_json() -> None:
+    answer = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 1000\r\nConnection: close\r\n\r\n{}"
+    with raw_server(answer) as url, pytest.raises(ac.LogUnreachable, match=r"cut its answer short \(2 of 1000 bytes\)"):
+        ac.LogClient(url).checkpoint()
+
+
 def test_a_server_that_does_not_answer_in_time_is_exit_2(receipt: Path) -> None:
     listener = socket.create_server(("127.0.0.1", 0))  # accepts (the backlog does) but never answers
     try:
