@@ -2681,7 +2681,7 @@ class Coordinator:
         self.checkpoint_due = -math.inf  # monotonic time when the log may have its next checkpoint
         self.pruned_to = 0  # how far (wall-clock ms) old checkpoints have been thinned to one an hour
         self.log_edge = LogEdge()
-        self.log_damage: str | None = None  # why the receipt log is damaged, once found (logged once)
+        self.log_damage: str | None = None  # why the receipt log is damaged, as first found (logged once)
         self.db.abort_hooks += [self.matcher.reset, self.log_edge.reset]
         self._sweeper: asyncio.Task[None] | None = None
         self.running = False  # between start() and stop()
@@ -2740,7 +2740,8 @@ class Coordinator:
                                   default_origin(s.coordinator_id, bytes(key.verify_key)), self.now())
         self.notary = Notary(key, origin)
         log.info("receipt log %s: checkpoints signed by %s", origin, self.notary.verifier.encode())
-        await self.checkpoint()
+        with contextlib.suppress(LogDamaged):  # noted (logged once) by apply: serve all that needs no append
+            await self.checkpoint()
 
     async def checkpoint(self) -> bool:
         """Publish a checkpoint of the receipt log if it has grown since the last one and that is at least
@@ -2752,9 +2753,6 @@ class Coordinator:
         made = await self.apply(tx_checkpoint, self.notary, self.now(), self.pruned_to)
         if made is None:
             return False
-        if self.log_damage is not None:
-            log.warning("the receipt log is whole again: a checkpoint of %d leaves was made", made[0])
-            self.log_damage = None
         self.pruned_to = made[1]
         self.checkpoint_due = self.monotonic() + self.settings.log_checkpoint_seconds
         return True
@@ -2778,12 +2776,13 @@ class Coordinator:
         await self.db.close()
 
     def note_log_damage(self, exc: LogDamaged) -> None:
-        """Log, once until a checkpoint shows the log whole again, that the receipt log is damaged."""
+        """Log, once for the life of the process, that the receipt log is damaged (repairing it means
+        restoring the database, and so a restart)."""
         if self.log_damage is None:
             log.error("the receipt log is damaged: %s. Completions (which must log their receipts) and proofs "
                       "that need the missing rows answer 503 until an operator restores the database from "
                       "its latest backup; auditors will report what changed", exc.why)
-        self.log_damage = exc.why
+            self.log_damage = exc.why
 
     async def apply(self, fn: Callable[..., Outcome], *args: Any) -> Any:
         """Run a unit of work; wake the pollers it concerns; raise the error it returned, else its value."""

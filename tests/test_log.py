@@ -364,6 +364,17 @@ async def test_leaves_rolled_back_under_their_subtrees_or_checkpoint_refuse_comp
         assert r.status_code == 503 and r.json()["detail"].startswith(
             "the receipt log is damaged: leaf 3 completes subtrees that are stored already"), r.text
     assert len(damage_logged(caplog)) == 1, damage_logged(caplog)
+    async with harness(tmp_path, SIGNING) as h:  # its start-up checkpoint covers the 3 leaves there are
+        assert (await h.client.get("/v1/log/checkpoint")).json()["tree_size"] == 3
+    damage(tmp_path / "coord.db", "DELETE FROM log_leaves WHERE leaf_index >= 1")  # under the checkpoint of 3
+    async with harness(tmp_path, SIGNING) as h:  # a damaged log at start: it starts, says so, refuses appends
+        assert h.coord.log_damage == "it has 1 leaves, fewer than its checkpoint of 3: leaves were removed"
+        assert (await h.client.get("/v1/log/checkpoint")).json()["tree_size"] == 3
+        await h.submit()
+        await h.register()
+        taken = await h.take()
+        assert (await h.result(taken["job_id"])).status_code == 503
+    assert len(damage_logged(caplog)) == 2, damage_logged(caplog)  # once for each of the two processes
     assert not any("UNIQUE constraint" in r.getMessage() or "database error" in r.getMessage() for r in caplog.records)
 
 
