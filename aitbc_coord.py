@@ -2994,22 +2994,24 @@ class CheckpointListQuery(ReceiptListQuery):
     """A page of the receipt log's checkpoints, newest first."""
 
 
-LOG_INDEX = Field(ge=0, le=2**62)  # leaf counts and indexes fit a signed 64-bit column
+# Leaf counts and indexes fit a signed 64-bit column. (The bounds go before the digits check: after
+# it, pydantic would write them into the JSON schema as "ge"/"le", which JSON Schema does not know.)
+LogIndex = Annotated[int, Field(ge=0, le=2**62), BeforeValidator(_decimal_digits)]
 
 
 class InclusionQuery(Model):
     receipt_id: Text = Field(min_length=1, max_length=128)
-    tree_size: Annotated[QueryInt, LOG_INDEX] | None = Field(None, description="default: the latest checkpoint's")
+    tree_size: LogIndex | None = Field(None, description="default: the latest checkpoint's")
 
 
 class ConsistencyQuery(Model):
-    first: Annotated[QueryInt, LOG_INDEX] = Field(description="the smaller tree size (a checkpoint the client holds)")
-    second: Annotated[QueryInt, LOG_INDEX] = Field(description="the larger tree size")
+    first: LogIndex = Field(description="the smaller tree size (a checkpoint the client holds)")
+    second: LogIndex = Field(description="the larger tree size")
 
 
 class EntriesQuery(Model):
-    start: Annotated[QueryInt, LOG_INDEX] = Field(description="index of the first leaf")
-    end: Annotated[QueryInt, LOG_INDEX] | None = Field(None, description="index of the last leaf (inclusive, as RFC 9162's "
+    start: LogIndex = Field(description="index of the first leaf")
+    end: LogIndex | None = Field(None, description="index of the last leaf (inclusive, as RFC 9162's "
                                                   "get-entries); fewer may come back")
 
 

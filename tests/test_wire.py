@@ -512,6 +512,14 @@ def test_openapi_names_exactly_the_declared_models() -> None:
             assert schema == documented_schema(ep, status, model), (ep.method, ep.path, status)
             assert not response["description"].isdigit(), (ep.path, status, response["description"])
             assert set(response.get("headers", {})) == set(ep.headers.get(status, ())), (ep.path, status)
+    def constraint_keys(schema: Any) -> set[str]:  # pydantic's names where JSON Schema has minimum/maximum
+        if isinstance(schema, dict):
+            return {k for k in schema if k in ("ge", "le", "gt", "lt")} | set().union(*map(constraint_keys, schema.values()))
+        return set().union(*map(constraint_keys, schema)) if isinstance(schema, list) else set()
+
+    for path, methods in paths.items():
+        for method, op in methods.items():
+            assert not constraint_keys(op["parameters"]), (method, path, op["parameters"])
     inclusion = paths["/v1/log/proof/inclusion"]["get"]["responses"]
     assert inclusion["425"]["description"] == "Too Early" and "Retry-After" in inclusion["425"]["headers"]
     assert "Receipt-Log-Index" in paths["/v1/jobs/{job_id}/receipt"]["get"]["responses"]["200"]["headers"]
