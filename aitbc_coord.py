@@ -1858,7 +1858,7 @@ def verify_receipt(receipt: Mapping[str, Any], signing_keys: set[str],
                *att_problems,
                *(f"attestation {i} does not verify with an attestation key"
                  for i, ok in enumerate(attestations_valid) if not ok),
-               None if known else "signed by a key that is not one of this coordinator's keys"]
+               None if known else "signed by a key that is not among the trusted signing keys"]
     reason = next((r for r in reasons if r is not None), None)
     return {"valid": reason is None, "signature_valid": signature_valid, "attestations_valid": attestations_valid,
             "known_key": known, "reason": reason}

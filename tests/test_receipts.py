@@ -390,6 +390,6 @@ def test_verify_command(tmp_path: Path) -> None:
     tampered = runner.invoke(ac.cli, ["verify", str(bad)])
     assert tampered.exit_code == 1 and "signature does not verify" in tampered.output
     untrusted = runner.invoke(ac.cli, ["verify", str(good), "--key-id", SAMPLE_KEY_ID])
-    assert untrusted.exit_code == 1 and "not one of" in untrusted.output
+    assert untrusted.exit_code == 1 and "not among the trusted signing keys" in untrusted.output
     (tmp_path / "junk.json").write_text("{")
     assert runner.invoke(ac.cli, ["verify", str(tmp_path / "junk.json")]).exit_code == 1
