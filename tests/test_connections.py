@@ -195,8 +195,8 @@ def test_the_oldest_generation_is_collected_on_a_clock_not_by_allocation_counts(
 
     async def rounds_of_parked_polls(n: int, rounds: int) -> None:
         limits = httpx.Limits(max_connections=n, max_keepalive_connections=n)
-        async with httpx.AsyncClient(base_url=base, timeout=30, limits=limits) as http:
-            for _ in range(rounds):
+        for _ in range(rounds):  # fresh connections each round: none races the server's keep-alive timeout
+            async with httpx.AsyncClient(base_url=base, timeout=30, limits=limits) as http:
                 answers = await asyncio.gather(*(http.post("/v1/miners/poll", json={"max_wait_seconds": 0.5},
                                                            headers=MINER) for _ in range(n)))
                 assert {r.status_code for r in answers} == {204}
