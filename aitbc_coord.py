@@ -6,11 +6,13 @@ matches each job to a miner whose capabilities satisfy its constraints and track
 Run it:   aitbc-coord serve [--host 127.0.0.1] [--port 8011] [--db PATH]   (or python -m aitbc_coord)
 Schema:   aitbc-coord migrate [--db PATH]
 Audit:    aitbc-coord audit --log URL --state FILE   (the receipt log: RFC 9162, C2SP checkpoints)
+Export:   aitbc-coord archive DEST [--before YYYY-MM-DD] [--db PATH]   (reads only)
 
 Transactions: every write is a unit of work run by the one writer; units that arrive while a
 commit is in flight share the next BEGIN IMMEDIATE ... COMMIT (group commit), each inside its own
-SAVEPOINT, and no response is sent before its commit. Reads use their own connection and never
-wait on the writer (WAL).
+SAVEPOINT, and no response is sent before its commit. Background duties (retention) run as units of
+their own, never in a request's transaction. Reads use their own connection and never wait on the
+writer (WAL).
 
 Map (sections in this order; each uses only what stands above it, so a request read from the ASGI
 app at the bottom down to the database near the top, and back, scrolls one way each time):
@@ -18,12 +20,13 @@ app at the bottom down to the database near the top, and back, scrolls one way e
     Settings          one frozen Settings, built from env/.env/flags
     Errors            ApiError and its kinds, each with its HTTP status
     Domain types      JobState, amounts, MinerProfile, Wake, Outcome
-    Database          connect (the pragmas), migrate, backup, Database (group commit, reads)
+    Database          connect (the pragmas), migrate, backup, Database (group commit, reads, checkpoints)
     Data layer        named SQL functions, the connection first
     Domain logic      time, matching, receipts (canonical JSON, Ed25519), the receipt log (RFC 9162
-                      Merkle tree and proofs, C2SP checkpoints), rate limiter, poll hub
-    Units of work     tx_*: one transaction's worth of data-layer calls each
-    Coordinator       the service: runs units, wakes pollers, sweeps
+                      Merkle tree and proofs, C2SP checkpoints), the archive format, rate limiter,
+                      poll hub
+    Units of work     tx_*: one transaction's worth of data-layer calls each; archive exports
+    Coordinator       the service: runs units, wakes pollers, sweeps, keeps up (retention, WAL)
     Wire models       request models; each response model beside the function that builds it
     Request parsing   JSON bodies, validation, keys, the Endpoint registry and its runner
     Handlers          one per route, registered with @endpoint
@@ -41,14 +44,17 @@ import base64
 import collections
 import contextlib
 import dataclasses
+import datetime
 import email.utils
 import enum
 import functools
 import gc
+import gzip
 import hashlib
 import http
 import http.client
 import ipaddress
+import itertools
 import json
 import logging
 import math
@@ -135,6 +141,10 @@ class Settings:
     request_body_timeout_seconds: float = 30.0  # a body must arrive this soon, or at 1 KB/s if that is longer
     max_connections_per_address: int = 1024  # 0: no cap; IPv6 addresses count by /64
     forwarded_allow_ips: tuple[str, ...] = ("127.0.0.1", "::1")  # trusted proxies: X-Forwarded-For, no cap
+    payload_retention_days: int | None = 30  # a finished job's payload and result go after this; None: keep
+    job_retention_days: int | None = None  # whole job summaries; None: keep
+    receipt_retention_days: int | None = None  # receipts; None: keep
+    archive_dir: str | None = None  # with it, each day's finished jobs are archived here before pruning
     signing_seed: bytes | None = dataclasses.field(default=None, repr=False)
     attestation_seed: bytes | None = dataclasses.field(default=None, repr=False)
     dev_signing_key: bool = True  # APP_ENV=dev without a signing key: make one beside the database
@@ -167,7 +177,20 @@ class Settings:
         values["signing_seed"] = load_seed(env, "RECEIPT_SIGNING_KEY")
         values["attestation_seed"] = load_seed(env, "RECEIPT_ATTESTATION_KEY")
         values["log_seed"] = load_seed(env, "RECEIPT_LOG_SIGNING_KEY")
-        return cls(**values)
+        settings = cls(**values)
+        settings.check_retention()
+        return settings
+
+    def check_retention(self) -> None:
+        """Raises ConfigError unless a job's payload and result are the first thing retention drops:
+        deleting a job or its receipts first would prune what was never archived or pruned in order."""
+        keep = math.inf
+        payload = self.payload_retention_days or keep
+        for name, days in (("JOB_RETENTION_DAYS", self.job_retention_days),
+                           ("RECEIPT_RETENTION_DAYS", self.receipt_retention_days)):
+            if (days or keep) < payload:
+                raise ConfigError(f"{name}={days} is shorter than PAYLOAD_RETENTION_DAYS="
+                                  f"{self.payload_retention_days or 'keep'}; a job's payload and result go first")
 
 
 def _read_env_file(env_file: str | None) -> dict[str, str | None]:
@@ -262,6 +285,13 @@ def _parse_origin(raw: str) -> str:
         raise ValueError(f"must be 1-255 printable ASCII characters without spaces or '+', e.g. "
                          f"example.org/aitbc/receipts, got {raw!r}")
     return raw
+def _parse_retention_days(raw: str) -> int | None:
+    """A whole number of days (at least 1), or `keep` (None: nothing is dropped)."""
+    if raw.lower() in ("keep", "forever", "never"):
+        return None
+    if not re.fullmatch(r"[0-9]{1,6}", raw) or int(raw) < 1:
+        raise ValueError(f"must be a whole number of days from 1 to 999999, or keep, got {raw!r}")
+    return int(raw)
 
 
 def _parse_app_env(raw: str) -> str:
@@ -296,6 +326,10 @@ ENV_VARS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "RECEIPT_DEV_SIGNING_KEY": ("dev_signing_key", _parse_bool),
     "RECEIPT_LOG_ORIGIN": ("log_origin", _parse_origin),
     "RECEIPT_LOG_CHECKPOINT_SECONDS": ("log_checkpoint_seconds", _parse_seconds),
+    "PAYLOAD_RETENTION_DAYS": ("payload_retention_days", _parse_retention_days),
+    "JOB_RETENTION_DAYS": ("job_retention_days", _parse_retention_days),
+    "RECEIPT_RETENTION_DAYS": ("receipt_retention_days", _parse_retention_days),
+    "ARCHIVE_DIR": ("archive_dir", str),
 }
 
 
@@ -489,6 +523,10 @@ class Invalid(ApiError):
         return cls([{"type": kind, "loc": list(loc), "msg": msg, "input": value}])
 
 
+class Gone(ApiError):
+    status, default = 410, "gone"
+
+
 class NotReady(ApiError):
     status, default = 425, "job not ready"
 
@@ -623,8 +661,12 @@ class Outcome:
 
 # === Database ===
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 MIN_SQLITE = (3, 35, 0)  # RETURNING
+# The -wal file is cut back to this once a checkpoint lets the log restart (SQLite's
+# journal_size_limit): a reader that pinned a snapshot (a backup, a slow read) grows it only for as
+# long as it reads. Commits between checkpoints (1,000 pages, ~4 MB) stay well inside it.
+WAL_SIZE_LIMIT_BYTES = 16 * 1024 * 1024
 
 
 def schema_sql() -> str:
@@ -650,6 +692,8 @@ def schema_section(version: int) -> str:
 UPGRADES: dict[int, Callable[[], str]] = {
     2: lambda: schema_section(2),  # receipts, signing_keys, counters
     3: lambda: schema_section(3),  # the receipt log
+    # retention, fleet totals, paging indexes; liveness no longer needs last_seen indexed
+    4: lambda: "DROP INDEX IF EXISTS miners_by_last_seen;\n" + schema_section(4),
 }
 # What an upgrade step must also compute in Python (hashes SQLite has no function for), run after its
 # SQL in the same transaction: BACKFILLS[n](conn). Registered where their logic lives (Units of work).
@@ -669,6 +713,7 @@ def connect(path: str, synchronous: str = "FULL", readonly: bool = False) -> sql
     conn.execute("PRAGMA busy_timeout = 5000")  # wait out other processes (migrate, backup) briefly
     if not readonly:
         conn.execute("PRAGMA journal_mode = WAL")  # readers never block the writer, nor it them
+        conn.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT_BYTES}")  # a WAL that grew shrinks back
     conn.execute(f"PRAGMA synchronous = {_parse_choice(SYNCHRONOUS_MODES)(synchronous)}")  # FULL: acked = durable
     conn.execute("PRAGMA foreign_keys = ON")  # jobs.shape_id must name a shape
     if readonly:
@@ -757,6 +802,18 @@ def backup(path: str, dest: str) -> dict[str, Any]:
     return {"dest": str(target), "schema_version": version, "jobs": jobs, "bytes": target.stat().st_size}
 
 
+def open_readonly(path: str) -> sqlite3.Connection:
+    """The database at `path` for reading only, creating nothing beside it (a command run by another
+    user, e.g. root from cron, must leave no -wal/-shm files the service cannot open): through the
+    running server's -wal/-shm when they exist, else as an immutable file (SQLite URI parameters
+    mode=ro and immutable=1). Raises sqlite3.Error."""
+    uri = Path(path).resolve().as_uri()
+    live = Path(path + "-wal").exists() and Path(path + "-shm").exists()
+    conn = sqlite3.connect(f"{uri}?mode=ro" if live else f"{uri}?immutable=1", uri=True, isolation_level=None)
+    conn.row_factory = sqlite3.Row
+    return conn
+
+
 def _settle_all(outcomes: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) -> None:
     for fut, result, exc in outcomes:
         if fut.done():  # its awaiter went away (a request, or the writer as the loop closes)
@@ -785,6 +842,7 @@ class Database:
         self.abort_hooks: list[Callable[[], None]] = []  # run after a batch failed to commit
         self.commit_observer: Callable[[int, float], None] | None = None  # (units, seconds) per commit
         self._pending: list[tuple[Callable[..., Any], tuple[Any, ...], asyncio.Future[Any]]] = []
+        self._alone: list[tuple[Callable[..., Any], tuple[Any, ...], asyncio.Future[Any]]] = []
         self._closing = False
         self.open = False  # between start() and close(): the app's lifespan runs them
 
@@ -794,6 +852,7 @@ class Database:
         self._wconn = connect(self.path, self.synchronous)
         self._wconn.execute("PRAGMA busy_timeout = 0")  # never block the loop: BEGIN retries instead
         self._rconn = connect(self.path, self.synchronous, readonly=True)
+        self._cconn = connect(self.path, self.synchronous)  # checkpoints, from a worker thread
         self._commits: queue.SimpleQueue[asyncio.Future[None] | None] = queue.SimpleQueue()
         self._committer = threading.Thread(target=self._commit_forever, name="aitbc-commit", daemon=True)
         self._committer.start()
@@ -810,16 +869,34 @@ class Database:
         self._committer.join()
         self._wconn.close()
         self._rconn.close()
+        self._cconn.close()
 
     async def write(self, fn: Callable[..., T], *args: Any) -> T:
         """Run fn(conn, *args) as one unit of work; returns once it is committed. Raises what fn raised,
         or Unavailable when the database is not open."""
+        return await self._enqueue(self._pending, fn, args)
+
+    async def write_alone(self, fn: Callable[..., T], *args: Any) -> T:
+        """As `write`, but in a transaction of its own: background duties (retention) never share a
+        request's commit, and between two of them the requests waiting meanwhile have theirs."""
+        return await self._enqueue(self._alone, fn, args)
+
+    def _enqueue(self, queue: list[Any], fn: Callable[..., T], args: tuple[Any, ...]) -> asyncio.Future[T]:
         if not self.open:
             raise Unavailable("database not open")
         fut: asyncio.Future[T] = self._loop.create_future()
-        self._pending.append((fn, args, fut))
+        queue.append((fn, args, fut))
         self._wake.set()
-        return await fut
+        return fut
+
+    async def wal_checkpoint(self) -> tuple[int, int, int]:
+        """A PASSIVE WAL checkpoint on a connection of its own, in a worker thread: it copies what no
+        reader still needs into the database file and never waits for or blocks the writer (SQLite
+        docs, wal_checkpoint). Returns (busy, frames in the log, frames checkpointed); raises
+        sqlite3.Error."""
+        def run() -> tuple[int, int, int]:
+            return tuple(self._cconn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone())  # type: ignore[return-value]
+        return await asyncio.to_thread(run)
 
     async def read(self, fn: Callable[..., T], *args: Any) -> T:
         """Run fn(conn, *args) on the read connection inside one read snapshot; raises Unavailable when
@@ -834,12 +911,15 @@ class Database:
             conn.execute("ROLLBACK")
 
     async def _run_writer(self) -> None:
-        while not (self._closing and not self._pending):
+        while not (self._closing and not self._pending and not self._alone):
             await self._wake.wait()
             self._wake.clear()
-            while self._pending:
-                batch, self._pending = self._pending[:self.MAX_BATCH], self._pending[self.MAX_BATCH:]
-                await self._commit_batch(batch)
+            while self._pending or self._alone:
+                if self._pending:
+                    batch, self._pending = self._pending[:self.MAX_BATCH], self._pending[self.MAX_BATCH:]
+                    await self._commit_batch(batch)
+                if self._alone:  # one at a time, between the requests' batches
+                    await self._commit_batch([self._alone.pop(0)])
 
     async def _begin(self) -> None:
         deadline = time.monotonic() + self.BUSY_RETRY_SECONDS
@@ -905,8 +985,8 @@ class Database:
 # Named SQL, the connection first: helpers take an open transaction and never commit; the units of
 # work further down are what Database.write runs.
 
-JOB_VIEW_COLUMNS = ("seq, job_id, client_id, state, payload, constraints, requested_at, expires_at, attempts, "
-                    "assigned_miner_id, assigned_at, finished_at, error")
+JOB_VIEW_COLUMNS = ("seq, job_id, client_id, state, constraints, requested_at, expires_at, attempts, "
+                    "assigned_miner_id, assigned_at, finished_at, error, pruned_at")
 
 
 # JSON text. Python will not turn an integer of more than 4,300 digits into an int or back
@@ -987,6 +1067,15 @@ canonical_json = json_text(sort_keys=True)  # the stored form of results, and wh
 compact_json = json_text()
 
 
+def spliced_json(fields: Mapping[str, Any], stored: Mapping[str, str | None],
+                 encode: Callable[[Any], str] = compact_json) -> str:
+    """A JSON object of `fields` plus members whose values are JSON text as stored (None: null),
+    spliced in as they are: payloads, results and receipts are not decoded only to be re-encoded."""
+    members = [encode(fields)[1:-1]] if fields else []
+    members += [f'"{name}":{"null" if text is None else text}' for name, text in stored.items()]
+    return f"{{{','.join(members)}}}"
+
+
 def ensure_shape(conn: sqlite3.Connection, constraints_json: str) -> int:
     """The shape id of a canonical constraints object, created if new."""
     row = conn.execute("SELECT shape_id FROM shapes WHERE constraints = ?", (constraints_json,)).fetchone()
@@ -1014,31 +1103,54 @@ def list_queued_shapes(conn: sqlite3.Connection) -> list[int]:
 
 def insert_job(conn: sqlite3.Connection, job_id: str, client_id: str, payload: str, constraints: str,
                shape_id: int, requested_at: int, expires_at: int, value: str | None = None) -> dict[str, Any]:
-    """Queue a job; returns its JOB_VIEW_COLUMNS, made from what was inserted (RETURNING them costs
-    a fifth of the statement)."""
+    """Queue a job (its payload in job_data); returns its JOB_VIEW_COLUMNS, made from what was inserted
+    (RETURNING them costs a fifth of the statement)."""
     seq = conn.execute(
-        "INSERT INTO jobs (job_id, client_id, state, payload, constraints, shape_id, requested_at, expires_at,"
-        " value) VALUES (?, ?, 'QUEUED', ?, ?, ?, ?, ?, ?)",
-        (job_id, client_id, payload, constraints, shape_id, requested_at, expires_at, value)).lastrowid
-    return {"seq": seq, "job_id": job_id, "client_id": client_id, "state": JobState.QUEUED.value, "payload": payload,
+        "INSERT INTO jobs (job_id, client_id, state, constraints, shape_id, requested_at, expires_at, value)"
+        " VALUES (?, ?, 'QUEUED', ?, ?, ?, ?, ?)",
+        (job_id, client_id, constraints, shape_id, requested_at, expires_at, value)).lastrowid
+    conn.execute("INSERT INTO job_data (seq, payload) VALUES (?, ?)", (seq, payload))
+    return {"seq": seq, "job_id": job_id, "client_id": client_id, "state": JobState.QUEUED.value,
             "constraints": constraints, "requested_at": requested_at, "expires_at": expires_at, "attempts": 0,
-            "assigned_miner_id": None, "assigned_at": None, "finished_at": None, "error": None}
+            "assigned_miner_id": None, "assigned_at": None, "finished_at": None, "error": None, "pruned_at": None}
+
+
+def list_active_payloads(conn: sqlite3.Connection) -> list[tuple[int, str]]:
+    """(seq, payload) of every QUEUED or RUNNING job."""
+    return [(r[0], r[1]) for r in conn.execute("SELECT seq, payload FROM jobs JOIN job_data USING (seq)"
+                                               " WHERE state IN ('QUEUED', 'RUNNING')")]
+
+
+def set_payloads(conn: sqlite3.Connection, payloads: Sequence[tuple[str, int]]) -> None:
+    """Replace the payloads of these (payload, seq) jobs."""
+    conn.executemany("UPDATE job_data SET payload = ? WHERE seq = ?", payloads)
+
+
+def get_report(conn: sqlite3.Connection, miner_id: str, job_id: str) -> sqlite3.Row:
+    """In one statement, what a miner's report on a job needs: `registered` (whether the miner is),
+    its `miner_capabilities`, and the job's row as get_job reads it (seq None: no such job)."""
+    return conn.execute(
+        "SELECT miners.miner_id IS NOT NULL AS registered, miners.capabilities AS miner_capabilities, jobs.*,"
+        " job_data.payload, job_data.result, job_data.metrics FROM (SELECT :miner AS id) AS caller"
+        " LEFT JOIN miners ON miners.miner_id = caller.id LEFT JOIN jobs ON jobs.job_id = :job"
+        " LEFT JOIN job_data ON job_data.seq = jobs.seq", {"miner": miner_id, "job": job_id}).fetchone()
 
 
 def get_job(conn: sqlite3.Connection, job_id: str) -> sqlite3.Row | None:
-    return conn.execute("SELECT * FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+    """A job's row with its payload, result and metrics (None once pruned)."""
+    return conn.execute("SELECT jobs.*, job_data.payload, job_data.result, job_data.metrics FROM jobs"
+                        " LEFT JOIN job_data USING (seq) WHERE job_id = ?", (job_id,)).fetchone()
 
 
 def list_jobs(conn: sqlite3.Connection, client_id: str | None, state: str | None,
-              limit: int, offset: int) -> list[sqlite3.Row]:
-    """Jobs newest first, optionally of one client and/or one state."""
+              limit: int, offset: int, before: int | None = None) -> list[sqlite3.Row]:
+    """Jobs newest first, optionally of one client and/or one state; `before` is a keyset cursor
+    (only jobs with a lower seq)."""
     where, params = [], []
-    if client_id is not None:
-        where.append("client_id = ?")
-        params.append(client_id)
-    if state is not None:
-        where.append("state = ?")
-        params.append(state)
+    for column, value in (("client_id = ?", client_id), ("state = ?", state), ("seq < ?", before)):
+        if value is not None:
+            where.append(column)
+            params.append(value)
     sql = (f"SELECT {JOB_VIEW_COLUMNS} FROM jobs {'WHERE ' + ' AND '.join(where) if where else ''}"
            " ORDER BY seq DESC LIMIT ? OFFSET ?")
     return conn.execute(sql, (*params, limit, offset)).fetchall()
@@ -1073,7 +1185,8 @@ def assign_job(conn: sqlite3.Connection, seq: int, miner_id: str, now: int) -> s
     """Claim one QUEUED job for a miner; None if it is no longer QUEUED."""
     return conn.execute(
         "UPDATE jobs SET state = 'RUNNING', assigned_miner_id = ?, assigned_at = ?, attempts = attempts + 1"
-        " WHERE seq = ? AND state = 'QUEUED' RETURNING job_id, payload, constraints, attempts, expires_at",
+        " WHERE seq = ? AND state = 'QUEUED' RETURNING job_id,"
+        " (SELECT payload FROM job_data WHERE job_data.seq = jobs.seq) AS payload, constraints, attempts, expires_at",
         (miner_id, now, seq)).fetchone()
 
 
@@ -1095,10 +1208,12 @@ def count_running_by_miner(conn: sqlite3.Connection) -> dict[str, int]:
 
 def finish_job(conn: sqlite3.Connection, seq: int, state: str, now: int, error: str | None = None,
                result: str | None = None, metrics: str | None = None) -> None:
-    """Move an active job to a terminal state. (No RETURNING: the row is rarely wanted, and returning
-    13 columns costs a third of the statement.)"""
-    conn.execute("UPDATE jobs SET state = ?, finished_at = ?, error = ?, result = COALESCE(?, result),"
-                 " metrics = COALESCE(?, metrics) WHERE seq = ?", (state, now, error, result, metrics, seq))
+    """Move an active job to a terminal state, with the result and metrics given (None: as they are).
+    (No RETURNING: the row is rarely wanted, and returning 13 columns costs a third of the statement.)"""
+    conn.execute("UPDATE jobs SET state = ?, finished_at = ?, error = ? WHERE seq = ?", (state, now, error, seq))
+    if result is not None or metrics is not None:
+        conn.execute("UPDATE job_data SET result = COALESCE(?, result), metrics = COALESCE(?, metrics) WHERE seq = ?",
+                     (result, metrics, seq))
 
 
 def requeue_job(conn: sqlite3.Connection, job_id: str, holder: str, *, count_attempt: bool) -> sqlite3.Row | None:
@@ -1165,22 +1280,28 @@ def upsert_miner(conn: sqlite3.Connection, miner_id: str, capabilities: dict[str
                  region: str | None, token: str, now: int) -> None:
     """Create or replace a registration; the miner's history (counters, offer id) survives re-registration."""
     price = amount(capabilities.get("price")) or 0
+    units = int(price)  # the price as whole units and millionths, for exact totals of open offers
+    micro = round((price - units) * 1_000_000)
     sla = first_of(str, capabilities.get("sla")) or ""
     conn.execute(
-        "INSERT INTO miners (miner_id, offer_id, capabilities, price, sla, concurrency, region, status,"
-        " session_token, created_at, registered_at, last_seen) VALUES (?, ?, ?, ?, ?, ?, ?, 'ONLINE', ?, ?, ?, ?)"
+        "INSERT INTO miners (miner_id, offer_id, capabilities, price, price_units, price_micro, sla, concurrency,"
+        " region, status, session_token, created_at, registered_at, last_seen)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'ONLINE', ?, ?, ?, ?)"
         " ON CONFLICT (miner_id) DO UPDATE SET capabilities = excluded.capabilities, price = excluded.price,"
-        " sla = excluded.sla, concurrency = excluded.concurrency, region = excluded.region, status = 'ONLINE',"
+        " price_units = excluded.price_units, price_micro = excluded.price_micro,"
+        " sla = excluded.sla, concurrency = excluded.concurrency, region = excluded.region, status = 'ONLINE', online = 1,"
         " reported_inflight = NULL, metadata = NULL, session_token = excluded.session_token,"
         " registered_at = excluded.registered_at, last_seen = excluded.last_seen",
-        (miner_id, secrets.token_hex(16), compact_json(capabilities), price, sla, concurrency, region, token,
-         now, now, now))
+        (miner_id, secrets.token_hex(16), compact_json(capabilities), price, units, micro, sla, concurrency, region,
+         token, now, now, now))
 
 
 def touch_miner(conn: sqlite3.Connection, miner_id: str, now: int) -> sqlite3.Row | None:
-    """Mark a miner alive; what MinerProfile needs of its row, or None when it is not registered."""
+    """Mark a miner alive; what MinerProfile needs of its row and its RUNNING jobs (`running`), or None
+    when it is not registered."""
     return conn.execute("UPDATE miners SET last_seen = MAX(last_seen, ?) WHERE miner_id = ?"
-                        f" RETURNING {PROFILE_COLUMNS}", (now, miner_id)).fetchone()
+                        f" RETURNING {PROFILE_COLUMNS}, (SELECT COUNT(*) FROM jobs WHERE state = 'RUNNING'"
+                        " AND assigned_miner_id = miners.miner_id) AS running", (now, miner_id)).fetchone()
 
 
 def touch_miners(conn: sqlite3.Connection, seen: Mapping[str, int], beats: Mapping[str, int]) -> None:
@@ -1201,7 +1322,7 @@ def update_heartbeat(conn: sqlite3.Connection, miner_id: str, inflight: int | No
                      metadata: str | None, now: int) -> sqlite3.Row | None:
     return conn.execute(
         "UPDATE miners SET reported_inflight = ?, status = ?, metadata = COALESCE(?, metadata),"
-        " last_heartbeat = ?, last_seen = MAX(last_seen, ?) WHERE miner_id = ? RETURNING miner_id",
+        " last_heartbeat = ?, last_seen = MAX(last_seen, ?), online = 1 WHERE miner_id = ? RETURNING miner_id",
         (inflight, status, metadata, now, now, miner_id)).fetchone()
 
 
@@ -1214,12 +1335,49 @@ def add_miner_outcome(conn: sqlite3.Connection, miner_id: str, now: int, complet
                  (now, completed, failed, busy_ms, receipt_id, miner_id))
 
 
-def list_miners(conn: sqlite3.Connection) -> list[sqlite3.Row]:
-    return conn.execute("SELECT * FROM miners ORDER BY miner_id").fetchall()
+def list_miners(conn: sqlite3.Connection, limit: int = -1, offset: int = 0,
+                after: tuple[int, str] | None = None) -> list[sqlite3.Row]:
+    """Miners in registration order (first registration, then id: a key that never moves); `after` is
+    a keyset cursor (created_at, miner_id)."""
+    where = "WHERE (created_at, miner_id) > (?, ?)" if after is not None else ""
+    return conn.execute(f"SELECT * FROM miners {where} ORDER BY created_at, miner_id LIMIT ? OFFSET ?",
+                        (*(after or ()), limit, offset)).fetchall()
 
 
-def count_online_miners(conn: sqlite3.Connection, cutoff: int) -> int:
-    return int(conn.execute("SELECT COUNT(*) FROM miners WHERE last_seen >= ?", (cutoff,)).fetchone()[0])
+def list_miner_ids(conn: sqlite3.Connection, online_only: bool = False) -> list[str]:
+    """Every miner's id (only those the last sweep judged alive with `online_only`); read at start-up."""
+    return [r[0] for r in conn.execute(f"SELECT miner_id FROM miners {'WHERE online = 1' if online_only else ''}")]
+
+
+def mark_miners_online(conn: sqlite3.Connection, miner_ids: Iterable[str], online: bool) -> list[str]:
+    """Record the sweep's judgement of these miners' liveness; the ones whose flag changed."""
+    changed = []
+    for miner_id in miner_ids:
+        if conn.execute("UPDATE miners SET online = ? WHERE miner_id = ? AND online <> ? RETURNING miner_id",
+                        (int(online), miner_id, int(online))).fetchone() is not None:
+            changed.append(miner_id)
+    return changed
+
+
+# A miner's offer status (SPEC section 10) from its liveness, reported status and RUNNING jobs.
+OFFER_STATUS_SQL = ("CASE WHEN online = 0 OR upper(status) IN ('DRAINING', 'OFFLINE') THEN 'closed'"
+                    " WHEN (SELECT COUNT(*) FROM jobs WHERE state = 'RUNNING' AND assigned_miner_id = miners.miner_id)"
+                    " >= concurrency THEN 'reserved' ELSE 'open' END")
+
+
+def refresh_offers(conn: sqlite3.Connection, miner_ids: Iterable[str]) -> None:
+    """Set these miners' offer status from what decides it, writing only those that change (the
+    fleet_totals triggers follow)."""
+    miner_ids = list(miner_ids)
+    if not miner_ids:
+        return
+    conn.execute(f"UPDATE miners SET offer_status = {OFFER_STATUS_SQL} WHERE miner_id IN"
+                 f" (SELECT value FROM json_each(?)) AND offer_status <> {OFFER_STATUS_SQL}", (json.dumps(miner_ids),))
+
+
+def get_fleet_totals(conn: sqlite3.Connection) -> sqlite3.Row:
+    """The one fleet_totals row: offers and open offers, online miners, completed work."""
+    return conn.execute("SELECT * FROM fleet_totals").fetchone()
 
 
 def insert_receipt(conn: sqlite3.Connection, receipt: dict[str, Any], client_id: str, issued_at: int,
@@ -1244,11 +1402,6 @@ def list_receipts_for_job(conn: sqlite3.Connection, job_id: str, after_seq: int,
     """A job's receipts oldest first, after the cursor `after_seq`."""
     return conn.execute("SELECT seq, body FROM receipts WHERE job_id = ? AND seq > ? ORDER BY seq LIMIT ?",
                         (job_id, after_seq, limit)).fetchall()
-
-
-def is_receipt_of(conn: sqlite3.Connection, job_id: str, seq: int) -> bool:
-    """Whether receipt `seq` is one of `job_id`'s."""
-    return conn.execute("SELECT 1 FROM receipts WHERE seq = ? AND job_id = ?", (seq, job_id)).fetchone() is not None
 
 
 def add_signing_keys(conn: sqlite3.Connection, keys: Sequence[tuple[str, str]], now: int) -> None:
@@ -1393,41 +1546,45 @@ def list_log_keys(conn: sqlite3.Connection) -> list[sqlite3.Row]:
     return conn.execute("SELECT key_id, origin FROM log_keys ORDER BY first_seen_at, key_id").fetchall()
 
 
-# Marketplace. Miner offers are derived here from liveness and RUNNING jobs; admin offers are rows.
-OFFERS_SQL = """
-SELECT * FROM (
-    SELECT offer_id AS id, miner_id AS provider, concurrency AS capacity, price, sla, created_at, 'miner' AS kind,
-           CASE WHEN last_seen < :cutoff OR upper(miners.status) IN ('DRAINING', 'OFFLINE') THEN 'closed'
-                WHEN (SELECT COUNT(*) FROM jobs WHERE jobs.state = 'RUNNING'
-                        AND jobs.assigned_miner_id = miners.miner_id) >= concurrency THEN 'reserved'
-                ELSE 'open' END AS status
-      FROM miners
-    UNION ALL
-    SELECT offer_id, provider, capacity, price, sla, created_at, 'admin', status FROM offers
-) AS all_offers"""
+# Marketplace. Every miner is an offer whose status the triggers keep; admin offers are rows of their
+# own. A list is one index range per kind, merged: its cost follows the page, not the fleet.
+MINER_OFFER = ("SELECT offer_id AS id, miner_id AS provider, concurrency AS capacity, price, sla, created_at,"
+               " 'miner' AS kind, offer_status AS status FROM miners")
+ADMIN_OFFER = "SELECT offer_id AS id, provider, capacity, price, sla, created_at, 'admin' AS kind, status FROM offers"
 
 
-def list_offers(conn: sqlite3.Connection, status: str | None, cutoff: int, limit: int, offset: int) -> list[sqlite3.Row]:
-    """Offers of both kinds, newest first; `cutoff` is the oldest last_seen of a live miner."""
-    return conn.execute(OFFERS_SQL + " WHERE (:status IS NULL OR status = :status)"
-                        " ORDER BY created_at DESC, id LIMIT :limit OFFSET :offset",
-                        {"status": status, "cutoff": cutoff, "limit": limit, "offset": offset}).fetchall()
+def list_offers(conn: sqlite3.Connection, status: str | None, limit: int, offset: int,
+                before: tuple[int, str] | None = None) -> list[sqlite3.Row]:
+    """Offers of both kinds, newest first (created_at, then id, both descending); `before` is a keyset
+    cursor (created_at, id)."""
+    terms = [t for t, on in ((" AND {status} = :status", status is not None),
+                             (" AND (created_at, offer_id) < (:at, :id)", before is not None)) if on]
+    miners_where = "".join(terms).format(status="offer_status")
+    admin_where = "".join(terms).format(status="status")
+    branch = " WHERE 1{} ORDER BY created_at DESC, offer_id DESC LIMIT :n"
+    sql = (f"SELECT * FROM ({MINER_OFFER}{branch.format(miners_where)}) UNION ALL"
+           f" SELECT * FROM ({ADMIN_OFFER}{branch.format(admin_where)}) ORDER BY created_at DESC, id DESC"
+           " LIMIT :limit OFFSET :offset")
+    at, offer_id = before or (0, "")
+    return conn.execute(sql, {"status": status, "at": at, "id": offer_id, "n": limit + offset, "limit": limit,
+                              "offset": offset}).fetchall()
 
 
-def get_offer(conn: sqlite3.Connection, offer_id: str, cutoff: int) -> sqlite3.Row | None:
-    return conn.execute(OFFERS_SQL + " WHERE id = :id", {"id": offer_id, "cutoff": cutoff}).fetchone()
+def get_offer(conn: sqlite3.Connection, offer_id: str) -> sqlite3.Row | None:
+    return conn.execute(f"{MINER_OFFER} WHERE offer_id = :id UNION ALL {ADMIN_OFFER} WHERE offer_id = :id",
+                        {"id": offer_id}).fetchone()
 
 
-def cheapest_open_offer(conn: sqlite3.Connection, price: float, capacity: int, cutoff: int) -> sqlite3.Row | None:
-    return conn.execute(OFFERS_SQL + " WHERE status = 'open' AND price <= :price AND capacity >= :capacity"
-                        " ORDER BY price, created_at, id LIMIT 1",
-                        {"price": price, "capacity": capacity, "cutoff": cutoff}).fetchone()
-
-
-def get_offer_totals(conn: sqlite3.Connection, cutoff: int) -> sqlite3.Row:
-    return conn.execute("SELECT COUNT(*) AS total, COALESCE(SUM(CASE WHEN status = 'open' THEN capacity END), 0)"
-                        " AS open_capacity, AVG(CASE WHEN status = 'open' THEN price END) AS open_price FROM ("
-                        + OFFERS_SQL + ") AS o", {"cutoff": cutoff}).fetchone()
+def cheapest_open_offer(conn: sqlite3.Connection, price: float, capacity: int) -> sqlite3.Row | None:
+    """The cheapest open offer of at least `capacity` at no more than `price` (ties: the oldest): a walk
+    up the open offers' price index until one is big enough. (INDEXED BY: without ANALYZE statistics
+    the planner prefers the status index, which holds no price order.)"""
+    branch = (" INDEXED BY {index} WHERE {status} = 'open' AND price <= :price AND {capacity} >= :capacity"
+              " ORDER BY price, created_at, offer_id LIMIT 1")
+    miners = branch.format(index="miners_open_by_price", status="offer_status", capacity="concurrency")
+    admin = branch.format(index="offers_open_by_price", status="status", capacity="capacity")
+    return conn.execute(f"SELECT * FROM ({MINER_OFFER}{miners}) UNION ALL SELECT * FROM ({ADMIN_OFFER}{admin})"
+                        " ORDER BY price, created_at, id LIMIT 1", {"price": price, "capacity": capacity}).fetchone()
 
 
 def insert_offer(conn: sqlite3.Connection, provider: str, capacity: int, price: float, sla: str, status: str,
@@ -1455,11 +1612,14 @@ def get_bid(conn: sqlite3.Connection, bid_id: str) -> sqlite3.Row | None:
     return conn.execute("SELECT * FROM bids WHERE bid_id = ?", (bid_id,)).fetchone()
 
 
-# Explorer: every list reads one page through an index.
+# Explorer: every list reads one page through an index; `before` is a keyset cursor (the sort key of
+# the last row of the previous page).
 
-def list_job_page(conn: sqlite3.Connection, limit: int, offset: int) -> list[sqlite3.Row]:
+def list_job_page(conn: sqlite3.Connection, limit: int, offset: int, before: int | None = None) -> list[sqlite3.Row]:
     return conn.execute("SELECT seq, job_id, client_id, assigned_miner_id, state, requested_at, expires_at, value"
-                        " FROM jobs ORDER BY seq DESC LIMIT ? OFFSET ?", (limit, offset)).fetchall()
+                        f" FROM jobs {'WHERE seq < :before' if before is not None else ''}"
+                        " ORDER BY seq DESC LIMIT :limit OFFSET :offset",
+                        {"before": before, "limit": limit, "offset": offset}).fetchall()
 
 
 def get_receipt_prices(conn: sqlite3.Connection, job_ids: Sequence[str]) -> dict[str, float | None]:
@@ -1471,9 +1631,12 @@ def get_receipt_prices(conn: sqlite3.Connection, job_ids: Sequence[str]) -> dict
     return {r[0]: r[1] for r in rows}
 
 
-def list_addresses(conn: sqlite3.Connection, limit: int, offset: int) -> list[sqlite3.Row]:
-    return conn.execute("SELECT * FROM addresses ORDER BY last_active DESC, address DESC LIMIT ? OFFSET ?",
-                        (limit, offset)).fetchall()
+def list_addresses(conn: sqlite3.Connection, limit: int, offset: int,
+                   before: tuple[int, str] | None = None) -> list[sqlite3.Row]:
+    """Addresses by last activity, newest first; `before` is (last_active, address)."""
+    where = "WHERE (last_active, address) < (?, ?)" if before is not None else ""
+    return conn.execute(f"SELECT * FROM addresses {where} ORDER BY last_active DESC, address DESC LIMIT ? OFFSET ?",
+                        (*(before or ()), limit, offset)).fetchall()
 
 
 def list_recent_job_ids(conn: sqlite3.Connection, address: str, limit: int) -> list[str]:
@@ -1485,20 +1648,123 @@ def list_recent_job_ids(conn: sqlite3.Connection, address: str, limit: int) -> l
     return [job_id for _, job_id in sorted(set(map(tuple, rows)), reverse=True)[:limit]]
 
 
-def list_receipts(conn: sqlite3.Connection, job_id: str | None, limit: int, offset: int) -> list[sqlite3.Row]:
-    """Receipts newest first, of one job or of all."""
-    where = "WHERE job_id = :job" if job_id is not None else ""
-    return conn.execute(f"SELECT issued_at, attested, body FROM receipts {where} ORDER BY seq DESC"
-                        " LIMIT :limit OFFSET :offset", {"job": job_id, "limit": limit, "offset": offset}).fetchall()
+def list_receipts(conn: sqlite3.Connection, job_id: str | None, limit: int, offset: int,
+                  before: int | None = None) -> list[sqlite3.Row]:
+    """Receipts newest first, of one job or of all; `before` is a seq."""
+    terms = [t for t, on in (("job_id = :job", job_id is not None), ("seq < :before", before is not None)) if on]
+    where = f"WHERE {' AND '.join(terms)}" if terms else ""
+    return conn.execute(f"SELECT seq, issued_at, attested, body FROM receipts {where} ORDER BY seq DESC"
+                        " LIMIT :limit OFFSET :offset",
+                        {"job": job_id, "before": before, "limit": limit, "offset": offset}).fetchall()
 
 
 def get_job_counts(conn: sqlite3.Connection) -> dict[str, int]:
     return {r[0]: r[1] for r in conn.execute("SELECT state, n FROM job_counts")}
 
 
-def get_duration_totals(conn: sqlite3.Connection) -> tuple[int, int]:
-    row = conn.execute("SELECT COALESCE(SUM(busy_ms_total), 0), COALESCE(SUM(jobs_completed), 0) FROM miners").fetchone()
-    return int(row[0]), int(row[1])
+def get_completed_busy_ms(conn: sqlite3.Connection) -> int:
+    """The summed run time (ms) of every job ever completed."""
+    return int(conn.execute("SELECT busy_ms FROM job_counts WHERE state = 'COMPLETED'").fetchone()[0])
+
+
+# Retention: pruning walks finished jobs by age through jobs_unpruned; deleting walks jobs and
+# receipts from the oldest (the head of seq), a bounded window at a time.
+
+ARCHIVE_COLUMNS = ("seq, job_id, client_id, state, assigned_miner_id, attempts, requested_at, expires_at, assigned_at,"
+                   " finished_at, error, value, constraints, payload, result, metrics, pruned_at")
+ARCHIVE_FROM = "jobs LEFT JOIN job_data USING (seq)"  # a pruned job has no job_data: payload, result null
+
+
+def start_retention_clock(conn: sqlite3.Connection, now: int) -> tuple[int, bool]:
+    """When retention's clock started (started now if never): (at, whether it started now)."""
+    started = conn.execute("INSERT INTO retention (name, at) VALUES ('clock_started', ?) ON CONFLICT (name) DO NOTHING"
+                           " RETURNING at", (now,)).fetchone()
+    if started is not None:
+        return int(started[0]), True
+    return int(conn.execute("SELECT at FROM retention WHERE name = 'clock_started'").fetchone()[0]), False
+
+
+def oldest_unpruned_finish(conn: sqlite3.Connection, before: int) -> int | None:
+    """finished_at of the oldest finished job that finished before `before` and still holds its payload."""
+    row = conn.execute("SELECT finished_at FROM jobs WHERE finished_at IS NOT NULL AND pruned_at IS NULL"
+                       " AND finished_at < ? ORDER BY finished_at LIMIT 1", (before,)).fetchone()
+    return None if row is None else int(row[0])
+
+
+def list_prunable(conn: sqlite3.Connection, before: int, limit: int) -> list[int]:
+    """Seqs of up to `limit` finished jobs that finished before `before` and still hold their payload, oldest first."""
+    return [r[0] for r in conn.execute(
+        "SELECT seq FROM jobs WHERE finished_at IS NOT NULL AND pruned_at IS NULL AND finished_at < ?"
+        " ORDER BY finished_at LIMIT ?", (before, limit))]
+
+
+def list_unpruned_finished(conn: sqlite3.Connection, after: tuple[int, int], before: int, limit: int) -> list[sqlite3.Row]:
+    """ARCHIVE_COLUMNS of finished jobs that still hold their payload, in (finished_at, seq) order after
+    the key `after`, finished before `before`."""
+    return conn.execute(
+        f"SELECT {ARCHIVE_COLUMNS} FROM {ARCHIVE_FROM} WHERE finished_at IS NOT NULL AND pruned_at IS NULL"
+        " AND finished_at >= :at AND finished_at < :before AND (finished_at > :at OR seq > :seq)"
+        " ORDER BY finished_at, seq LIMIT :limit",
+        {"at": after[0], "seq": after[1], "before": before, "limit": limit}).fetchall()
+
+
+def list_finished_keys(conn: sqlite3.Connection, before: int) -> sqlite3.Cursor:
+    """(seq, finished_at) of every finished job that finished before `before`, oldest first, as a cursor
+    to stream (a sort of keys only: no index covers pruned jobs, and an export is a one-off)."""
+    return conn.execute("SELECT seq, finished_at FROM jobs WHERE finished_at IS NOT NULL AND finished_at < ?"
+                        " ORDER BY finished_at, seq", (before,))
+
+
+def get_jobs_by_seq(conn: sqlite3.Connection, seqs: Sequence[int]) -> list[sqlite3.Row]:
+    """ARCHIVE_COLUMNS of the jobs with these seqs, in the order given."""
+    marks = ",".join("?" * len(seqs))
+    rows = {r["seq"]: r for r in conn.execute(f"SELECT {ARCHIVE_COLUMNS} FROM {ARCHIVE_FROM} WHERE seq IN ({marks})",
+                                              seqs)}
+    return [rows[seq] for seq in seqs if seq in rows]
+
+
+def list_receipt_bodies(conn: sqlite3.Connection, job_ids: Sequence[str]) -> dict[str, list[str]]:
+    """Each job's receipts as stored (JSON text), oldest first."""
+    found: dict[str, list[str]] = {}
+    if job_ids:
+        marks = ",".join("?" * len(job_ids))
+        for job_id, body in conn.execute(f"SELECT job_id, body FROM receipts WHERE job_id IN ({marks}) ORDER BY seq",
+                                         job_ids):
+            found.setdefault(job_id, []).append(body)
+    return found
+
+
+def prune_jobs(conn: sqlite3.Connection, seqs: Sequence[int], now: int) -> int:
+    """Drop the payload, result and metrics (job_data) of those of these jobs that are finished and not
+    pruned yet, and mark them pruned; the number pruned. Their summaries stay."""
+    marks = json.dumps(list(seqs))
+    conn.execute("DELETE FROM job_data WHERE seq IN (SELECT seq FROM jobs WHERE seq IN (SELECT value FROM json_each(?))"
+                 " AND finished_at IS NOT NULL AND pruned_at IS NULL)", (marks,))
+    return conn.execute("UPDATE jobs SET pruned_at = ? WHERE seq IN (SELECT value FROM json_each(?))"
+                        " AND finished_at IS NOT NULL AND pruned_at IS NULL", (now, marks)).rowcount
+
+
+def delete_old_jobs(conn: sqlite3.Connection, before: int, window: int, limit: int) -> int:
+    """Delete up to `limit` pruned jobs that finished before `before` among the `window` oldest (by seq);
+    the number deleted. The kept totals have no delete triggers: they count history, not rows."""
+    return conn.execute(
+        "DELETE FROM jobs WHERE seq IN (SELECT seq FROM (SELECT seq, finished_at, pruned_at FROM jobs ORDER BY seq"
+        " LIMIT ?) WHERE pruned_at IS NOT NULL AND finished_at < ? LIMIT ?)", (window, before, limit)).rowcount
+
+
+def delete_old_receipts(conn: sqlite3.Connection, before: int, window: int, limit: int) -> int:
+    """Delete up to `limit` receipts issued before `before` among the `window` oldest (by seq), once
+    their job has been pruned or deleted; the number deleted."""
+    return conn.execute(
+        "DELETE FROM receipts WHERE seq IN (SELECT seq FROM (SELECT seq, issued_at, job_id FROM receipts ORDER BY seq"
+        " LIMIT ?) AS head WHERE issued_at < ? AND NOT EXISTS (SELECT 1 FROM jobs WHERE jobs.job_id = head.job_id"
+        " AND jobs.pruned_at IS NULL) LIMIT ?)", (window, before, limit)).rowcount
+
+
+def get_db_space(conn: sqlite3.Connection) -> tuple[int, int, int]:
+    """(page_size, page_count, freelist_count) of the database file."""
+    return tuple(conn.execute(f"PRAGMA {name}").fetchone()[0]  # type: ignore[return-value]
+                 for name in ("page_size", "page_count", "freelist_count"))
 
 
 # === Domain logic ===
@@ -1693,7 +1959,9 @@ class Matcher:
 
 # --- Receipts: canonical JSON and Ed25519 signatures (spec section 8) ---
 
-RECEIPT_VERSION = "1.0"
+# 1.1: metadata carries SHA-256 digests of the payload and result instead of the objects (a receipt
+# is a proof, not a copy); canonical bytes and signatures are as in 1.0, so 1.0 verifiers accept it.
+RECEIPT_VERSION = "1.1"
 
 
 def b64url(data: bytes) -> str:
@@ -1717,6 +1985,15 @@ def drop_nulls(value: Any) -> Any:
 def without_nulls(value: Any, text: str) -> Any:
     """drop_nulls(value), skipping the walk when `text`, the JSON of `value`, has no null in it."""
     return drop_nulls(value) if "null" in text else value
+
+
+def canonical_digest(text: str, canonical: bool = False) -> str:
+    """Hex SHA-256 of the canonical JSON bytes of the value JSON `text` holds, the form receipts are
+    signed in (SPEC section 8: nulls dropped, keys sorted, compact, ASCII escapes). `canonical` says
+    `text` is canonical_json already: without a null in it, it is hashed as it is (no parse)."""
+    if not canonical or "null" in text:
+        text = canonical_json(drop_nulls(load_json(text)))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def canonical_receipt_bytes(receipt: Mapping[str, Any]) -> bytes:
@@ -1799,8 +2076,9 @@ class Signer:
 
 
 def build_receipt(job: sqlite3.Row, provider: str, capabilities: Mapping[str, Any], result: Mapping[str, Any],
-                  metrics: Mapping[str, Any], now: int, coordinator_id: str) -> dict[str, Any]:
-    """The unsigned receipt of a job completing at `now` (table in spec section 8)."""
+                  metrics: Mapping[str, Any], now: int, coordinator_id: str, result_sha256: str) -> dict[str, Any]:
+    """The unsigned version 1.1 receipt of a job completing at `now` (table in spec section 8; the
+    payload and result as their canonical_digest)."""
     units = amount(metrics.get("units"), result.get("units"))
     if units is None:
         units = (now - job["assigned_at"]) / 1000
@@ -1814,9 +2092,9 @@ def build_receipt(job: sqlite3.Row, provider: str, capabilities: Mapping[str, An
             "unit_type": first_of(str, metrics.get("unit_type"), result.get("unit_type")) or "gpu_seconds",
             "unit_price": unit_price, "price": price,
             "started_at": job["assigned_at"] // 1000, "completed_at": now // 1000,
-            "metadata": {"job_payload": without_nulls(load_json(job["payload"]), job["payload"]),
+            "metadata": {"job_payload_sha256": canonical_digest(job["payload"], canonical=True),
                          "job_constraints": without_nulls(load_json(job["constraints"]), job["constraints"]),
-                         "result": dict(result), "metrics": dict(metrics)}}
+                         "result_sha256": result_sha256, "metrics": dict(metrics)}}
 
 
 def signature_problem(sig: Any, where: str) -> str | None:
@@ -2163,6 +2441,78 @@ class Notary:
         text = checkpoint.body()
         signature = self.verifier.key_hash + self.key.sign(text.encode()).signature
         return f"{text}\n{NOTE_DASH} {self.origin} {b64(signature)}\n"
+# --- The archive: each day's finished jobs as gzip JSON Lines ---
+
+DAY_MS = 86_400_000
+ARCHIVE_FIELDS = ("job_id", "seq", "client_id", "state", "assigned_miner_id", "attempts", "requested_at",
+                  "expires_at", "assigned_at", "finished_at", "error", "value", "pruned_at")
+
+
+def day_start(ms: int) -> int:
+    """The start (Unix ms) of the UTC day holding `ms`."""
+    return ms - ms % DAY_MS
+
+
+def day_name(ms: int) -> str:
+    """The UTC day holding `ms` as YYYY-MM-DD."""
+    return time.strftime("%Y-%m-%d", time.gmtime(ms // 1000))
+
+
+def archive_line(row: Mapping[str, Any], receipts: Sequence[str]) -> str:
+    """One archived job as a JSON object: its summary (timestamps in Unix ms), constraints, payload,
+    result and metrics, and its receipts, the stored JSON texts spliced in exactly as stored (so each
+    receipt still verifies). A pruned job's payload, result and metrics are null."""
+    return spliced_json({name: row[name] for name in ARCHIVE_FIELDS},
+                        {"constraints": row["constraints"], "payload": row["payload"], "result": row["result"],
+                         "metrics": row["metrics"], "receipts": f"[{','.join(receipts)}]"})
+
+
+class ArchiveFile:
+    """One day's archive as it is written: gzip JSON Lines (one job a line) in a hidden file beside
+    its final name, made durable (fsync) and renamed into place by `finish`, so a file under an
+    archive name is always whole. Never replaces an archive: a second file for a day (written after
+    a restart, or for jobs that finished late on a wall clock that stepped back) is named
+    jobs-YYYY-MM-DD.2.jsonl.gz, .3, and so on."""
+
+    def __init__(self, directory: Path, day: int) -> None:
+        self.directory, self.day = directory, day
+        self.path = next(path for n in range(1, 1 << 30)
+                         if not (path := directory / f"jobs-{day_name(day)}{f'.{n}' if n > 1 else ''}.jsonl.gz").exists())
+        self.partial = directory / f".{self.path.name}.partial"
+        self.raw = os.fdopen(os.open(self.partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb")
+        self.gzip = gzip.GzipFile(filename=self.path.name[:-3], mode="wb", compresslevel=6, fileobj=self.raw)
+        self.jobs = 0
+
+    def write(self, line: str) -> None:
+        self.gzip.write(line.encode("utf-8") + b"\n")
+        self.jobs += 1
+
+    def finish(self) -> Path:
+        """Close, sync and rename the file into place; its final path. Raises OSError."""
+        self.gzip.close()
+        self.raw.flush()
+        os.fsync(self.raw.fileno())
+        self.raw.close()
+        os.replace(self.partial, self.path)
+        _fsync(self.directory)
+        return self.path
+
+    def abandon(self) -> None:
+        """Give up: close and remove the partial file."""
+        with contextlib.suppress(OSError):
+            self.gzip.close()
+            self.raw.close()
+        self.partial.unlink(missing_ok=True)
+
+
+def read_archive(path: Path) -> Iterable[dict[str, Any]]:
+    """The jobs of an archive file (gzip or plain JSON Lines), one dict a line; raises OSError or ValueError."""
+    with path.open("rb") as probe:
+        zipped = probe.read(2) == b"\x1f\x8b"
+    with (gzip.open(path, "rb") if zipped else path.open("rb")) as lines:
+        for line in lines:
+            if line.strip():
+                yield load_json(line)
 
 
 # --- Rate limits and the poll hub ---
@@ -2393,6 +2743,7 @@ def tx_register(conn: sqlite3.Connection, miner_id: str, capabilities: dict[str,
     released = release_running(conn, "assigned_miner_id = :miner", {"miner": miner_id}, max_attempts,
                                now, "re-registered")
     upsert_miner(conn, miner_id, capabilities, concurrency, region, token, now)
+    refresh_offers(conn, [miner_id])
     return Outcome(token, Wake(miners={miner_id}).add_rows(released))
 
 
@@ -2401,6 +2752,7 @@ def tx_heartbeat(conn: sqlite3.Connection, miner_id: str, inflight: int | None, 
     """Record a heartbeat; raises NotFound for an unregistered miner."""
     if update_heartbeat(conn, miner_id, inflight, status, metadata, now) is None:
         raise NotFound("miner not registered")
+    refresh_offers(conn, [miner_id])  # a DRAINING miner's offer closes
     return Outcome("ok", Wake(miners={miner_id}))  # a status change may let its own poll take work
 
 
@@ -2425,7 +2777,7 @@ def tx_poll(conn: sqlite3.Connection, miner_id: str, now: int, matcher: Matcher)
     if row is None:
         raise NotFound("miner not registered")
     miner = MinerProfile.from_row(row)
-    if miner.status.upper() in NO_WORK_STATUSES or count_running(conn, miner_id) >= miner.concurrency:
+    if miner.status.upper() in NO_WORK_STATUSES or row["running"] >= miner.concurrency:
         return Outcome((None, miner, False))
     seq = matcher.oldest(conn, miner, now)
     if seq is None:
@@ -2454,19 +2806,20 @@ def _check_holder(conn: sqlite3.Connection, miner_id: str, job: sqlite3.Row, now
     return None
 
 
-def _load_reported_job(conn: sqlite3.Connection, miner_id: str, job_id: str) -> tuple[sqlite3.Row, sqlite3.Row]:
-    miner = get_miner(conn, miner_id)
-    if miner is None:
+def _load_reported_job(conn: sqlite3.Connection, miner_id: str, job_id: str) -> sqlite3.Row:
+    """The job a miner reports on (get_report: with the miner's capabilities); raises NotFound."""
+    job = get_report(conn, miner_id, job_id)
+    if not job["registered"]:
         raise NotFound("miner not registered")
-    job = get_job(conn, job_id)
-    if job is None:
+    if job["seq"] is None:
         raise NotFound("job not found")
-    return job, miner
+    return job
 
 
-def _refused(conn: sqlite3.Connection, miner_id: str, now: int, error: ApiError) -> Outcome:
+def _refused(conn: sqlite3.Connection, miner_id: str, job: sqlite3.Row, now: int, error: ApiError) -> Outcome:
     touch_miner(conn, miner_id, now)  # a refused report is still a sign of life
-    return Outcome(error=error, wake=Wake(miners={miner_id}))
+    # the job's own holder too: a report found the job past its deadline, and that freed its slot
+    return Outcome(error=error, wake=Wake(miners={miner_id, job["assigned_miner_id"] or miner_id}))
 
 
 def tx_result(conn: sqlite3.Connection, miner_id: str, job_id: str, result: dict[str, Any], metrics: dict[str, Any],
@@ -2477,23 +2830,24 @@ def tx_result(conn: sqlite3.Connection, miner_id: str, job_id: str, result: dict
     Returns the receipt as stored (JSON text; None without a signing key). A repeat of the same
     result returns the same receipt; any other report is a Conflict.
     """
-    job, miner = _load_reported_job(conn, miner_id, job_id)
+    job = _load_reported_job(conn, miner_id, job_id)
     result_json = canonical_json(result)
     if job["state"] == JobState.COMPLETED and job["assigned_miner_id"] == miner_id and job["result"] == result_json:
         touch_miner(conn, miner_id, now)
         return Outcome(get_latest_receipt(conn, job_id))
     error = _check_holder(conn, miner_id, job, now)
     if error is not None:
-        return _refused(conn, miner_id, now, error)
+        return _refused(conn, miner_id, job, now, error)
     metrics_json = compact_json(metrics)
     finish_job(conn, job["seq"], JobState.COMPLETED, now, None, result_json, metrics_json)
     receipt_id = stored = None
     if signer is not None:
-        capabilities = load_json(miner["capabilities"])
-        # nulls dropped part by part (a big payload or result without any is not walked), so seal
-        # finds "null" only where a string holds the word
-        receipt, text = signer.seal(build_receipt(job, miner_id, capabilities, without_nulls(result, result_json),
-                                                  without_nulls(metrics, metrics_json), now, coordinator_id))
+        capabilities = load_json(job["miner_capabilities"])
+        # nulls dropped part by part (metrics without any are not walked), so seal finds "null" only
+        # where a string holds the word
+        receipt, text = signer.seal(build_receipt(job, miner_id, capabilities, result,
+                                                  without_nulls(metrics, metrics_json), now, coordinator_id,
+                                                  canonical_digest(result_json, canonical=True)))
         receipt_id, stored = receipt["receipt_id"], insert_receipt(conn, receipt, job["client_id"], now, text)
         append_to_log(conn, edge or LogEdge(), receipt_id, stored.encode())
     add_miner_outcome(conn, miner_id, now, 1, 0, now - job["assigned_at"], receipt_id)
@@ -2540,13 +2894,13 @@ BACKFILLS[3] = backfill_receipt_log
 def tx_fail(conn: sqlite3.Connection, miner_id: str, job_id: str, error_text: str, metrics: str,
             retryable: bool, now: int, max_attempts: int) -> Outcome:
     """A miner gives up a job: re-queued when retryable with attempts left, else FAILED. Conflict if not held."""
-    job, _ = _load_reported_job(conn, miner_id, job_id)
+    job = _load_reported_job(conn, miner_id, job_id)
     if job["state"] == JobState.FAILED and job["assigned_miner_id"] == miner_id and job["error"] == error_text:
         touch_miner(conn, miner_id, now)
         return Outcome()
     error = _check_holder(conn, miner_id, job, now)
     if error is not None:
-        return _refused(conn, miner_id, now, error)
+        return _refused(conn, miner_id, job, now, error)
     add_miner_outcome(conn, miner_id, now, 0, 1, 0)
     wake = Wake(miners={miner_id})
     if retryable and job["attempts"] < max_attempts:
@@ -2558,20 +2912,25 @@ def tx_fail(conn: sqlite3.Connection, miner_id: str, job_id: str, error_text: st
 
 def tx_sweep(conn: sqlite3.Connection, now: int, is_silent: Callable[[str], bool], heartbeat_timeout_ms: int,
              max_attempts: int, idem_cutoff: int, seen: Mapping[str, int] | None = None,
-             beats: Mapping[str, int] | None = None) -> Outcome:
+             beats: Mapping[str, int] | None = None, silent: Iterable[str] = (), back: Iterable[str] = (),
+             slots: Iterable[str] = ()) -> Outcome:
     """Expire jobs past their deadline (wall clock: clients set them) and take running jobs back from
     the miners `is_silent` names (the Coordinator measures silence on a monotonic clock); record the
     last_seen of miners heard from since the last sweep (`seen`: miner -> wall-clock ms) and the
-    last_heartbeat of those whose heartbeats changed nothing else (`beats`). The value is the number of
-    jobs taken back."""
+    last_heartbeat of those whose heartbeats changed nothing else (`beats`); mark the miners newly
+    found `silent` offline and those heard from again (`back`) online. Then bring the offers of every
+    miner this touched, and of those whose slots changed since the last sweep (`slots`), up to date.
+    The value is the number of jobs taken back."""
     if seen or beats:
         touch_miners(conn, seen or {}, beats or {})
+    changed = mark_miners_online(conn, back, True) + mark_miners_online(conn, silent, False)
     wake = Wake()
     wake.miners.update(r[0] for r in expire_due_jobs(conn, now) if r[0] is not None)
-    lost = []
-    for miner_id in [m for m in list_running_miners(conn) if is_silent(m)]:
+    lost, silent_holders = [], [m for m in list_running_miners(conn) if is_silent(m)]
+    for miner_id in silent_holders:
         lost += release_running(conn, "assigned_miner_id = :miner", {"miner": miner_id}, max_attempts, now,
                                 f"lost (no request for {heartbeat_timeout_ms / 1000:g}s)")
+    refresh_offers(conn, {*changed, *wake.miners, *silent_holders, *slots})
     wake.add_rows(lost)
     delete_idempotency_before(conn, idem_cutoff)
     return Outcome(len(lost), wake)
@@ -2633,34 +2992,185 @@ def tx_checkpoint(conn: sqlite3.Connection, notary: Notary, now: int, pruned_to:
 
 
 def tx_create_offer(conn: sqlite3.Connection, provider: str, capacity: int, price: float, sla: str, status: str,
-                    now: int, cutoff: int) -> Outcome:
+                    now: int) -> Outcome:
     """An admin offer; the value is the offer as listed."""
-    return Outcome(get_offer(conn, insert_offer(conn, provider, capacity, price, sla, status, now), cutoff))
+    return Outcome(get_offer(conn, insert_offer(conn, provider, capacity, price, sla, status, now)))
 
 
-def tx_set_offer_status(conn: sqlite3.Connection, offer_id: str, status: str, cutoff: int) -> Outcome:
+def tx_set_offer_status(conn: sqlite3.Connection, offer_id: str, status: str) -> Outcome:
     """Set an admin offer's status (the value: the offer as listed); raises NotFound, or Conflict for a
     miner's offer (it follows the miner)."""
     if not update_offer_status(conn, offer_id, status):
-        if get_offer(conn, offer_id, cutoff) is None:
+        if get_offer(conn, offer_id) is None:
             raise NotFound("offer not found")
         raise Conflict("a miner's offer follows the miner; its status cannot be set")
-    return Outcome(get_offer(conn, offer_id, cutoff))
+    return Outcome(get_offer(conn, offer_id))
 
 
 def tx_place_bid(conn: sqlite3.Connection, provider: str, capacity: int, price: float, notes: str | None,
-                 now: int, cutoff: int) -> Outcome:
+                 now: int) -> Outcome:
     """Record a bid, matched at once to the cheapest open offer that fits it, else pending; the value is
     the bid's row."""
-    offer = cheapest_open_offer(conn, price, capacity, cutoff)
+    offer = cheapest_open_offer(conn, price, capacity)
     status, offer_id = ("matched", offer["id"]) if offer is not None else ("pending", None)
     return Outcome(insert_bid(conn, provider, capacity, price, notes, status, offer_id, now))
 
 
+# Retention's units run alone (Database.write_alone), never in a request's transaction, each a small
+# batch so that the writer is never held for long.
+
+def tx_start_retention_clock(conn: sqlite3.Connection, now: int) -> Outcome:
+    """Start retention's clock unless it runs already; the value is (when it started, whether now)."""
+    return Outcome(start_retention_clock(conn, now))
+
+
+def tx_canonical_payloads(conn: sqlite3.Connection) -> Outcome:
+    """Store the payloads of QUEUED and RUNNING jobs as canonical JSON, as submits since this version
+    do (a receipt's payload digest is then the hash of the stored text); the value is how many changed."""
+    changed = [(text, seq) for seq, payload in list_active_payloads(conn)
+               if (text := canonical_json(load_json(payload))) != payload]
+    set_payloads(conn, changed)
+    return Outcome(len(changed))
+
+
+def tx_prune(conn: sqlite3.Connection, seqs: Sequence[int], now: int) -> Outcome:
+    """Drop these finished jobs' payloads, results and metrics; the value is the number pruned."""
+    return Outcome(prune_jobs(conn, seqs, now))
+
+
+def tx_prune_due(conn: sqlite3.Connection, before: int, now: int, limit: int) -> Outcome:
+    """Prune up to `limit` of the oldest finished jobs that finished before `before`; the value is the
+    number pruned."""
+    return Outcome(prune_jobs(conn, list_prunable(conn, before, limit), now))
+
+
+def tx_delete_jobs(conn: sqlite3.Connection, before: int, window: int, limit: int) -> Outcome:
+    """Delete old pruned job summaries (see delete_old_jobs); the value is the number deleted."""
+    return Outcome(delete_old_jobs(conn, before, window, limit))
+
+
+def tx_delete_receipts(conn: sqlite3.Connection, before: int, window: int, limit: int) -> Outcome:
+    """Delete old receipts of pruned jobs (see delete_old_receipts); the value is the number deleted."""
+    return Outcome(delete_old_receipts(conn, before, window, limit))
+
+
+# Exports read on a connection of their own (a worker thread, or the CLI) and write archive files.
+
+ARCHIVE_CHUNK = 256  # jobs read per short read transaction
+
+
+def archive_lines(conn: sqlite3.Connection, rows: Sequence[sqlite3.Row]) -> list[str]:
+    """archive_line of each of these ARCHIVE_COLUMNS rows, with its receipts read."""
+    receipts = list_receipt_bodies(conn, [r["job_id"] for r in rows])
+    return [archive_line(row, receipts.get(row["job_id"], [])) for row in rows]
+
+
+def export_unpruned_day(path: str, directory: Path, day: int,
+                        stop: threading.Event | None = None) -> tuple[list[int], Path | None]:
+    """Archive the finished jobs of the UTC day starting at `day` that still hold their payloads, in
+    chunks of short reads (no snapshot is held for long); (their seqs, the file written, or None when
+    there were none, or `stop` was set meanwhile). Raises OSError or sqlite3.Error, leaving no file
+    behind."""
+    conn = connect(path, readonly=True)
+    out = ArchiveFile(directory, day)
+    seqs: list[int] = []
+    try:
+        after = (day, 0)
+        while True:
+            conn.execute("BEGIN")
+            try:
+                rows = list_unpruned_finished(conn, after, day + DAY_MS, ARCHIVE_CHUNK)
+                lines = archive_lines(conn, rows)
+            finally:
+                conn.execute("ROLLBACK")
+            for line in lines:
+                out.write(line)
+            seqs += [r["seq"] for r in rows]
+            if len(rows) < ARCHIVE_CHUNK:
+                break
+            if stop is not None and stop.is_set():
+                seqs = []
+                break
+            after = (rows[-1]["finished_at"], rows[-1]["seq"])
+        if not seqs:
+            out.abandon()
+            return seqs, None
+        return seqs, out.finish()
+    except BaseException:
+        out.abandon()
+        raise
+    finally:
+        conn.close()
+
+
+def export_finished(conn: sqlite3.Connection, directory: Path, before: int) -> list[tuple[Path, int]]:
+    """Archive every job that finished before `before` (pruned ones too), a file per UTC day, from one
+    read snapshot of `conn`; [(file, jobs)]. Raises OSError or sqlite3.Error (the day being written is
+    left out)."""
+    written: list[tuple[Path, int]] = []
+    out: ArchiveFile | None = None
+    conn.execute("BEGIN")
+    try:
+        keys = list_finished_keys(conn, before)
+        while chunk := keys.fetchmany(ARCHIVE_CHUNK):
+            rows = get_jobs_by_seq(conn, [k[0] for k in chunk])
+            for row, line in zip(rows, archive_lines(conn, rows)):
+                day = day_start(row["finished_at"])
+                if out is None or out.day != day:
+                    if out is not None:
+                        written.append((out.finish(), out.jobs))
+                    out = ArchiveFile(directory, day)
+                out.write(line)
+        if out is not None:
+            written.append((out.finish(), out.jobs))
+            out = None
+        return written
+    finally:
+        if out is not None:
+            out.abandon()
+        conn.execute("ROLLBACK")
+
+
 # === Coordinator ===
+
+def ensure_archive_dir(directory: str) -> Path:
+    """ARCHIVE_DIR, created (mode 0700) if missing, with the partial files of an interrupted run removed;
+    raises ConfigError when it cannot be written."""
+    path = Path(directory)
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        for partial in path.glob(".jobs-*.partial"):
+            partial.unlink()
+        probe = path / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(f"ARCHIVE_DIR: cannot write {directory}: {exc.strerror or exc}") from None
+    return path
+
+
+@dataclasses.dataclass
+class Upkeep:
+    """What the background duties have done (the metrics show it)."""
+
+    pruned: int = 0
+    jobs_deleted: int = 0
+    receipts_deleted: int = 0
+    archive_files: int = 0
+    archive_jobs: int = 0
+    archive_errors: int = 0
+    checkpoint: tuple[int, int, int] | None = None  # (busy, log frames, checkpointed frames) of the last one
+    checkpoint_at: float = 0.0  # Unix seconds
+    checkpoints: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)  # by outcome
+
 
 class Coordinator:
     """The domain service behind the HTTP edge: owns the database, the poll hub and the sweeper."""
+
+    RETENTION_BATCH = 16  # jobs pruned or deleted per unit of work: a few ms of the writer each
+    RETENTION_WINDOW = 256  # oldest rows a deletion looks at: what is not due yet there is skipped
+    RETENTION_IDLE_SECONDS = 30.0  # between retention passes once one has caught up
+    WAL_CHECKPOINT_SECONDS = 10.0  # between background WAL checkpoints
 
     def __init__(self, settings: Settings, clock: Callable[[], float] = time.time,
                  migrated: tuple[int, int] | None = None, monotonic: Callable[[], float] = time.monotonic) -> None:
@@ -2685,6 +3195,16 @@ class Coordinator:
         self.db.abort_hooks += [self.matcher.reset, self.log_edge.reset]
         self._sweeper: asyncio.Task[None] | None = None
         self.running = False  # between start() and stop()
+        self.silent_unmarked: list[str] = []  # found silent by a sweep that failed: marked by the next
+        self.back: set[str] = set()  # heard from after being found silent: marked online by the next sweep
+        # Miners whose slots changed (a claim, a job ending): the next sweep brings their offers up to
+        # date, so a busy fleet's claims and completions cost no offer write each (SPEC section 10).
+        self.slots_changed: set[str] = set()
+        self.retention_clock = 0  # when retention's clock started (Unix ms; set at start)
+        self.upkeep = Upkeep()
+        self._upkeep_task: asyncio.Task[None] | None = None
+        self._next_retention = self._next_wal_checkpoint = 0.0  # on the monotonic clock
+        self._stopping = threading.Event()  # asks an archive being written in a worker thread to stop
 
     def now(self) -> int:
         return now_ms(self.clock)
@@ -2705,6 +3225,8 @@ class Coordinator:
         try:
             await self.open_keys()
             await self.open_log()
+            await self.open_fleet()
+            await self.start_retention()
         except BaseException:
             await self.db.close()
             raise
@@ -2728,6 +3250,15 @@ class Coordinator:
                 log.info("receipt %s key %s", role, key_id)
         else:
             log.warning("no RECEIPT_SIGNING_KEY_HEX/_FILE: completed jobs get no receipts")
+
+    async def open_fleet(self) -> None:
+        """Give every miner the last sweep judged alive a fresh timeout from now, and bring every offer up
+        to date (the slots that changed after the last sweep before a stop are not known)."""
+        for miner_id in await self.db.read(list_miner_ids, True):
+            self.heard.setdefault(miner_id, self.started)
+        miners = await self.db.read(list_miner_ids)
+        for i in range(0, len(miners), 1000):
+            await self.db.write(refresh_offers, miners[i:i + 1000])
 
     async def open_log(self) -> None:
         """Settle the receipt log's key and origin, and publish a checkpoint if it has none of its size."""
@@ -2766,6 +3297,26 @@ class Coordinator:
         wait = max(self.checkpoint_due - self.monotonic(), 0.0) + self.settings.sweep_interval_seconds
         return max(1, math.ceil(wait))
 
+    async def start_retention(self) -> None:
+        """Check ARCHIVE_DIR, start retention's clock on the first start that has one (jobs finished
+        before count as finished now: an upgrade never prunes at once) and say what will be kept."""
+        s = self.settings
+        if s.archive_dir is not None:
+            ensure_archive_dir(s.archive_dir)
+        self.retention_clock, started = await self.apply(tx_start_retention_clock, self.now())
+        if started:  # the first start of this version: jobs still to run get canonical payloads
+            await self.apply(tx_canonical_payloads)
+        finished = sum(n for state, n in (await self.db.read(get_job_counts)).items() if state not in ACTIVE_STATES)
+        if started and finished:
+            log.warning("retention: %d jobs had finished before this first start with retention; their retention "
+                        "clock starts now (%s), so none of them is pruned before %s", finished, iso(self.retention_clock),
+                        iso(self.retention_clock + (s.payload_retention_days or 0) * DAY_MS)
+                        if s.payload_retention_days else "ever (PAYLOAD_RETENTION_DAYS=keep)")
+        days = {"payloads": s.payload_retention_days, "jobs": s.job_retention_days, "receipts": s.receipt_retention_days}
+        log.info("retention: %s; archive: %s", ", ".join(f"{k} {'kept' if v is None else f'{v} days'}"
+                                                        for k, v in days.items()),
+                 s.archive_dir or "off (ARCHIVE_DIR unset)")
+
     async def stop(self) -> None:
         self.running = False
         self.hub.close()
@@ -2773,6 +3324,9 @@ class Coordinator:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._sweeper
+        self._stopping.set()  # retention stops between batches, an archive between chunks
+        if self._upkeep_task is not None:
+            await self._upkeep_task
         await self.db.close()
 
     def note_log_damage(self, exc: LogDamaged) -> None:
@@ -2791,6 +3345,7 @@ class Coordinator:
         except LogDamaged as exc:
             self.note_log_damage(exc)
             raise
+        self.slots_changed.update(out.wake.miners)
         if out.wake:  # nothing changed that could give anyone work: nobody to wake
             self.matcher.queue(job[2] for job in out.wake.queued)
             self.hub.notify(out.wake)
@@ -2802,7 +3357,10 @@ class Coordinator:
         """An authenticated miner request arrived (a sign of life, whatever its answer). Silence is
         judged from memory; the wall-clock last_seen reads show is written by the next sweep, with
         every other miner heard from meanwhile, in one statement."""
-        self.heard[miner_id] = self.monotonic()
+        heard = self.heard
+        if heard.pop(miner_id, None) is None:  # kept in the order heard: the silent are found at the front
+            self.back.add(miner_id)  # silent until now (or new): the sweep marks it online
+        heard[miner_id] = self.monotonic()
         self.unrecorded[miner_id] = self.now()
 
     def is_silent(self, miner_id: str) -> bool:
@@ -2812,15 +3370,36 @@ class Coordinator:
             return False
         return self.monotonic() - self.heard.get(miner_id, self.started) > self.settings.heartbeat_timeout_seconds
 
+    def newly_silent(self) -> list[str]:
+        """The miners that went silent since the last sweep (oldest first), forgotten until heard again;
+        O(those), not O(fleet): `heard` is in the order miners were heard. One parked in a long-poll is
+        alive, and goes to the back."""
+        now = self.monotonic()
+        cutoff = now - self.settings.heartbeat_timeout_seconds
+        expired = list(itertools.takewhile(lambda item: item[1] < cutoff, self.heard.items()))
+        silent = []
+        for miner_id, _ in expired:
+            del self.heard[miner_id]
+            if miner_id in self.hub.by_miner:
+                self.heard[miner_id] = now
+            else:
+                silent.append(miner_id)
+        return silent
+
     async def sweep(self) -> int:
-        """One pass of expiry and lost-miner recovery; the number of jobs taken back."""
+        """One pass of expiry, lost-miner recovery and offer liveness; the number of jobs taken back."""
         s, now = self.settings, self.now()
         (seen, self.unrecorded), (beats, self.unrecorded_beats) = (self.unrecorded, {}), (self.unrecorded_beats, {})
+        silent = [m for m in self.silent_unmarked if m not in self.heard] + self.newly_silent()
+        back, self.back, self.silent_unmarked = [m for m in self.back if m in self.heard], set(), []
+        slots, self.slots_changed = self.slots_changed, set()
         try:
             return int(await self.apply(tx_sweep, now, self.is_silent, int(s.heartbeat_timeout_seconds * 1000),
-                                        s.job_max_attempts, now - s.idempotency_ttl_seconds * 1000, seen, beats))
+                                        s.job_max_attempts, now - s.idempotency_ttl_seconds * 1000, seen, beats,
+                                        silent, back, slots))
         except Exception:  # recorded by the next sweep instead
             self.unrecorded, self.unrecorded_beats = {**seen, **self.unrecorded}, {**beats, **self.unrecorded_beats}
+            self.silent_unmarked, self.back, self.slots_changed = silent, {*back, *self.back}, {*slots, *self.slots_changed}
             raise
 
     async def heartbeat(self, miner_id: str, inflight: int | None, status: str, metadata: str | None) -> None:
@@ -2847,7 +3426,8 @@ class Coordinator:
             raise
 
     async def _sweep_forever(self) -> None:
-        """The background tick: expiry and lost-miner recovery, then the receipt log's checkpoint."""
+        """The background tick: expiry, lost-miner recovery and offer liveness, then the receipt log's checkpoint,
+        then (not waited for) the upkeep: retention and WAL checkpoints."""
         while True:
             await asyncio.sleep(self.settings.sweep_interval_seconds)
             for duty in (self.sweep, self.checkpoint):
@@ -2857,6 +3437,106 @@ class Coordinator:
                     pass
                 except Exception:  # keep ticking; the next pass retries
                     log.exception("%s failed", duty.__name__)
+            self.tend()
+
+    def tend(self) -> None:
+        """Start the background upkeep (a WAL checkpoint, a retention pass) when one is due and none is
+        running; the sweep never waits for it."""
+        if self._upkeep_task is not None and not self._upkeep_task.done():
+            return
+        now = self.monotonic()
+        checkpoint, retention = now >= self._next_wal_checkpoint, now >= self._next_retention
+        if checkpoint or retention:
+            self._upkeep_task = asyncio.create_task(self._upkeep(checkpoint, retention))
+
+    async def _upkeep(self, checkpoint: bool, retention: bool) -> None:
+        if retention:
+            try:
+                await self.retain()
+            except Exception:  # the next pass retries
+                log.exception("retention pass failed")
+            self._next_retention = self.monotonic() + self.RETENTION_IDLE_SECONDS
+        if checkpoint:
+            await self.wal_checkpoint()
+            self._next_wal_checkpoint = self.monotonic() + self.WAL_CHECKPOINT_SECONDS
+
+    async def wal_checkpoint(self) -> str:
+        """A passive WAL checkpoint (Database.checkpoint); its outcome: complete (the log can restart and
+        shrink to WAL_SIZE_LIMIT_BYTES), partial (a reader still needs older frames), busy or error."""
+        try:
+            busy, frames, done = await self.db.wal_checkpoint()
+        except (sqlite3.Error, Unavailable) as exc:
+            log.warning("WAL checkpoint failed: %s", exc)
+            outcome = "error"
+        else:
+            outcome = "busy" if busy else "complete" if done >= frames else "partial"
+            self.upkeep.checkpoint, self.upkeep.checkpoint_at = (busy, frames, done), self.clock()
+        self.upkeep.checkpoints[outcome] += 1
+        return outcome
+
+    async def maintain(self, fn: Callable[..., Outcome], *args: Any) -> Any:
+        """Run a background unit of work in a transaction of its own; its value."""
+        out = await self.db.write_alone(fn, *args)
+        if out.error is not None:
+            raise out.error
+        return out.value
+
+    def retention_cutoff(self, days: int | None, now: int) -> int | None:
+        """What finished before this is due (Unix ms), or None when nothing is: retention is off, or its
+        clock started too recently (a job that finished before then counts as finished then)."""
+        if days is None or self.retention_clock > now - days * DAY_MS:
+            return None
+        return now - days * DAY_MS
+
+    async def retain(self) -> dict[str, int]:
+        """One retention pass, until nothing is due: (with ARCHIVE_DIR) archive each due day and prune
+        it, else prune due payloads; then delete job summaries and receipts past their retention. Each
+        unit runs alone and small. Returns what it did; raises what archiving or the database raised
+        (what was done stays done)."""
+        s, now = self.settings, self.now()
+        done = {"archived": 0, "pruned": 0, "jobs_deleted": 0, "receipts_deleted": 0}
+        before = self.retention_cutoff(s.payload_retention_days, now)
+        if before is not None and s.archive_dir is not None:
+            await self._archive_and_prune(Path(s.archive_dir), day_start(before), now, done)
+        elif before is not None:
+            done["pruned"] += await self._until_done(tx_prune_due, before, now, self.RETENTION_BATCH)
+        for key, unit, days in (("jobs_deleted", tx_delete_jobs, s.job_retention_days),
+                                ("receipts_deleted", tx_delete_receipts, s.receipt_retention_days)):
+            if (before := self.retention_cutoff(days, now)) is not None:
+                done[key] += await self._until_done(unit, before, self.RETENTION_WINDOW, self.RETENTION_BATCH)
+        self.upkeep.pruned += done["pruned"]
+        self.upkeep.jobs_deleted += done["jobs_deleted"]
+        self.upkeep.receipts_deleted += done["receipts_deleted"]
+        return done
+
+    async def _until_done(self, unit: Callable[..., Outcome], *args: Any) -> int:
+        """Run `unit` (whose last argument is its batch size) until a batch is not full; the total."""
+        total, batch = 0, args[-1]
+        while not self._stopping.is_set():
+            n = await self.maintain(unit, *args)
+            total += n
+            if n < batch:
+                break
+        return total
+
+    async def _archive_and_prune(self, directory: Path, before: int, now: int, done: dict[str, int]) -> None:
+        """Archive, then prune, each whole UTC day of finished jobs before `before`, oldest first."""
+        while not self._stopping.is_set() and (first := await self.db.read(oldest_unpruned_finish, before)) is not None:
+            try:
+                seqs, path = await asyncio.to_thread(export_unpruned_day, self.settings.db_path, directory,
+                                                     day_start(first), self._stopping)
+            except (OSError, sqlite3.Error) as exc:
+                self.upkeep.archive_errors += 1
+                log.error("archiving %s failed, nothing of it is pruned: %s", day_name(first), exc)
+                raise
+            if path is None:
+                return
+            log.info("archived %d jobs that finished on %s to %s", len(seqs), day_name(first), path)
+            done["archived"] += len(seqs)
+            self.upkeep.archive_files += 1
+            self.upkeep.archive_jobs += len(seqs)
+            for i in range(0, len(seqs), self.RETENTION_BATCH):
+                done["pruned"] += await self.maintain(tx_prune, seqs[i:i + self.RETENTION_BATCH], now)
 
     async def poll(self, miner_id: str, max_wait: float) -> tuple[sqlite3.Row | None, bool]:
         """Assign a job now, or wait up to `max_wait` seconds for one: (job or None, whether it waited)."""
@@ -2900,6 +3580,8 @@ class Coordinator:
                     raise NotFound("miner not registered")
                 if available:  # queued since the set was read
                     job, profile, ready = await self.apply(tx_poll, waiter.miner_id, self.now(), self.matcher)
+            if job is not None:
+                self.slots_changed.add(waiter.miner_id)
             missed = [p for p in picked_for if job is None or p[0] != job["job_id"]]
             if missed:  # picked for jobs it did not get: those still queued go to the next able miner
                 still = await self.db.read(list_queued_among, [p[0] for p in missed])
@@ -2967,12 +3649,16 @@ def _decimal_digits(value: Any) -> Any:
 
 
 QueryInt = Annotated[int, BeforeValidator(_decimal_digits)]  # every integer a query string carries
+# A keyset cursor: the next_cursor of the previous page, beside the offsets existing clients send.
+Cursor = Annotated[str | None, Field(min_length=1, max_length=400, pattern=r"^[A-Za-z0-9_-]+$",
+                                     description="next_cursor of the previous page (opaque; not with offset)")]
 
 
 class JobListQuery(Model):
     state: JobState | None = None
     limit: QueryInt = Field(50, ge=1, le=500)
     offset: QueryInt = Field(0, ge=0, le=2**53)
+    cursor: Cursor = None
 
     @field_validator("state", mode="before")
     @classmethod
@@ -2982,8 +3668,7 @@ class JobListQuery(Model):
 
 class ReceiptListQuery(Model):
     limit: QueryInt = Field(100, ge=1, le=500)
-    cursor: str | None = Field(None, min_length=1, max_length=400, pattern=r"^[A-Za-z0-9_-]+$",
-                               description="next_cursor of the previous page (opaque)")
+    cursor: Cursor = None
 
 
 class ReceiptVerify(Model):
@@ -3051,16 +3736,25 @@ class OfferQuery(Model):
     status: str | None = Field(None, json_schema_extra={"pattern": OFFER_STATUS_PATTERN})
     limit: QueryInt = Field(100, ge=1, le=500)
     offset: QueryInt = Field(0, ge=0, le=2**53)
+    cursor: Cursor = None  # from the previous page's Link rel="next" (the list is a bare array)
 
 
 class BlockQuery(Model):
     limit: QueryInt = Field(20, ge=1, le=200)
     offset: QueryInt = Field(0, ge=0, le=2**53)
+    cursor: Cursor = None
 
 
 class ExplorerQuery(Model):
     limit: QueryInt = Field(50, ge=1, le=500)
     offset: QueryInt = Field(0, ge=0, le=2**53)
+    cursor: Cursor = None
+
+
+class MinerListQuery(Model):
+    limit: QueryInt = Field(100, ge=1, le=500)
+    offset: QueryInt = Field(0, ge=0, le=2**53)
+    cursor: Cursor = None
 
 
 class ExplorerReceiptQuery(ExplorerQuery):
@@ -3153,11 +3847,8 @@ def json_response(data: Any, status: int = 200, headers: Mapping[str, str] | Non
 
 
 def stored_json_response(fields: Mapping[str, Any], stored: Mapping[str, str | None]) -> Response:
-    """A JSON object of `fields` plus members whose values are JSON text as stored (None: null),
-    spliced in as they are: payloads, results and receipts are not decoded only to be re-encoded."""
-    members = [response_json(fields)[1:-1]] if fields else []
-    members += [f'"{name}":{"null" if text is None else text}' for name, text in stored.items()]
-    return Response(f"{{{','.join(members)}}}".encode(), 200, None, "application/json")
+    """spliced_json of `fields` and `stored` (JSON texts as stored) as a 200 response."""
+    return Response(spliced_json(fields, stored, response_json).encode(), 200, None, "application/json")
 
 
 class Detail(Out):
@@ -3202,9 +3893,30 @@ def read_cursor(text: str, *types: type) -> list[Any]:
     return key
 
 
-def page(items: list[Any], limit: int, offset: int) -> dict[str, Any]:
-    """{"items", "next_offset"}: next_offset = offset + len(items) when the page is full, else null."""
-    return {"items": items, "next_offset": offset + len(items) if len(items) == limit else None}
+def read_list_cursor(query: Any, tag: str, *types: type) -> list[Any] | None:
+    """The sort key the `cursor` of a list query holds (None without one): a cursor this server issued
+    for the list named `tag`, with no negative number in it. Raises Invalid (422 naming the cursor, or
+    the offset when both are given) otherwise."""
+    if query.cursor is None:
+        return None
+    if query.offset:
+        raise Invalid.one(["query", "offset"], "page by offset or by cursor, not both", query.offset)
+    key = read_cursor(query.cursor, str, *types)
+    if key[0] != tag or any(isinstance(v, int) and v < 0 for v in key[1:]):
+        raise Invalid.one(["query", "cursor"], "not a cursor this server issued for this list", query.cursor)
+    return key[1:]
+
+
+def keyset_page(rows: Sequence[Any], query: Any, view: Callable[[Any], Any], tag: str,
+                key: Callable[[Any], Sequence[str | int]]) -> dict[str, Any]:
+    """{"items", "next_offset", "next_cursor"} from up to limit + 1 rows of a list read at the query's
+    offset or after its cursor. next_offset = offset + limit when the page is full and it was read by
+    offset (as always), else null; next_cursor holds the last item's sort key when more rows follow."""
+    limit = query.limit
+    full, more = len(rows) >= limit, len(rows) > limit
+    return {"items": [view(r) for r in rows[:limit]],
+            "next_offset": query.offset + limit if full and query.cursor is None else None,
+            "next_cursor": make_cursor(tag, *key(rows[limit - 1])) if more else None}
 
 
 # --- Receipts ---
@@ -3317,6 +4029,7 @@ def job_view(row: sqlite3.Row | Mapping[str, Any], now: int) -> dict[str, Any]:
 class JobPage(Out):
     items: list[JobView]
     next_offset: int | None
+    next_cursor: str | None
 
 
 class JobResultView(Out):
@@ -3340,6 +4053,7 @@ def admin_job_view(row: sqlite3.Row, now: int) -> dict[str, Any]:
 class AdminJobPage(Out):
     items: list[AdminJob]
     next_offset: int | None
+    next_cursor: str | None
 
 
 # --- Miners ---
@@ -3401,9 +4115,10 @@ class AdminMiner(Out):
     last_receipt_id: str | None
 
 
-def miner_view(row: sqlite3.Row, inflight: int, online_cutoff: int) -> dict[str, Any]:
+def miner_view(row: sqlite3.Row, inflight: int) -> dict[str, Any]:
+    """A miners row and its RUNNING jobs; online is the sweep's judgement (silent past the timeout: not)."""
     completed = row["jobs_completed"]
-    return {"miner_id": row["miner_id"], "status": row["status"], "online": row["last_seen"] >= online_cutoff,
+    return {"miner_id": row["miner_id"], "status": row["status"], "online": bool(row["online"]),
             "inflight": inflight, "reported_inflight": row["reported_inflight"],
             "concurrency": row["concurrency"], "region": row["region"],
             "capabilities": load_json(row["capabilities"]),
@@ -3415,6 +4130,8 @@ def miner_view(row: sqlite3.Row, inflight: int, online_cutoff: int) -> dict[str,
 
 class AdminMinerList(Out):
     items: list[AdminMiner]
+    next_offset: int | None
+    next_cursor: str | None
 
 
 # --- Health and totals ---
@@ -3440,12 +4157,14 @@ class AdminStats(Out):
     receipts_total: int
 
 
-def read_admin_stats(conn: sqlite3.Connection, online_cutoff: int) -> dict[str, Any]:
+def read_admin_stats(conn: sqlite3.Connection) -> dict[str, Any]:
+    """From the kept totals only: the same cost with any number of jobs and miners."""
     counts = get_job_counts(conn)
-    busy_ms, completed = get_duration_totals(conn)
+    fleet = get_fleet_totals(conn)
+    busy_ms, completed = get_completed_busy_ms(conn), counts.get(JobState.COMPLETED, 0)
     return {"total_jobs": sum(counts.values()),
             "active_jobs": counts.get(JobState.QUEUED, 0) + counts.get(JobState.RUNNING, 0),
-            "online_miners": count_online_miners(conn, online_cutoff),
+            "online_miners": fleet["online_miners"],
             "avg_miner_job_duration_ms": busy_ms / completed if completed else 0.0,
             "jobs_by_state": {s.value: counts.get(s.value, 0) for s in JobState},
             "receipts_total": get_counter(conn, "receipts")}
@@ -3480,11 +4199,13 @@ class MarketStats(Out):
     activeBids: int
 
 
-def market_stats_view(totals: sqlite3.Row, active_bids: int) -> dict[str, Any]:
-    """From get_offer_totals' row and the active-bid counter."""
-    price = totals["open_price"]
-    return {"totalOffers": totals["total"], "openCapacity": totals["open_capacity"],
-            "averagePrice": round(price, 4) if price is not None else 0.0, "activeBids": active_bids}
+def market_stats_view(fleet: sqlite3.Row, active_bids: int) -> dict[str, Any]:
+    """From the fleet_totals row and the active-bid counter (open prices summed as units and millionths)."""
+    open_offers = fleet["open_offers"]
+    micro = fleet["open_price_units"] * 1_000_000 + fleet["open_price_micro"]
+    return {"totalOffers": fleet["offers"], "openCapacity": fleet["open_capacity"],
+            "averagePrice": round(micro / 1_000_000 / open_offers, 4) if open_offers else 0.0,
+            "activeBids": active_bids}
 
 
 class BidAccepted(Out):
@@ -3556,6 +4277,7 @@ def block_view(row: sqlite3.Row) -> dict[str, Any]:
 class BlockPage(Out):
     items: list[Block]
     next_offset: int | None
+    next_cursor: str | None
 
 
 class Transaction(Out):
@@ -3578,6 +4300,7 @@ def transaction_view(row: sqlite3.Row, price: float | None, now: int) -> dict[st
 class TransactionPage(Out):
     items: list[Transaction]
     next_offset: int | None
+    next_cursor: str | None
 
 
 class Address(Out):
@@ -3597,6 +4320,7 @@ def address_view(row: sqlite3.Row, recent: list[str]) -> dict[str, Any]:
 class AddressPage(Out):
     items: list[Address]
     next_offset: int | None
+    next_cursor: str | None
 
 
 class ExplorerReceipt(Out):
@@ -3618,19 +4342,23 @@ def explorer_receipt_view(row: sqlite3.Row) -> dict[str, Any]:
             "status": "Attested" if row["attested"] else "Signed", "payload": receipt, "logIndex": None}
 
 
-def read_explorer_receipts(conn: sqlite3.Connection, job_id: str | None, limit: int, offset: int) -> list[dict[str, Any]]:
-    """A page of explorer receipt items, each with its leaf index."""
-    items = [explorer_receipt_view(r) for r in list_receipts(conn, job_id, limit, offset)]
+def read_explorer_receipts(conn: sqlite3.Connection, job_id: str | None, limit: int, offset: int,
+                           before: int | None = None) -> list[tuple[int, dict[str, Any]]]:
+    """A page of explorer receipt items (list_receipts' rows, `before` its keyset cursor), each with its
+    leaf index, as (seq, item)."""
+    rows = list_receipts(conn, job_id, limit, offset, before)
+    items = [explorer_receipt_view(r) for r in rows]
     indexes = get_log_indexes(conn, [item["receiptId"] for item in items])
     for item in items:
         item["logIndex"] = indexes.get(item["receiptId"])
-    return items
+    return [(row["seq"], item) for row, item in zip(rows, items)]
 
 
 class ExplorerReceiptPage(Out):
     jobId: str
     items: list[ExplorerReceipt]
     next_offset: int | None
+    next_cursor: str | None
 
 
 # --- The receipt log ---
@@ -3857,6 +4585,13 @@ def client_address(request: Request) -> str:
     return f"address:{client[0] if client else '-'}"
 
 
+def route_path(scope: Mapping[str, Any]) -> str:
+    """The request's path below the prefix it is served under: servers and mounts put the prefix in
+    root_path and (ASGI 3) at the front of path too."""
+    path, root = scope["path"], scope.get("root_path", "")
+    return path[len(root):] if root and path.startswith(root) else path
+
+
 CALLER = "aitbc.caller"  # the scope key under which a request's authenticated identity is logged
 
 
@@ -3936,16 +4671,12 @@ def endpoint_runner(ep: Endpoint, coord: Coordinator) -> Runner:
 
 # === Handlers ===
 
-ERRORS = {401: Detail, 404: Detail, 409: Detail, 413: Detail, 422: ValidationDetail, 425: Detail, 429: Detail,
-          503: Detail}
+ERRORS = {401: Detail, 404: Detail, 409: Detail, 410: Detail, 413: Detail, 422: ValidationDetail, 425: Detail,
+          429: Detail, 503: Detail}
 
 
 def _errors(*codes: int) -> dict[int, type[BaseModel]]:
     return {c: ERRORS[c] for c in codes}
-
-
-def _online_cutoff(coord: Coordinator) -> int:
-    return coord.now() - int(coord.settings.heartbeat_timeout_seconds * 1000)
 
 
 @endpoint("GET", "/v1/health", responses={200: Health, 503: Health})
@@ -3982,19 +4713,26 @@ async def submit_job(call: Call) -> Response:
             raise Invalid.one(["header", "idempotency-key"], "must be 1-255 characters, without U+0000", key)
         idem = (key, hashlib.sha256(canonical_json(body.model_dump()).encode()).hexdigest())
     now = coord.now()
-    row = await coord.apply(tx_submit, call.caller.identity, compact_json(body.payload),  # type: ignore[union-attr]
+    # stored canonical (keys sorted): its receipt's digest is then the SHA-256 of the text as stored
+    row = await coord.apply(tx_submit, call.caller.identity, canonical_json(body.payload),  # type: ignore[union-attr]
                             compact_json(constraints), shape_of(constraints), ttl * 1000, now, idem,
                             now - settings.idempotency_ttl_seconds * 1000, display_value(body.payload.get("value")))
     return json_response(job_view(row, coord.now()), 201)
 
 
+async def _job_page(call: Call, client_id: str | None, view: Callable[[sqlite3.Row, int], dict[str, Any]],
+                    tag: str) -> Response:
+    q = call.query
+    before = read_list_cursor(q, tag, int)
+    rows = await call.coord.db.read(list_jobs, client_id, q.state, q.limit + 1, q.offset, before and before[0])
+    now = call.coord.now()
+    return json_response(keyset_page(rows, q, lambda r: view(r, now), tag, lambda r: (r["seq"],)))
+
+
 @endpoint("GET", "/v1/jobs", role="client", query=JobListQuery, responses={200: JobPage, **_errors(401, 422)})
 async def list_client_jobs(call: Call) -> Response:
-    """The caller's jobs, newest first."""
-    q = call.query
-    rows = await call.coord.db.read(list_jobs, call.caller.identity, q.state, q.limit, q.offset)  # type: ignore[union-attr]
-    now = call.coord.now()
-    return json_response(page([job_view(r, now) for r in rows], q.limit, q.offset))
+    """The caller's jobs, newest first; by offset or by cursor."""
+    return await _job_page(call, call.caller.identity, job_view, "jobs")  # type: ignore[union-attr]
 
 
 @endpoint("GET", "/v1/jobs/{job_id}", role="client", responses={200: JobView, **_errors(401, 404)})
@@ -4003,10 +4741,13 @@ async def get_client_job(call: Call) -> Response:
     return json_response(job_view(await _client_job(call), call.coord.now()))
 
 
-@endpoint("GET", "/v1/jobs/{job_id}/result", role="client", responses={200: JobResultView, **_errors(401, 404, 425)})
+@endpoint("GET", "/v1/jobs/{job_id}/result", role="client",
+          responses={200: JobResultView, **_errors(401, 404, 410, 425)})
 async def get_job_result(call: Call) -> Response:
-    """The result (and receipt) of a finished job; 425 until there is one."""
+    """The result (and receipt) of a finished job; 425 until there is one, 410 once retention pruned it."""
     row = await _client_job(call)
+    if row["pruned_at"] is not None:
+        raise Gone("result pruned")
     finished = job_view(row, call.coord.now())["state"] not in ACTIVE_STATES
     receipt = await call.coord.db.read(get_latest_receipt, row["job_id"]) if finished else None
     if not finished or (row["result"] is None and receipt is None):
@@ -4055,7 +4796,8 @@ async def list_job_receipts(call: Call) -> Response:
     job_id, after = row["job_id"], 0
     if q.cursor is not None:
         cursor_job, after = read_cursor(q.cursor, str, int)
-        if cursor_job != job_id or not await call.coord.db.read(is_receipt_of, job_id, after):
+        # a position in this job's list, whether or not retention has deleted the receipt it names
+        if cursor_job != job_id or after < 0:
             raise Invalid.one(["query", "cursor"], "not a cursor this server issued for this list", q.cursor)
     rows = await call.coord.db.read(list_receipts_for_job, job_id, after, q.limit + 1)
     return receipt_page_response(job_id, rows, q.limit)
@@ -4150,55 +4892,69 @@ async def miner_fail(call: Call) -> Response:
 @endpoint("GET", "/v1/admin/stats", role="admin", responses={200: AdminStats, **_errors(401)})
 async def admin_stats(call: Call) -> Response:
     """Job, miner and duration totals."""
-    return json_response(await call.coord.db.read(read_admin_stats, _online_cutoff(call.coord)))
+    return json_response(await call.coord.db.read(read_admin_stats))
 
 
 @endpoint("GET", "/v1/admin/jobs", role="admin", query=JobListQuery, responses={200: AdminJobPage, **_errors(401, 422)})
 async def admin_jobs(call: Call) -> Response:
-    """Every client's jobs, newest first."""
-    q, now = call.query, call.coord.now()
-    rows = await call.coord.db.read(list_jobs, None, q.state, q.limit, q.offset)
-    return json_response(page([admin_job_view(r, now) for r in rows], q.limit, q.offset))
+    """Every client's jobs, newest first; by offset or by cursor."""
+    return await _job_page(call, None, admin_job_view, "admin-jobs")
 
 
-@endpoint("GET", "/v1/admin/miners", role="admin", responses={200: AdminMinerList, **_errors(401)})
+@endpoint("GET", "/v1/admin/miners", role="admin", query=MinerListQuery,
+          responses={200: AdminMinerList, **_errors(401, 422)})
 async def admin_miners(call: Call) -> Response:
-    """Every registered miner with its derived in-flight count and history."""
-    def read(conn: sqlite3.Connection) -> tuple[list[sqlite3.Row], dict[str, int]]:
-        return list_miners(conn), count_running_by_miner(conn)
-    rows, running = await call.coord.db.read(read)
-    cutoff = _online_cutoff(call.coord)
-    return json_response({"items": [miner_view(r, running.get(r["miner_id"], 0), cutoff) for r in rows]})
+    """Registered miners in registration order, with their derived in-flight counts and history."""
+    q = call.query
+    after = read_list_cursor(q, "miners", int, str)
+
+    def read(conn: sqlite3.Connection) -> list[tuple[sqlite3.Row, int]]:
+        return [(r, count_running(conn, r["miner_id"])) for r in list_miners(conn, q.limit + 1, q.offset, after)]
+
+    rows = await call.coord.db.read(read)
+    return json_response(keyset_page(rows, q, lambda r: miner_view(*r), "miners",
+                                     lambda r: (r[0]["created_at"], r[0]["miner_id"])))
 
 
 # Marketplace (public, except creating and changing offers)
 
+def next_link(request: Request, cursor: str) -> str:
+    """An RFC 8288 Link header value naming the next page: this request's URL (as the client sent it,
+    under any prefix it is served at) with `cursor` in place of its cursor and offset."""
+    query = [(k, v) for k, v in request.query_params.multi_items() if k not in ("cursor", "offset")]
+    path = request.scope.get("root_path", "") + route_path(request.scope)
+    return f'<{path}?{urllib.parse.urlencode([*query, ("cursor", cursor)])}>; rel="next"'
+
+
 @endpoint("GET", "/v1/marketplace/offers", query=OfferQuery,
-          responses={200: OfferList, 400: Detail, 422: ValidationDetail})
+          responses={200: OfferList, 400: Detail, 422: ValidationDetail}, headers={200: ("Link",)})
 async def list_market_offers(call: Call) -> Response:
-    """Offers newest first, as a bare JSON array; `status` filter (any case)."""
+    """Offers newest first, as a bare JSON array; `status` filter (any case); the next page by offset,
+    or by the cursor in the `Link: <...>; rel="next"` header (RFC 8288)."""
     q = call.query
     status = q.status.lower() if q.status is not None else None
     if status is not None and status not in OFFER_STATUSES:
         raise BadRequest("invalid status filter")
-    rows = await call.coord.db.read(list_offers, status, _online_cutoff(call.coord), q.limit, q.offset)
-    return json_response([offer_view(r) for r in rows])
+    before = read_list_cursor(q, "offers", int, str)
+    rows = await call.coord.db.read(list_offers, status, q.limit + 1, q.offset, before)
+    listed = keyset_page(rows, q, offer_view, "offers", lambda r: (r["created_at"], r["id"]))
+    link = {"Link": next_link(call.request, listed["next_cursor"])} if listed["next_cursor"] else None
+    return json_response(listed["items"], headers=link)
 
 
 @endpoint("GET", "/v1/marketplace/stats", responses={200: MarketStats})
 async def market_stats(call: Call) -> Response:
-    """Offer count, open capacity, mean open price and active bids."""
-    def read(conn: sqlite3.Connection, cutoff: int) -> tuple[sqlite3.Row, int]:
-        return get_offer_totals(conn, cutoff), get_counter(conn, "active_bids")
-    totals, bids = await call.coord.db.read(read, _online_cutoff(call.coord))
-    return json_response(market_stats_view(totals, bids))
+    """Offer count, open capacity, mean open price and active bids (kept totals: one row read)."""
+    def read(conn: sqlite3.Connection) -> tuple[sqlite3.Row, int]:
+        return get_fleet_totals(conn), get_counter(conn, "active_bids")
+    return json_response(market_stats_view(*await call.coord.db.read(read)))
 
 
 @endpoint("POST", "/v1/marketplace/bids", body=BidCreate, responses={202: BidAccepted, **_errors(413, 422)})
 async def place_bid(call: Call) -> Response:
     """A bid, matched at once to the cheapest open offer that fits, else pending."""
     b, coord = call.body, call.coord
-    row = await coord.apply(tx_place_bid, b.provider, b.capacity, b.price, b.notes, coord.now(), _online_cutoff(coord))
+    row = await coord.apply(tx_place_bid, b.provider, b.capacity, b.price, b.notes, coord.now())
     return json_response(bid_accepted_view(row), 202)
 
 
@@ -4216,8 +4972,7 @@ async def get_market_bid(call: Call) -> Response:
 async def create_offer(call: Call) -> Response:
     """An admin-made offer."""
     b, coord = call.body, call.coord
-    row = await coord.apply(tx_create_offer, b.provider, b.capacity, b.price, b.sla, b.status, coord.now(),
-                            _online_cutoff(coord))
+    row = await coord.apply(tx_create_offer, b.provider, b.capacity, b.price, b.sla, b.status, coord.now())
     return json_response(offer_view(row), 201)
 
 
@@ -4226,18 +4981,23 @@ async def create_offer(call: Call) -> Response:
 async def set_offer_status(call: Call) -> Response:
     """Open, reserve or close an admin-made offer."""
     coord = call.coord
-    row = await coord.apply(tx_set_offer_status, call.path("offer_id"), call.body.status, _online_cutoff(coord))
+    row = await coord.apply(tx_set_offer_status, call.path("offer_id"), call.body.status)
     return json_response(offer_view(row))
 
 
 # Explorer (public, read-only): one block and one transaction per job.
 
+def _seq_key(row: sqlite3.Row) -> tuple[int]:
+    return (row["seq"],)
+
+
 @endpoint("GET", "/v1/explorer/blocks", query=BlockQuery, responses={200: BlockPage, 422: ValidationDetail})
 async def explorer_blocks(call: Call) -> Response:
     """One block per job, newest (highest) first."""
     q = call.query
-    rows = await call.coord.db.read(list_job_page, q.limit, q.offset)
-    return json_response(page([block_view(r) for r in rows], q.limit, q.offset))
+    before = read_list_cursor(q, "blocks", int)
+    rows = await call.coord.db.read(list_job_page, q.limit + 1, q.offset, before and before[0])
+    return json_response(keyset_page(rows, q, block_view, "blocks", _seq_key))
 
 
 @endpoint("GET", "/v1/explorer/transactions", query=ExplorerQuery,
@@ -4245,26 +5005,32 @@ async def explorer_blocks(call: Call) -> Response:
 async def explorer_transactions(call: Call) -> Response:
     """One transaction per job, newest first."""
     q = call.query
+    before = read_list_cursor(q, "transactions", int)
 
     def read(conn: sqlite3.Connection) -> tuple[list[sqlite3.Row], dict[str, float | None]]:
-        rows = list_job_page(conn, q.limit, q.offset)
-        return rows, get_receipt_prices(conn, [r["job_id"] for r in rows])
+        rows = list_job_page(conn, q.limit + 1, q.offset, before and before[0])
+        return rows, get_receipt_prices(conn, [r["job_id"] for r in rows[:q.limit]])
 
     rows, prices = await call.coord.db.read(read)
     now = call.coord.now()
-    return json_response(page([transaction_view(r, prices.get(r["job_id"]), now) for r in rows], q.limit, q.offset))
+    return json_response(keyset_page(rows, q, lambda r: transaction_view(r, prices.get(r["job_id"]), now),
+                                     "transactions", _seq_key))
 
 
 @endpoint("GET", "/v1/explorer/addresses", query=ExplorerQuery, responses={200: AddressPage, 422: ValidationDetail})
 async def explorer_addresses(call: Call) -> Response:
-    """Every client and miner identity seen in jobs, most recently active first."""
+    """Every client and miner identity seen in jobs, most recently active first. (By cursor, an address
+    whose last activity changes during the walk moves: it may be seen twice or not at all.)"""
     q = call.query
+    before = read_list_cursor(q, "addresses", int, str)
 
     def read(conn: sqlite3.Connection) -> list[tuple[sqlite3.Row, list[str]]]:
-        return [(r, list_recent_job_ids(conn, r["address"], 5)) for r in list_addresses(conn, q.limit, q.offset)]
+        rows = list_addresses(conn, q.limit + 1, q.offset, before)
+        return [(r, list_recent_job_ids(conn, r["address"], 5) if i < q.limit else []) for i, r in enumerate(rows)]
 
     rows = await call.coord.db.read(read)
-    return json_response(page([address_view(r, recent) for r, recent in rows], q.limit, q.offset))
+    return json_response(keyset_page(rows, q, lambda r: address_view(*r), "addresses",
+                                     lambda r: (r[0]["last_active"], r[0]["address"])))
 
 
 @endpoint("GET", "/v1/explorer/receipts", query=ExplorerReceiptQuery,
@@ -4273,8 +5039,10 @@ async def explorer_receipts(call: Call) -> Response:
     """Receipts newest first, of every job or of `job_id`."""
     q = call.query
     job_id = q.job_id or None  # ?job_id= (empty) is every job's, as the answer says
-    items = await call.coord.db.read(read_explorer_receipts, job_id, q.limit, q.offset)
-    return json_response({"jobId": job_id or "all", **page(items, q.limit, q.offset)})
+    before = read_list_cursor(q, "receipts", int)
+    rows = await call.coord.db.read(read_explorer_receipts, job_id, q.limit + 1, q.offset, before and before[0])
+    return json_response({"jobId": job_id or "all", **keyset_page(rows, q, lambda r: r[1], "receipts",
+                                                                  lambda r: (r[0],))})
 
 
 # The receipt log (public, read-only): each answer costs O(log n) rows, entries one per leaf.
@@ -4339,6 +5107,8 @@ RESPONSE_HEADERS: dict[str, dict[str, Any]] = {  # every header a response may c
                     "schema": {"type": "integer", "minimum": 1}},
     LOG_INDEX_HEADER: {"description": "the receipt's leaf index in the receipt log (when it has one)",
                        "schema": {"type": "integer", "minimum": 0}},
+    "Link": {"description": 'the next page, `<URL>; rel="next"` (RFC 8288), when one follows',
+             "schema": {"type": "string"}},
 }
 
 
@@ -4626,6 +5396,41 @@ class Metrics:
         self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
         self.registry.register(self)
 
+    @staticmethod
+    def collect_storage(snap: Mapping[str, Any]) -> Iterable[Metric]:
+        """The database file, its WAL, the last checkpoint, and what retention and the archive did."""
+        if "db_bytes" not in snap:
+            return
+        for name, key, help_text in (
+                ("aitbc_db_bytes", "db_bytes", "Size of the database file"),
+                ("aitbc_db_free_bytes", "free_bytes", "Free pages in the database file, reused before it grows"),
+                ("aitbc_db_wal_bytes", "wal_bytes", "Size of the -wal file (cut back to the journal_size_limit "
+                                                    "once a checkpoint lets the log restart)")):
+            yield GaugeMetricFamily(name, help_text, value=snap[key])
+        upkeep: Upkeep = snap["upkeep"]
+        if upkeep.checkpoint is not None:
+            busy, frames, done = upkeep.checkpoint
+            for name, value, help_text in (
+                    ("busy", busy, "1 when the last WAL checkpoint could not run (another was running)"),
+                    ("log_frames", frames, "Frames in the WAL at the last checkpoint"),
+                    ("checkpointed_frames", done, "Frames the last checkpoint copied into the database file "
+                                                  "(fewer than log_frames: a reader still needed them)"),
+                    ("timestamp_seconds", upkeep.checkpoint_at, "When the last WAL checkpoint ran")):
+                yield GaugeMetricFamily(f"aitbc_db_last_checkpoint_{name}", help_text, value=value)
+        outcomes = CounterMetricFamily("aitbc_db_checkpoints", "Background WAL checkpoints by outcome "
+                                       "(complete, partial: a reader held older frames, busy, error)", labels=["outcome"])
+        for outcome in ("complete", "partial", "busy", "error"):
+            outcomes.add_metric([outcome], upkeep.checkpoints[outcome])
+        yield outcomes
+        for name, value, help_text in (
+                ("aitbc_retention_payloads_pruned", upkeep.pruned, "Finished jobs whose payload and result were dropped"),
+                ("aitbc_retention_jobs_deleted", upkeep.jobs_deleted, "Job summaries deleted (JOB_RETENTION_DAYS)"),
+                ("aitbc_retention_receipts_deleted", upkeep.receipts_deleted, "Receipts deleted (RECEIPT_RETENTION_DAYS)"),
+                ("aitbc_archive_files_written", upkeep.archive_files, "Archive files written to ARCHIVE_DIR"),
+                ("aitbc_archive_jobs_written", upkeep.archive_jobs, "Jobs written to archive files"),
+                ("aitbc_archive_errors", upkeep.archive_errors, "Archive runs that failed (nothing of them was pruned)")):
+            yield CounterMetricFamily(name, help_text, value=value)
+
     def observe_request(self, method: str, route: str, status: int, seconds: float) -> None:
         """Count one HTTP request (methods no route serves are counted as OTHER: labels stay bounded)."""
         key = (method if method in KNOWN_METHODS else "OTHER", route, status)
@@ -4656,6 +5461,7 @@ class Metrics:
                                 value=snap.get("online", 0))
         yield GaugeMetricFamily("aitbc_polls_waiting", "Miner long-polls waiting for work", value=snap.get("waiting", 0))
         yield CounterMetricFamily("aitbc_receipts_issued", "Signed receipts issued", value=snap.get("receipts", 0))
+        yield from self.collect_storage(snap)
         guard = self.guard
         if guard is not None:
             yield GaugeMetricFamily("aitbc_connections_open", "Client connections open", value=guard.open)
@@ -4670,13 +5476,6 @@ class Metrics:
             for cap, n in guard.refused.items():
                 refused.add_metric([cap], n)
             yield refused
-
-
-def route_path(scope: Scope) -> str:
-    """The request's path below the prefix it is served under: servers and mounts put the prefix in
-    root_path and (ASGI 3) at the front of path too."""
-    path, root = scope["path"], scope.get("root_path", "")
-    return path[len(root):] if root and path.startswith(root) else path
 
 
 class App:
@@ -4765,10 +5564,16 @@ class App:
         coord = self.coord
         if coord.settings.metrics_require_admin:
             request.scope[CALLER] = authenticate(request, coord.settings, "admin").identity
-        stats = await coord.db.read(read_admin_stats, _online_cutoff(coord))
+        stats, (page_size, pages, free) = await coord.db.read(lambda conn: (read_admin_stats(conn), get_db_space(conn)))
+        try:
+            wal_bytes = os.stat(coord.settings.db_path + "-wal").st_size
+        except FileNotFoundError:
+            wal_bytes = 0
         self.metrics.snapshot = {"jobs": stats["jobs_by_state"], "queued": stats["jobs_by_state"][JobState.QUEUED],
                                  "receipts": stats["receipts_total"], "online": stats["online_miners"],
-                                 "waiting": coord.hub.count}
+                                 "waiting": coord.hub.count, "db_bytes": page_size * pages,
+                                 "free_bytes": page_size * free, "wal_bytes": wal_bytes,
+                                 "upkeep": coord.upkeep}
         return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
@@ -5378,6 +6183,44 @@ def keygen(out: str | None, force: bool) -> None:
     click.echo(f"key_id: {key_id_of(key)}")
 
 
+def archived_job_problems(job: Mapping[str, Any], key_ids: set[str]) -> list[str]:
+    """Why the receipts of one archived job (an archive_line) do not verify: a signature, or a 1.1
+    receipt's digest of a payload or result the line still holds. [] when all is well."""
+    problems = []
+    receipts = job.get("receipts") if isinstance(job.get("receipts"), list) else []
+    for receipt in receipts:
+        if not isinstance(receipt, dict):
+            problems.append("a receipt is not an object")
+            continue
+        sig = receipt.get("signature")
+        own = {sig["key_id"]} if isinstance(sig, dict) and isinstance(sig.get("key_id"), str) else set()
+        report = verify_receipt(receipt, key_ids or own)
+        if not report["valid"]:
+            problems.append(f"receipt {receipt.get('receipt_id')}: {report['reason']}")
+        meta = receipt.get("metadata") if isinstance(receipt.get("metadata"), dict) else {}
+        for field, digest in (("payload", "job_payload_sha256"), ("result", "result_sha256")):
+            value = job.get(field)
+            if digest in meta and value is not None and canonical_digest(compact_json(value)) != meta[digest]:
+                problems.append(f"receipt {receipt.get('receipt_id')}: the archived {field} does not match {digest}")
+    return problems
+
+
+def verify_archive(path: Path, key_ids: set[str]) -> None:
+    """`aitbc-coord verify` of an archive file: every receipt of every job; exits 1 on the first problem."""
+    jobs = receipts = 0
+    try:
+        for job in read_archive(path):
+            problems = archived_job_problems(job, key_ids) if isinstance(job, dict) else ["a line is not an object"]
+            if problems:
+                click.echo(f"invalid: job {job.get('job_id') if isinstance(job, dict) else '?'}: {problems[0]}", err=True)
+                sys.exit(1)
+            jobs, receipts = jobs + 1, receipts + len(job.get("receipts") or [])
+    except (OSError, ValueError, EOFError) as exc:
+        raise click.ClickException(f"{path} is not a readable archive: {exc}") from None
+    trust = "" if key_ids else " (signing keys not checked: pass --key-id)"
+    click.echo(f"valid: {receipts} receipts of {jobs} archived jobs in {path.name}{trust}")
+
+
 # The receipt log from a client's side (`verify --log`, `audit`): everything fetched is checked here,
 # nothing the log says is taken on trust but the key pinned for it. Both commands exit with one
 # scheme, so that a monitor can tell a log at fault from a network glitch or its own mistake:
@@ -5852,12 +6695,15 @@ def log_inclusion(client: LogClient, receipt: Mapping[str, Any], raw: bytes, key
               help="With --log: an `audit` state file; the receipt must be in the audited tree or a consistent later one.")
 def verify_command(receipt_file: Any, key_ids: tuple[str, ...], log_url: str | None, log_key: str | None,
                    state_path: str | None) -> None:
-    """Verify a receipt file offline; exit status 1 (with the reason) if it is invalid.
+    """Verify a receipt file, or every receipt of an archive file, offline; exit status 1 (with the
+    reason) if one is invalid.
 
     Checks the signature and every attestation over the canonical bytes; with --key-id, the
     receipt must also be signed by one of those keys (see GET /v1/receipts/keys). With --log, the
     receipt must also be a leaf of that coordinator's receipt log under a checkpoint signed by the
-    log's key (RFC 9162 inclusion proof).
+    log's key (RFC 9162 inclusion proof). An archive file (jobs-YYYY-MM-DD.jsonl.gz, JSON Lines)
+    also has each 1.1 receipt's payload and result digests checked against the archived payload
+    and result.
 
     Exit status: 0 valid; 1 invalid (the receipt or the log failed a check); 2 the log could not be
     asked (unreachable, or an answer that is not the one asked for); 3 a local problem (usage, a
@@ -5868,7 +6714,14 @@ def verify_command(receipt_file: Any, key_ids: tuple[str, ...], log_url: str | N
       curl -s -H "X-Api-Key: $KEY" http://127.0.0.1:8011/v1/jobs/$JOB/receipt > receipt.json
       aitbc-coord verify receipt.json --key-id TJvH0A9pkk0c3uQMNlCivLs3GR3i1T2TtfIbLT0n29Q
       aitbc-coord verify receipt.json --log http://127.0.0.1:8011 --state /var/lib/aitbc-audit/log.json
+      aitbc-coord verify /var/lib/aitbc-coordinator/archive/jobs-2026-01-05.jsonl.gz
     """
+    if receipt_file.name.endswith((".jsonl", ".jsonl.gz", ".gz")):
+        if log_url is not None:
+            raise click.UsageError("--log checks one receipt; an archive file is checked offline only")
+        receipt_file.close()
+        verify_archive(Path(receipt_file.name), set(key_ids))
+        return
     if log_url is None and (log_key is not None or state_path is not None):
         raise click.UsageError("--log-key and --state only apply with --log URL")
     raw = receipt_file.read()
@@ -5960,6 +6813,42 @@ def audit_command(log_url: str, state_path: str, key: str | None, full: bool, al
         exc.message += f" (the audit itself passed: {summary})"
         raise
     click.echo(summary)
+
+
+@cli.command("archive")
+@click.argument("dest", type=click.Path(file_okay=False))
+@click.option("--before", type=click.DateTime(formats=["%Y-%m-%d"]),
+              help="Export jobs that finished before this UTC day (default: today, so only whole days).")
+@click.option("--db", "db_path", help="Database file (DATABASE_URL, default ./coordinator.db).")
+@click.option("--env-file", type=click.Path(dir_okay=False), help="Read settings from this file instead of ./.env.")
+def archive_command(dest: str, before: Any, db_path: str | None, env_file: str | None) -> None:
+    """Export finished jobs with their receipts to DEST, one file per UTC day, only reading the database.
+
+    The files are those the server writes to ARCHIVE_DIR (jobs-YYYY-MM-DD.jsonl.gz, one job a
+    line, receipts exactly as stored); a job whose payload was pruned has it as null. The database
+    is opened read-only (it never writes, so it leaves no -wal/-shm files of its own behind); an
+    existing file in DEST is never replaced (a second one gets a .2 suffix).
+
+    \b
+    Example:
+      aitbc-coord archive /srv/exports/aitbc --before 2026-01-01 --db /var/lib/aitbc-coordinator/coordinator.db
+    """
+    settings = _settings_or_exit(env_file, db_path=db_path)
+    cutoff = day_start(int(time.time() * 1000)) if before is None else \
+        int(before.replace(tzinfo=datetime.timezone.utc).timestamp() * 1000)
+    if not Path(settings.db_path).is_file():
+        raise click.ClickException(f"no database at {settings.db_path}")
+    try:
+        Path(dest).mkdir(mode=0o700, parents=True, exist_ok=True)
+        conn = open_readonly(settings.db_path)
+        try:
+            written = export_finished(conn, Path(dest), cutoff)
+        finally:
+            conn.close()
+    except (OSError, sqlite3.Error) as exc:
+        raise click.ClickException(f"archive to {dest} failed: {exc}") from None
+    jobs = sum(n for _, n in written)
+    click.echo(f"{dest}: {jobs} jobs that finished before {day_name(cutoff)} in {len(written)} files")
 
 
 @cli.command("backup")

@@ -62,7 +62,6 @@ CREATE TABLE miners (
     busy_ms_total     INTEGER NOT NULL DEFAULT 0,
     last_receipt_id   TEXT
 );
-CREATE INDEX miners_by_last_seen ON miners (last_seen);
 
 CREATE TABLE idempotency_keys (
     client_id    TEXT NOT NULL,
@@ -254,4 +253,146 @@ CREATE TABLE log_keys (
     first_seen_at INTEGER NOT NULL
 );
 
-PRAGMA user_version = 3;
+-- Version 4: retention, kept offer and fleet totals, keyset paging of every list.
+
+-- A job's bulk, its payload, result and metrics, in a table of its own: what retention drops
+-- (PAYLOAD_RETENTION_DAYS after the job finished) is whole rows and their pages, and the summaries
+-- that stay in jobs are small rows packed densely. (Dropped in place, a big row's summary would keep
+-- the leaf page its payload spread over: ~4 KB a job for good.) pruned_at says when it went.
+CREATE TABLE job_data (
+    seq     INTEGER PRIMARY KEY,  -- the job's
+    payload TEXT NOT NULL,        -- canonical JSON (keys sorted), as its receipt's digest covers it
+    result  TEXT,                 -- canonical JSON, compared on a repeated result
+    metrics TEXT
+);
+INSERT INTO job_data (seq, payload, result, metrics) SELECT seq, payload, result, metrics FROM jobs;
+ALTER TABLE jobs DROP COLUMN payload;
+ALTER TABLE jobs DROP COLUMN result;
+ALTER TABLE jobs DROP COLUMN metrics;
+ALTER TABLE jobs ADD COLUMN pruned_at INTEGER;
+-- Finished jobs whose bulk is still held, oldest first: what the pruner and archiver walk.
+-- A pruned job leaves it, so the index costs nothing for what is kept for good.
+CREATE INDEX jobs_unpruned ON jobs (finished_at) WHERE finished_at IS NOT NULL AND pruned_at IS NULL;
+
+-- When retention's clock started ('clock_started': the first start of a coordinator with retention).
+-- A job that finished before then counts as finished then, so an upgrade never prunes at once.
+CREATE TABLE retention (
+    name TEXT PRIMARY KEY,
+    at   INTEGER NOT NULL
+);
+
+-- A miner's offer, kept in step so that no read looks at every miner: online is the sweep's
+-- judgement of its liveness (monotonic clock); offer_status follows online, the reported status and
+-- its RUNNING jobs, set by the units of work that change them (a claim and a completion toggle it
+-- without a trigger: a trigger costs its sub-program on every firing, and these are the hottest
+-- statements). The totals below follow offer_status by trigger, only when it is written.
+ALTER TABLE miners ADD COLUMN online INTEGER NOT NULL DEFAULT 1;
+ALTER TABLE miners ADD COLUMN offer_status TEXT NOT NULL DEFAULT 'open';
+-- price as whole units and millionths, what the open-offer totals add and take away
+ALTER TABLE miners ADD COLUMN price_units INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE miners ADD COLUMN price_micro INTEGER NOT NULL DEFAULT 0;
+UPDATE miners SET price_units = CAST(price AS INTEGER),
+                  price_micro = CAST(ROUND((price - CAST(price AS INTEGER)) * 1000000) AS INTEGER);
+UPDATE miners SET offer_status = CASE WHEN upper(status) IN ('DRAINING', 'OFFLINE') THEN 'closed'
+    WHEN (SELECT COUNT(*) FROM jobs WHERE jobs.state = 'RUNNING' AND jobs.assigned_miner_id = miners.miner_id)
+         >= concurrency THEN 'reserved' ELSE 'open' END;
+CREATE INDEX miners_by_registration ON miners (created_at, miner_id);
+CREATE INDEX miners_offers ON miners (created_at, offer_id);
+CREATE INDEX miners_offers_by_status ON miners (offer_status, created_at, offer_id);
+CREATE INDEX miners_open_by_price ON miners (price, created_at, offer_id) WHERE offer_status = 'open';
+CREATE INDEX offers_by_age ON offers (created_at, offer_id);
+CREATE INDEX offers_by_status ON offers (status, created_at, offer_id);
+CREATE INDEX offers_open_by_price ON offers (price, created_at, offer_id) WHERE status = 'open';
+
+-- The run time of completed jobs (finished_at - assigned_at) beside their count: admin stats' average
+-- miner job duration, kept by the trigger that keeps the counts (no trigger more on a completion).
+ALTER TABLE job_counts ADD COLUMN busy_ms INTEGER NOT NULL DEFAULT 0;
+UPDATE job_counts SET busy_ms = (SELECT COALESCE(SUM(busy_ms_total), 0) FROM miners) WHERE state = 'COMPLETED';
+DROP TRIGGER jobs_count_update;
+CREATE TRIGGER jobs_count_update AFTER UPDATE OF state ON jobs WHEN OLD.state <> NEW.state
+BEGIN
+    UPDATE job_counts SET n = n - 1 WHERE state = OLD.state;
+    UPDATE job_counts SET n = n + 1,
+        busy_ms = busy_ms + CASE WHEN NEW.state = 'COMPLETED' THEN COALESCE(NEW.finished_at - NEW.assigned_at, 0) ELSE 0 END
+     WHERE state = NEW.state;
+END;
+
+-- Totals of the fleet and of every offer, one row kept in step by the triggers below, so market and
+-- admin stats read one row. Open offers' prices are summed as whole units and millionths (exact
+-- integers: a float sum that adds and takes away drifts).
+CREATE TABLE fleet_totals (
+    id               INTEGER PRIMARY KEY CHECK (id = 1),
+    offers           INTEGER NOT NULL,
+    open_offers      INTEGER NOT NULL,
+    open_capacity    INTEGER NOT NULL,
+    open_price_units INTEGER NOT NULL,
+    open_price_micro INTEGER NOT NULL,
+    online_miners    INTEGER NOT NULL
+);
+INSERT INTO fleet_totals (id, offers, open_offers, open_capacity, open_price_units, open_price_micro, online_miners)
+SELECT 1, m.n + o.n, m.open_n + o.open_n, m.open_capacity + o.open_capacity, m.units + o.units, m.micro + o.micro,
+       m.online
+  FROM (SELECT COUNT(*) AS n, COALESCE(SUM(offer_status = 'open'), 0) AS open_n,
+               COALESCE(SUM(CASE WHEN offer_status = 'open' THEN concurrency END), 0) AS open_capacity,
+               COALESCE(SUM(CASE WHEN offer_status = 'open' THEN price_units END), 0) AS units,
+               COALESCE(SUM(CASE WHEN offer_status = 'open' THEN price_micro END), 0) AS micro,
+               COALESCE(SUM(online), 0) AS online FROM miners) AS m,
+       (SELECT COUNT(*) AS n, COALESCE(SUM(status = 'open'), 0) AS open_n,
+               COALESCE(SUM(CASE WHEN status = 'open' THEN capacity END), 0) AS open_capacity,
+               COALESCE(SUM(CASE WHEN status = 'open' THEN CAST(price AS INTEGER) END), 0) AS units,
+               COALESCE(SUM(CASE WHEN status = 'open'
+                            THEN CAST(ROUND((price - CAST(price AS INTEGER)) * 1000000) AS INTEGER) END), 0) AS micro
+          FROM offers) AS o;
+
+CREATE TRIGGER miners_totals_insert AFTER INSERT ON miners
+BEGIN
+    UPDATE fleet_totals SET offers = offers + 1, online_miners = online_miners + NEW.online,
+        open_offers = open_offers + (NEW.offer_status = 'open'),
+        open_capacity = open_capacity + (NEW.offer_status = 'open') * NEW.concurrency,
+        open_price_units = open_price_units + (NEW.offer_status = 'open') * NEW.price_units,
+        open_price_micro = open_price_micro + (NEW.offer_status = 'open') * NEW.price_micro;
+END;
+
+-- An offer opens or stops being open (a claim or a finish for a miner of one slot, each time: lean).
+CREATE TRIGGER miners_totals_open AFTER UPDATE OF offer_status ON miners
+WHEN (OLD.offer_status = 'open') <> (NEW.offer_status = 'open')
+BEGIN
+    UPDATE fleet_totals SET open_offers = open_offers + 2 * (NEW.offer_status = 'open') - 1,
+        open_capacity = open_capacity + (2 * (NEW.offer_status = 'open') - 1) * NEW.concurrency,
+        open_price_units = open_price_units + (2 * (NEW.offer_status = 'open') - 1) * NEW.price_units,
+        open_price_micro = open_price_micro + (2 * (NEW.offer_status = 'open') - 1) * NEW.price_micro;
+END;
+
+-- An open offer's terms change (a re-registration): its capacity and price.
+CREATE TRIGGER miners_totals_terms AFTER UPDATE OF concurrency, price_units, price_micro ON miners
+WHEN OLD.offer_status = 'open' AND NEW.offer_status = 'open'
+BEGIN
+    UPDATE fleet_totals SET open_capacity = open_capacity + NEW.concurrency - OLD.concurrency,
+        open_price_units = open_price_units + NEW.price_units - OLD.price_units,
+        open_price_micro = open_price_micro + NEW.price_micro - OLD.price_micro;
+END;
+
+CREATE TRIGGER miners_totals_online AFTER UPDATE OF online ON miners WHEN OLD.online <> NEW.online
+BEGIN
+    UPDATE fleet_totals SET online_miners = online_miners + NEW.online - OLD.online;
+END;
+
+CREATE TRIGGER offers_totals_insert AFTER INSERT ON offers
+BEGIN
+    UPDATE fleet_totals SET offers = offers + 1, open_offers = open_offers + (NEW.status = 'open'),
+        open_capacity = open_capacity + (NEW.status = 'open') * NEW.capacity,
+        open_price_units = open_price_units + (NEW.status = 'open') * CAST(NEW.price AS INTEGER),
+        open_price_micro = open_price_micro + (NEW.status = 'open')
+            * CAST(ROUND((NEW.price - CAST(NEW.price AS INTEGER)) * 1000000) AS INTEGER);
+END;
+
+CREATE TRIGGER offers_totals_status AFTER UPDATE OF status ON offers WHEN (OLD.status = 'open') <> (NEW.status = 'open')
+BEGIN
+    UPDATE fleet_totals SET open_offers = open_offers + (NEW.status = 'open') - (OLD.status = 'open'),
+        open_capacity = open_capacity + ((NEW.status = 'open') - (OLD.status = 'open')) * NEW.capacity,
+        open_price_units = open_price_units + ((NEW.status = 'open') - (OLD.status = 'open')) * CAST(NEW.price AS INTEGER),
+        open_price_micro = open_price_micro + ((NEW.status = 'open') - (OLD.status = 'open'))
+            * CAST(ROUND((NEW.price - CAST(NEW.price AS INTEGER)) * 1000000) AS INTEGER);
+END;
+
+PRAGMA user_version = 4;

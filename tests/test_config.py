@@ -118,7 +118,7 @@ def test_cli_reports_bad_settings_in_one_line(monkeypatch: pytest.MonkeyPatch, t
 
 def test_cli_help_has_examples_and_version() -> None:
     runner = CliRunner()
-    assert set(ac.cli.commands) == {"serve", "migrate", "keygen", "verify", "audit", "check", "backup"}
+    assert set(ac.cli.commands) == {"serve", "migrate", "keygen", "verify", "audit", "check", "backup", "archive"}
     for args in ([], *([name] for name in ac.cli.commands)):
         out = runner.invoke(ac.cli, [*args, "--help"]).output
         assert "Example" in out and "aitbc-coord" in out, args

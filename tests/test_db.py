@@ -8,6 +8,7 @@ import sqlite3
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 import aitbc_coord as ac
 from conftest import CLIENT, Harness, harness
@@ -51,6 +52,7 @@ def normalised_schema(path: Path) -> list[tuple[str, ...]]:
         objects = sorted((t, n, tb, " ".join(re.sub(r"--[^\n]*", "", sql or "").split())) for t, n, tb, sql in rows)
         seeded = sorted(conn.execute("SELECT 'job_counts', state, 0 FROM job_counts"))
         seeded += sorted(conn.execute("SELECT 'counters', name, 0 FROM counters"))
+        seeded += sorted(conn.execute("SELECT 'fleet_totals', id, 0 FROM fleet_totals"))
         return objects + seeded
     finally:
         conn.close()
@@ -191,3 +193,65 @@ async def test_job_counts_follow_every_transition(tmp_path: Path) -> None:
             lambda c: dict(c.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall()))
         kept = await h.coord.db.read(ac.get_job_counts)
         assert {k: v for k, v in kept.items() if v} == db_counts
+
+
+async def test_the_wal_shrinks_back_under_its_bound_once_a_pinned_reader_lets_go(tmp_path: Path) -> None:
+    """A reader holding a snapshot (a backup, a slow dashboard read) keeps the WAL growing; once it is
+    gone and a checkpoint can reset the log, the -wal file is back under WAL_SIZE_LIMIT_BYTES."""
+    async with harness(tmp_path) as h:
+        wal = Path(h.coord.settings.db_path + "-wal")
+        payload = {"blob": "x" * 60_000}
+
+        async def submits(n: int) -> None:
+            for _ in range(n):
+                await h.submit(payload)
+
+        await submits(100)
+        reader = sqlite3.connect(h.coord.settings.db_path, isolation_level=None)
+        reader.execute("BEGIN")
+        reader.execute("SELECT COUNT(*) FROM jobs").fetchone()  # the snapshot is pinned from here
+        await submits(400)
+        assert wal.stat().st_size > ac.WAL_SIZE_LIMIT_BYTES  # 400 x 60 KB: nothing could be checkpointed away
+        assert await h.coord.wal_checkpoint() == "partial"  # frames the reader may still need stay in the log
+        reader.execute("COMMIT")
+        reader.close()
+        await submits(20)
+        assert await h.coord.wal_checkpoint() == "complete"
+        await submits(5)  # the next commits restart the log and cut the file back
+        assert wal.stat().st_size <= ac.WAL_SIZE_LIMIT_BYTES
+        samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for family in
+                   text_string_to_metric_families((await h.client.get("/metrics")).text) for s in family.samples}
+        assert samples[("aitbc_db_wal_bytes", ())] == wal.stat().st_size
+        assert samples[("aitbc_db_checkpoints_total", (("outcome", "partial"),))] == 1
+        assert samples[("aitbc_db_checkpoints_total", (("outcome", "complete"),))] == 1
+        assert samples[("aitbc_db_last_checkpoint_busy", ())] == 0
+        assert samples[("aitbc_db_bytes", ())] > 30_000_000 and ("aitbc_db_free_bytes", ()) in samples
+
+
+def test_an_upgrade_keeps_the_fleet_totals_the_rows_imply(tmp_path: Path) -> None:
+    """Offer statuses, the market totals and the completed jobs' run time, backfilled from version 1 rows."""
+    db = tmp_path / "old.db"
+    conn = sqlite3.connect(db)
+    conn.executescript((Path(__file__).parent / "data" / "schema_v1.sql").read_text())
+    miners = [("busy", 1.25, 1, "ONLINE", 3, 9000), ("free", 0.5, 2, "ONLINE", 1, 1000), ("away", 4.0, 1, "DRAINING", 0, 0)]
+    for name, price, concurrency, status, done, busy_ms in miners:
+        conn.execute("INSERT INTO miners (miner_id, offer_id, capabilities, price, sla, concurrency, status, session_token,"
+                     " created_at, registered_at, last_seen, jobs_completed, busy_ms_total) VALUES (?, ?, '{}', ?, '', ?, ?,"
+                     " 't', 0, 0, 0, ?, ?)", (name, f"offer-{name}", price, concurrency, status, done, busy_ms))
+    conn.execute("INSERT INTO shapes (constraints) VALUES ('{}')")
+    for i, miner in enumerate(("busy", "free")):
+        conn.execute("INSERT INTO jobs (job_id, client_id, state, payload, constraints, shape_id, requested_at, expires_at,"
+                     " assigned_miner_id, assigned_at) VALUES (?, 'c', 'RUNNING', '{}', '{}', 1, 0, 10, ?, 0)", (f"j{i}", miner))
+    conn.commit()
+    conn.close()
+    assert ac.migrate(str(db)) == (1, ac.SCHEMA_VERSION)
+    conn = ac.connect(str(db), readonly=True)
+    try:
+        assert dict(conn.execute("SELECT miner_id, offer_status FROM miners").fetchall()) == {
+            "busy": "reserved", "free": "open", "away": "closed"}
+        fleet = ac.get_fleet_totals(conn)
+        assert (fleet["offers"], fleet["open_offers"], fleet["open_capacity"], fleet["online_miners"]) == (3, 1, 2, 3)
+        assert ac.market_stats_view(fleet, 0)["averagePrice"] == 0.5
+        assert ac.get_completed_busy_ms(conn) == 10_000
+    finally:
+        conn.close()

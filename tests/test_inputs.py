@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import copy
 import dataclasses
+import hashlib
 import json
 import math
 import re
@@ -236,9 +237,9 @@ def body_for(place: Place, value: Any, extra: dict[str, Any]) -> dict[str, Any]:
 
 SNAPSHOT_SQL = [
     "SELECT COUNT(*), TOTAL(attempts), TOTAL(LENGTH(IFNULL(error, ''))), TOTAL(LENGTH(IFNULL(result, ''))),"
-    " TOTAL(IFNULL(finished_at, 0)) FROM jobs",
+    " TOTAL(IFNULL(finished_at, 0)) FROM jobs LEFT JOIN job_data USING (seq)",
     "SELECT state, n FROM job_counts ORDER BY state",
-    "SELECT job_id, state, assigned_miner_id, attempts, error, result, metrics FROM jobs"
+    "SELECT job_id, state, assigned_miner_id, attempts, error, result, metrics FROM jobs JOIN job_data USING (seq)"
     " WHERE state IN ('QUEUED', 'RUNNING') ORDER BY seq",
     "SELECT miner_id, capabilities, price, sla, concurrency, region, status, reported_inflight, metadata,"
     " session_token, jobs_completed, jobs_failed FROM miners ORDER BY miner_id",
@@ -794,7 +795,9 @@ async def test_nul_inside_json_objects_stays_allowed(tmp_path: Path) -> None:
         r = await h.result(job_id, {"s": NUL, NUL: 1}, metrics={"note": NUL})
         assert r.status_code == 200, r.text
         receipt = r.json()["receipt"]
-        assert receipt["metadata"]["result"]["s"] == NUL
+        assert receipt["metadata"]["metrics"]["note"] == NUL
+        canonical = json.dumps({"s": NUL, NUL: 1}, sort_keys=True, separators=(",", ":")).encode()
+        assert receipt["metadata"]["result_sha256"] == hashlib.sha256(canonical).hexdigest()
         verify = await h.client.post("/v1/receipts/verify", json={"receipt": receipt})
         assert verify.json()["valid"] is True, verify.text
 

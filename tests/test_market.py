@@ -65,19 +65,24 @@ async def test_a_miner_offer_follows_the_miner(tmp_path) -> None:
             await h.submit()
         status = lambda listed: {o["provider"]: o["status"] for o in listed}  # noqa: E731
         await h.take(RIG_A)
+        await h.coord.sweep()  # offers follow slots at the next sweep (every 0.5 s), not at each claim
         assert status(await offers(h))["rig-a"] == "open"  # one slot still free
         await h.take(RIG_A)
+        await h.coord.sweep()
         assert status(await offers(h)) == {"rig-a": "reserved", "rig-b": "open"}
         assert (await stats(h))["openCapacity"] == 1
         h.clock.advance(31)  # rig-a goes silent; rig-b keeps talking
         await h.client.post("/v1/miners/heartbeat", headers=RIG_B)
+        await h.coord.sweep()  # finds rig-a silent: its offer closes, its jobs go back to the queue
         assert status(await offers(h)) == {"rig-a": "closed", "rig-b": "open"}
+        assert (await stats(h))["openCapacity"] == 1
         await h.client.post("/v1/miners/heartbeat", json={"status": "DRAINING"}, headers=RIG_B)
         assert status(await offers(h))["rig-b"] == "closed"
+        assert (await stats(h))["openCapacity"] == 0
         await h.client.post("/v1/miners/heartbeat", json={"status": "ONLINE"}, headers=RIG_B)
-        await h.coord.sweep()  # rig-a's jobs go back to the queue; it comes back with free slots
-        await h.client.post("/v1/miners/heartbeat", headers=RIG_A)
+        await h.client.post("/v1/miners/heartbeat", headers=RIG_A)  # rig-a comes back with free slots
         assert status(await offers(h)) == {"rig-a": "open", "rig-b": "open"}
+        assert (await stats(h))["openCapacity"] == 3
 
 
 async def test_admin_offers_and_their_status(tmp_path) -> None:
@@ -173,3 +178,53 @@ async def test_a_miner_offer_can_take_a_bid(tmp_path) -> None:
         r = await h.client.post("/v1/marketplace/bids", json={"provider": "buyer", "capacity": 2, "price": 0.5})
         listed = await offers(h)
         assert r.json()["offer_id"] == listed[0]["id"]
+
+
+def test_reads_cost_the_same_with_100_or_20000_miners(tmp_path) -> None:
+    """SQLite VM steps of every read that lists or counts miners, at two fleet sizes: the admin miner
+    page, market and admin stats, the offers page (with and without a status filter, by offset and by
+    cursor) and a bid's match. Kept totals and one index range per page, never a walk of the fleet."""
+    import aitbc_coord as ac  # noqa: PLC0415
+
+    path = str(tmp_path / "fleet.db")
+    ac.migrate(path)
+    conn = ac.connect(path, "OFF")
+    now = 1_764_000_000_000
+
+    def register(start: int, n: int) -> None:
+        conn.execute("BEGIN")
+        for i in range(start, start + n):
+            ac.upsert_miner(conn, f"rig-{i:06d}", {"price": 0.5 + i % 7}, 1 + i % 3, None, "t" * 32, now + i)
+        conn.execute("UPDATE miners SET offer_status = 'reserved' WHERE rowid % 5 = 0")
+        conn.execute("UPDATE miners SET online = 0, offer_status = 'closed' WHERE rowid % 11 = 0")
+        conn.execute("COMMIT")
+
+    def steps(fn) -> int:  # noqa: ANN001
+        count = [0]
+
+        def tick() -> int:
+            count[0] += 1
+            return 0
+
+        conn.set_progress_handler(tick, 1)
+        fn(conn)
+        conn.set_progress_handler(None, 0)
+        return count[0]
+
+    reads = {
+        "admin miners": lambda c: [ac.count_running(c, r["miner_id"]) for r in ac.list_miners(c, 101, 0)],
+        "admin miners by cursor": lambda c: ac.list_miners(c, 101, 0, (now, "rig-000000")),
+        "market stats": lambda c: (ac.get_fleet_totals(c), ac.get_counter(c, "active_bids")),
+        "admin stats": ac.read_admin_stats,
+        "offers": lambda c: ac.list_offers(c, None, 101, 0),
+        "reserved offers": lambda c: ac.list_offers(c, "reserved", 9, 0),  # (a full page in both fleets)
+        "closed offers by cursor": lambda c: ac.list_offers(c, "closed", 9, 0, (now + 10**9, "f" * 32)),
+        "bid match": lambda c: ac.cheapest_open_offer(c, 3.0, 2),
+    }
+    register(0, 100)
+    small = {name: steps(fn) for name, fn in reads.items()}
+    register(100, 19_900)
+    large = {name: steps(fn) for name, fn in reads.items()}
+    conn.close()
+    for name in reads:
+        assert large[name] <= 2 * small[name], (name, small[name], large[name])

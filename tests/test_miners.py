@@ -283,8 +283,8 @@ def test_poll_cost_does_not_grow_with_jobs_the_miner_cannot_run(tmp_path) -> Non
     us, anywhere = ac.ensure_shape(conn, other), ac.ensure_shape(conn, mine)
 
     def seed(n: int) -> None:
-        conn.executemany("INSERT INTO jobs (job_id, client_id, state, payload, constraints, shape_id, requested_at,"
-                         " expires_at) VALUES (lower(hex(randomblob(16))), 'c', 'QUEUED', '{}', ?, ?, ?, ?)",
+        conn.executemany("INSERT INTO jobs (job_id, client_id, state, constraints, shape_id, requested_at,"
+                         " expires_at) VALUES (lower(hex(randomblob(16))), 'c', 'QUEUED', ?, ?, ?, ?)",
                          [(other, us, now, now + 10**9)] * n)
 
     seed(100)

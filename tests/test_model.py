@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import sqlite3
@@ -33,6 +34,9 @@ class Lifecycle(RuleBasedStateMachine):
         self.matcher = ac.Matcher()
         self.seen_terminal: dict[str, str] = {}
         self.held_by: dict[str, str] = {}  # the miner each RUNNING job was last handed to
+        self.deleted_states: collections.Counter[str] = collections.Counter()  # jobs retention deleted
+        self.deleted_touches: collections.Counter[str] = collections.Counter()  # of each address
+        self.swept = False  # no unit since the last sweep: every offer is up to date
 
     def teardown(self) -> None:
         if hasattr(self, "conn"):
@@ -41,6 +45,7 @@ class Lifecycle(RuleBasedStateMachine):
 
     def unit(self, fn: Any, *args: Any) -> Any:
         """Run a unit of work the way the writer does: its own savepoint, committed, error returned."""
+        self.swept = False
         self.conn.execute("BEGIN IMMEDIATE")
         self.conn.execute("SAVEPOINT unit")
         try:
@@ -90,12 +95,22 @@ class Lifecycle(RuleBasedStateMachine):
                                                     " AND expires_at > ?", (self.now,)):
                 assert not ac.satisfies(json.loads(constraints), profile), (constraints, profile)
 
+    def deleted(self, job_id: str, fn: Any, *args: Any) -> bool:
+        """Whether retention deleted the job: then a unit naming it finds no job (404) and changes nothing."""
+        if self.job(job_id) is not None:
+            return False
+        out = self.unit(fn, *args)
+        assert isinstance(out.error, ac.NotFound), out
+        return True
+
     def may_report(self, miner: str, job_id: str) -> bool:
         before = self.job(job_id)
         return before["state"] == "RUNNING" and before["assigned_miner_id"] == miner and before["expires_at"] > self.now
 
     @rule(miner=st.sampled_from(MINERS), job_id=jobs)
     def result(self, miner: str, job_id: str) -> None:
+        if self.deleted(job_id, ac.tx_result, miner, job_id, {"r": 1}, {}, self.now + 1, None, "c"):
+            return
         allowed = self.may_report(miner, job_id) and ac.get_miner(self.conn, miner) is not None
         out = self.unit(ac.tx_result, miner, job_id, {"r": 1}, {}, self.now + 1, None, "c")
         accepted = out.error is None
@@ -105,6 +120,8 @@ class Lifecycle(RuleBasedStateMachine):
 
     @rule(miner=st.sampled_from(MINERS), job_id=jobs, retryable=st.booleans())
     def fail(self, miner: str, job_id: str, retryable: bool) -> None:
+        if self.deleted(job_id, ac.tx_fail, miner, job_id, "E: x", "{}", retryable, self.now, MAX_ATTEMPTS):
+            return
         allowed = self.may_report(miner, job_id) and ac.get_miner(self.conn, miner) is not None
         attempts = self.job(job_id)["attempts"]
         out = self.unit(ac.tx_fail, miner, job_id, "E: x", "{}", retryable, self.now, MAX_ATTEMPTS)
@@ -115,6 +132,8 @@ class Lifecycle(RuleBasedStateMachine):
 
     @rule(job_id=jobs)
     def cancel(self, job_id: str) -> None:
+        if self.deleted(job_id, ac.tx_cancel, "client", job_id, self.now):
+            return
         before = self.job(job_id)
         out = self.unit(ac.tx_cancel, "client", job_id, self.now)
         active = before["state"] in ("QUEUED", "RUNNING") and before["expires_at"] > self.now
@@ -129,7 +148,26 @@ class Lifecycle(RuleBasedStateMachine):
         def silent(miner: str) -> bool:  # the model's clock of silence: the last request each miner made
             return ac.get_miner(self.conn, miner)["last_seen"] < self.now - TIMEOUT_MS
 
-        self.unit(ac.tx_sweep, self.now, silent, TIMEOUT_MS, MAX_ATTEMPTS, 0)
+        miners = [m["miner_id"] for m in ac.list_miners(self.conn)]
+        quiet = [m for m in miners if silent(m)]
+        self.unit(ac.tx_sweep, self.now, silent, TIMEOUT_MS, MAX_ATTEMPTS, 0, None, None, quiet,
+                  [m for m in miners if m not in quiet], miners)
+        self.swept = True
+
+    @rule(days=st.integers(0, 2))
+    def retain(self, days: int) -> None:
+        """Prune and delete what finished more than `days` days ago (the clock moves in seconds: 0 is all)."""
+        before_rows = {r["job_id"]: r for r in self.conn.execute("SELECT * FROM jobs")}
+        cutoff = self.now - days * 86_400_000 + 1
+        self.unit(ac.tx_prune_due, cutoff, self.now, 5)
+        self.unit(ac.tx_delete_jobs, cutoff, 8, 5)
+        self.unit(ac.tx_delete_receipts, cutoff, 8, 5)
+        left = {r[0] for r in self.conn.execute("SELECT job_id FROM jobs")}
+        for job_id, row in before_rows.items():
+            if job_id not in left:
+                assert row["state"] in TERMINAL
+                self.deleted_states[row["state"]] += 1
+                self.deleted_touches.update(a for a in (row["client_id"], row["assigned_miner_id"]) if a)
 
     @invariant()
     def slots_are_running_jobs_and_within_concurrency(self) -> None:
@@ -158,14 +196,27 @@ class Lifecycle(RuleBasedStateMachine):
         assert top <= MAX_ATTEMPTS
 
     @invariant()
-    def kept_totals_match_the_rows(self) -> None:
-        counted = dict(self.conn.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall())
+    def kept_totals_match_the_rows_and_what_retention_deleted(self) -> None:
+        counted = collections.Counter(dict(self.conn.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state")))
         kept = {k: v for k, v in ac.get_job_counts(self.conn).items() if v}
-        assert kept == counted
+        assert kept == dict(counted + self.deleted_states)
         for row in self.conn.execute("SELECT address, tx_count FROM addresses"):
             touching = self.conn.execute("SELECT COUNT(*) FROM jobs WHERE client_id = ? OR assigned_miner_id = ?",
                                          (row[0], row[0])).fetchone()[0]
-            assert row[1] == touching, (row[0], row[1], touching)
+            assert row[1] == touching + self.deleted_touches[row[0]], (row[0], row[1], touching)
+
+    @invariant()
+    def fleet_totals_follow_the_offers_and_a_sweep_brings_offers_up_to_date(self) -> None:
+        rows = self.conn.execute(f"SELECT offer_status, {ac.OFFER_STATUS_SQL} AS truth, online, concurrency, price"
+                                 " FROM miners").fetchall()
+        fleet = ac.get_fleet_totals(self.conn)
+        is_open = [r for r in rows if r["offer_status"] == "open"]
+        assert (fleet["offers"], fleet["online_miners"]) == (len(rows), sum(r["online"] for r in rows))
+        assert (fleet["open_offers"], fleet["open_capacity"]) == (len(is_open), sum(r["concurrency"] for r in is_open))
+        assert fleet["open_price_units"] * 10**6 + fleet["open_price_micro"] == sum(round(r["price"] * 10**6)
+                                                                                  for r in is_open)
+        if self.swept:
+            assert [r["offer_status"] for r in rows] == [r["truth"] for r in rows]
 
 
 Lifecycle.TestCase.settings = settings(max_examples=int(os.environ.get("MODEL_EXAMPLES", "60")), stateful_step_count=40, deadline=None,

@@ -47,7 +47,10 @@ async def test_metrics_families_are_present_and_move(tmp_path) -> None:
         before = await scrape(h)
         for name in ("aitbc_http_requests", "aitbc_http_request_duration_seconds", "aitbc_jobs", "aitbc_queue_depth",
                      "aitbc_miners_online", "aitbc_receipts_issued", "aitbc_polls_waiting", "aitbc_db_commit_seconds",
-                     "aitbc_db_commit_units"):
+                     "aitbc_db_commit_units", "aitbc_db_bytes", "aitbc_db_free_bytes", "aitbc_db_wal_bytes",
+                     "aitbc_db_checkpoints", "aitbc_retention_payloads_pruned", "aitbc_retention_jobs_deleted",
+                     "aitbc_retention_receipts_deleted", "aitbc_archive_files_written", "aitbc_archive_jobs_written",
+                     "aitbc_archive_errors"):
             assert name in before, name
         await run_one_job(h, ALICE, RIG)
         await h.submit(headers=ALICE)

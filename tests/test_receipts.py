@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 import stat
@@ -96,6 +97,12 @@ def independently_valid(receipt: dict[str, Any], signing_key_id: str, attestatio
     return True
 
 
+def sdk_digest(value: Any) -> str:
+    """What a client holding a payload or result computes to check a 1.1 receipt's digest: SHA-256 of
+    the canonical JSON bytes, as the signature's (nulls dropped, sorted keys, compact, ASCII)."""
+    return hashlib.sha256(json.dumps(_strip(value), sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
 def has_null(value: Any) -> bool:
     if isinstance(value, dict):
         return any(v is None or has_null(v) for v in value.values())
@@ -161,23 +168,25 @@ async def test_completion_issues_a_receipt_with_every_field(tmp_path) -> None:
         key_id = EDGE_SIGNATURE["key_id"]
         assert independently_valid(receipt, key_id)
         assert "attestations" not in receipt and not has_null(receipt)
-        assert receipt["version"] == "1.0" and len(receipt["receipt_id"]) == 32
+        assert receipt["version"] == "1.1" and len(receipt["receipt_id"]) == 32
         assert receipt["provider"] == "miner-" + ac.key_digest(ac.DEV_KEYS["miner"])[:12]
         assert receipt["client"] == "client-" + ac.key_digest(ac.DEV_KEYS["client"])[:12]
         assert (receipt["coordinator_id"], receipt["status"]) == ("aitbc-coordinator", "COMPLETED")
         assert (receipt["units"], receipt["unit_type"], receipt["unit_price"], receipt["price"]) == (
             2.5, "gpu_seconds", 0.5, 1.25)
         assert (receipt["started_at"], receipt["completed_at"]) == (int(T0), int(T0 + 2.5))
-        assert receipt["metadata"] == {"job_payload": {"prompt": "hi"}, "job_constraints": {},
-                                       "result": {"text": "ok"}, "metrics": {"duration_ms": 2500}}
+        assert receipt["metadata"] == {"job_payload_sha256": sdk_digest({"prompt": "hi"}), "job_constraints": {},
+                                       "result_sha256": sdk_digest({"text": "ok"}), "metrics": {"duration_ms": 2500}}
 
 
 async def test_nested_nulls_leave_the_receipt_but_not_the_stored_result(tmp_path) -> None:
     async with harness(tmp_path, SIGNING) as h:
         result = {"text": "null and void", "x": [None, {"y": None}]}
         receipt = await complete_one(h, {"a": [1, None, {"b": None}]}, result, {"m": {"z": None}}, {"price": 0.5})
-        assert receipt["metadata"] == {"job_payload": {"a": [1, {}]}, "job_constraints": {},
-                                       "result": {"text": "null and void", "x": [{}]}, "metrics": {"m": {}}}
+        assert receipt["metadata"] == {"job_payload_sha256": sdk_digest({"a": [1, {}]}), "job_constraints": {},
+                                       "result_sha256": sdk_digest({"text": "null and void", "x": [{}]}),
+                                       "metrics": {"m": {}}}
+        assert receipt["metadata"]["result_sha256"] == sdk_digest(result)  # nulls dropped, as for signing
         assert independently_valid(receipt, EDGE_SIGNATURE["key_id"])
         job_id = receipt["job_id"]
         assert (await h.client.get(f"/v1/jobs/{job_id}/receipt", headers=CLIENT)).json() == receipt
@@ -393,3 +402,64 @@ def test_verify_command(tmp_path: Path) -> None:
     assert untrusted.exit_code == 1 and "not among the trusted signing keys" in untrusted.output
     (tmp_path / "junk.json").write_text("{")
     assert runner.invoke(ac.cli, ["verify", str(tmp_path / "junk.json")]).exit_code == 1
+
+
+# --- version 1.1: digests of the payload and result instead of the objects ---
+
+
+async def test_a_1_1_receipt_verifies_as_the_sdk_does_and_its_digests_match_what_the_client_holds(tmp_path) -> None:
+    """A receipt SDK written from SPEC section 8 alone: canonical bytes (nulls dropped, sorted keys,
+    compact), Ed25519 over them with PyNaCl; the client hashes the payload it sent and the result it
+    got the same way and compares them with the receipt's digests."""
+    payload = {"prompt": "a lighthouse at dusk, 4k", "steps": 30, "seed": None, "lora": ["ink", None],
+               "note": "caf\u00e9 \u2615 \U0001d11e"}
+    result = {"image": "s3://bucket/out.png", "nsfw": False, "score": 0.125, "trace": None}
+    async with harness(tmp_path, SIGNING_AND_ATTESTING) as h:
+        receipt = await complete_one(h, payload, result, {"duration_ms": 2500, "units": 2.5})
+        got = (await h.client.get(f"/v1/jobs/{receipt['job_id']}/result", headers=CLIENT)).json()
+    assert receipt["version"] == "1.1" and got["receipt"] == receipt
+    message = json.dumps(_strip({k: v for k, v in receipt.items() if k not in ("signature", "attestations")}),
+                         sort_keys=True, separators=(",", ":")).encode("utf-8")
+    for sig in (receipt["signature"], *receipt["attestations"]):
+        VerifyKey(_b64d(sig["key_id"])).verify(message, _b64d(sig["sig"]))  # raises when it does not verify
+    assert {sig["key_id"] for sig in (receipt["signature"], *receipt["attestations"])} == {
+        EDGE_SIGNATURE["key_id"], EDGE_ATTESTATION["key_id"]}
+    meta = receipt["metadata"]
+    assert set(meta) == {"job_payload_sha256", "job_constraints", "result_sha256", "metrics"}
+    assert meta["job_payload_sha256"] == sdk_digest(payload) and meta["result_sha256"] == sdk_digest(got["result"])
+    assert got["result"] == result  # served as posted; the digest is of its canonical form
+    assert meta["job_payload_sha256"] != sdk_digest({**payload, "steps": 31})
+    forged = {**receipt, "metadata": {**meta, "result_sha256": sdk_digest({**result, "score": 1})}}
+    assert not independently_valid(forged, EDGE_SIGNATURE["key_id"], EDGE_ATTESTATION["key_id"])
+
+
+def test_verify_command_accepts_a_1_1_receipt(tmp_path: Path) -> None:
+    signer = ac.Signer(SigningKey(bytes.fromhex(EDGE_SEED)))
+    body = {"version": "1.1", "receipt_id": "e" * 32, "job_id": "f" * 32, "provider": "rig", "client": "alice",
+            "coordinator_id": "aitbc-coordinator", "status": "COMPLETED", "units": 2, "unit_type": "gpu_seconds",
+            "started_at": 1, "completed_at": 3,
+            "metadata": {"job_payload_sha256": sdk_digest({"p": 1}), "job_constraints": {},
+                         "result_sha256": sdk_digest({"r": [1, None]}), "metrics": {}}}
+    receipt, text = signer.seal(body)
+    path = tmp_path / "receipt.json"
+    path.write_text(text)
+    out = CliRunner().invoke(ac.cli, ["verify", str(path), "--key-id", EDGE_SIGNATURE["key_id"]])
+    assert out.exit_code == 0 and f"valid: receipt {'e' * 32}" in out.output, out.output
+    path.write_text(json.dumps({**receipt, "metadata": {**receipt["metadata"], "result_sha256": "0" * 64}}))
+    assert CliRunner().invoke(ac.cli, ["verify", str(path)]).exit_code == 1
+
+
+async def test_receipts_stored_before_1_1_stay_as_they_are_and_still_verify(tmp_path) -> None:
+    """A 1.0 receipt with the payload and result inside (the published edge vector) read back unchanged."""
+    async with harness(tmp_path, SIGNING_AND_ATTESTING) as h:
+        job = await h.submit({"prompt": "old"})
+        old = {**EDGE_PAYLOAD, "job_id": job["job_id"], "client": "ignored"}
+        old_receipt, text = h.coord.signer.seal(old)  # type: ignore[union-attr]
+        client_id = ac.get_job(h.coord.db._wconn, job["job_id"])["client_id"]
+        await h.coord.db.write(ac.insert_receipt, old_receipt, client_id, int(T0 * 1000), text)
+        served = (await h.client.get(f"/v1/jobs/{job['job_id']}/receipt", headers=CLIENT)).json()
+        assert served == old_receipt and served["version"] == "1.0" and "job_payload" in served["metadata"]
+        assert (await h.client.post("/v1/receipts/verify", json={"receipt": served})).json()["valid"] is True
+        assert independently_valid(served, EDGE_SIGNATURE["key_id"], EDGE_ATTESTATION["key_id"])
+        listed = (await h.client.get("/v1/explorer/receipts", params={"job_id": job["job_id"]})).json()["items"]
+        assert listed[0]["payload"] == old_receipt

@@ -280,7 +280,10 @@ async def client_reads(h: Harness, ids: dict[str, str]) -> dict[str, Any]:
     await call(h, "GET", f"/v1/jobs/{ids['done']}/receipts", CLIENT, expect=422, cursor="abc")
     await call(h, "GET", f"/v1/jobs/{NOPE}/receipts", CLIENT, expect=404)
     await call(h, "GET", "/v1/jobs", CLIENT)
-    assert (await call(h, "GET", "/v1/jobs", CLIENT, limit=2))["next_offset"] == 2
+    first = await call(h, "GET", "/v1/jobs", CLIENT, limit=2)
+    assert first["next_offset"] == 2
+    assert (await call(h, "GET", "/v1/jobs", CLIENT, limit=2, cursor=first["next_cursor"]))["next_offset"] is None
+    await call(h, "GET", "/v1/jobs", CLIENT, expect=422, cursor=first["next_cursor"], offset=2)
     await call(h, "GET", "/v1/jobs", CLIENT, state="completed")
     await call(h, "GET", "/v1/jobs", CLIENT, expect=422, state="DONE")
     for method, path in (("POST", "/v1/jobs/{}/cancel"), ("DELETE", "/v1/jobs/{}")):
@@ -300,6 +303,8 @@ async def receipts_and_admin(h: Harness, receipt: dict[str, Any]) -> None:
     await call(h, "GET", "/v1/admin/jobs", ADMIN, state="failed", limit=1)
     await call(h, "GET", "/v1/admin/jobs", ADMIN, expect=422, state="DONE")
     await call(h, "GET", "/v1/admin/miners", ADMIN)
+    await call(h, "GET", "/v1/admin/miners", ADMIN, limit=1)
+    await call(h, "GET", "/v1/admin/miners", ADMIN, expect=422, cursor="abc")
 
 
 async def marketplace(h: Harness) -> dict[str, str]:
@@ -329,11 +334,23 @@ async def marketplace(h: Harness) -> dict[str, str]:
     return {"admin_offer": admin_offer, "bid": matched["id"]}
 
 
+async def retention(h: Harness, ids: dict[str, str]) -> None:
+    """Past PAYLOAD_RETENTION_DAYS the completed job's result is pruned (410); the job and its receipts stay."""
+    h.clock.advance(31 * 86400)
+    assert (await h.coord.retain())["pruned"] >= 4
+    await call(h, "GET", f"/v1/jobs/{ids['done']}/result", CLIENT, expect=410)
+    await call(h, "GET", f"/v1/jobs/{ids['done']}", CLIENT)
+    assert (await call(h, "GET", f"/v1/jobs/{ids['done']}/receipts", CLIENT))["items"]
+
+
 async def explorer(h: Harness, ids: dict[str, str]) -> None:
     """The four explorer lists, full and paged, and the receipts of one job and of none."""
     for path in ("blocks", "transactions", "addresses", "receipts"):
-        assert (await call(h, "GET", f"/v1/explorer/{path}"))["items"]
-        assert (await call(h, "GET", f"/v1/explorer/{path}", limit=1))["next_offset"] == 1
+        everything = (await call(h, "GET", f"/v1/explorer/{path}"))["items"]
+        first = await call(h, "GET", f"/v1/explorer/{path}", limit=1)
+        assert first["next_offset"] == 1 and (first["next_cursor"] is not None) == (len(everything) > 1)
+        if first["next_cursor"]:
+            assert (await call(h, "GET", f"/v1/explorer/{path}", limit=1, cursor=first["next_cursor"]))["items"]
     await call(h, "GET", "/v1/explorer/receipts", job_id=ids["done"])
     await call(h, "GET", "/v1/explorer/receipts", job_id=NOPE)
 
@@ -476,6 +493,7 @@ async def scenario(h: Harness) -> None:
     await explorer(h, ids)
     await receipt_log(h, receipt)
     ids["receipt"] = receipt["receipt_id"]
+    await retention(h, ids)
     table = probes(ids)
     assert set(table) == {(ep.method, ep.path) for ep in ac.ENDPOINTS}, "a route has no probe"
     await probe_errors(h, table)

@@ -1,0 +1,328 @@
+"""Years of service: retention of payloads, job summaries and receipts; the archive; the upgrade path."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import hashlib
+import json
+import logging
+import os
+import sqlite3
+import stat
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+
+import aitbc_coord as ac
+from conftest import ADMIN, CLIENT, MINER, T0, Harness, harness
+from test_receipts import EDGE_ATTESTATION_SEED, EDGE_SEED, EDGE_SIGNATURE, independently_valid, sdk_digest
+
+pytestmark = pytest.mark.anyio
+DAY = 86_400
+SIGNING = {"RECEIPT_SIGNING_KEY_HEX": EDGE_SEED}
+
+
+async def complete(h: Harness, n: int, tag: str = "job", price: float = 0.5) -> list[str]:
+    """`n` jobs run to COMPLETED by the dev miner (registered at `price`), each with its own payload and
+    result; their ids."""
+    await h.register(capabilities={"price": price})
+    ids = []
+    for i in range(n):
+        job = await h.submit({"prompt": f"{tag} {i}", "value": str(i), "weights": [i, None]})
+        assert (await h.take())["job_id"] == job["job_id"]
+        h.clock.advance(2)
+        r = await h.result(job["job_id"], {"text": f"{tag} {i} done", "tokens": i}, metrics={"units": 2})
+        assert r.status_code == 200, r.text
+        ids.append(job["job_id"])
+    return ids
+
+
+async def get(h: Harness, path: str, headers: dict[str, str] | None = None, **params: Any) -> Any:
+    r = await h.client.get(path, headers=headers or {}, params=params)
+    assert r.status_code == 200, (path, r.status_code, r.text)
+    return r.json()
+
+
+async def kept_totals(h: Harness) -> dict[str, Any]:
+    """What must read the same with or without pruning: stats, balances, per-state counts."""
+    stats = await get(h, "/v1/admin/stats", ADMIN)
+    addresses = await get(h, "/v1/explorer/addresses", limit=500)
+    return {"admin": stats, "market": await get(h, "/v1/marketplace/stats"),
+            "addresses": {a["address"]: (a["balance"], a["txCount"], a["lastActive"]) for a in addresses["items"]}}
+
+
+def stored(h: Harness, sql: str, *args: Any) -> list[tuple[Any, ...]]:
+    with sqlite3.connect(h.coord.settings.db_path) as conn:
+        return conn.execute(sql, args).fetchall()
+
+
+# --- payloads and results ---
+
+
+async def test_a_pruned_job_keeps_its_summary_receipts_and_every_total(tmp_path: Path) -> None:
+    async with harness(tmp_path, {**SIGNING, "PAYLOAD_RETENTION_DAYS": "7"}) as h:
+        ids = await complete(h, 3)
+        failed = await h.submit({"prompt": "fails"})
+        await h.take()
+        await h.client.post(f"/v1/miners/{failed['job_id']}/fail", json={"error_code": "E", "error_message": "x"},
+                            headers=MINER)
+        before = await kept_totals(h)
+        views = [await h.job(j) for j in ids]
+        receipts = [await get(h, f"/v1/jobs/{j}/receipts", CLIENT) for j in ids]
+        txs = await get(h, "/v1/explorer/transactions")
+        h.clock.advance(6 * DAY)
+        assert (await h.coord.retain())["pruned"] == 0  # not yet
+        assert (await h.client.get(f"/v1/jobs/{ids[0]}/result", headers=CLIENT)).status_code == 200
+        h.clock.advance(2 * DAY)
+        assert (await h.coord.retain())["pruned"] == 4
+        for job_id, view, page in zip(ids, views, receipts):
+            r = await h.client.get(f"/v1/jobs/{job_id}/result", headers=CLIENT)
+            assert (r.status_code, r.json()) == (410, {"detail": "result pruned"})
+            assert await h.job(job_id) == view  # the summary reads as before
+            assert await get(h, f"/v1/jobs/{job_id}/receipts", CLIENT) == page
+            check = await h.client.post("/v1/receipts/verify", json={"receipt": page["items"][0]})
+            assert check.json()["valid"] is True
+        assert await kept_totals(h) == before
+        assert await get(h, "/v1/explorer/transactions") == txs  # values come from receipts and summaries
+        assert stored(h, "SELECT COUNT(*) FROM job_data") == [(0,)]  # payloads, results and metrics are gone
+        assert (await h.coord.retain())["pruned"] == 0  # nothing twice
+
+
+async def test_summaries_and_receipts_go_after_their_own_retention_and_totals_count_history(tmp_path: Path) -> None:
+    env = {**SIGNING, "PAYLOAD_RETENTION_DAYS": "7", "JOB_RETENTION_DAYS": "30", "RECEIPT_RETENTION_DAYS": "40"}
+    async with harness(tmp_path, env) as h:
+        ids = await complete(h, 4)
+        h.clock.advance(20 * DAY)
+        later = await complete(h, 2, "later")
+        before = await kept_totals(h)
+        h.clock.advance(11 * DAY)  # the first four are 31 days old, the later two 11
+        done = await h.coord.retain()
+        assert (done["pruned"], done["jobs_deleted"], done["receipts_deleted"]) == (6, 4, 0)
+        for job_id in ids:
+            assert (await h.client.get(f"/v1/jobs/{job_id}", headers=CLIENT)).status_code == 404
+        assert (await h.client.get(f"/v1/jobs/{later[0]}/result", headers=CLIENT)).status_code == 410
+        listed = await get(h, "/v1/explorer/receipts", limit=100)
+        assert len(listed["items"]) == 6  # receipts outlive their jobs (40 days)
+        assert await kept_totals(h) == before  # counts, balances and activity count history, not rows
+        h.clock.advance(10 * DAY)
+        assert (await h.coord.retain())["receipts_deleted"] == 4
+        assert [r["jobId"] for r in (await get(h, "/v1/explorer/receipts"))["items"]] == list(reversed(later))
+        assert (await get(h, "/v1/admin/stats", ADMIN))["receipts_total"] == 6
+        assert await kept_totals(h) == before
+
+
+async def test_retention_runs_alone_in_small_batches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    async with harness(tmp_path, {"PAYLOAD_RETENTION_DAYS": "1"}) as h:
+        await h.register(concurrency=200)
+        jobs = [await h.submit({"n": i}) for i in range(150)]
+        for _ in jobs:
+            await h.take()
+        for job in jobs:
+            await h.result(job["job_id"])
+        batches: list[list[str]] = []
+        commit = ac.Database._commit_batch
+
+        async def recorded(db: ac.Database, batch: list[Any]) -> None:
+            batches.append([fn.__name__ for fn, _, _ in batch])
+            await commit(db, batch)
+
+        monkeypatch.setattr(ac.Database, "_commit_batch", recorded)
+        h.clock.advance(2 * DAY)
+        done, *_ = await asyncio.gather(h.coord.retain(), *(h.submit({"during": i}) for i in range(40)))
+        assert done["pruned"] == 150
+        pruning = [b for b in batches if "tx_prune_due" in b]
+        assert len(pruning) >= 150 // ac.Coordinator.RETENTION_BATCH and all(b == ["tx_prune_due"] for b in pruning)
+        assert any("tx_submit" in b for b in batches)
+
+
+async def test_the_first_start_with_retention_counts_older_jobs_as_finished_then(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """An upgrade never deletes at once: a version 1 database with jobs finished long ago."""
+    db = tmp_path / "coord.db"
+    conn = sqlite3.connect(db)
+    conn.executescript((Path(__file__).parent / "data" / "schema_v1.sql").read_text())
+    conn.execute("INSERT INTO shapes (constraints) VALUES ('{}')")
+    long_ago = int((T0 - 400 * DAY) * 1000)
+    for i, state in enumerate(("COMPLETED", "FAILED", "QUEUED")):
+        conn.execute("INSERT INTO jobs (job_id, client_id, state, payload, constraints, shape_id, requested_at,"
+                     " expires_at, finished_at, result) VALUES (?, 'c', ?, '{\"b\":1,\"a\":null}', '{}', 1, ?, ?, ?, ?)",
+                     (f"{i:032x}", state, long_ago, int(T0 * 1000) + 10**7,
+                      long_ago if state != "QUEUED" else None, '{"ok":1}' if state == "COMPLETED" else None))
+    conn.commit()
+    conn.close()
+    caplog.set_level(logging.INFO, "aitbc_coord")
+    async with harness(tmp_path, {"PAYLOAD_RETENTION_DAYS": "30"}) as h:
+        warned = [r.getMessage() for r in caplog.records if "retention" in r.getMessage() and r.levelno == logging.WARNING]
+        assert len(warned) == 1 and "2 jobs had finished before this first start" in warned[0], warned
+        assert stored(h, "SELECT payload FROM job_data JOIN jobs USING (seq) WHERE state = 'QUEUED'") == [
+            ('{"a":null,"b":1}',)]  # canonical now
+        assert (await h.coord.retain())["pruned"] == 0
+        h.clock.advance(29 * DAY)
+        assert (await h.coord.retain())["pruned"] == 0
+        h.clock.advance(2 * DAY)
+        assert (await h.coord.retain())["pruned"] == 2
+    caplog.clear()
+    async with harness(tmp_path, {"PAYLOAD_RETENTION_DAYS": "30"}):  # the clock started once, for good
+        assert not [r for r in caplog.records if r.levelno == logging.WARNING and "retention" in r.getMessage()]
+
+
+@pytest.mark.parametrize(("env", "expected"), [
+    ({}, (30, None, None)),
+    ({"PAYLOAD_RETENTION_DAYS": "keep"}, (None, None, None)),
+    ({"PAYLOAD_RETENTION_DAYS": "7", "JOB_RETENTION_DAYS": "30", "RECEIPT_RETENTION_DAYS": "Forever"}, (7, 30, None)),
+    ({"PAYLOAD_RETENTION_DAYS": "7", "JOB_RETENTION_DAYS": "7", "RECEIPT_RETENTION_DAYS": "7"}, (7, 7, 7)),
+])
+def test_retention_settings(env: dict[str, str], expected: tuple[Any, ...]) -> None:
+    s = ac.Settings.load(env, dotenv=False)
+    assert (s.payload_retention_days, s.job_retention_days, s.receipt_retention_days) == expected
+
+
+@pytest.mark.parametrize(("env", "named"), [
+    ({"PAYLOAD_RETENTION_DAYS": "0"}, "PAYLOAD_RETENTION_DAYS"),
+    ({"PAYLOAD_RETENTION_DAYS": "1.5"}, "PAYLOAD_RETENTION_DAYS"),
+    ({"JOB_RETENTION_DAYS": "-3"}, "JOB_RETENTION_DAYS"),
+    ({"JOB_RETENTION_DAYS": "10"}, "JOB_RETENTION_DAYS=10 is shorter than PAYLOAD_RETENTION_DAYS=30"),
+    ({"PAYLOAD_RETENTION_DAYS": "keep", "RECEIPT_RETENTION_DAYS": "90"}, "RECEIPT_RETENTION_DAYS=90 is shorter"),
+])
+def test_bad_retention_settings_are_start_up_errors(env: dict[str, str], named: str) -> None:
+    with pytest.raises(ac.ConfigError, match=named.replace(".", r"\.")):
+        ac.Settings.load(env, dotenv=False)
+
+
+# --- the archive ---
+
+
+def day_file(directory: Path, at: float, part: str = "") -> Path:
+    return directory / f"jobs-{time.strftime('%Y-%m-%d', time.gmtime(at))}{part}.jsonl.gz"
+
+
+async def test_each_day_is_archived_before_it_is_pruned_and_its_receipts_verify_offline(tmp_path: Path) -> None:
+    archive = tmp_path / "archive"
+    env = {**SIGNING, "RECEIPT_ATTESTATION_KEY_HEX": EDGE_ATTESTATION_SEED, "PAYLOAD_RETENTION_DAYS": "7",
+           "ARCHIVE_DIR": str(archive)}
+    async with harness(tmp_path, env) as h:
+        first = await complete(h, 3, "monday")
+        results = {j: (await get(h, f"/v1/jobs/{j}/result", CLIENT)) for j in first}
+        h.clock.advance(DAY)
+        second = await complete(h, 2, "tuesday")
+        h.clock.advance(7 * DAY)  # monday is 8 days old, tuesday 7 days and a few seconds: only monday is due
+        done = await h.coord.retain()
+        assert (done["archived"], done["pruned"]) == (3, 3)
+        assert sorted(p.name for p in archive.iterdir()) == [day_file(archive, T0).name]
+        assert stat.S_IMODE(day_file(archive, T0).stat().st_mode) == 0o600
+        lines = list(ac.read_archive(day_file(archive, T0)))
+        assert [line["job_id"] for line in lines] == first
+        for line in lines:
+            assert line["result"] == results[line["job_id"]]["result"]
+            assert line["receipts"] == [results[line["job_id"]]["receipt"]]  # exactly as stored and served
+            assert line["payload"]["prompt"].startswith("monday") and line["state"] == "COMPLETED"
+            receipt = line["receipts"][0]
+            assert independently_valid(receipt, EDGE_SIGNATURE["key_id"], receipt["attestations"][0]["key_id"])
+            assert receipt["metadata"]["job_payload_sha256"] == sdk_digest(line["payload"])
+            assert receipt["metadata"]["result_sha256"] == sdk_digest(line["result"])
+            assert (await h.client.get(f"/v1/jobs/{line['job_id']}/result", headers=CLIENT)).status_code == 410
+        assert (await h.client.get(f"/v1/jobs/{second[0]}/result", headers=CLIENT)).status_code == 200
+        h.clock.advance(DAY)
+        assert (await h.coord.retain())["archived"] == 2
+        assert day_file(archive, T0 + DAY).exists()
+        metrics = (await h.client.get("/metrics")).text
+        assert "aitbc_archive_files_written_total 2.0" in metrics and "aitbc_archive_jobs_written_total 5.0" in metrics
+    runner = CliRunner()
+    checked = runner.invoke(ac.cli, ["verify", str(day_file(archive, T0)), "--key-id", EDGE_SIGNATURE["key_id"]])
+    assert checked.exit_code == 0 and "valid: 3 receipts of 3 archived jobs" in checked.output, checked.output
+    one = tmp_path / "receipt.json"
+    one.write_text(json.dumps(lines[0]["receipts"][0]))
+    assert runner.invoke(ac.cli, ["verify", str(one), "--key-id", EDGE_SIGNATURE["key_id"]]).exit_code == 0
+    lines[1]["result"]["text"] = "forged"  # an archive edited afterwards no longer matches its receipts
+    forged = tmp_path / "jobs-forged.jsonl"
+    forged.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    refused = runner.invoke(ac.cli, ["verify", str(forged)])
+    assert refused.exit_code == 1 and "does not match result_sha256" in refused.output
+
+
+async def test_nothing_is_pruned_that_was_not_archived(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    archive = tmp_path / "archive"
+    async with harness(tmp_path, {**SIGNING, "PAYLOAD_RETENTION_DAYS": "2", "ARCHIVE_DIR": str(archive)}) as h:
+        ids = await complete(h, 2)
+        h.clock.advance(4 * DAY)
+
+        def disk_full(self: ac.ArchiveFile) -> Path:
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(ac.ArchiveFile, "finish", disk_full)
+        with pytest.raises(OSError):
+            await h.coord.retain()
+        assert list(archive.iterdir()) == []  # no partial file left behind
+        assert (await h.client.get(f"/v1/jobs/{ids[0]}/result", headers=CLIENT)).status_code == 200
+        assert h.coord.upkeep.archive_errors == 1 and h.coord.upkeep.pruned == 0
+        monkeypatch.undo()
+        assert (await h.coord.retain())["pruned"] == 2
+
+
+def test_a_second_file_for_a_day_never_replaces_the_first(tmp_path: Path) -> None:
+    day = ac.day_start(int(T0 * 1000))
+    names = []
+    for n in range(3):
+        out = ac.ArchiveFile(tmp_path, day)
+        out.write(json.dumps({"n": n}))
+        names.append(out.finish().name)
+    assert names == [day_file(tmp_path, T0).name, day_file(tmp_path, T0, ".2").name, day_file(tmp_path, T0, ".3").name]
+    assert [line["n"] for name in names for line in ac.read_archive(tmp_path / name)] == [0, 1, 2]
+
+
+async def test_an_archive_dir_that_cannot_be_written_stops_start_up(tmp_path: Path) -> None:
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file")
+    with pytest.raises(ac.ConfigError, match="ARCHIVE_DIR: cannot write"):
+        async with harness(tmp_path, {"ARCHIVE_DIR": str(blocker / "archive")}):
+            pass
+
+
+async def test_the_archive_command_exports_every_finished_day_and_writes_nothing_else(tmp_path: Path) -> None:
+    async with harness(tmp_path, {**SIGNING, "PAYLOAD_RETENTION_DAYS": "3"}) as h:
+        old = await complete(h, 2, "old")
+        h.clock.advance(5 * DAY)
+        assert (await h.coord.retain())["pruned"] == 2  # pruned (no ARCHIVE_DIR): summaries and receipts stay
+        fresh = await complete(h, 1, "fresh")
+        db = Path(h.coord.settings.db_path)
+    before = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in db.parent.iterdir() if p.is_file()}
+    dest = tmp_path / "export"
+    day_after = time.strftime("%Y-%m-%d", time.gmtime(T0 + 6 * DAY))
+    out = CliRunner().invoke(ac.cli, ["archive", str(dest), "--db", str(db), "--before", day_after])
+    assert out.exit_code == 0 and "3 jobs" in out.output and "2 files" in out.output, out.output
+    after = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in db.parent.iterdir() if p.is_file()}
+    assert after == before  # no byte of the database changed, and no -wal or -shm appeared
+    first, second = (list(ac.read_archive(day_file(dest, at))) for at in (T0, T0 + 5 * DAY))
+    assert [j["job_id"] for j in first] == old and [j["job_id"] for j in second] == fresh
+    assert all(j["payload"] is None and j["result"] is None and j["pruned_at"] for j in first)
+    assert second[0]["payload"]["prompt"] == "fresh 0" and second[0]["result"]["text"] == "fresh 0 done"
+    for name in (day_file(dest, T0), day_file(dest, T0 + 5 * DAY)):
+        assert CliRunner().invoke(ac.cli, ["verify", str(name)]).exit_code == 0
+    again = CliRunner().invoke(ac.cli, ["archive", str(dest), "--db", str(db), "--before", day_after])
+    assert again.exit_code == 0 and day_file(dest, T0, ".2").exists()  # never replaces an export
+
+
+async def test_a_pruned_archive_line_keeps_the_summary(tmp_path: Path) -> None:
+    """A day archived after its jobs were pruned (ARCHIVE_DIR set later) still holds their summaries."""
+    async with harness(tmp_path, {**SIGNING, "PAYLOAD_RETENTION_DAYS": "1"}) as h:
+        await complete(h, 1)
+        h.clock.advance(2 * DAY)
+        await h.coord.retain()
+        conn = ac.connect(h.coord.settings.db_path, readonly=True)
+        rows = ac.get_jobs_by_seq(conn, [1])
+        line = json.loads(ac.archive_lines(conn, rows)[0])
+        conn.close()
+    assert line["payload"] is None and line["state"] == "COMPLETED" and len(line["receipts"]) == 1
+    assert line["finished_at"] == int((T0 + 2) * 1000) and isinstance(line["pruned_at"], int)
+
+
+def test_a_gzip_archive_is_read_as_it_was_written(tmp_path: Path) -> None:
+    path = tmp_path / "jobs.jsonl.gz"
+    with gzip.open(path, "wb") as f:
+        f.write(b'{"job_id": "a", "n": 123456789012345678901234567890}\n\n{"job_id": "b"}\n')
+    assert [j["job_id"] for j in ac.read_archive(path)] == ["a", "b"]
+    os.chmod(path, 0o600)
