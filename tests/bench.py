@@ -3,6 +3,7 @@
     python tests/bench.py [--quick]
     python tests/bench.py --fleet N [--quick]
     python tests/bench.py --log N
+    python tests/bench.py --retention [--quick]
     python tests/bench.py --instructions
 
 
@@ -26,6 +27,13 @@ The receipt log (`--log N` alone): a log of 1,000 and of 1,000,000 leaves (10,00
 through the data layer, the server started on each (it signs a checkpoint of it), then the p50 of
 GET /v1/log/proof/inclusion and the most rows an inclusion proof reads over a few hundred leaves;
 `log_proof_reads` is that count at the larger size over ceil(log2 n) (target <= 2).
+Retention: 60 simulated days in-process on an injectable clock (600 jobs a day, 20 with --quick;
+4 KB payloads, 16 KB results, payloads kept 7 days, jobs and receipts 30): the database size (WAL
+included) at days 7, 14, 30 and 60, retention_growth (day 60 / day 30) and kept_bytes_per_job (pages
+used per job added from day 14 to day 28, when only payloads are pruned), with stats and balances
+checked against what the run did. Reads at fleet size: admin miners and market stats with 100 and
+100,000 miners (10,000 with --quick), in read_depth_ratio. In the full run, submit p99 on the real
+server while its upkeep prunes 20,000 due payloads, against the same database with retention off.
 
 `--instructions` is for judging a change to the hot path, where wall-clock figures on a shared
 machine move more than the change: it runs the same lifecycle in-process (through the app's ASGI
@@ -613,6 +621,232 @@ def shape_history(work: Path, jobs: int, samples: int) -> dict[str, float]:
     return {"seed_s": took, "history_ms": history, "fresh_ms": fresh}
 
 
+# === Reads at fleet size: the admin miner list and market stats with few and many miners ===
+
+def seed_miners(db: Path, miners: int) -> float:
+    """`miners` registered miners (a third of them with a slot or two more), through the data layer;
+    seconds taken."""
+    started = time.perf_counter()
+    ac.migrate(str(db))
+    conn = ac.connect(str(db), "OFF")
+    now = int(time.time() * 1000)
+    conn.execute("BEGIN")
+    for i in range(miners):
+        ac.upsert_miner(conn, f"rig-{i:06d}", {**FLEET_CAPS, "price": 0.5 + i % 5}, 1 + i % 3, None, "t" * 32, now + i)
+    conn.execute("COMMIT")
+    conn.close()
+    return time.perf_counter() - started
+
+
+FLEET_READS = {"admin miners": "/v1/admin/miners", "market stats (fleet)": "/v1/marketplace/stats"}
+
+
+async def fleet_reads(port: int, samples: int) -> dict[str, float]:
+    """p50 ms of each fleet read's first page."""
+    client, out = await Http(port).open(), {}
+    for name, path in FLEET_READS.items():
+        times = []
+        for _ in range(samples):
+            t = time.perf_counter()
+            status, _ = await client.call("GET", path, key=ADMIN_KEY)
+            times.append(time.perf_counter() - t)
+            assert status == 200
+        out[name] = statistics.median(times) * 1000
+    client.close()
+    return out
+
+
+def fleet_depth(work: Path, sizes: tuple[int, int], samples: int) -> tuple[list[tuple[str, str]], dict[str, float]]:
+    """The fleet reads on a server with `sizes[0]` and with `sizes[1]` registered miners; table rows and
+    the ratio of each read (many / few)."""
+    rows, found = [], {}
+    for n in sizes:
+        took = seed_miners(work / f"miners-{n}.db", n)
+        rows.append((f"seeded {n:,} registered miners through the data layer", f"{took:.1f} s"))
+        with server("coord", work, work / f"miners-{n}.db") as (port, _):
+            found[n] = asyncio.run(fleet_reads(port, samples))
+    rows += [(f"p50 {name} with {sizes[0]:,} / {sizes[1]:,} miners",
+              f"{found[sizes[0]][name]:.2f} / {found[sizes[1]][name]:.2f} ms") for name in FLEET_READS]
+    return rows, {name: found[sizes[1]][name] / found[sizes[0]][name] for name in FLEET_READS}
+
+
+# === Retention: 60 days of service in-process, on a clock that moves when told ===
+
+RETENTION_ENV = {"PAYLOAD_RETENTION_DAYS": "7", "JOB_RETENTION_DAYS": "30", "RECEIPT_RETENTION_DAYS": "30",
+                 "RECEIPT_ATTESTATION_KEY_HEX": "",  # receipts as by default: signed, not attested
+                 "JOB_TTL_SECONDS": "604800"}  # simulated time runs fast: no job expires between its requests
+RETENTION_REPORTED = (7, 14, 30, 60)
+DAY_SECONDS = 86_400
+
+
+class SimClock:
+    """The coordinator's wall and monotonic clock in the retention run: it moves only when told."""
+
+    def __init__(self, start: float) -> None:
+        self.t = start
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def on_disk(db: Path) -> int:
+    """The database file and its WAL, in bytes."""
+    return sum(p.stat().st_size for p in (db, Path(f"{db}-wal")) if p.exists())
+
+
+async def simulate_days(app: Any, clock: SimClock, days: int, per_day: int, workers: int = 8) -> dict[str, Any]:
+    """`days` days of `per_day` jobs (4 KB payloads, 16 KB results, each completed and signed), the
+    clock moving evenly through each day; after each day, a retention pass and a WAL checkpoint as the
+    server's upkeep runs them. Sizes at the end of each day, and what the run did (to check totals)."""
+    db = Path(app.coord.settings.db_path)
+    conns = [await Asgi(app).open() for _ in range(workers)]
+    for c, key in zip(conns, MINER_KEYS):
+        assert (await c.call("POST", "/v1/miners/register", {"capabilities": {"price": 0.5}}, key))[0] == 200
+    done: dict[str, int] = {}
+    sizes, used = {}, {}
+
+    async def worker(c: Asgi, key: str, jobs: int, day: int) -> None:
+        for n in range(jobs):
+            payload = {"prompt": f"day {day} job {n} " + "p" * 4_096}
+            assert (await c.call("POST", "/v1/jobs", {"payload": payload}, CLIENT_KEY))[0] == 201
+            status, job = await c.call("POST", "/v1/miners/poll", {}, key)
+            assert status == 200, status
+            result = {"result": {"text": "r" * 16_384, "job": job["job_id"]}, "metrics": {"units": 2}}
+            status, answer = await c.call("POST", f"/v1/miners/{job['job_id']}/result", result, key)
+            assert status == 200 and answer["receipt"]["version"] == "1.1", answer
+            done[key] = done.get(key, 0) + 1
+            clock.t += DAY_SECONDS / per_day
+
+    for day in range(1, days + 1):
+        share = [per_day // workers + (i < per_day % workers) for i in range(workers)]
+        await asyncio.gather(*(worker(c, k, n, day) for c, k, n in zip(conns, MINER_KEYS, share)))
+        await app.coord.retain()
+        await app.coord.wal_checkpoint()
+        sizes[day] = on_disk(db)
+        page_size, pages, free = await app.coord.db.read(ac.get_db_space)
+        used[day] = (pages - free) * page_size
+    return {"sizes": sizes, "used": used, "done": done}
+
+
+async def retention_totals(app: Any, run: dict[str, Any], jobs: int) -> bool:
+    """Whether stats and balances equal what the run did (as without retention: every job completed at
+    a price of 1, units 2 at 0.5)."""
+    client = await Asgi(app).open()
+    _, stats = await client.call("GET", "/v1/admin/stats", key=ADMIN_KEY)
+    _, addresses = await client.call("GET", "/v1/explorer/addresses")  # (nine: the client and eight miners)
+    balances = {a["address"]: (a["balance"], a["txCount"]) for a in addresses["items"]}
+    expected = {"client-" + ac.key_digest(CLIENT_KEY)[:12]: (f"-{jobs}.000000", jobs)}
+    expected.update({f"m{i}": (f"{run['done'][key]}.000000", run["done"][key]) for i, key in enumerate(MINER_KEYS)
+                     if key in run["done"]})
+    return (stats["total_jobs"] == stats["jobs_by_state"]["COMPLETED"] == stats["receipts_total"] == jobs
+            and balances == expected)
+
+
+def retention_scenario(work: Path, per_day: int, days: int = 60) -> tuple[list[tuple[str, str]], dict[str, float]]:
+    """The retention run; table rows and BENCH figures: retention_growth (size at day 60 / day 30) and
+    kept_bytes_per_job (pages used, days 14 to 28, when only payloads are pruned, per job added)."""
+    clock = SimClock(time.time())
+    env = {**coordinator_env(), **RETENTION_ENV, "DATABASE_URL": f"sqlite:///{work}/retention.db"}
+    app = ac.App(ac.Settings.load(env, None, sweep_interval_seconds=0), clock, monotonic=clock)
+
+    async def drive() -> tuple[dict[str, Any], bool, float]:
+        async with app.lifespan():
+            started = time.perf_counter()
+            run = await simulate_days(app, clock, days, per_day)
+            took = time.perf_counter() - started
+            return run, await retention_totals(app, run, days * per_day), took
+
+    run, totals_ok, took = asyncio.run(drive())
+    sizes, used = run["sizes"], run["used"]
+    growth = sizes[60] / sizes[30]
+    kept = (used[28] - used[14]) / (14 * per_day)
+    rows = [(f"retention: {days} days x {per_day:,} jobs (4 KB payload, 16 KB result), payloads 7 days, jobs and "
+             "receipts 30", f"{took:.0f} s in-process"),
+            ("retention: database + WAL at day " + " / ".join(map(str, RETENTION_REPORTED)),
+             " / ".join(f"{sizes[d] / 1e6:.1f}" for d in RETENTION_REPORTED) + " MB"),
+            ("retention: growth from day 30 to day 60 (target <= 1.1)", f"{growth:.2f}"),
+            ("retention: kept bytes per job once its payload and result are gone (target <= 1,024)", f"{kept:,.0f}"),
+            ("retention: stats and balances equal to a run without retention", "yes" if totals_ok else "NO")]
+    return rows, {"retention_growth": growth, "kept_bytes_per_job": kept}
+
+
+def seed_prunable(db: Path, jobs: int) -> float:
+    """`jobs` jobs (4 KB payloads, 16 KB results) that finished 40 days ago, in a database whose
+    retention clock started long before; seconds taken."""
+    started = time.perf_counter()
+    ac.migrate(str(db))
+    conn = ac.connect(str(db), "OFF")
+    now = int(time.time() * 1000)
+    then = now - 40 * DAY_SECONDS * 1000
+    constraints = ac.compact_json(dict.fromkeys(ac.CONSTRAINT_KEYS))
+    conn.execute("BEGIN")
+    ac.start_retention_clock(conn, then - DAY_SECONDS * 1000)
+    shape = ac.ensure_shape(conn, constraints)
+    for i in range(jobs):
+        job = ac.insert_job(conn, secrets.token_hex(16), "client-seed", ac.compact_json({"prompt": "p" * 4096}),
+                            constraints, shape, then + i, then + 10**9)
+        ac.assign_job(conn, job["seq"], "seed-miner", then + i)
+        ac.finish_job(conn, job["seq"], ac.JobState.COMPLETED, then + i, None, ac.compact_json({"t": "r" * 16384}), "{}")
+    conn.execute("COMMIT")
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    conn.close()
+    return time.perf_counter() - started
+
+
+async def submit_latency(port: int, seconds: float, prune: int = 0, clients: int = 4) -> dict[str, float]:
+    """Submit p99 with `clients` submitting one after another for `seconds`, or (with `prune`) until
+    the server has pruned that many payloads, whichever comes first; how long it ran and what it pruned."""
+    conns = [await Http(port).open() for _ in range(clients)]
+    times: list[float] = []
+    started = time.perf_counter()
+    stop = [started + seconds]
+    pruned_before = await pruned_so_far(port)
+
+    async def loop(c: Http) -> None:
+        while time.perf_counter() < stop[0]:
+            t = time.perf_counter()
+            status, _ = await c.call("POST", "/v1/jobs", {"payload": {"prompt": "during pruning"}}, CLIENT_KEY)
+            times.append(time.perf_counter() - t)
+            assert status == 201
+
+    async def watch() -> None:
+        while prune and time.perf_counter() < stop[0]:
+            await asyncio.sleep(0.2)
+            if await pruned_so_far(port) - pruned_before >= prune:
+                stop[0] = time.perf_counter()
+
+    await asyncio.gather(watch(), *(loop(c) for c in conns))
+    for c in conns:
+        c.close()
+    return {"p99_ms": pct(times, 0.99) * 1000, "submits": len(times), "s": time.perf_counter() - started,
+            "pruned": await pruned_so_far(port) - pruned_before}
+
+
+async def pruned_so_far(port: int) -> float:
+    conn = await Http(port).open()
+    _, text = await conn.exchange("GET", "/metrics", b"", ADMIN_KEY)
+    conn.close()
+    return next((float(line.split()[1]) for line in text.decode().splitlines()
+                 if line.startswith("aitbc_retention_payloads_pruned_total ")), math.nan)
+
+
+def pruning_impact(work: Path, jobs: int, seconds: float) -> tuple[list[tuple[str, str]], dict[str, float]]:
+    """Submit p99 on the real server while its upkeep prunes `jobs` due payloads (measured until they
+    are all pruned), against the same database served with retention off for as long."""
+    out = {}
+    for mode, days in (("on", "30"), ("off", "keep")):
+        db = work / f"prune-{mode}.db"
+        seed_prunable(db, jobs)
+        with server("coord", work, db, extra_env={"PAYLOAD_RETENTION_DAYS": days}) as (port, _):
+            window = seconds if mode == "on" else out["on"]["s"]
+            out[mode] = asyncio.run(submit_latency(port, window, jobs if mode == "on" else 0))
+    ratio = out["on"]["p99_ms"] / out["off"]["p99_ms"]
+    rows = [(f"submit p99 without / while pruning ({out['on']['pruned']:,.0f} of {jobs:,} due payloads pruned in "
+             f"{out['on']['s']:.1f} s, {out['on']['submits']:,} submits)",
+             f"{out['off']['p99_ms']:.2f} / {out['on']['p99_ms']:.2f} ms (target ratio <= 2)")]
+    return rows, {"prune_submit_p99_ratio": ratio}
+
+
 # === The fleet: thousands of miners on raw connections in this one process ===
 
 FLEET_CAPS = {"gpus": [{"name": "A100", "memory_mb": 81920}], "price": 0.5}
@@ -872,25 +1106,30 @@ class Fleet:
                 "submit_p50_ms": pct(submits, 0.5) * 1000, "submit_p99_ms": pct(submits, 0.99) * 1000}
 
     async def offline(self) -> dict[str, float]:
-        """Miners the server shows offline (GET /v1/admin/miners), and those of them whose last
-        heartbeat was sent on time."""
+        """Miners the server shows offline (GET /v1/admin/miners, every page), and those of them whose
+        last heartbeat was sent on time."""
+        items, path, status = [], "/v1/admin/miners?limit=500", 200
         try:
             conn = await Http(self.port).open()
             try:
                 async with asyncio.timeout(120):
-                    status, listed = await conn.call("GET", "/v1/admin/miners", key=ADMIN_KEY)
+                    while path and status == 200:
+                        status, listed = await conn.call("GET", path, key=ADMIN_KEY)
+                        items += listed["items"] if status == 200 else []
+                        cursor = listed.get("next_cursor") if status == 200 else None
+                        path = f"/v1/admin/miners?limit=500&cursor={cursor}" if cursor else ""
             finally:
                 conn.close()
         except (OSError, asyncio.IncompleteReadError, ValueError):
-            status, listed = 0, None
+            status = 0
         if status != 200:
             self.counts["admin check failed"] += 1
             return {"offline": math.nan, "listed": 0}
         now, index = time.perf_counter(), {f"fleet{i}": i for i in range(len(self.keys))}
-        offline = [index[m["miner_id"]] for m in listed["items"] if not m["online"] and m["miner_id"] in index]
+        offline = [index[m["miner_id"]] for m in items if not m["online"] and m["miner_id"] in index]
         on_time = [i for i in offline if now - self.last_beat[i] <= HEARTBEAT_SECONDS * 1.1 + 1]
         self.counts["offline while heartbeating"] += len(on_time)
-        return {"offline": len(offline), "listed": len(listed["items"])}
+        return {"offline": len(offline), "listed": len(items)}
 
 
 ATTACKER = "127.0.0.2"  # not a trusted proxy address: the per-address cap applies to it
@@ -1082,6 +1321,9 @@ def run(quick: bool) -> None:
         with server("coord", work, work / "distinct.db") as (port, _):
             distinct = asyncio.run(lifecycle(port, seconds, distinct=True))
         history = shape_history(work, history_jobs, history_samples)
+        fleet_read_rows, fleet_read_ratios = fleet_depth(work, (100, 10_000 if quick else 100_000), samples)
+        retention_rows, retention_figures = retention_scenario(work, 20 if quick else 600)
+        prune_rows = [] if quick else pruning_impact(work, 20_000, 30.0)[0]
         depths, rss, size = {}, 0.0, {}
         for n in (small, big):
             db = work / f"depth-{n}.db"
@@ -1098,7 +1340,7 @@ def run(quick: bool) -> None:
     history_ratio = history["history_ms"] / history["fresh_ms"]
     distinct_ratio = distinct["jobs_per_s"] / full["jobs_per_s"]
     poll_ratio = depths[big]["poll"] / depths[small]["poll"]
-    read_ratios = {name: depths[big][name] / depths[small][name] for name in READS}
+    read_ratios = {name: depths[big][name] / depths[small][name] for name in READS} | fleet_read_ratios
     bytes_per_job = (size[big] - size[small]) / (big - small)
     log_proof_reads = logs[big]["rows"] / math.ceil(math.log2(big))
     rows = [
@@ -1127,6 +1369,9 @@ def run(quick: bool) -> None:
          f"{logs[small]['p50_ms']:.2f} / {logs[big]['p50_ms']:.2f} ms"),
         (f"rows an inclusion proof reads at {small:,} / {big:,} leaves (most over {samples} leaves)",
          f"{logs[small]['rows']:.0f} / {logs[big]['rows']:.0f} (log_proof_reads = rows / ceil(log2 n))"),
+        *fleet_read_rows,
+        *retention_rows,
+        *prune_rows,
         *fleet,
     ]
     print_table(rows, quick)
@@ -1135,7 +1380,23 @@ def run(quick: bool) -> None:
           f"read_depth_ratio={max(read_ratios.values()):.2f} rss_mb={rss:.0f} bytes_per_job={bytes_per_job:.0f} "
           f"full_vs_normal={full['req_per_s'] / normal['req_per_s']:.2f} durable_ratio={durable_ratio:.2f} "
           f"shape_history_ratio={history_ratio:.2f} distinct_shape_ratio={distinct_ratio:.2f} "
-          + fleet_bench(fleet_figures) + f" log_proof_reads={log_proof_reads:.2f}")
+          + fleet_bench(fleet_figures) + f" log_proof_reads={log_proof_reads:.2f} "
+          + retention_bench(retention_figures))
+
+
+def retention_bench(figures: dict[str, float]) -> str:
+    return f"retention_growth={figures['retention_growth']:.2f} kept_bytes_per_job={figures['kept_bytes_per_job']:.0f}"
+
+
+def retention_only(quick: bool) -> None:
+    """The retention run alone (for development), with the fleet reads and (full) the pruning impact."""
+    with tempfile.TemporaryDirectory(prefix="aitbc-bench-") as tmp:
+        work = Path(tmp)
+        rows, figures = retention_scenario(work, 20 if quick else 600)
+        fleet_rows_, ratios = fleet_depth(work, (100, 10_000 if quick else 100_000), 50 if quick else 300)
+        prune_rows = [] if quick else pruning_impact(work, 20_000, 30.0)[0]
+    print_table(rows + fleet_rows_ + prune_rows, quick)
+    print(f"BENCH {retention_bench(figures)} fleet_read_depth_ratio={max(ratios.values()):.2f}")
 
 
 def fleet_only(miners: int, quick: bool) -> None:
@@ -1206,6 +1467,8 @@ def main() -> None:
                         help="only the fleet scenario, with N miners (with --quick: its short durations)")
     parser.add_argument("--log", type=int, metavar="N",
                         help="only the receipt-log scenario: proofs at 1,000 and at N leaves, and log_proof_reads")
+    parser.add_argument("--retention", action="store_true",
+                        help="only the retention scenario, the fleet-size reads and (without --quick) pruning's impact")
     parser.add_argument("--bare-server", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.bare_server:
@@ -1214,6 +1477,8 @@ def main() -> None:
         fleet_only(args.fleet, args.quick)
     elif args.log:
         log_only(args.log)
+    elif args.retention:
+        retention_only(args.quick)
     elif args.in_process:
         in_process(args.in_process)
     elif args.instructions:
