@@ -1035,6 +1035,16 @@ def load_json(text: str | bytes) -> Any:
         return STORED_JSON.decode(text if isinstance(text, str) else text.decode("utf-8"))
 
 
+def is_utf8_text(text: str) -> bool:
+    """Whether `text` encodes as UTF-8: not when it holds a lone surrogate (JSON's "\\ud800" escape
+    decodes to one), which SQLite cannot take as a text parameter (UnicodeEncodeError)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def json_text(sort_keys: bool = False, ensure_ascii: bool = True, allow_nan: bool = True,
               separators: tuple[str, str] = (",", ":")) -> Callable[[Any], str]:
     """An encoder to JSON text with fixed options, made once (json.dumps builds a new encoder on every
@@ -3886,8 +3896,8 @@ def read_cursor(text: str, *types: type) -> list[Any]:
         key = json.loads(b64url_decode(text))
         if not isinstance(key, list) or [type(v) for v in key] != list(types):
             raise ValueError("not a key of this list")
-        if any(not -2**63 <= v < 2**63 if isinstance(v, int) else "\x00" in v for v in key):
-            raise ValueError("not a value a column holds")
+        if any(not -2**63 <= v < 2**63 if isinstance(v, int) else "\x00" in v or not is_utf8_text(v) for v in key):
+            raise ValueError("not a value a column holds")  # a lone surrogate would fail as an SQL parameter
     except ValueError:  # binascii.Error and UnicodeDecodeError are ValueErrors
         raise Invalid.one(["query", "cursor"], "not a cursor this server issued for this list", text) from None
     return key
@@ -3899,7 +3909,7 @@ def read_list_cursor(query: Any, tag: str, *types: type) -> list[Any] | None:
     the offset when both are given) otherwise."""
     if query.cursor is None:
         return None
-    if query.offset:
+    if "offset" in query.model_fields_set:  # offset=0 too: README says the two together are a 422
         raise Invalid.one(["query", "offset"], "page by offset or by cursor, not both", query.offset)
     key = read_cursor(query.cursor, str, *types)
     if key[0] != tag or any(isinstance(v, int) and v < 0 for v in key[1:]):
@@ -5062,7 +5072,7 @@ async def log_checkpoints(call: Call) -> Response:
     q, below = call.query, None
     if q.cursor is not None:
         name, below = read_cursor(q.cursor, str, int)
-        if name != "checkpoints":
+        if name != "checkpoints" or below < 0:
             raise Invalid.one(["query", "cursor"], "not a cursor this server issued for this list", q.cursor)
     rows = await call.coord.db.read(list_checkpoints, below, q.limit + 1)
     return json_response(checkpoint_page(rows, q.limit))

@@ -216,3 +216,54 @@ async def test_admin_miners_page_in_registration_order(tmp_path: Path) -> None:
         rest = (await h.client.get("/v1/admin/miners", params={"cursor": body["next_cursor"]}, headers=ADMIN)).json()
         assert [m["miner_id"] for m in rest["items"]] == ["m2"] and rest["next_cursor"] is None
         assert (await h.client.get("/v1/admin/miners", params={"limit": 501}, headers=ADMIN)).status_code == 422
+
+
+def raw_cursor(json_text: str) -> str:
+    """A cursor made of JSON text as given (escapes and all), as a crafted request would send it."""
+    return ac.b64url(json_text.encode())
+
+
+LONE = "\\ud800"  # decodes to a lone surrogate, which no SQLite text parameter can hold
+
+
+@pytest.mark.parametrize("name", [*LISTS, "job receipts", "checkpoints"])
+async def test_a_cursor_holding_a_lone_surrogate_is_a_422_on_every_list(tmp_path: Path, name: str) -> None:
+    """Any string of a cursor's key that is not UTF-8 text is refused before it reaches SQLite (was a 500)."""
+    async with harness(tmp_path, KEYS) as h:
+        job = await h.submit({"n": 1}, headers=key("c4"))
+        path, headers, _ = LISTS.get(name) or {
+            "job receipts": (f"/v1/jobs/{job['job_id']}/receipts", key("c4"), ""),
+            "checkpoints": ("/v1/log/checkpoints", {}, "")}[name]
+        tag = {"client jobs": "jobs", "admin jobs": "jobs", "admin miners": "miners",
+               "job receipts": job["job_id"]}.get(name, name)
+        for text in (f'["{tag}", 1, "{LONE}"]', f'["{tag}", 1, "a{LONE}b"]', f'["{LONE}", 1]',
+                     f'["{tag}", 1]'.replace(tag, tag[:1] + LONE), f'["{tag}", "{LONE}", 1]'):
+            r = await h.client.get(path, params={"cursor": raw_cursor(text)}, headers=headers)
+            assert r.status_code == 422, (name, text, r.text)
+            assert r.json()["detail"][0]["loc"] == ["query", "cursor"], (name, text, r.text)
+
+
+async def test_path_and_query_strings_that_are_not_utf8_never_reach_sqlite_as_such(tmp_path: Path) -> None:
+    """Percent-encoded surrogates (ED A0 80) in a path or a query parameter decode with replacement
+    characters: an ordinary answer (a 404, or an empty page), never a 500."""
+    async with harness(tmp_path, KEYS) as h:
+        for path, headers in (("/v1/jobs/%ED%A0%80", key("c4")), ("/v1/jobs/%ED%A0%80/result", key("c4")),
+                              ("/v1/jobs/%ED%A0%80/receipts", key("c4")), ("/v1/explorer/blocks/%ED%A0%80", {}),
+                              ("/v1/explorer/addresses/%ED%A0%80", {}), ("/v1/marketplace/bids/%ED%A0%80", {}),
+                              ("/v1/explorer/receipts?job_id=%ED%A0%80", {}),
+                              ("/v1/log/proof/inclusion?receipt_id=%ED%A0%80", {}),
+                              ("/v1/marketplace/offers?status=%ED%A0%80", {}), ("/v1/admin/jobs?state=%ED%A0%80", ADMIN)):
+            r = await h.client.get(path, headers=headers)
+            assert r.status_code < 500, (path, r.status_code, r.text)
+
+
+async def test_a_negative_checkpoint_cursor_and_offset_0_beside_a_cursor_are_422(tmp_path: Path) -> None:
+    async with harness(tmp_path, KEYS) as h:
+        r = await h.client.get("/v1/log/checkpoints", params={"cursor": ac.make_cursor("checkpoints", -5)})
+        assert (r.status_code, r.json()["detail"][0]["loc"]) == (422, ["query", "cursor"])
+        for name, (path, headers, _) in LISTS.items():
+            cursor = {"admin miners": ac.make_cursor("miners", 1, "x"), "offers": ac.make_cursor("offers", 1, "x"),
+                      "addresses": ac.make_cursor("addresses", 1, "x")}.get(
+                name, ac.make_cursor("jobs" if "jobs" in name else name, 5))
+            r = await h.client.get(path, params={"cursor": cursor, "offset": 0}, headers=headers)
+            assert (r.status_code, r.json()["detail"][0]["loc"]) == (422, ["query", "offset"]), (name, r.text)
