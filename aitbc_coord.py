@@ -1754,21 +1754,51 @@ def prune_jobs(conn: sqlite3.Connection, seqs: Sequence[int], now: int) -> int:
                         " AND finished_at IS NOT NULL AND pruned_at IS NULL", (now, marks)).rowcount
 
 
-def delete_old_jobs(conn: sqlite3.Connection, before: int, window: int, limit: int) -> int:
-    """Delete up to `limit` pruned jobs that finished before `before` among the `window` oldest (by seq);
-    the number deleted. The kept totals have no delete triggers: they count history, not rows."""
+# A deletion never takes the row with the highest seq of its table: without AUTOINCREMENT, SQLite gives
+# a new row max(seq) + 1 (SQLite docs, "ROWIDs and the INTEGER PRIMARY KEY"), so with the newest row
+# kept a seq (a block height, a receipt's place, a cursor's key, an archived job's seq) never names a
+# second row. (AUTOINCREMENT would rebuild the tables and write sqlite_sequence on every insert.)
+
+def delete_old_jobs(conn: sqlite3.Connection, before: int, limit: int) -> int:
+    """Delete up to `limit` pruned jobs that finished before `before`, oldest first through the index
+    jobs_pruned (jobs that never finish hold nothing up), never the newest job; the number deleted.
+    The kept totals have no delete triggers: they count history, not rows."""
     return conn.execute(
-        "DELETE FROM jobs WHERE seq IN (SELECT seq FROM (SELECT seq, finished_at, pruned_at FROM jobs ORDER BY seq"
-        " LIMIT ?) WHERE pruned_at IS NOT NULL AND finished_at < ? LIMIT ?)", (window, before, limit)).rowcount
+        "DELETE FROM jobs WHERE seq IN (SELECT seq FROM jobs WHERE pruned_at IS NOT NULL AND finished_at < ?"
+        " AND seq < (SELECT MAX(seq) FROM jobs) ORDER BY finished_at LIMIT ?)", (before, limit)).rowcount
 
 
-def delete_old_receipts(conn: sqlite3.Connection, before: int, window: int, limit: int) -> int:
-    """Delete up to `limit` receipts issued before `before` among the `window` oldest (by seq), once
-    their job has been pruned or deleted; the number deleted."""
+def list_due_receipts(conn: sqlite3.Connection, before: int, window: int, limit: int) -> list[sqlite3.Row]:
+    """(seq, job_id, price, latest: whether it is its job's latest receipt) of up to `limit` receipts
+    issued before `before` among the `window` oldest (by seq; receipts are issued finished, so the head
+    of seq is the oldest), whose job has been pruned or deleted, never the newest receipt."""
     return conn.execute(
-        "DELETE FROM receipts WHERE seq IN (SELECT seq FROM (SELECT seq, issued_at, job_id FROM receipts ORDER BY seq"
-        " LIMIT ?) AS head WHERE issued_at < ? AND NOT EXISTS (SELECT 1 FROM jobs WHERE jobs.job_id = head.job_id"
-        " AND jobs.pruned_at IS NULL) LIMIT ?)", (window, before, limit)).rowcount
+        "SELECT seq, job_id, price, seq = (SELECT MAX(seq) FROM receipts AS r WHERE r.job_id = head.job_id) AS latest"
+        " FROM (SELECT seq, issued_at, job_id, price FROM receipts ORDER BY seq LIMIT ?) AS head WHERE issued_at < ?"
+        " AND seq < (SELECT MAX(seq) FROM receipts) AND NOT EXISTS"
+        " (SELECT 1 FROM jobs WHERE jobs.job_id = head.job_id AND jobs.pruned_at IS NULL) LIMIT ?",
+        (window, before, limit)).fetchall()
+
+
+def set_job_values(conn: sqlite3.Connection, values: Sequence[tuple[str, str]]) -> None:
+    """Set the value (as the explorer shows it) of each job of (value, job_id) that still exists."""
+    conn.executemany("UPDATE jobs SET value = ? WHERE job_id = ?", values)
+
+
+def delete_receipts(conn: sqlite3.Connection, seqs: Sequence[int]) -> int:
+    """Delete the receipts with these seqs (their log leaves stay); the number deleted. The kept
+    totals have no delete triggers: they count history, not rows."""
+    return conn.execute("DELETE FROM receipts WHERE seq IN (SELECT value FROM json_each(?))",
+                        (json.dumps(list(seqs)),)).rowcount
+
+
+def delete_old_bids(conn: sqlite3.Connection, before: int, window: int, limit: int) -> int:
+    """Delete up to `limit` bids placed before `before` among the `window` oldest (by seq: a bid is
+    matched or left pending when placed, and never changes after), never the newest; the number
+    deleted. The active-bid total counts history, as the job totals do."""
+    return conn.execute(
+        "DELETE FROM bids WHERE seq IN (SELECT seq FROM (SELECT seq, created_at FROM bids ORDER BY seq LIMIT ?)"
+        " WHERE created_at < ? AND seq < (SELECT MAX(seq) FROM bids) LIMIT ?)", (window, before, limit)).rowcount
 
 
 def get_db_space(conn: sqlite3.Connection) -> tuple[int, int, int]:
@@ -1794,6 +1824,17 @@ def iso(ms: int | None) -> str | None:
     if ms is None:
         return None
     return f"{_iso_second(ms // 1000)}.{ms % 1000:03d}Z"
+
+
+DISPLAY_JSON = json_text(separators=(", ", ": "))  # as json.dumps writes by default
+
+
+def display_value(value: Any) -> str | None:
+    """A JSON value as the explorer shows it: strings as they are (U+0000 as U+FFFD: it is stored as a
+    text column of its own), anything else as JSON."""
+    if value is None:
+        return None
+    return value.replace("\x00", "\ufffd") if isinstance(value, str) else DISPLAY_JSON(value)
 
 
 # --- Matching (spec section 7) ---
@@ -3054,14 +3095,23 @@ def tx_prune_due(conn: sqlite3.Connection, before: int, now: int, limit: int) ->
     return Outcome(prune_jobs(conn, list_prunable(conn, before, limit), now))
 
 
-def tx_delete_jobs(conn: sqlite3.Connection, before: int, window: int, limit: int) -> Outcome:
+def tx_delete_jobs(conn: sqlite3.Connection, before: int, limit: int) -> Outcome:
     """Delete old pruned job summaries (see delete_old_jobs); the value is the number deleted."""
-    return Outcome(delete_old_jobs(conn, before, window, limit))
+    return Outcome(delete_old_jobs(conn, before, limit))
 
 
 def tx_delete_receipts(conn: sqlite3.Connection, before: int, window: int, limit: int) -> Outcome:
-    """Delete old receipts of pruned jobs (see delete_old_receipts); the value is the number deleted."""
-    return Outcome(delete_old_receipts(conn, before, window, limit))
+    """Delete old receipts of pruned jobs (see list_due_receipts); a job whose latest receipt goes keeps
+    that receipt's price as its value, so the explorer shows the same value after (transaction_view).
+    The value is the number deleted."""
+    due = list_due_receipts(conn, before, window, limit)
+    set_job_values(conn, [(display_value(r["price"]), r["job_id"]) for r in due if r["latest"] and r["price"] is not None])
+    return Outcome(delete_receipts(conn, [r["seq"] for r in due]))
+
+
+def tx_delete_bids(conn: sqlite3.Connection, before: int, window: int, limit: int) -> Outcome:
+    """Delete old bids (see delete_old_bids); the value is the number deleted."""
+    return Outcome(delete_old_bids(conn, before, window, limit))
 
 
 # Exports read on a connection of their own (a worker thread, or the CLI) and write archive files.
@@ -3166,6 +3216,7 @@ class Upkeep:
     pruned: int = 0
     jobs_deleted: int = 0
     receipts_deleted: int = 0
+    bids_deleted: int = 0
     archive_files: int = 0
     archive_jobs: int = 0
     archive_errors: int = 0
@@ -3178,7 +3229,7 @@ class Coordinator:
     """The domain service behind the HTTP edge: owns the database, the poll hub and the sweeper."""
 
     RETENTION_BATCH = 16  # jobs pruned or deleted per unit of work: a few ms of the writer each
-    RETENTION_WINDOW = 256  # oldest rows a deletion looks at: what is not due yet there is skipped
+    RETENTION_WINDOW = 256  # oldest receipts or bids a deletion looks at: what is not due yet there is skipped
     RETENTION_IDLE_SECONDS = 30.0  # between retention passes once one has caught up
     WAL_CHECKPOINT_SECONDS = 10.0  # between background WAL checkpoints
 
@@ -3504,19 +3555,23 @@ class Coordinator:
         unit runs alone and small. Returns what it did; raises what archiving or the database raised
         (what was done stays done)."""
         s, now = self.settings, self.now()
-        done = {"archived": 0, "pruned": 0, "jobs_deleted": 0, "receipts_deleted": 0}
+        done = {"archived": 0, "pruned": 0, "jobs_deleted": 0, "receipts_deleted": 0, "bids_deleted": 0}
         before = self.retention_cutoff(s.payload_retention_days, now)
         if before is not None and s.archive_dir is not None:
             await self._archive_and_prune(Path(s.archive_dir), day_start(before), now, done)
         elif before is not None:
             done["pruned"] += await self._until_done(tx_prune_due, before, now, self.RETENTION_BATCH)
-        for key, unit, days in (("jobs_deleted", tx_delete_jobs, s.job_retention_days),
-                                ("receipts_deleted", tx_delete_receipts, s.receipt_retention_days)):
-            if (before := self.retention_cutoff(days, now)) is not None:
-                done[key] += await self._until_done(unit, before, self.RETENTION_WINDOW, self.RETENTION_BATCH)
+        if (before := self.retention_cutoff(s.job_retention_days, now)) is not None:
+            done["jobs_deleted"] += await self._until_done(tx_delete_jobs, before, self.RETENTION_BATCH)
+            done["bids_deleted"] += await self._until_done(tx_delete_bids, before, self.RETENTION_WINDOW,
+                                                           self.RETENTION_BATCH)
+        if (before := self.retention_cutoff(s.receipt_retention_days, now)) is not None:
+            done["receipts_deleted"] += await self._until_done(tx_delete_receipts, before, self.RETENTION_WINDOW,
+                                                               self.RETENTION_BATCH)
         self.upkeep.pruned += done["pruned"]
         self.upkeep.jobs_deleted += done["jobs_deleted"]
         self.upkeep.receipts_deleted += done["receipts_deleted"]
+        self.upkeep.bids_deleted += done["bids_deleted"]
         return done
 
     async def _until_done(self, unit: Callable[..., Outcome], *args: Any) -> int:
@@ -4246,17 +4301,6 @@ def bid_view(row: sqlite3.Row) -> dict[str, Any]:
 
 
 # --- Explorer ---
-
-DISPLAY_JSON = json_text(separators=(", ", ": "))  # as json.dumps writes by default
-
-
-def display_value(value: Any) -> str | None:
-    """A JSON value as the explorer shows it: strings as they are (U+0000 as U+FFFD: it is stored as a
-    text column of its own), anything else as JSON."""
-    if value is None:
-        return None
-    return value.replace("\x00", "\ufffd") if isinstance(value, str) else DISPLAY_JSON(value)
-
 
 def micro_str(micro: int) -> str:
     """Millionths as a decimal string with 6 places, exactly."""

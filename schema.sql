@@ -273,6 +273,8 @@ ALTER TABLE jobs ADD COLUMN pruned_at INTEGER;
 -- Finished jobs whose bulk is still held, oldest first: what the pruner and archiver walk.
 -- A pruned job leaves it, so the index costs nothing for what is kept for good.
 CREATE INDEX jobs_unpruned ON jobs (finished_at) WHERE finished_at IS NOT NULL AND pruned_at IS NULL;
+-- Pruned jobs by age: what JOB_RETENTION_DAYS deletes, found without walking jobs that never finish.
+CREATE INDEX jobs_pruned ON jobs (finished_at) WHERE pruned_at IS NOT NULL;
 
 -- When retention's clock started ('clock_started': the first start of a coordinator with retention).
 -- A job that finished before then counts as finished then, so an upgrade never prunes at once.

@@ -160,7 +160,7 @@ class Lifecycle(RuleBasedStateMachine):
         before_rows = {r["job_id"]: r for r in self.conn.execute("SELECT * FROM jobs")}
         cutoff = self.now - days * 86_400_000 + 1
         self.unit(ac.tx_prune_due, cutoff, self.now, 5)
-        self.unit(ac.tx_delete_jobs, cutoff, 8, 5)
+        self.unit(ac.tx_delete_jobs, cutoff, 5)
         self.unit(ac.tx_delete_receipts, cutoff, 8, 5)
         left = {r[0] for r in self.conn.execute("SELECT job_id FROM jobs")}
         for job_id, row in before_rows.items():

@@ -326,3 +326,88 @@ def test_a_gzip_archive_is_read_as_it_was_written(tmp_path: Path) -> None:
         f.write(b'{"job_id": "a", "n": 123456789012345678901234567890}\n\n{"job_id": "b"}\n')
     assert [j["job_id"] for j in ac.read_archive(path)] == ["a", "b"]
     os.chmod(path, 0o600)
+
+
+# --- heights and sequences, stalls, values that outlive their receipt ---
+
+
+async def test_a_height_or_receipt_seq_never_names_a_second_job_after_the_newest_rows_are_deleted(
+        tmp_path: Path) -> None:
+    """The break report's example: everything 1 day, the clock 2 days on, then new jobs. Without AUTOINCREMENT
+    SQLite reuses max(seq) + 1, so the newest job and receipt are never deleted."""
+    env = {**SIGNING, "PAYLOAD_RETENTION_DAYS": "1", "JOB_RETENTION_DAYS": "1", "RECEIPT_RETENTION_DAYS": "1"}
+    async with harness(tmp_path, env) as h:
+        old = await complete(h, 3, "old")
+        blocks = {b["height"]: b["hash"] for b in (await get(h, "/v1/explorer/blocks"))["items"]}
+        receipt_seqs = dict(stored(h, "SELECT seq, job_id FROM receipts"))
+        cursor = ac.make_cursor("blocks", max(blocks) - ac.HEIGHT_BASE)
+        h.clock.advance(2 * DAY)
+        done = await h.coord.retain()
+        assert (done["jobs_deleted"], done["receipts_deleted"]) == (2, 2)  # all but the newest of each
+        new = await complete(h, 3, "new")
+        after = {b["height"]: b["hash"] for b in (await get(h, "/v1/explorer/blocks", limit=200))["items"]}
+        assert set(after.values()) == {old[-1], *new}
+        assert all(after.get(height, job) == job for height, job in blocks.items())  # no height names another job
+        assert min(height for height, job in after.items() if job in new) > max(blocks)
+        assert all(receipt_seqs.get(seq, job) == job for seq, job in stored(h, "SELECT seq, job_id FROM receipts"))
+        older = (await get(h, "/v1/explorer/blocks", cursor=cursor))["items"]
+        assert [b["hash"] for b in older] == []  # an old cursor walks into nothing new
+        h.clock.advance(2 * DAY)
+        await h.coord.retain()
+        assert stored(h, "SELECT job_id FROM jobs") == [(new[-1],)]  # the kept newest goes once a newer one exists
+
+
+async def test_unfinished_old_jobs_do_not_hold_up_job_retention(tmp_path: Path) -> None:
+    """300 jobs that can never run (longer than the old 256-row window), then completed ones: the completed
+    ones are deleted when due, found through the jobs_pruned index."""
+    env = {"PAYLOAD_RETENTION_DAYS": "1", "JOB_RETENTION_DAYS": "1", "RECEIPT_RETENTION_DAYS": "1"}
+    async with harness(tmp_path, env) as h:
+        for i in range(300):
+            await h.submit({"n": i}, constraints={"region": "nowhere"}, ttl_seconds=7 * DAY)
+        done = await complete(h, 50)
+        h.clock.advance(2 * DAY)
+        result = await h.coord.retain()
+        assert (result["pruned"], result["jobs_deleted"]) == (50, 49)  # the newest stays (seq never reused)
+        assert stored(h, "SELECT COUNT(*) FROM jobs WHERE state = 'QUEUED'") == [(300,)]
+        assert stored(h, "SELECT job_id FROM jobs WHERE state = 'COMPLETED'") == [(done[-1],)]
+        with sqlite3.connect(h.coord.settings.db_path) as conn:
+            plan = " ".join(r[3] for r in conn.execute(
+                "EXPLAIN QUERY PLAN SELECT seq FROM jobs WHERE pruned_at IS NOT NULL AND finished_at < 1"
+                " AND seq < (SELECT MAX(seq) FROM jobs) ORDER BY finished_at LIMIT 16"))
+        assert "USING INDEX jobs_pruned" in plan
+
+
+async def test_a_transaction_keeps_its_value_when_its_receipt_is_deleted(tmp_path: Path) -> None:
+    """Payload value "3", receipt price 1.0: the explorer shows 1.0 before and after receipt retention."""
+    env = {**SIGNING, "PAYLOAD_RETENTION_DAYS": "1", "RECEIPT_RETENTION_DAYS": "1"}
+    async with harness(tmp_path, env) as h:
+        await h.register(capabilities={"price": 1.0})
+        for i in range(3):
+            job = await h.submit({"prompt": i, "value": "3"})
+            await h.take()
+            assert (await h.result(job["job_id"], {"ok": i}, metrics={"units": 1})).status_code == 200
+        before = (await get(h, "/v1/explorer/transactions"))["items"]
+        assert {t["value"] for t in before} == {"1.0"}
+        totals = await kept_totals(h)
+        h.clock.advance(2 * DAY)
+        assert (await h.coord.retain())["receipts_deleted"] == 2
+        assert (await get(h, "/v1/explorer/transactions"))["items"] == before
+        assert await kept_totals(h) == totals
+
+
+async def test_bids_go_after_job_retention_and_their_total_counts_history(tmp_path: Path) -> None:
+    async with harness(tmp_path, {"PAYLOAD_RETENTION_DAYS": "1", "JOB_RETENTION_DAYS": "2"}) as h:
+        ids = []
+        for i in range(4):
+            r = await h.client.post("/v1/marketplace/bids", json={"provider": f"p{i}", "capacity": 1, "price": 1.0})
+            assert r.status_code == 202
+            ids.append(r.json()["id"])
+        stats = await get(h, "/v1/marketplace/stats")
+        h.clock.advance(DAY)
+        assert (await h.coord.retain())["bids_deleted"] == 0
+        h.clock.advance(2 * DAY)
+        assert (await h.coord.retain())["bids_deleted"] == 3  # never the newest: its seq is never reused
+        for bid_id in ids[:3]:
+            assert (await h.client.get(f"/v1/marketplace/bids/{bid_id}")).status_code == 404
+        assert (await h.client.get(f"/v1/marketplace/bids/{ids[3]}")).status_code == 200
+        assert await get(h, "/v1/marketplace/stats") == stats
