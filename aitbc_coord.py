@@ -2047,6 +2047,17 @@ def canonical_digest(text: str, canonical: bool = False) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+def receipt_result_digest(stored: str) -> str | None:
+    """The result digest (canonical_digest) a stored receipt vouches for: metadata.result_sha256 of a
+    1.1 receipt, the digest of metadata.result of a 1.0 one; None when it holds neither."""
+    metadata = load_json(stored).get("metadata")
+    if not isinstance(metadata, dict):
+        return None
+    if isinstance(metadata.get("result_sha256"), str):
+        return metadata["result_sha256"]
+    return canonical_digest(compact_json(metadata["result"])) if "result" in metadata else None
+
+
 def canonical_receipt_bytes(receipt: Mapping[str, Any]) -> bytes:
     """The signed bytes: the receipt without its signatures, nulls dropped, sorted compact ASCII JSON."""
     body = {k: v for k, v in receipt.items() if k not in ("signature", "attestations")}
@@ -2883,9 +2894,13 @@ def tx_result(conn: sqlite3.Connection, miner_id: str, job_id: str, result: dict
     """
     job = _load_reported_job(conn, miner_id, job_id)
     result_json = canonical_json(result)
-    if job["state"] == JobState.COMPLETED and job["assigned_miner_id"] == miner_id and job["result"] == result_json:
-        touch_miner(conn, miner_id, now)
-        return Outcome(get_latest_receipt(conn, job_id))
+    if job["state"] == JobState.COMPLETED and job["assigned_miner_id"] == miner_id:
+        # the result as stored, or once pruned the digest its receipt keeps (no receipt: nothing to compare)
+        receipt = get_latest_receipt(conn, job_id)
+        if job["result"] == result_json or (job["result"] is None and receipt is not None
+                                            and receipt_result_digest(receipt) == canonical_digest(result_json, True)):
+            touch_miner(conn, miner_id, now)
+            return Outcome(receipt)
     error = _check_holder(conn, miner_id, job, now)
     if error is not None:
         return _refused(conn, miner_id, job, now, error)

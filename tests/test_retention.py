@@ -411,3 +411,17 @@ async def test_bids_go_after_job_retention_and_their_total_counts_history(tmp_pa
             assert (await h.client.get(f"/v1/marketplace/bids/{bid_id}")).status_code == 404
         assert (await h.client.get(f"/v1/marketplace/bids/{ids[3]}")).status_code == 200
         assert await get(h, "/v1/marketplace/stats") == stats
+
+
+async def test_a_repeated_result_after_pruning_gets_the_same_receipt_while_the_receipt_is_kept(
+        tmp_path: Path) -> None:
+    """The result is gone, but its receipt's result_sha256 says whether the repeat is the same result."""
+    async with harness(tmp_path, {**SIGNING, "PAYLOAD_RETENTION_DAYS": "1"}) as h:
+        [job_id] = await complete(h, 1)
+        first = await h.result(job_id, {"text": "job 0 done", "tokens": 0}, metrics={"units": 2})
+        h.clock.advance(2 * DAY)
+        assert (await h.coord.retain())["pruned"] == 1
+        again = await h.result(job_id, {"tokens": 0, "text": "job 0 done"}, metrics={"units": 2})
+        assert (again.status_code, again.json()) == (200, first.json())
+        other = await h.result(job_id, {"text": "something else", "tokens": 0}, metrics={"units": 2})
+        assert other.status_code == 409
