@@ -1035,6 +1035,24 @@ def load_json(text: str | bytes) -> Any:
         return STORED_JSON.decode(text if isinstance(text, str) else text.decode("utf-8"))
 
 
+# Deeper documents parse, but re-encoding them for a miner (one level deeper) can hit Python's
+# recursion limit; nothing legitimate nests this far.
+MAX_JSON_DEPTH = 64
+
+
+def nested_deeper_than(value: Any, limit: int) -> bool:
+    """Whether a parsed JSON value nests more than `limit` arrays/objects deep (iterative)."""
+    stack = [(value, 1)] if isinstance(value, (dict, list)) else []
+    while stack:
+        item, depth = stack.pop()
+        if depth > limit:
+            return True
+        for child in item.values() if isinstance(item, dict) else item:
+            if isinstance(child, (dict, list)):  # scalars cannot nest: not worth a stack entry
+                stack.append((child, depth + 1))
+    return False
+
+
 def is_utf8_text(text: str) -> bool:
     """Whether `text` encodes as UTF-8: not when it holds a lone surrogate (JSON's "\\ud800" escape
     decodes to one), which SQLite cannot take as a text parameter (UnicodeEncodeError)."""
@@ -2574,7 +2592,14 @@ def read_archive(path: Path) -> Iterable[dict[str, Any]]:
     with (gzip.open(path, "rb") if zipped else path.open("rb")) as lines:
         for line in lines:
             if line.strip():
-                yield load_json(line)
+                try:
+                    job = load_json(line)
+                except RecursionError:
+                    raise ValueError("a line nests too deeply") from None
+                # a line is a job whose payload and result nest MAX_JSON_DEPTH deep at most (as submitted)
+                if line.count(b"[") + line.count(b"{") > MAX_JSON_DEPTH and nested_deeper_than(job, 2 * MAX_JSON_DEPTH):
+                    raise ValueError(f"a line nests deeper than {2 * MAX_JSON_DEPTH} levels")
+                yield job
 
 
 # --- Rate limits and the poll hub ---
@@ -4556,24 +4581,6 @@ def read_log_entries(conn: sqlite3.Connection, start: int, end: int | None) -> d
 # === Request parsing ===
 
 SURROGATE_ESCAPE_RE = re.compile(rb"\\u[dD][89abAB]|\\u[dD][c-fC-F]")
-# Deeper documents parse, but re-encoding them for a miner (one level deeper) can hit Python's
-# recursion limit; nothing legitimate nests this far.
-MAX_JSON_DEPTH = 64
-
-
-def nested_deeper_than(value: Any, limit: int) -> bool:
-    """Whether a parsed JSON value nests more than `limit` arrays/objects deep (iterative)."""
-    stack = [(value, 1)] if isinstance(value, (dict, list)) else []
-    while stack:
-        item, depth = stack.pop()
-        if depth > limit:
-            return True
-        for child in item.values() if isinstance(item, dict) else item:
-            if isinstance(child, (dict, list)):  # scalars cannot nest: not worth a stack entry
-                stack.append((child, depth + 1))
-    return False
-
-
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a valid JSON number here")
 
@@ -6255,11 +6262,20 @@ def keygen(out: str | None, force: bool) -> None:
 def archived_job_problems(job: Mapping[str, Any], key_ids: set[str]) -> list[str]:
     """Why the receipts of one archived job (an archive_line) do not verify: a signature, or a 1.1
     receipt's digest of a payload or result the line still holds. [] when all is well."""
+    receipts = job.get("receipts")
+    if not isinstance(job.get("job_id"), str):
+        return ["its job_id is not a string"]
+    if not isinstance(receipts, list):
+        return ["receipts is not a list"]
+    if job.get("state") == JobState.COMPLETED and job.get("pruned_at") is None and job.get("result") is None:
+        return ["completed and not pruned, but it holds no result"]
     problems = []
-    receipts = job.get("receipts") if isinstance(job.get("receipts"), list) else []
     for receipt in receipts:
         if not isinstance(receipt, dict):
             problems.append("a receipt is not an object")
+            continue
+        if receipt.get("job_id") != job["job_id"]:
+            problems.append(f"receipt {receipt.get('receipt_id')} is for job {receipt.get('job_id')}, not this line's")
             continue
         sig = receipt.get("signature")
         own = {sig["key_id"]} if isinstance(sig, dict) and isinstance(sig.get("key_id"), str) else set()
@@ -6283,8 +6299,8 @@ def verify_archive(path: Path, key_ids: set[str]) -> None:
             if problems:
                 click.echo(f"invalid: job {job.get('job_id') if isinstance(job, dict) else '?'}: {problems[0]}", err=True)
                 sys.exit(1)
-            jobs, receipts = jobs + 1, receipts + len(job.get("receipts") or [])
-    except (OSError, ValueError, EOFError) as exc:
+            jobs, receipts = jobs + 1, receipts + len(job["receipts"])
+    except (OSError, ValueError, EOFError, RecursionError) as exc:
         raise click.ClickException(f"{path} is not a readable archive: {exc}") from None
     trust = "" if key_ids else " (signing keys not checked: pass --key-id)"
     click.echo(f"valid: {receipts} receipts of {jobs} archived jobs in {path.name}{trust}")

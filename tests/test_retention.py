@@ -425,3 +425,36 @@ async def test_a_repeated_result_after_pruning_gets_the_same_receipt_while_the_r
         assert (again.status_code, again.json()) == (200, first.json())
         other = await h.result(job_id, {"text": "something else", "tokens": 0}, metrics={"units": 2})
         assert other.status_code == 409
+
+
+async def test_verify_refuses_archive_lines_whose_receipts_are_not_receipts_of_that_job(tmp_path: Path) -> None:
+    archive = tmp_path / "archive"
+    env = {**SIGNING, "PAYLOAD_RETENTION_DAYS": "1", "ARCHIVE_DIR": str(archive)}
+    async with harness(tmp_path, env) as h:
+        await complete(h, 2)
+        h.clock.advance(2 * DAY)
+        assert (await h.coord.retain())["archived"] == 2
+    good = list(ac.read_archive(day_file(archive, T0)))
+    runner = CliRunner()
+
+    def verify(name: str, *lines: Any, raw: bytes | None = None) -> Any:
+        path = tmp_path / f"{name}.jsonl.gz"
+        path.write_bytes(gzip.compress(raw if raw is not None else b"".join(json.dumps(line).encode() + b"\n"
+                                                                            for line in lines)))
+        return runner.invoke(ac.cli, ["verify", str(path)])
+
+    for name, line, message in (
+            ("string", {**good[0], "receipts": "x" * 3000}, "receipts is not a list"),
+            ("missing", {k: v for k, v in good[0].items() if k != "receipts"}, "receipts is not a list"),
+            ("other-job", {**good[0], "job_id": "someone-else"}, "not this line's"),
+            ("swapped", {**good[0], "receipts": good[1]["receipts"]}, "not this line's"),
+            ("no-id", {**good[0], "job_id": 7}, "job_id is not a string"),
+            ("no-result", {**good[0], "result": None}, "holds no result")):
+        checked = verify(name, good[1], line)
+        assert checked.exit_code == 1 and message in checked.output, (name, checked.output)
+    for raw in (b"[" * 100_000 + b"\n", b'{"a":' * 200 + b"1" + b"}" * 200 + b"\n"):
+        checked = verify("deep", raw=raw)
+        assert checked.exit_code == 1 and "is not a readable archive" in checked.output, checked.output
+        assert "Traceback" not in checked.output and checked.output.count("\n") == 1
+    pruned = {**good[0], "payload": None, "result": None, "metrics": None, "pruned_at": T0 * 1000}
+    assert verify("fine", good[1], pruned).exit_code == 0  # a pruned export line holds no result
