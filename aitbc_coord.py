@@ -769,35 +769,44 @@ def backup(path: str, dest: str) -> dict[str, Any]:
     """Copy the database at `path` to the new file `dest` while it is in use; raises ConfigError.
 
     VACUUM INTO reads one consistent snapshot (a WAL reader: writers carry on). The copy is written
-    beside `dest`, checked with PRAGMA integrity_check, synced, and only then renamed into place.
+    beside `dest` under a name of its own (two backups at once never share it), checked with PRAGMA
+    integrity_check, synced, and only then linked into place, which never replaces a file.
     """
     target = Path(dest)
     if not Path(path).is_file():
         raise ConfigError(f"no database at {path}")
     if target.exists():
         raise ConfigError(f"{dest} exists; give the backup a new name")
-    partial = target.with_name(target.name + ".partial")
-    partial.unlink(missing_ok=True)
-    conn = connect(path)
+    try:  # empty, mode 0600 (the copy holds everything the database does): VACUUM INTO may fill it
+        fd, name = tempfile.mkstemp(dir=target.resolve().parent, prefix=f".{target.name}.", suffix=".partial")
+    except OSError as exc:
+        raise ConfigError(f"cannot write beside {dest}: {exc.strerror or exc}") from None
+    os.close(fd)
+    partial = Path(name)
     try:
-        conn.execute("VACUUM INTO ?", (str(partial),))
-    except sqlite3.Error as exc:
-        raise ConfigError(f"backup of {path} failed: {exc}") from None
+        conn = connect(path)
+        try:
+            conn.execute("VACUUM INTO ?", (str(partial),))
+        except sqlite3.Error as exc:
+            raise ConfigError(f"backup of {path} failed: {exc}") from None
+        finally:
+            conn.close()
+        copy = sqlite3.connect(partial)
+        try:
+            verdict = copy.execute("PRAGMA integrity_check").fetchone()[0]
+            version = copy.execute("PRAGMA user_version").fetchone()[0]
+            jobs = copy.execute("SELECT COALESCE(SUM(n), 0) FROM job_counts").fetchone()[0]
+        finally:
+            copy.close()
+        if verdict != "ok":
+            raise ConfigError(f"the copy of {path} failed its integrity check: {verdict}")
+        _fsync(partial)
+        try:
+            os.link(partial, target)
+        except FileExistsError:
+            raise ConfigError(f"{dest} exists; give the backup a new name") from None
     finally:
-        conn.close()
-    os.chmod(partial, 0o600)  # the copy holds everything the database does
-    copy = sqlite3.connect(partial)
-    try:
-        verdict = copy.execute("PRAGMA integrity_check").fetchone()[0]
-        version = copy.execute("PRAGMA user_version").fetchone()[0]
-        jobs = copy.execute("SELECT COALESCE(SUM(n), 0) FROM job_counts").fetchone()[0]
-    finally:
-        copy.close()
-    if verdict != "ok":
-        partial.unlink()
-        raise ConfigError(f"the copy of {path} failed its integrity check: {verdict}")
-    _fsync(partial)
-    os.replace(partial, target)
+        partial.unlink(missing_ok=True)
     _fsync(target.resolve().parent)
     return {"dest": str(target), "schema_version": version, "jobs": jobs, "bytes": target.stat().st_size}
 
@@ -2548,19 +2557,25 @@ def archive_line(row: Mapping[str, Any], receipts: Sequence[str]) -> str:
 
 
 class ArchiveFile:
-    """One day's archive as it is written: gzip JSON Lines (one job a line) in a hidden file beside
-    its final name, made durable (fsync) and renamed into place by `finish`, so a file under an
-    archive name is always whole. Never replaces an archive: a second file for a day (written after
-    a restart, or for jobs that finished late on a wall clock that stepped back) is named
-    jobs-YYYY-MM-DD.2.jsonl.gz, .3, and so on."""
+    """One day's archive as it is written: gzip JSON Lines (one job a line) in a hidden file of its own
+    (a unique name per writer, holding the writer's pid), made durable (fsync) and published by
+    `finish` under the first free archive name with a hard link, which never replaces a file: so a
+    file under an archive name is always whole, and two writers of one day (the server and an
+    `aitbc-coord archive` into the same directory) each publish their own. A second file for a day
+    (written after a restart, by another writer, or for jobs that finished late on a wall clock that
+    stepped back) is named jobs-YYYY-MM-DD.2.jsonl.gz, .3, and so on."""
+
+    STALE_SECONDS = 600.0  # a partial file untouched this long whose writer is gone is an interrupted run's
+    ABANDONED_SECONDS = 86_400.0  # ... and one untouched this long is stale whoever wrote it
+    PARTIAL_RE = re.compile(r"\.jobs-[0-9-]+\.(?:(\d+)\.[^.]*\.)?(?:jsonl\.gz\.)?partial")
 
     def __init__(self, directory: Path, day: int) -> None:
         self.directory, self.day = directory, day
-        self.path = next(path for n in range(1, 1 << 30)
-                         if not (path := directory / f"jobs-{day_name(day)}{f'.{n}' if n > 1 else ''}.jsonl.gz").exists())
-        self.partial = directory / f".{self.path.name}.partial"
-        self.raw = os.fdopen(os.open(self.partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb")
-        self.gzip = gzip.GzipFile(filename=self.path.name[:-3], mode="wb", compresslevel=6, fileobj=self.raw)
+        self.stem = f"jobs-{day_name(day)}"
+        fd, partial = tempfile.mkstemp(dir=directory, prefix=f".{self.stem}.{os.getpid()}.", suffix=".partial")
+        self.partial = Path(partial)  # mode 0600
+        self.raw = os.fdopen(fd, "wb")
+        self.gzip = gzip.GzipFile(filename=f"{self.stem}.jsonl", mode="wb", compresslevel=6, fileobj=self.raw)
         self.jobs = 0
 
     def write(self, line: str) -> None:
@@ -2568,14 +2583,21 @@ class ArchiveFile:
         self.jobs += 1
 
     def finish(self) -> Path:
-        """Close, sync and rename the file into place; its final path. Raises OSError."""
+        """Close, sync and publish the file under the first free name; its final path. Raises OSError."""
         self.gzip.close()
         self.raw.flush()
         os.fsync(self.raw.fileno())
         self.raw.close()
-        os.replace(self.partial, self.path)
+        for n in itertools.count(1):
+            path = self.directory / f"{self.stem}{f'.{n}' if n > 1 else ''}.jsonl.gz"
+            try:
+                os.link(self.partial, path)  # fails if the name is taken: never replaces an archive
+            except FileExistsError:
+                continue
+            break
+        self.partial.unlink()
         _fsync(self.directory)
-        return self.path
+        return path
 
     def abandon(self) -> None:
         """Give up: close and remove the partial file."""
@@ -2583,6 +2605,39 @@ class ArchiveFile:
             self.gzip.close()
             self.raw.close()
         self.partial.unlink(missing_ok=True)
+
+    @classmethod
+    def remove_stale(cls, directory: Path, now: float) -> list[Path]:
+        """Remove the partial files of interrupted runs from `directory`: untouched for STALE_SECONDS
+        with their writer (the pid in the name) gone from this host, or for ABANDONED_SECONDS. A
+        partial file another writer is still writing stays. The files removed."""
+        removed = []
+        for partial in directory.glob(".jobs-*.partial"):
+            match = cls.PARTIAL_RE.fullmatch(partial.name)
+            try:
+                idle = now - partial.stat().st_mtime
+                if match is None or idle < cls.STALE_SECONDS:
+                    continue
+                if idle < cls.ABANDONED_SECONDS and match[1] is not None and process_alive(int(match[1])):
+                    continue
+                partial.unlink()
+            except FileNotFoundError:  # its writer published or abandoned it meanwhile
+                continue
+            removed.append(partial)
+        return removed
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process with this id runs on this host (signal 0: nothing is sent)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    except OverflowError:  # an id no process can have
+        return False
+    return True
 
 
 def read_archive(path: Path) -> Iterable[dict[str, Any]]:
@@ -3234,13 +3289,15 @@ def export_finished(conn: sqlite3.Connection, directory: Path, before: int) -> l
 # === Coordinator ===
 
 def ensure_archive_dir(directory: str) -> Path:
-    """ARCHIVE_DIR, created (mode 0700) if missing, with the partial files of an interrupted run removed;
-    raises ConfigError when it cannot be written."""
+    """ARCHIVE_DIR, created (mode 0700) if missing, with the stale partial files of interrupted runs
+    removed (ArchiveFile.remove_stale); raises ConfigError when it is not a directory or cannot be written."""
     path = Path(directory)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"ARCHIVE_DIR: {directory} is not a directory")
     try:
         path.mkdir(mode=0o700, parents=True, exist_ok=True)
-        for partial in path.glob(".jobs-*.partial"):
-            partial.unlink()
+        for partial in ArchiveFile.remove_stale(path, time.time()):
+            log.info("removed %s, the partial archive file of an interrupted run", partial)
         probe = path / f".write-test-{os.getpid()}"
         probe.write_bytes(b"")
         probe.unlink()
@@ -3626,6 +3683,8 @@ class Coordinator:
 
     async def _archive_and_prune(self, directory: Path, before: int, now: int, done: dict[str, int]) -> None:
         """Archive, then prune, each whole UTC day of finished jobs before `before`, oldest first."""
+        for partial in ArchiveFile.remove_stale(directory, time.time()):
+            log.info("removed %s, the partial archive file of an interrupted run", partial)
         while not self._stopping.is_set() and (first := await self.db.read(oldest_unpruned_finish, before)) is not None:
             try:
                 seqs, path = await asyncio.to_thread(export_unpruned_day, self.settings.db_path, directory,

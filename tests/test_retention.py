@@ -274,11 +274,69 @@ def test_a_second_file_for_a_day_never_replaces_the_first(tmp_path: Path) -> Non
     assert [line["n"] for name in names for line in ac.read_archive(tmp_path / name)] == [0, 1, 2]
 
 
+def test_two_writers_of_one_day_each_publish_a_whole_file_of_their_own(tmp_path: Path) -> None:
+    """The server's upkeep and an `aitbc-coord archive` into ARCHIVE_DIR, interleaved: each writes its own
+    partial file and publishes under its own name; neither truncates nor replaces the other's."""
+    day = ac.day_start(int(T0 * 1000))
+    server, export = ac.ArchiveFile(tmp_path, day), ac.ArchiveFile(tmp_path, day)
+    assert server.partial != export.partial and str(os.getpid()) in server.partial.name
+    for n in range(200):
+        server.write(json.dumps({"by": "server", "n": n, "pad": "s" * 500}))
+        export.write(json.dumps({"by": "export", "n": n, "pad": "e" * 500}))
+    first = server.finish()
+    assert ac.ArchiveFile.remove_stale(tmp_path, time.time() + 7200) == []  # the export's partial: its writer lives
+    second = export.finish()
+    assert (first.name, second.name) == (day_file(tmp_path, T0).name, day_file(tmp_path, T0, ".2").name)
+    for path, by in ((first, "server"), (second, "export")):
+        lines = list(ac.read_archive(path))
+        assert [(line["by"], line["n"]) for line in lines] == [(by, n) for n in range(200)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([first.name, second.name])
+
+
+def test_only_partial_files_of_writers_that_are_gone_are_removed(tmp_path: Path) -> None:
+    child = os.fork()
+    if child == 0:
+        os._exit(0)
+    os.waitpid(child, 0)  # a pid that ran and is gone
+    now = time.time()
+    files = {name: tmp_path / name for name in (
+        f".jobs-2026-01-05.{child}.ab12.partial",  # its writer is gone, untouched 20 minutes: stale
+        f".jobs-2026-01-05.{child}.cd34.partial",  # its writer is gone but it was touched just now: kept
+        f".jobs-2026-01-05.{os.getpid()}.ef56.partial",  # a live writer's, 20 minutes idle: kept
+        f".jobs-2026-01-06.{os.getpid()}.gh78.partial",  # a live writer's, untouched for two days: stale
+        ".jobs-2026-01-05.jsonl.gz.partial",  # an older version's, 20 minutes: stale
+        "jobs-2026-01-05.jsonl.gz", ".other.partial")}
+    for path in files.values():
+        path.write_bytes(b"x")
+    ages = dict.fromkeys(files, 1200.0)
+    ages[f".jobs-2026-01-05.{child}.cd34.partial"] = 0.0
+    ages[f".jobs-2026-01-06.{os.getpid()}.gh78.partial"] = 2 * DAY
+    for name, age in ages.items():
+        os.utime(files[name], (now - age, now - age))
+    removed = {p.name for p in ac.ArchiveFile.remove_stale(tmp_path, now)}
+    assert removed == {f".jobs-2026-01-05.{child}.ab12.partial", f".jobs-2026-01-06.{os.getpid()}.gh78.partial",
+                       ".jobs-2026-01-05.jsonl.gz.partial"}
+    assert {p.name for p in tmp_path.iterdir()} == set(files) - removed
+
+
+def test_two_backups_to_one_name_never_share_a_file(tmp_path: Path) -> None:
+    db = str(tmp_path / "c.db")
+    ac.migrate(db)
+    dest = tmp_path / "copy.db"
+    ac.backup(db, str(dest))
+    with pytest.raises(ac.ConfigError, match="exists"):
+        ac.backup(db, str(dest))
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(("copy", ".copy"))) == ["copy.db"]
+
+
 async def test_an_archive_dir_that_cannot_be_written_stops_start_up(tmp_path: Path) -> None:
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("a file")
     with pytest.raises(ac.ConfigError, match="ARCHIVE_DIR: cannot write"):
         async with harness(tmp_path, {"ARCHIVE_DIR": str(blocker / "archive")}):
+            pass
+    with pytest.raises(ac.ConfigError, match=f"ARCHIVE_DIR: {blocker} is not a directory"):
+        async with harness(tmp_path, {"ARCHIVE_DIR": str(blocker)}):
             pass
 
 
