@@ -3258,6 +3258,43 @@ def export_unpruned_day(path: str, directory: Path, day: int,
         conn.close()
 
 
+def find_archived(path: str, directory: Path, day: int) -> list[int]:
+    """Seqs of the finished, unpruned jobs of the UTC day starting at `day` that an archive file of that
+    day in `directory` already holds, line for line as archive_line writes them from the database now:
+    what a run stopped between publishing a file and pruning its jobs (a kill, a power cut) left, to be
+    pruned without a second copy. A file that does not read to its end (gzip CRC and length checked)
+    counts for nothing. Raises sqlite3.Error."""
+    name = day_name(day)
+    files = sorted(directory.glob(f"jobs-{name}.jsonl.gz")) + sorted(directory.glob(f"jobs-{name}.*.jsonl.gz"))
+    if not files:
+        return []
+    conn = connect(path, readonly=True)
+    found: list[int] = []
+    try:
+        for file in files:
+            held: list[int] = []
+            try:
+                with gzip.open(file, "rb") as lines:
+                    for chunk in iter(lambda: list(itertools.islice(lines, ARCHIVE_CHUNK)), []):
+                        stored = {load_json(raw)["seq"]: raw.rstrip(b"\n") for raw in chunk if raw.strip()}
+                        conn.execute("BEGIN")
+                        try:
+                            rows = [r for r in get_jobs_by_seq(conn, [q for q in stored if isinstance(q, int)])
+                                    if r["pruned_at"] is None and r["finished_at"] is not None
+                                    and day_start(r["finished_at"]) == day]
+                            held += [row["seq"] for row, line in zip(rows, archive_lines(conn, rows))
+                                     if line.encode("utf-8") == stored[row["seq"]]]
+                        finally:
+                            conn.execute("ROLLBACK")
+            except (OSError, EOFError, ValueError, TypeError, KeyError, RecursionError) as exc:
+                log.warning("%s does not read as an archive (%r): its jobs are archived again", file, exc)
+                continue
+            found += held
+    finally:
+        conn.close()
+    return found
+
+
 def export_finished(conn: sqlite3.Connection, directory: Path, before: int) -> list[tuple[Path, int]]:
     """Archive every job that finished before `before` (pruned ones too), a file per UTC day, from one
     read snapshot of `conn`; [(file, jobs)]. Raises OSError or sqlite3.Error (the day being written is
@@ -3685,7 +3722,17 @@ class Coordinator:
         """Archive, then prune, each whole UTC day of finished jobs before `before`, oldest first."""
         for partial in ArchiveFile.remove_stale(directory, time.time()):
             log.info("removed %s, the partial archive file of an interrupted run", partial)
+        checked: set[int] = set()  # days whose published files were looked at this pass
         while not self._stopping.is_set() and (first := await self.db.read(oldest_unpruned_finish, before)) is not None:
+            if day_start(first) not in checked:
+                checked.add(day_start(first))
+                held = await asyncio.to_thread(find_archived, self.settings.db_path, directory, day_start(first))
+                if held:
+                    log.warning("%d jobs that finished on %s are in its archive files already but were not pruned"
+                                " (a run was stopped in between): pruning them", len(held), day_name(first))
+                    for i in range(0, len(held), self.RETENTION_BATCH):
+                        done["pruned"] += await self.maintain(tx_prune, held[i:i + self.RETENTION_BATCH], now)
+                    continue
             try:
                 seqs, path = await asyncio.to_thread(export_unpruned_day, self.settings.db_path, directory,
                                                      day_start(first), self._stopping)

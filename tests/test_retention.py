@@ -516,3 +516,45 @@ async def test_verify_refuses_archive_lines_whose_receipts_are_not_receipts_of_t
         assert "Traceback" not in checked.output and checked.output.count("\n") == 1
     pruned = {**good[0], "payload": None, "result": None, "metrics": None, "pruned_at": T0 * 1000}
     assert verify("fine", good[1], pruned).exit_code == 0  # a pruned export line holds no result
+
+
+async def test_a_run_stopped_between_publishing_and_pruning_is_not_archived_twice(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A kill -9 after jobs-D.jsonl.gz is in place, before its jobs are pruned: the next pass recognises the
+    published lines (exactly what it would write) and prunes those jobs instead of writing the day again;
+    a job whose line no longer matches (the file edited) is archived again, alone."""
+    archive = tmp_path / "archive"
+    async with harness(tmp_path, {**SIGNING, "PAYLOAD_RETENTION_DAYS": "1", "ARCHIVE_DIR": str(archive)}) as h:
+        ids = await complete(h, 40)
+        h.clock.advance(2 * DAY)
+
+        def killed(*args: Any) -> Any:
+            raise RuntimeError("killed")
+
+        with monkeypatch.context() as patched:
+            patched.setattr(ac, "tx_prune", killed)
+            with pytest.raises(RuntimeError):
+                await h.coord.retain()
+        first = day_file(archive, T0)
+        assert [line["job_id"] for line in ac.read_archive(first)] == ids
+        assert stored(h, "SELECT COUNT(*) FROM jobs WHERE pruned_at IS NULL") == [(40,)]
+        done = await h.coord.retain()
+        assert (done["archived"], done["pruned"]) == (0, 40)
+        assert sorted(p.name for p in archive.iterdir()) == [first.name]
+
+        later = await complete(h, 3, "later")
+        h.clock.advance(2 * DAY)
+        with monkeypatch.context() as patched:
+            patched.setattr(ac, "tx_prune", killed)
+            with pytest.raises(RuntimeError):
+                await h.coord.retain()
+        [second] = [p for p in archive.iterdir() if p.name != first.name]
+        raw = gzip.decompress(second.read_bytes()).splitlines(keepends=True)
+        edited = json.loads(raw[1])
+        edited["result"] = {"text": "edited"}
+        raw[1] = json.dumps(edited).encode() + b"\n"
+        second.write_bytes(gzip.compress(b"".join(raw)))  # the other lines byte for byte as written
+        done = await h.coord.retain()
+        assert (done["archived"], done["pruned"]) == (1, 3)  # two recognised, the edited one archived again
+        third = sorted(set(archive.iterdir()) - {first, second})
+        assert [[line["job_id"] for line in ac.read_archive(p)] for p in third] == [[later[1]]]
