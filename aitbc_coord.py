@@ -811,16 +811,41 @@ def backup(path: str, dest: str) -> dict[str, Any]:
     return {"dest": str(target), "schema_version": version, "jobs": jobs, "bytes": target.stat().st_size}
 
 
-def open_readonly(path: str) -> sqlite3.Connection:
+class DatabaseChanged(sqlite3.DatabaseError):
+    """The database file changed under a reader that cannot see changes (an immutable one)."""
+
+
+def database_stamp(path: str) -> tuple[int, int, int, bytes]:
+    """What a write to the database file changes: its inode, size, mtime (ns) and SQLite's file change
+    counter (header bytes 24-27, SQLite docs "Database File Format" 1.3.7)."""
+    with open(path, "rb") as file:
+        file.seek(24)
+        counter = file.read(4)
+        st = os.fstat(file.fileno())
+    return st.st_ino, st.st_size, st.st_mtime_ns, counter
+
+
+def open_readonly(path: str) -> tuple[sqlite3.Connection, Callable[[], None]]:
     """The database at `path` for reading only, creating nothing beside it (a command run by another
     user, e.g. root from cron, must leave no -wal/-shm files the service cannot open): through the
     running server's -wal/-shm when they exist, else as an immutable file (SQLite URI parameters
-    mode=ro and immutable=1). Raises sqlite3.Error."""
+    mode=ro and immutable=1). With it, a check to call before trusting what was read: an immutable
+    reader sees no change and takes no lock, so a server that starts on the file meanwhile can make
+    it read wrong rows or "malformed" pages; the check raises DatabaseChanged when the file changed
+    since it was opened. Raises sqlite3.Error."""
     uri = Path(path).resolve().as_uri()
     live = Path(path + "-wal").exists() and Path(path + "-shm").exists()
+    stamp = None if live else database_stamp(path)
+
+    def unchanged() -> None:
+        if stamp is not None and database_stamp(path) != stamp:
+            raise DatabaseChanged("the database changed during the export (a server started on it?): nothing read"
+                                  " since is kept; run it again (with the server running, an export reads"
+                                  " through its WAL and is not disturbed)")
+
     conn = sqlite3.connect(f"{uri}?mode=ro" if live else f"{uri}?immutable=1", uri=True, isolation_level=None)
     conn.row_factory = sqlite3.Row
-    return conn
+    return conn, unchanged
 
 
 def _settle_all(outcomes: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) -> None:
@@ -3295,10 +3320,12 @@ def find_archived(path: str, directory: Path, day: int) -> list[int]:
     return found
 
 
-def export_finished(conn: sqlite3.Connection, directory: Path, before: int) -> list[tuple[Path, int]]:
+def export_finished(conn: sqlite3.Connection, directory: Path, before: int,
+                    unchanged: Callable[[], None] = lambda: None) -> list[tuple[Path, int]]:
     """Archive every job that finished before `before` (pruned ones too), a file per UTC day, from one
-    read snapshot of `conn`; [(file, jobs)]. Raises OSError or sqlite3.Error (the day being written is
-    left out)."""
+    read snapshot of `conn`; [(file, jobs)]. `unchanged` (open_readonly's check) runs before each file
+    is published. Raises OSError or sqlite3.Error (the day being written is left out; DatabaseChanged
+    when the database changed under an immutable reader, also in place of the error that caused)."""
     written: list[tuple[Path, int]] = []
     out: ArchiveFile | None = None
     conn.execute("BEGIN")
@@ -3310,13 +3337,18 @@ def export_finished(conn: sqlite3.Connection, directory: Path, before: int) -> l
                 day = day_start(row["finished_at"])
                 if out is None or out.day != day:
                     if out is not None:
+                        unchanged()
                         written.append((out.finish(), out.jobs))
                     out = ArchiveFile(directory, day)
                 out.write(line)
         if out is not None:
+            unchanged()
             written.append((out.finish(), out.jobs))
             out = None
         return written
+    except sqlite3.Error:
+        unchanged()  # "malformed" from a file written under an immutable reader: say what happened
+        raise
     finally:
         if out is not None:
             out.abandon()
@@ -7031,11 +7063,13 @@ def archive_command(dest: str, before: Any, db_path: str | None, env_file: str |
         raise click.ClickException(f"no database at {settings.db_path}")
     try:
         Path(dest).mkdir(mode=0o700, parents=True, exist_ok=True)
-        conn = open_readonly(settings.db_path)
+        conn, unchanged = open_readonly(settings.db_path)
         try:
-            written = export_finished(conn, Path(dest), cutoff)
+            written = export_finished(conn, Path(dest), cutoff, unchanged)
         finally:
             conn.close()
+    except DatabaseChanged as exc:
+        raise click.ClickException(f"archive to {dest} stopped: {exc}") from None
     except (OSError, sqlite3.Error) as exc:
         raise click.ClickException(f"archive to {dest} failed: {exc}") from None
     jobs = sum(n for _, n in written)

@@ -558,3 +558,35 @@ async def test_a_run_stopped_between_publishing_and_pruning_is_not_archived_twic
         assert (done["archived"], done["pruned"]) == (1, 3)  # two recognised, the edited one archived again
         third = sorted(set(archive.iterdir()) - {first, second})
         assert [[line["job_id"] for line in ac.read_archive(p)] for p in third] == [[later[1]]]
+
+
+async def test_an_export_of_a_stopped_database_that_a_server_starts_writing_says_so(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without -wal/-shm the export reads the file as immutable (no locks, no change seen): a server that
+    starts and writes meanwhile is detected and named, never 'malformed', and no file of what was read
+    after is published."""
+    async with harness(tmp_path, SIGNING) as h:
+        await complete(h, 3, "first")
+        h.clock.advance(DAY)
+        await complete(h, 3, "second")
+        db = h.coord.settings.db_path
+    assert not Path(db + "-wal").exists()
+    real, calls = ac.archive_lines, []
+
+    def server_starts(conn: sqlite3.Connection, rows: Any) -> list[str]:
+        calls.append(1)
+        if len(calls) == 1:
+            writer = sqlite3.connect(db)  # a server starting on the file: a write, checkpointed into it
+            writer.execute("UPDATE counters SET n = n + 1 WHERE name = 'active_bids'")
+            writer.commit()
+            writer.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            writer.close()
+        return real(conn, rows)
+
+    monkeypatch.setattr(ac, "archive_lines", server_starts)
+    dest = tmp_path / "export"
+    out = CliRunner().invoke(ac.cli, ["archive", str(dest), "--db", db,
+                                      "--before", time.strftime("%Y-%m-%d", time.gmtime(T0 + 3 * DAY))])
+    assert out.exit_code == 1 and "the database changed during the export" in out.output, out.output
+    assert "malformed" not in out.output
+    assert [p.name for p in dest.iterdir()] == []  # nothing read after the change was published
