@@ -1746,6 +1746,17 @@ def start_retention_clock(conn: sqlite3.Connection, now: int) -> tuple[int, bool
     return int(conn.execute("SELECT at FROM retention WHERE name = 'clock_started'").fetchone()[0]), False
 
 
+def get_retention_mark(conn: sqlite3.Connection, name: str) -> int | None:
+    """A time retention keeps (Unix ms: 'clock_started', 'last_pass'), or None."""
+    row = conn.execute("SELECT at FROM retention WHERE name = ?", (name,)).fetchone()
+    return None if row is None else int(row[0])
+
+
+def set_retention_mark(conn: sqlite3.Connection, name: str, at: int) -> None:
+    conn.execute("INSERT INTO retention (name, at) VALUES (?, ?) ON CONFLICT (name) DO UPDATE SET at = excluded.at",
+                 (name, at))
+
+
 def oldest_unpruned_finish(conn: sqlite3.Connection, before: int) -> int | None:
     """finished_at of the oldest finished job that finished before `before` and still holds its payload."""
     row = conn.execute("SELECT finished_at FROM jobs WHERE finished_at IS NOT NULL AND pruned_at IS NULL"
@@ -3195,6 +3206,12 @@ def tx_start_retention_clock(conn: sqlite3.Connection, now: int) -> Outcome:
     return Outcome(start_retention_clock(conn, now))
 
 
+def tx_set_retention_mark(conn: sqlite3.Connection, name: str, at: int) -> Outcome:
+    """Record a time retention keeps (see set_retention_mark)."""
+    set_retention_mark(conn, name, at)
+    return Outcome()
+
+
 def tx_canonical_payloads(conn: sqlite3.Connection) -> Outcome:
     """Store the payloads of QUEUED and RUNNING jobs as canonical JSON, as submits since this version
     do (a receipt's payload digest is then the hash of the stored text); the value is how many changed."""
@@ -3383,6 +3400,9 @@ class Upkeep:
     jobs_deleted: int = 0
     receipts_deleted: int = 0
     bids_deleted: int = 0
+    passes_refused: int = 0  # retention passes not run: the wall clock stepped ahead (Coordinator.clock_agrees)
+    clock_step_ms: int = 0  # how far ahead the wall clock is of what the monotonic clock implies, while refused
+    clock_resets: int = 0  # a retention clock found stored in the future, restarted at start-up
     archive_files: int = 0
     archive_jobs: int = 0
     archive_errors: int = 0
@@ -3397,6 +3417,11 @@ class Coordinator:
     RETENTION_BATCH = 16  # jobs pruned or deleted per unit of work: a few ms of the writer each
     RETENTION_WINDOW = 256  # oldest receipts or bids a deletion looks at: what is not due yet there is skipped
     RETENTION_IDLE_SECONDS = 30.0  # between retention passes once one has caught up
+    # A wall clock more than this ahead of the last retention pass plus the monotonic time since pauses
+    # retention (a pass would delete at once everything the step makes due) ...
+    CLOCK_STEP_LIMIT_MS = DAY_MS
+    # ... until the stepped clock has held this long on the monotonic clock (or steps back)
+    CLOCK_SETTLE_SECONDS = 86_400.0
     WAL_CHECKPOINT_SECONDS = 10.0  # between background WAL checkpoints
 
     def __init__(self, settings: Settings, clock: Callable[[], float] = time.time,
@@ -3428,6 +3453,10 @@ class Coordinator:
         # date, so a busy fleet's claims and completions cost no offer write each (SPEC section 10).
         self.slots_changed: set[str] = set()
         self.retention_clock = 0  # when retention's clock started (Unix ms; set at start)
+        # (wall ms, monotonic s) of the last retention pass that ran (at start: the stored one's wall
+        # time and the start, so a stop longer than CLOCK_STEP_LIMIT_MS counts as a step), or None
+        self.retention_anchor: tuple[int, float] | None = None
+        self.clock_step: tuple[int, float] | None = None  # (ms ahead, monotonic s when first seen) while refused
         self.upkeep = Upkeep()
         self._upkeep_task: asyncio.Task[None] | None = None
         self._next_retention = self._next_wal_checkpoint = 0.0  # on the monotonic clock
@@ -3530,7 +3559,17 @@ class Coordinator:
         s = self.settings
         if s.archive_dir is not None:
             ensure_archive_dir(s.archive_dir)
-        self.retention_clock, started = await self.apply(tx_start_retention_clock, self.now())
+        now = self.now()
+        self.retention_clock, started = await self.apply(tx_start_retention_clock, now)
+        if self.retention_clock > now + self.CLOCK_STEP_LIMIT_MS:
+            log.error("retention: its clock was stored as started at %s, %.1f days ahead of now (%s): the wall clock "
+                      "was wrong at the first start; restarting it now, so nothing finished since is kept forever",
+                      iso(self.retention_clock), (self.retention_clock - now) / DAY_MS, iso(now))
+            await self.apply(tx_set_retention_mark, "clock_started", now)
+            self.retention_clock = now
+            self.upkeep.clock_resets += 1
+        if (last := await self.db.read(get_retention_mark, "last_pass")) is not None:
+            self.retention_anchor = (last, self.monotonic())
         if started:  # the first start of this version: jobs still to run get canonical payloads
             await self.apply(tx_canonical_payloads)
         finished = sum(n for state, n in (await self.db.read(get_job_counts)).items() if state not in ACTIVE_STATES)
@@ -3715,13 +3754,52 @@ class Coordinator:
             return None
         return now - days * DAY_MS
 
+    def clock_agrees(self, now: int, mono: float) -> bool:
+        """Whether a retention pass may trust the wall clock `now` (Unix ms): not when it is more than
+        CLOCK_STEP_LIMIT_MS ahead of the last pass plus the monotonic time since (a step ahead, e.g. a
+        VM restored with a bad RTC, would make everything due at once and delete it), until that step
+        has held for CLOCK_SETTLE_SECONDS. A step back is always trusted (it only delays retention).
+        Logs a refused step once, and keeps it in the metrics."""
+        if self.retention_anchor is None:
+            return True
+        wall, at = self.retention_anchor
+        ahead = now - wall - int((mono - at) * 1000)
+        step, self.upkeep.clock_step_ms = self.clock_step, 0
+        if ahead <= self.CLOCK_STEP_LIMIT_MS:
+            if step is not None:
+                log.warning("retention: the wall clock agrees with the monotonic clock again; retention resumes")
+            self.clock_step = None
+            return True
+        if step is None or abs(ahead - step[0]) > self.CLOCK_STEP_LIMIT_MS:  # a new step
+            log.error("retention paused: the wall clock (%s) is %.1f days ahead of the last retention pass (%s) plus "
+                      "the time since on the monotonic clock (the clock stepped ahead, or the service was stopped that "
+                      "long); nothing is pruned or deleted until it steps back or has held for %.0f hours",
+                      iso(now), ahead / DAY_MS, iso(wall), self.CLOCK_SETTLE_SECONDS / 3600)
+            self.clock_step = step = (ahead, mono)
+        if mono - step[1] >= self.CLOCK_SETTLE_SECONDS:
+            log.warning("retention: the wall clock has held %.1f days ahead for %.0f hours: taking it as right",
+                        ahead / DAY_MS, (mono - step[1]) / 3600)
+            self.clock_step = None
+            return True
+        self.upkeep.passes_refused += 1
+        self.upkeep.clock_step_ms = ahead
+        return False
+
     async def retain(self) -> dict[str, int]:
         """One retention pass, until nothing is due: (with ARCHIVE_DIR) archive each due day and prune
-        it, else prune due payloads; then delete job summaries and receipts past their retention. Each
-        unit runs alone and small. Returns what it did; raises what archiving or the database raised
+        it, else prune due payloads; then delete job summaries, bids and receipts past their retention.
+        Each unit runs alone and small. Nothing runs while the wall clock is not trusted (clock_agrees:
+        the value has "refused": 1). Returns what it did; raises what archiving or the database raised
         (what was done stays done)."""
-        s, now = self.settings, self.now()
-        done = {"archived": 0, "pruned": 0, "jobs_deleted": 0, "receipts_deleted": 0, "bids_deleted": 0}
+        s, now, mono = self.settings, self.now(), self.monotonic()
+        done = {"archived": 0, "pruned": 0, "jobs_deleted": 0, "receipts_deleted": 0, "bids_deleted": 0, "refused": 0}
+        if (s.payload_retention_days, s.job_retention_days, s.receipt_retention_days) == (None, None, None):
+            return done  # all kept: nothing to do, nothing to record
+        if not self.clock_agrees(now, mono):
+            done["refused"] = 1
+            return done
+        await self.apply(tx_set_retention_mark, "last_pass", now)
+        self.retention_anchor = (now, mono)
         before = self.retention_cutoff(s.payload_retention_days, now)
         if before is not None and s.archive_dir is not None:
             await self._archive_and_prune(Path(s.archive_dir), day_start(before), now, done)
@@ -5642,8 +5720,16 @@ class Metrics:
                 ("aitbc_retention_receipts_deleted", upkeep.receipts_deleted, "Receipts deleted (RECEIPT_RETENTION_DAYS)"),
                 ("aitbc_archive_files_written", upkeep.archive_files, "Archive files written to ARCHIVE_DIR"),
                 ("aitbc_archive_jobs_written", upkeep.archive_jobs, "Jobs written to archive files"),
-                ("aitbc_archive_errors", upkeep.archive_errors, "Archive runs that failed (nothing of them was pruned)")):
+                ("aitbc_archive_errors", upkeep.archive_errors, "Archive runs that failed (nothing of them was pruned)"),
+                ("aitbc_retention_bids_deleted", upkeep.bids_deleted, "Bids deleted (JOB_RETENTION_DAYS)"),
+                ("aitbc_retention_passes_refused", upkeep.passes_refused,
+                 "Retention passes not run: the wall clock stepped ahead of the monotonic clock"),
+                ("aitbc_retention_clock_resets", upkeep.clock_resets,
+                 "Retention clocks found stored in the future at start-up, restarted")):
             yield CounterMetricFamily(name, help_text, value=value)
+        yield GaugeMetricFamily("aitbc_retention_clock_step_seconds", "How far the wall clock is ahead of the last "
+                                "retention pass plus the monotonic time since, while that pauses retention (else 0)",
+                                value=upkeep.clock_step_ms / 1000)
 
     def observe_request(self, method: str, route: str, status: int, seconds: float) -> None:
         """Count one HTTP request (methods no route serves are counted as OTHER: labels stay bounded)."""

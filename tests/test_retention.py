@@ -18,7 +18,7 @@ import pytest
 from click.testing import CliRunner
 
 import aitbc_coord as ac
-from conftest import ADMIN, CLIENT, MINER, T0, Harness, harness
+from conftest import ADMIN, CLIENT, MINER, T0, FakeClock, Harness, harness
 from test_receipts import EDGE_ATTESTATION_SEED, EDGE_SEED, EDGE_SIGNATURE, independently_valid, sdk_digest
 
 pytestmark = pytest.mark.anyio
@@ -590,3 +590,69 @@ async def test_an_export_of_a_stopped_database_that_a_server_starts_writing_says
     assert out.exit_code == 1 and "the database changed during the export" in out.output, out.output
     assert "malformed" not in out.output
     assert [p.name for p in dest.iterdir()] == []  # nothing read after the change was published
+
+
+# --- wall-clock steps ---
+
+
+async def test_a_wall_clock_step_ahead_pauses_retention_until_it_steps_back_or_holds_a_day(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The break report's case: JOB_RETENTION_DAYS=35 and a clock 40 days ahead for a moment deleted every
+    job. A pass now trusts the wall clock only as far as the monotonic clock went since the last pass
+    (plus a day); a step that holds for a day is taken as right."""
+    monotonic = FakeClock(1000.0)
+    env = {**SIGNING, "PAYLOAD_RETENTION_DAYS": "30", "JOB_RETENTION_DAYS": "35"}
+    async with harness(tmp_path, env, monotonic=monotonic) as h:
+        ids = await complete(h, 5)
+        assert (await h.coord.retain())["refused"] == 0
+        h.clock.advance(40 * DAY)  # the wall clock steps; a minute passes
+        monotonic.advance(60)
+        done = await h.coord.retain()
+        assert (done["refused"], done["pruned"], done["jobs_deleted"]) == (1, 0, 0)
+        assert "retention paused: the wall clock" in caplog.text and "40.0 days ahead" in caplog.text
+        metrics = (await h.client.get("/metrics")).text
+        assert "aitbc_retention_passes_refused_total 1.0" in metrics
+        assert "aitbc_retention_clock_step_seconds 3.45" in metrics  # 40 days less the minute, in seconds
+        h.clock.advance(-40 * DAY)  # set right again: nothing was lost
+        monotonic.advance(60)
+        assert (await h.coord.retain())["refused"] == 0
+        assert len(stored(h, "SELECT job_id FROM jobs")) == 5
+        assert "aitbc_retention_clock_step_seconds 0.0" in (await h.client.get("/metrics")).text
+        h.clock.advance(40 * DAY)  # a step that stays: paused for a day of monotonic time, then trusted
+        for _ in range(24):  # first seen at the first hour: held 23 hours at the last
+            h.clock.advance(3600)
+            monotonic.advance(3600)
+            assert (await h.coord.retain())["refused"] == 1
+        h.clock.advance(3600)
+        monotonic.advance(3600)
+        done = await h.coord.retain()
+        assert (done["refused"], done["pruned"], done["jobs_deleted"]) == (0, 5, 4)
+        assert stored(h, "SELECT job_id FROM jobs") == [(ids[-1],)]
+
+
+async def test_a_restart_after_a_long_stop_waits_and_a_stored_clock_in_the_future_is_restarted(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    ahead = FakeClock(T0 + 3650 * DAY)  # the first start with retention on a clock ten years ahead
+    async with harness(tmp_path, {"PAYLOAD_RETENTION_DAYS": "1"}, clock=ahead) as h:
+        await complete(h, 2, "ahead")
+        await h.coord.retain()
+    async with harness(tmp_path, {"PAYLOAD_RETENTION_DAYS": "1"}) as h:  # the clock is right again
+        assert "its clock was stored as started at" in caplog.text and "restarting it now" in caplog.text
+        assert h.coord.retention_clock == int(T0 * 1000)
+        assert "aitbc_retention_clock_resets_total 1.0" in (await h.client.get("/metrics")).text
+        ids = await complete(h, 3, "now")
+        h.clock.advance(2 * DAY)
+        assert (await h.coord.retain())["pruned"] == 3  # (those stamped ten years ahead are due then)
+        assert {r[0] for r in stored(h, "SELECT job_id FROM jobs WHERE pruned_at IS NOT NULL")} == set(ids)
+    later = FakeClock(T0 + 5 * DAY)  # stopped for three days: as good as a step, until it holds a day
+    monotonic = FakeClock(0.0)
+    async with harness(tmp_path, {"PAYLOAD_RETENTION_DAYS": "1"}, clock=later, monotonic=monotonic) as h:
+        await h.register()
+        job = await h.submit({"n": 1})
+        await h.take()
+        await h.result(job["job_id"], {"ok": 1})
+        assert (await h.coord.retain())["refused"] == 1  # it cannot tell a long stop from a step
+        later.advance(DAY + 3600)
+        monotonic.advance(DAY + 3600)
+        done = await h.coord.retain()
+        assert (done["refused"], done["pruned"]) == (0, 1)
