@@ -285,12 +285,18 @@ def _parse_origin(raw: str) -> str:
         raise ValueError(f"must be 1-255 printable ASCII characters without spaces or '+', e.g. "
                          f"example.org/aitbc/receipts, got {raw!r}")
     return raw
+
+
+RETENTION_DAYS_MAX = SECONDS_MAX // 86_400  # 3650: durations are at most ten years; past that, say keep
+
+
 def _parse_retention_days(raw: str) -> int | None:
-    """A whole number of days (at least 1), or `keep` (None: nothing is dropped)."""
+    """A whole number of days from 1 to RETENTION_DAYS_MAX, or `keep` (None: nothing is dropped)."""
     if raw.lower() in ("keep", "forever", "never"):
         return None
-    if not re.fullmatch(r"[0-9]{1,6}", raw) or int(raw) < 1:
-        raise ValueError(f"must be a whole number of days from 1 to 999999, or keep, got {raw!r}")
+    if not re.fullmatch(r"[0-9]{1,6}", raw) or not 1 <= int(raw) <= RETENTION_DAYS_MAX:
+        raise ValueError(f"must be a whole number of days from 1 to {RETENTION_DAYS_MAX} (ten years), or keep,"
+                         f" got {raw!r}")
     return int(raw)
 
 

@@ -175,6 +175,7 @@ async def test_the_first_start_with_retention_counts_older_jobs_as_finished_then
     ({"PAYLOAD_RETENTION_DAYS": "keep"}, (None, None, None)),
     ({"PAYLOAD_RETENTION_DAYS": "7", "JOB_RETENTION_DAYS": "30", "RECEIPT_RETENTION_DAYS": "Forever"}, (7, 30, None)),
     ({"PAYLOAD_RETENTION_DAYS": "7", "JOB_RETENTION_DAYS": "7", "RECEIPT_RETENTION_DAYS": "7"}, (7, 7, 7)),
+    ({"PAYLOAD_RETENTION_DAYS": "3650", "JOB_RETENTION_DAYS": "3650"}, (3650, 3650, None)),  # ten years at most
 ])
 def test_retention_settings(env: dict[str, str], expected: tuple[Any, ...]) -> None:
     s = ac.Settings.load(env, dotenv=False)
@@ -185,6 +186,9 @@ def test_retention_settings(env: dict[str, str], expected: tuple[Any, ...]) -> N
     ({"PAYLOAD_RETENTION_DAYS": "0"}, "PAYLOAD_RETENTION_DAYS"),
     ({"PAYLOAD_RETENTION_DAYS": "1.5"}, "PAYLOAD_RETENTION_DAYS"),
     ({"JOB_RETENTION_DAYS": "-3"}, "JOB_RETENTION_DAYS"),
+    ({"PAYLOAD_RETENTION_DAYS": "3651"}, "PAYLOAD_RETENTION_DAYS: must be a whole number of days from 1 to 3650"),
+    ({"JOB_RETENTION_DAYS": "999999"}, "JOB_RETENTION_DAYS: must be a whole number of days from 1 to 3650"),
+    ({"RECEIPT_RETENTION_DAYS": "5000"}, "RECEIPT_RETENTION_DAYS"),
     ({"JOB_RETENTION_DAYS": "10"}, "JOB_RETENTION_DAYS=10 is shorter than PAYLOAD_RETENTION_DAYS=30"),
     ({"PAYLOAD_RETENTION_DAYS": "keep", "RECEIPT_RETENTION_DAYS": "90"}, "RECEIPT_RETENTION_DAYS=90 is shorter"),
 ])
