@@ -2609,7 +2609,8 @@ class ArchiveFile:
 
     STALE_SECONDS = 600.0  # a partial file untouched this long whose writer is gone is an interrupted run's
     ABANDONED_SECONDS = 86_400.0  # ... and one untouched this long is stale whoever wrote it
-    PARTIAL_RE = re.compile(r"\.jobs-[0-9-]+\.(?:(\d+)\.[^.]*\.)?(?:jsonl\.gz\.)?partial")
+    # .jobs-DAY.<pid>.<random>.partial, or an older version's .jobs-DAY[.N].jsonl.gz.partial (no pid)
+    PARTIAL_RE = re.compile(r"\.jobs-[0-9-]+(?:\.(\d+)\.[^.]*|(?:\.\d+)?\.jsonl\.gz)\.partial")
 
     def __init__(self, directory: Path, day: int) -> None:
         self.directory, self.day = directory, day

@@ -308,7 +308,7 @@ def test_only_partial_files_of_writers_that_are_gone_are_removed(tmp_path: Path)
         f".jobs-2026-01-05.{child}.cd34.partial",  # its writer is gone but it was touched just now: kept
         f".jobs-2026-01-05.{os.getpid()}.ef56.partial",  # a live writer's, 20 minutes idle: kept
         f".jobs-2026-01-06.{os.getpid()}.gh78.partial",  # a live writer's, untouched for two days: stale
-        ".jobs-2026-01-05.jsonl.gz.partial",  # an older version's, 20 minutes: stale
+        ".jobs-2026-01-05.jsonl.gz.partial", ".jobs-2026-01-05.2.jsonl.gz.partial",  # an older version's: stale
         "jobs-2026-01-05.jsonl.gz", ".other.partial")}
     for path in files.values():
         path.write_bytes(b"x")
@@ -319,7 +319,7 @@ def test_only_partial_files_of_writers_that_are_gone_are_removed(tmp_path: Path)
         os.utime(files[name], (now - age, now - age))
     removed = {p.name for p in ac.ArchiveFile.remove_stale(tmp_path, now)}
     assert removed == {f".jobs-2026-01-05.{child}.ab12.partial", f".jobs-2026-01-06.{os.getpid()}.gh78.partial",
-                       ".jobs-2026-01-05.jsonl.gz.partial"}
+                       ".jobs-2026-01-05.jsonl.gz.partial", ".jobs-2026-01-05.2.jsonl.gz.partial"}
     assert {p.name for p in tmp_path.iterdir()} == set(files) - removed
 
 
