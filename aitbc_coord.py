@@ -5626,6 +5626,8 @@ class ConnectionGuard:
     proxies (FORWARDED_ALLOW_IPS) are exempt from the per-address cap.
     """
 
+    PEERS_KEPT = 1 << 16  # addresses remembered, then forgotten all at once
+
     def __init__(self, settings: Settings, open_files: int | None = None) -> None:
         self.header_timeout = settings.request_header_timeout_seconds
         self.max_body = settings.max_body_bytes  # a declared length past it buys no more time
@@ -5640,14 +5642,21 @@ class ConnectionGuard:
         self.open = 0
         self.refused = {"address": 0, "total": 0}  # 503s per cap
         self.closed = {"head": 0, "body": 0}  # connections closed by each deadline
+        self.peers: dict[str, Peer] = {}  # host -> Peer, for the addresses seen lately
 
     def peer(self, host: str) -> Peer:
-        """The cap key of `host` and whether it is exempt, from one parse of the address."""
+        """The cap key of `host` and whether it is exempt, from one parse of the address (remembered:
+        a fleet reconnects from the same addresses)."""
+        if (known := self.peers.get(host)) is not None:
+            return known
         try:
             address = ipaddress.ip_address(host)
         except ValueError:
             return Peer(host, self.any_exempt)  # a Unix socket or a name
-        return Peer(key_of_address(address), self.any_exempt or any(address in n for n in self.exempt))
+        if len(self.peers) >= self.PEERS_KEPT:
+            self.peers.clear()
+        known = self.peers[host] = Peer(key_of_address(address), self.any_exempt or any(address in n for n in self.exempt))
+        return known
 
     def admit(self, peer: Peer) -> str | None:
         """Count a new connection from `peer`; the cap it would exceed ("address", "total"), or None."""
