@@ -6145,6 +6145,7 @@ class GuardedProtocol(HttpToolsProtocol):
         args, kwargs = self.deferred
         super().__init__(*args, **kwargs)
         super().connection_made(transport)
+        self.transport = CoalescingTransport(transport)  # type: ignore[assignment]
         self.peer = peer
         if not peer.exempt and isinstance(self.app, ProxyHeadersMiddleware):
             self.app = self.app.app  # X-Forwarded-For counts only from FORWARDED_ALLOW_IPS: none to read here
@@ -6184,6 +6185,7 @@ class GuardedProtocol(HttpToolsProtocol):
         self.receiving = None
 
     def on_response_complete(self) -> None:
+        self.transport.flush()  # type: ignore[attr-defined]  # a head with no body (HEAD, 204)
         super().on_response_complete()
         if self.receiving == "body" and self.cycle.response_complete and not self.transport.is_closing():
             self.disarm()  # answered before its body came in: the rest of the stream cannot be trusted
@@ -6224,6 +6226,43 @@ class GuardedProtocol(HttpToolsProtocol):
             if self.cycle is None or self.cycle.response_complete or not self.cycle.response_started:
                 self.transport.write(REQUEST_TIMEOUT_408)
             self.transport.close()
+
+
+class CoalescingTransport:
+    """A connection's transport as uvicorn's protocol sees it, which writes a response's head and
+    body together. uvicorn writes them with two calls, so two send()s and two wake-ups of the
+    client on a loopback or LAN link, a third of the kernel's share of a small answer; here the
+    head of a final response (not 100 Continue) waits for the next write, a close, or the end of
+    the response, and goes out with the body in one writelines (one writev)."""
+
+    __slots__ = ("head", "transport")
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self.transport, self.head = transport, None  # type: ignore[var-annotated]
+
+    def write(self, data: bytes) -> None:
+        if self.head is not None:
+            head, self.head = self.head, None
+            self.transport.writelines((head, data))
+        elif data[:9] == b"HTTP/1.1 " and data[9:10] != b"1":
+            self.head = data
+        else:
+            self.transport.write(data)
+
+    def flush(self) -> None:
+        if self.head is not None:
+            head, self.head = self.head, None
+            self.transport.write(head)
+
+    def close(self) -> None:
+        self.flush()
+        self.transport.close()
+
+    def is_closing(self) -> bool:
+        return self.transport.is_closing()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.transport, name)
 
 
 def peer_host(transport: asyncio.BaseTransport) -> str:
