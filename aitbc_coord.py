@@ -950,6 +950,14 @@ class Database:
         finally:
             conn.execute("ROLLBACK")
 
+    async def peek(self, fn: Callable[..., T], *args: Any) -> T:
+        """As `read`, without the transaction around it: each statement reads its own snapshot. For reads
+        that are advice, not answers (a poll's look before it parks), where BEGIN and ROLLBACK would
+        cost as much as the query. Raises Unavailable as `read` does."""
+        if not self.open:
+            raise Unavailable("database not open")
+        return fn(self._rconn, *args)
+
     async def _run_writer(self) -> None:
         while not (self._closing and not self._pending and not self._alone):
             await self._wake.wait()
@@ -1382,8 +1390,11 @@ def touch_miners(conn: sqlite3.Connection, seen: Mapping[str, int], beats: Mappi
 
 
 def get_profile(conn: sqlite3.Connection, miner_id: str) -> sqlite3.Row | None:
-    """What MinerProfile needs of a miner's row, or None when it is not registered."""
-    return conn.execute(f"SELECT {PROFILE_COLUMNS} FROM miners WHERE miner_id = ?", (miner_id,)).fetchone()
+    """What MinerProfile needs of a miner's row and its RUNNING jobs (`running`), in one statement, or
+    None when it is not registered."""
+    return conn.execute(f"SELECT {PROFILE_COLUMNS}, (SELECT COUNT(*) FROM jobs WHERE state = 'RUNNING'"
+                        " AND assigned_miner_id = miners.miner_id) AS running FROM miners WHERE miner_id = ?",
+                        (miner_id,)).fetchone()
 
 
 def update_heartbeat(conn: sqlite3.Connection, miner_id: str, inflight: int | None, status: str,
@@ -2949,7 +2960,7 @@ def read_poll(conn: sqlite3.Connection, miner_id: str, now: int,
     if row is None:
         return None, False, False
     miner = MinerProfile.from_row(row)
-    ready = miner.status.upper() not in NO_WORK_STATUSES and count_running(conn, miner_id) < miner.concurrency
+    ready = miner.status.upper() not in NO_WORK_STATUSES and row["running"] < miner.concurrency
     return miner, ready, ready and matcher.oldest(conn, miner, now) is not None
 
 
@@ -3903,7 +3914,7 @@ class Coordinator:
             if self.matcher.queued != set():  # jobs may be queued (or not known yet): claim at once
                 job, profile, ready = await self.apply(tx_poll, waiter.miner_id, self.now(), self.matcher)
             else:  # nothing queued: a read, so that renewals of an idle fleet cost no write or commit
-                profile, ready, available = await self.db.read(read_poll, waiter.miner_id, self.now(), self.matcher)
+                profile, ready, available = await self.db.peek(read_poll, waiter.miner_id, self.now(), self.matcher)
                 if profile is None:
                     raise NotFound("miner not registered")
                 if available:  # queued since the set was read
@@ -6233,7 +6244,7 @@ class CoalescingTransport:
     body together. uvicorn writes them with two calls, so two send()s and two wake-ups of the
     client on a loopback or LAN link, a third of the kernel's share of a small answer; here the
     head of a final response (not 100 Continue) waits for the next write, a close, or the end of
-    the response, and goes out with the body in one writelines (one writev)."""
+    the response, and goes out with the body in one write."""
 
     __slots__ = ("head", "transport")
 
@@ -6243,8 +6254,8 @@ class CoalescingTransport:
     def write(self, data: bytes) -> None:
         if self.head is not None:
             head, self.head = self.head, None
-            self.transport.writelines((head, data))
-        elif data[:9] == b"HTTP/1.1 " and data[9:10] != b"1":
+            self.transport.write(head + data)
+        elif data.startswith(b"HTTP/1.1 ") and not data.startswith(b"1", 9):
             self.head = data
         else:
             self.transport.write(data)
