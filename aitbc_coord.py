@@ -74,6 +74,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, NamedTuple, TypeVar
@@ -667,7 +668,7 @@ class Outcome:
 
 # === Database ===
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 6
 MIN_SQLITE = (3, 35, 0)  # RETURNING
 # The -wal file is cut back to this once a checkpoint lets the log restart (SQLite's
 # journal_size_limit): a reader that pinned a snapshot (a backup, a slow read) grows it only for as
@@ -700,6 +701,8 @@ UPGRADES: dict[int, Callable[[], str]] = {
     3: lambda: schema_section(3),  # the receipt log
     # retention, fleet totals, paging indexes; liveness no longer needs last_seen indexed
     4: lambda: "DROP INDEX IF EXISTS miners_by_last_seen;\n" + schema_section(4),
+    5: lambda: schema_section(5),  # packed receipts (filled in by BACKFILLS[5]), constraints without nulls
+    6: lambda: schema_section(6),  # the text bodies go, and the columns only the balance trigger read
 }
 # What an upgrade step must also compute in Python (hashes SQLite has no function for), run after its
 # SQL in the same transaction: BACKFILLS[n](conn). Registered where their logic lives (Units of work).
@@ -1459,27 +1462,95 @@ def get_fleet_totals(conn: sqlite3.Connection) -> sqlite3.Row:
     return conn.execute("SELECT * FROM fleet_totals").fetchone()
 
 
+# How a receipt's JSON text is stored: deflated (RFC 1951, raw: no zlib header or checksum) against a
+# preset dictionary, after one byte naming it. The dictionary is the text every receipt this
+# coordinator signs shares (its keys and fixed values), then the row's own job_id and receipt_id
+# as the receipt spells them: the columns hold the ids, so the body only refers back to them. A
+# ~740-byte 1.1 receipt takes ~290 bytes, nearly all of them its digests and signature, which no
+# dictionary can predict. Inflating gives back the signed text byte for byte (what is served,
+# archived and hashed into the receipt log). A dictionary in use never changes, as rows were
+# written against it: a better one is added under the next number.
+RECEIPT_DICTIONARIES: dict[int, bytes] = {
+    1: b'"version":"1.0","receipt_id":"","job_id":"","provider":"","client":"","units":1,"unit_type":"gpu_seconds",'
+       b'"price":0.0,"metadata":{"result":{},"job_payload":{"prompt":""},"job_constraints":{"models":[""],'
+       b'"region":"","gpu":"","cuda":"","min_vram_gb":0,"max_price":0}}}{"attestations":[{"alg":"Ed25519",'
+       b'"key_id":"","sig":""}],"signature":{"alg":"Ed25519","key_id":"","sig":""}}{"client":"client-",'
+       b'"completed_at":1700000000,"coordinator_id":"aitbc-coordinator","job_id":"","metadata":{"job_constraints":{},'
+       b'"job_payload_sha256":"","metrics":{"units":0},"result_sha256":""},"price":0.0,"provider":"","receipt_id":"",'
+       b'"started_at":1700000000,"status":"COMPLETED","unit_price":0.0,"unit_type":"gpu_seconds","units":0,'
+       b'"version":"1.1","signature":{"alg":"Ed25519","key_id":"","sig":""}}',
+}
+RECEIPT_PACKING = 1  # the dictionary new rows are written with
+
+
+class StoredReceiptError(InternalError):
+    """A stored receipt names no known dictionary or does not inflate: its row was changed behind the
+    coordinator's back. (500: the database needs restoring from a backup, not the request changing.)"""
+
+
+def receipt_dictionary(packing: int, receipt_id: str, job_id: str) -> bytes:
+    """The preset dictionary of a receipt stored with `packing`, for the row with these ids."""
+    return RECEIPT_DICTIONARIES[packing] + f'"job_id":"{job_id}","receipt_id":"{receipt_id}"'.encode("utf-8")
+
+
+def pack_receipt(text: str, receipt_id: str, job_id: str) -> bytes:
+    """A receipt's JSON text as stored in the row with these ids: the dictionary's number, then the
+    raw deflate stream. A 4 KB window (more than the dictionary and an attested receipt) and small
+    hash tables: setting up a stream costs in proportion to them, and this runs on every completion."""
+    deflate = zlib.compressobj(3, zlib.DEFLATED, -12, 4, zlib.Z_DEFAULT_STRATEGY,
+                               receipt_dictionary(RECEIPT_PACKING, receipt_id, job_id))
+    return bytes((RECEIPT_PACKING,)) + deflate.compress(text.encode("utf-8")) + deflate.flush()
+
+
+def unpack_receipt(stored: bytes | str, receipt_id: str, job_id: str) -> str:
+    """The JSON text of the receipt stored in the row with these ids, byte for byte as signed; raises
+    StoredReceiptError. (A str is a body from before schema version 5, met only by the upgrade steps
+    that convert it.)"""
+    if isinstance(stored, str):
+        return stored
+    if not stored or stored[0] not in RECEIPT_DICTIONARIES:
+        raise StoredReceiptError(f"receipt {receipt_id}: unknown packing {stored[:1].hex() or '(empty)'}")
+    inflate = zlib.decompressobj(-15, zdict=receipt_dictionary(stored[0], receipt_id, job_id))
+    try:
+        text = inflate.decompress(stored[1:]) + inflate.flush()
+    except zlib.error as exc:
+        raise StoredReceiptError(f"receipt {receipt_id} does not inflate: {exc}") from None
+    if not inflate.eof:
+        raise StoredReceiptError(f"receipt {receipt_id} is cut short")
+    try:
+        return text.decode("utf-8")
+    except UnicodeDecodeError:
+        raise StoredReceiptError(f"receipt {receipt_id} does not inflate to UTF-8 text") from None
+
+
 def insert_receipt(conn: sqlite3.Connection, receipt: dict[str, Any], client_id: str, issued_at: int,
                    text: str | None = None) -> str:
-    """Store a sealed receipt (as `text` when its JSON text is at hand); returns the JSON text stored."""
+    """Store a sealed receipt (as `text` when its JSON text is at hand) and move its price, if any, from
+    the client's balance to the provider's (in millionths, as the explorer's addresses keep them);
+    returns the JSON text stored. Expects an open transaction."""
     body = text or compact_json(receipt)
-    conn.execute(
-        "INSERT INTO receipts (receipt_id, job_id, provider, client_id, issued_at, price, attested, body)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-        (receipt["receipt_id"], receipt["job_id"], receipt["provider"], client_id, issued_at,
-         receipt.get("price"), int("attestations" in receipt), body))
+    price = receipt.get("price")
+    conn.execute("INSERT INTO receipts (receipt_id, job_id, issued_at, price, body) VALUES (?, ?, ?, ?, ?)",
+                 (receipt["receipt_id"], receipt["job_id"], issued_at, price,
+                  pack_receipt(body, receipt["receipt_id"], receipt["job_id"])))
+    if price is not None:  # two statements, not a trigger: a trigger costs its sub-program on every firing
+        for address, sign in ((receipt["provider"], 1), (client_id, -1)):
+            conn.execute("UPDATE addresses SET balance_micro = balance_micro + ? * CAST(ROUND(? * 1000000) AS INTEGER)"
+                         " WHERE address = ?", (sign, price, address))
     return body
 
 
 def get_latest_receipt(conn: sqlite3.Connection, job_id: str) -> str | None:
-    """The job's latest receipt as stored (JSON text), or None."""
-    row = conn.execute("SELECT body FROM receipts WHERE job_id = ? ORDER BY seq DESC LIMIT 1", (job_id,)).fetchone()
-    return None if row is None else str(row[0])
+    """The job's latest receipt (JSON text), or None."""
+    row = conn.execute("SELECT receipt_id, body FROM receipts WHERE job_id = ? ORDER BY seq DESC LIMIT 1",
+                       (job_id,)).fetchone()
+    return None if row is None else unpack_receipt(row["body"], row["receipt_id"], job_id)
 
 
 def list_receipts_for_job(conn: sqlite3.Connection, job_id: str, after_seq: int, limit: int) -> list[sqlite3.Row]:
-    """A job's receipts oldest first, after the cursor `after_seq`."""
-    return conn.execute("SELECT seq, body FROM receipts WHERE job_id = ? AND seq > ? ORDER BY seq LIMIT ?",
+    """A job's receipts (seq, receipt_id, body as stored: unpack_receipt) oldest first, after the cursor
+    `after_seq`."""
+    return conn.execute("SELECT seq, receipt_id, body FROM receipts WHERE job_id = ? AND seq > ? ORDER BY seq LIMIT ?",
                         (job_id, after_seq, limit)).fetchall()
 
 
@@ -1576,16 +1647,38 @@ def get_latest_receipt_log_index(conn: sqlite3.Connection, job_id: str) -> int |
 
 
 def list_log_entries(conn: sqlite3.Connection, start: int, end: int) -> sqlite3.Cursor:
-    """Leaves start..end (inclusive) in order, lazily: leaf_index, leaf_hash and the receipt's body as
-    stored (NULL once pruned)."""
-    return conn.execute("SELECT l.leaf_index, l.leaf_hash, r.body FROM log_leaves AS l"
+    """Leaves start..end (inclusive) in order, lazily: leaf_index, leaf_hash, and the receipt's body as
+    stored with its ids (unpack_receipt; NULL once pruned)."""
+    return conn.execute("SELECT l.leaf_index, l.leaf_hash, r.body, r.receipt_id, r.job_id FROM log_leaves AS l"
                         " LEFT JOIN receipts AS r ON r.receipt_id = l.receipt_id"
                         " WHERE l.leaf_index BETWEEN ? AND ? ORDER BY l.leaf_index", (start, end))
 
 
 def list_receipts_in_issue_order(conn: sqlite3.Connection) -> Iterable[sqlite3.Row]:
-    """Every receipt's id and body, oldest first, lazily."""
+    """Every receipt's id and body, oldest first, lazily (for the upgrade to version 3: bodies were text)."""
     return conn.execute("SELECT receipt_id, body FROM receipts ORDER BY seq")
+
+
+def list_text_receipts(conn: sqlite3.Connection, after_seq: int, limit: int) -> list[sqlite3.Row]:
+    """Upgrade step 5: (seq, receipt_id, job_id, body) of receipts stored as text, after `after_seq` in
+    issue order."""
+    return conn.execute("SELECT seq, receipt_id, job_id, body FROM receipts WHERE seq > ? ORDER BY seq LIMIT ?",
+                        (after_seq, limit)).fetchall()
+
+
+def set_packed_receipts(conn: sqlite3.Connection, packed: Iterable[tuple[bytes, int]]) -> None:
+    """Upgrade step 5: store (packed body, seq) pairs in the column version 6 makes the body."""
+    conn.executemany("UPDATE receipts SET packed = ? WHERE seq = ?", packed)
+
+
+def list_constraints_with_nulls(conn: sqlite3.Connection, after_seq: int, limit: int) -> list[sqlite3.Row]:
+    """Upgrade step 5: (seq, constraints) of jobs whose stored constraints may hold nulls, after `after_seq`."""
+    return conn.execute("SELECT seq, constraints FROM jobs WHERE seq > ? AND constraints LIKE '%null%' ORDER BY seq"
+                        " LIMIT ?", (after_seq, limit)).fetchall()
+
+
+def set_job_constraints(conn: sqlite3.Connection, constraints: Iterable[tuple[str, int]]) -> None:
+    conn.executemany("UPDATE jobs SET constraints = ? WHERE seq = ?", constraints)
 
 
 def insert_checkpoint(conn: sqlite3.Connection, tree_size: int, root_hash: bytes, created_at: int, note: str) -> None:
@@ -1732,7 +1825,7 @@ def list_receipts(conn: sqlite3.Connection, job_id: str | None, limit: int, offs
     """Receipts newest first, of one job or of all; `before` is a seq."""
     terms = [t for t, on in (("job_id = :job", job_id is not None), ("seq < :before", before is not None)) if on]
     where = f"WHERE {' AND '.join(terms)}" if terms else ""
-    return conn.execute(f"SELECT seq, issued_at, attested, body FROM receipts {where} ORDER BY seq DESC"
+    return conn.execute(f"SELECT seq, receipt_id, job_id, issued_at, body FROM receipts {where} ORDER BY seq DESC"
                         " LIMIT :limit OFFSET :offset",
                         {"job": job_id, "before": before, "limit": limit, "offset": offset}).fetchall()
 
@@ -1814,13 +1907,13 @@ def get_jobs_by_seq(conn: sqlite3.Connection, seqs: Sequence[int]) -> list[sqlit
 
 
 def list_receipt_bodies(conn: sqlite3.Connection, job_ids: Sequence[str]) -> dict[str, list[str]]:
-    """Each job's receipts as stored (JSON text), oldest first."""
+    """Each job's receipts (JSON text, as signed), oldest first."""
     found: dict[str, list[str]] = {}
     if job_ids:
         marks = ",".join("?" * len(job_ids))
-        for job_id, body in conn.execute(f"SELECT job_id, body FROM receipts WHERE job_id IN ({marks}) ORDER BY seq",
-                                         job_ids):
-            found.setdefault(job_id, []).append(body)
+        for job_id, receipt_id, body in conn.execute(f"SELECT job_id, receipt_id, body FROM receipts"
+                                                     f" WHERE job_id IN ({marks}) ORDER BY seq", job_ids):
+            found.setdefault(job_id, []).append(unpack_receipt(body, receipt_id, job_id))
     return found
 
 
@@ -1993,6 +2086,22 @@ def shape_of(constraints: Mapping[str, Any]) -> str:
         if shape.get(key):  # 0 and None ask for nothing
             shape[bucket_key] = threshold_bucket(shape.pop(key))
     return canonical_json(shape)
+
+
+def stored_constraints(constraints: Mapping[str, Any]) -> str:
+    """How a job's constraints (all six keys) are stored: only those set, as compact JSON ("{}" for
+    none), the form its receipt's job_constraints takes. A job kept for years holds ~2 bytes here, not ~95."""
+    return compact_json({key: value for key, value in constraints.items() if value is not None})
+
+
+UNCONSTRAINED = compact_json(dict.fromkeys(CONSTRAINT_KEYS))
+
+
+def shown_constraints(stored: str) -> str:
+    """A job's stored constraints as clients and miners see them: all six keys, null where unset."""
+    if stored == "{}":  # nearly every job
+        return UNCONSTRAINED
+    return compact_json({**dict.fromkeys(CONSTRAINT_KEYS), **load_json(stored)})
 
 
 def gpu_memory_gb(miner: MinerProfile) -> float | None:
@@ -2605,8 +2714,8 @@ def archive_line(row: Mapping[str, Any], receipts: Sequence[str]) -> str:
     result and metrics, and its receipts, the stored JSON texts spliced in exactly as stored (so each
     receipt still verifies). A pruned job's payload, result and metrics are null."""
     return spliced_json({name: row[name] for name in ARCHIVE_FIELDS},
-                        {"constraints": row["constraints"], "payload": row["payload"], "result": row["result"],
-                         "metrics": row["metrics"], "receipts": f"[{','.join(receipts)}]"})
+                        {"constraints": shown_constraints(row["constraints"]), "payload": row["payload"],
+                         "result": row["result"], "metrics": row["metrics"], "receipts": f"[{','.join(receipts)}]"})
 
 
 class ArchiveFile:
@@ -3085,10 +3194,27 @@ def backfill_receipt_log(conn: sqlite3.Connection) -> None:
     """Upgrade step 3: every receipt issued before the log existed becomes a leaf, once, in issue order."""
     edge = LogEdge()
     for receipt_id, body in list_receipts_in_issue_order(conn):
-        append_to_log(conn, edge, receipt_id, body.encode())
+        append_to_log(conn, edge, receipt_id, body.encode())  # text: version 5 packs them
 
 
 BACKFILLS[3] = backfill_receipt_log
+
+
+def backfill_smaller_rows(conn: sqlite3.Connection, batch: int = 1000) -> None:
+    """Upgrade step 5: pack every receipt's text (the bytes inflate back to it exactly, so leaves,
+    signatures and archives are unchanged), and store every job's constraints without nulls."""
+    after = 0
+    while rows := list_text_receipts(conn, after, batch):
+        set_packed_receipts(conn, [(pack_receipt(body, receipt_id, job_id), seq)
+                                   for seq, receipt_id, job_id, body in rows])
+        after = rows[-1][0]
+    after = 0
+    while rows := list_constraints_with_nulls(conn, after, batch):
+        set_job_constraints(conn, [(stored_constraints(load_json(text)), seq) for seq, text in rows])
+        after = rows[-1][0]
+
+
+BACKFILLS[5] = backfill_smaller_rows
 
 
 def tx_fail(conn: sqlite3.Connection, miner_id: str, job_id: str, error_text: str, metrics: str,
@@ -4291,11 +4417,12 @@ class ReceiptPage(Out):
 
 
 def receipt_page_response(job_id: str, rows: Sequence[sqlite3.Row], limit: int) -> Response:
-    """A page of a job's receipts as stored from up to `limit` + 1 rows (seq, body): the extra row says
-    there is more. The cursor names the job and the last receipt's seq."""
+    """A page of a job's receipts as signed from up to `limit` + 1 rows (seq, body as stored): the extra
+    row says there is more. The cursor names the job and the last receipt's seq."""
     more = len(rows) > limit
+    texts = [unpack_receipt(r["body"], r["receipt_id"], job_id) for r in rows[:limit]]
     return stored_json_response({"next_cursor": make_cursor(job_id, rows[limit - 1]["seq"]) if more else None},
-                                {"items": f"[{','.join(r['body'] for r in rows[:limit])}]"})
+                                {"items": f"[{','.join(texts)}]"})
 
 
 class KeyInfo(Out):
@@ -4361,7 +4488,8 @@ def job_view(row: sqlite3.Row | Mapping[str, Any], now: int) -> dict[str, Any]:
     error = "job expired" if state != row["state"] else row["error"]
     return {"job_id": row["job_id"], "state": state, "assigned_miner_id": row["assigned_miner_id"],
             "requested_at": iso(row["requested_at"]), "expires_at": iso(row["expires_at"]), "error": error,
-            "attempts": row["attempts"], "constraints": load_json(row["constraints"]),
+            "attempts": row["attempts"],
+            "constraints": {**dict.fromkeys(CONSTRAINT_KEYS), **load_json(row["constraints"])},  # stored_constraints
             "assigned_at": iso(row["assigned_at"]), "finished_at": iso(row["finished_at"])}
 
 
@@ -4424,7 +4552,7 @@ class Assignment(Out):
 def assignment_response(job: sqlite3.Row) -> Response:
     """A claimed job for its miner, payload and constraints as stored."""
     return stored_json_response({"job_id": job["job_id"], "attempts": job["attempts"], "expires_at": iso(job["expires_at"])},
-                                {"payload": job["payload"], "constraints": job["constraints"]})
+                                {"payload": job["payload"], "constraints": shown_constraints(job["constraints"])})
 
 
 class ResultAccepted(Out):
@@ -4663,11 +4791,11 @@ class ExplorerReceipt(Out):
 
 
 def explorer_receipt_view(row: sqlite3.Row) -> dict[str, Any]:
-    """A list_receipts row (issued_at, attested, body); logIndex is filled in by read_explorer_receipts."""
-    receipt = load_json(row["body"])
+    """A list_receipts row (ids, issued_at, body as stored); logIndex is filled in by read_explorer_receipts."""
+    receipt = load_json(unpack_receipt(row["body"], row["receipt_id"], row["job_id"]))
     return {"jobId": receipt["job_id"], "receiptId": receipt["receipt_id"], "miner": receipt["provider"],
             "coordinator": receipt["coordinator_id"], "issuedAt": iso(row["issued_at"]),
-            "status": "Attested" if row["attested"] else "Signed", "payload": receipt, "logIndex": None}
+            "status": "Attested" if "attestations" in receipt else "Signed", "payload": receipt, "logIndex": None}
 
 
 def read_explorer_receipts(conn: sqlite3.Connection, job_id: str | None, limit: int, offset: int,
@@ -4801,10 +4929,10 @@ def read_log_entries(conn: sqlite3.Connection, start: int, end: int | None) -> d
     items, size = [], 0
     rows = list_log_entries(conn, start, last)
     try:
-        for index, digest, body in rows:
-            items.append({"leaf_index": index, "leaf_hash": b64(digest),
-                          "leaf": None if body is None else b64(body.encode())})
-            size += len(body or "")
+        for index, digest, stored, receipt_id, job_id in rows:
+            leaf = None if stored is None else unpack_receipt(stored, receipt_id, job_id).encode()
+            items.append({"leaf_index": index, "leaf_hash": b64(digest), "leaf": None if leaf is None else b64(leaf)})
+            size += len(leaf or b"")
             if size >= LOG_ENTRIES_MAX_BYTES:
                 break
     finally:
@@ -5025,7 +5153,7 @@ async def submit_job(call: Call) -> Response:
     now = coord.now()
     # stored canonical (keys sorted): its receipt's digest is then the SHA-256 of the text as stored
     row = await coord.apply(tx_submit, call.caller.identity, canonical_json(body.payload),  # type: ignore[union-attr]
-                            compact_json(constraints), shape_of(constraints), ttl * 1000, now, idem,
+                            stored_constraints(constraints), shape_of(constraints), ttl * 1000, now, idem,
                             now - settings.idempotency_ttl_seconds * 1000, display_value(body.payload.get("value")))
     return json_response(job_view(row, coord.now()), 201)
 

@@ -397,4 +397,22 @@ BEGIN
             * CAST(ROUND((NEW.price - CAST(NEW.price AS INTEGER)) * 1000000) AS INTEGER);
 END;
 
-PRAGMA user_version = 4;
+-- Version 5: smaller rows for what is kept for good. A receipt's JSON text is stored deflated against a
+-- preset dictionary (aitbc_coord.pack_receipt: a leading byte names the dictionary, then a raw RFC 1951
+-- stream), filled in by the upgrade's Python step from the text bodies, which version 6 then drops.
+-- A job's constraints are stored as the client set them, nulls dropped (aitbc_coord.stored_constraints),
+-- converted by the same step.
+ALTER TABLE receipts ADD COLUMN packed BLOB;
+
+-- Version 6: every receipt is packed (version 5): the text bodies go, and the packed one is the body.
+-- The columns that repeated the body for the balance trigger go too: the unit of work that stores a
+-- receipt moves its price between the balances itself (aitbc_coord.insert_receipt); whether it is
+-- attested is read from the receipt.
+ALTER TABLE receipts DROP COLUMN body;
+ALTER TABLE receipts RENAME COLUMN packed TO body;
+DROP TRIGGER receipts_balance;
+ALTER TABLE receipts DROP COLUMN provider;
+ALTER TABLE receipts DROP COLUMN client_id;
+ALTER TABLE receipts DROP COLUMN attested;
+
+PRAGMA user_version = 6;

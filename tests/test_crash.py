@@ -201,16 +201,17 @@ def account(db: Path, load: Load, cycles: int) -> None:
         assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
         states = dict(conn.execute("SELECT job_id, state FROM jobs").fetchall())
         receipts: dict[str, list[str]] = {}
-        for job_id, body in conn.execute("SELECT job_id, body FROM receipts ORDER BY seq"):
-            receipts.setdefault(job_id, []).append(body)
-        leaves = conn.execute("SELECT l.leaf_index, l.receipt_id, l.leaf_hash, r.body FROM log_leaves AS l"
+        for job_id, receipt_id, body in conn.execute("SELECT job_id, receipt_id, body FROM receipts ORDER BY seq"):
+            receipts.setdefault(job_id, []).append(ac.unpack_receipt(body, receipt_id, job_id))
+        leaves = conn.execute("SELECT l.leaf_index, l.receipt_id, l.leaf_hash, r.body, r.job_id FROM log_leaves AS l"
                               " LEFT JOIN receipts AS r USING (receipt_id) ORDER BY l.leaf_index").fetchall()
     finally:
         conn.close()
-    logged = {receipt_id for _, receipt_id, _, _ in leaves}
-    assert [index for index, _, _, _ in leaves] == list(range(len(leaves)))  # consecutive from 0, no gap
+    logged = {receipt_id for _, receipt_id, _, _, _ in leaves}
+    assert [index for index, _, _, _, _ in leaves] == list(range(len(leaves)))  # consecutive from 0, no gap
     assert len(leaves) == sum(map(len, receipts.values()))  # a leaf per receipt, no more
-    assert all(body is not None and digest == rfc.hash_leaf(body.encode()) for _, _, digest, body in leaves)
+    assert all(body is not None and digest == rfc.hash_leaf(ac.unpack_receipt(body, receipt_id, job_id).encode())
+               for _, receipt_id, digest, body, job_id in leaves)
     unlogged = [r["receipt_id"] for returned in load.results.values() for r in returned if r["receipt_id"] not in logged]
     lost = [j for j in load.acked if j not in states]
     unfinished = [j for j in load.acked if states.get(j) != "COMPLETED"]

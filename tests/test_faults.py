@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from pathlib import Path
 
 import pytest
 
+import aitbc_coord as ac
 from conftest import Harness, harness
 from test_receipts import EDGE_SEED
 
@@ -69,8 +71,8 @@ async def account(h: Harness, jobs: list[str], accepted: dict[str, set[str]], st
         states = dict(conn.execute("SELECT job_id, state FROM jobs").fetchall())
         holders = dict(conn.execute("SELECT job_id, assigned_miner_id FROM jobs").fetchall())
         receipts: dict[str, list[tuple[str, str]]] = {}
-        for job_id, rid, provider in conn.execute("SELECT job_id, receipt_id, provider FROM receipts"):
-            receipts.setdefault(job_id, []).append((rid, provider))
+        for job_id, rid, body in conn.execute("SELECT job_id, receipt_id, body FROM receipts"):
+            receipts.setdefault(job_id, []).append((rid, json.loads(ac.unpack_receipt(body, rid, job_id))["provider"]))
     finally:
         conn.close()
     assert stale == []  # no late or foreign result was ever accepted

@@ -148,7 +148,7 @@ def test_a_rewritten_receipt_fails_verify_and_audit(tmp_path: Path) -> None:
         for path in (old[0], new[1]):  # one the auditor has replayed, one it has not
             forged = resealed(path, units=1000)
             receipt_id = json.loads(path.read_bytes())["receipt_id"]
-            log.sql(("UPDATE receipts SET body = ? WHERE receipt_id = ?", (forged, receipt_id)))
+            log.sql(("UPDATE receipts SET body = ? WHERE receipt_id = ?", (ac.pack_receipt(forged, receipt_id, json.loads(forged)["job_id"]), receipt_id)))
             path.write_text(forged)  # what GET /v1/jobs/{id}/receipt now serves
             code, out = log.verify(path)
             assert code == 1 and "invalid: the log does not hold this receipt" in out, out
