@@ -2711,7 +2711,7 @@ def day_name(ms: int) -> str:
 
 def archive_line(row: Mapping[str, Any], receipts: Sequence[str]) -> str:
     """One archived job as a JSON object: its summary (timestamps in Unix ms), constraints, payload,
-    result and metrics, and its receipts, the stored JSON texts spliced in exactly as stored (so each
+    result and metrics, and its receipts, their signed JSON texts spliced in byte for byte (so each
     receipt still verifies). A pruned job's payload, result and metrics are null."""
     return spliced_json({name: row[name] for name in ARCHIVE_FIELDS},
                         {"constraints": shown_constraints(row["constraints"]), "payload": row["payload"],
@@ -4798,16 +4798,17 @@ def explorer_receipt_view(row: sqlite3.Row) -> dict[str, Any]:
             "status": "Attested" if "attestations" in receipt else "Signed", "payload": receipt, "logIndex": None}
 
 
-def read_explorer_receipts(conn: sqlite3.Connection, job_id: str | None, limit: int, offset: int,
-                           before: int | None = None) -> list[tuple[int, dict[str, Any]]]:
+def read_explorer_receipts(conn: sqlite3.Connection, job_id: str | None, page: int, offset: int,
+                           before: int | None = None) -> list[tuple[int, dict[str, Any] | None]]:
     """A page of explorer receipt items (list_receipts' rows, `before` its keyset cursor), each with its
-    leaf index, as (seq, item)."""
-    rows = list_receipts(conn, job_id, limit, offset, before)
-    items = [explorer_receipt_view(r) for r in rows]
+    leaf index, as (seq, item); then (seq, None) for the next row when there is one (read, not unpacked:
+    it only says that more follow)."""
+    rows = list_receipts(conn, job_id, page + 1, offset, before)
+    items = [explorer_receipt_view(r) for r in rows[:page]]
     indexes = get_log_indexes(conn, [item["receiptId"] for item in items])
     for item in items:
         item["logIndex"] = indexes.get(item["receiptId"])
-    return [(row["seq"], item) for row, item in zip(rows, items)]
+    return [(row["seq"], item) for row, item in itertools.zip_longest(rows, items)]
 
 
 class ExplorerReceiptPage(Out):
@@ -5478,7 +5479,7 @@ async def explorer_receipts(call: Call) -> Response:
     q = call.query
     job_id = q.job_id or None  # ?job_id= (empty) is every job's, as the answer says
     before = read_list_cursor(q, "receipts", int)
-    rows = await call.coord.db.read(read_explorer_receipts, job_id, q.limit + 1, q.offset, before and before[0])
+    rows = await call.coord.db.read(read_explorer_receipts, job_id, q.limit, q.offset, before and before[0])
     return json_response({"jobId": job_id or "all", **keyset_page(rows, q, lambda r: r[1], "receipts",
                                                                   lambda r: (r[0],))})
 
