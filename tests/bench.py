@@ -30,7 +30,8 @@ GET /v1/log/proof/inclusion and the most rows an inclusion proof reads over a fe
 Retention: 60 simulated days in-process on an injectable clock (600 jobs a day, 20 with --quick;
 4 KB payloads, 16 KB results, payloads kept 7 days, jobs and receipts 30): the database size (WAL
 included) at days 7, 14, 30 and 60, retention_growth (day 60 / day 30) and kept_bytes_per_job (pages
-used per job added from day 14 to day 28, when only payloads are pruned), with stats and balances
+used per job added from day 14 to day 28, when only payloads are pruned; broken down by table and
+index from SQLite's dbstat where it is built in), with stats and balances
 checked against what the run did. Reads at fleet size: admin miners and market stats with 100 and
 100,000 miners (10,000 with --quick), in read_depth_ratio. In the full run, submit p99 on the real
 server while its upkeep prunes 20,000 due payloads, against the same database with retention off.
@@ -676,6 +677,7 @@ RETENTION_ENV = {"PAYLOAD_RETENTION_DAYS": "7", "JOB_RETENTION_DAYS": "30", "REC
                  "RECEIPT_ATTESTATION_KEY_HEX": "",  # receipts as by default: signed, not attested
                  "JOB_TTL_SECONDS": "604800"}  # simulated time runs fast: no job expires between its requests
 RETENTION_REPORTED = (7, 14, 30, 60)
+KEPT_DAYS = (14, 28)  # kept_bytes_per_job: what the jobs of these days add, when only payloads are pruned
 DAY_SECONDS = 86_400
 
 
@@ -703,7 +705,7 @@ async def simulate_days(app: Any, clock: SimClock, days: int, per_day: int, work
     for c, key in zip(conns, MINER_KEYS):
         assert (await c.call("POST", "/v1/miners/register", {"capabilities": {"price": 0.5}}, key))[0] == 200
     done: dict[str, int] = {}
-    sizes, used = {}, {}
+    sizes, used, objects = {}, {}, {}
 
     async def worker(c: Asgi, key: str, jobs: int, day: int) -> None:
         for n in range(jobs):
@@ -725,7 +727,25 @@ async def simulate_days(app: Any, clock: SimClock, days: int, per_day: int, work
         sizes[day] = on_disk(db)
         page_size, pages, free = await app.coord.db.read(ac.get_db_space)
         used[day] = (pages - free) * page_size
-    return {"sizes": sizes, "used": used, "done": done}
+        if day in KEPT_DAYS:
+            objects[day] = await app.coord.db.read(pages_by_object)
+    return {"sizes": sizes, "used": used, "done": done, "objects": objects}
+
+
+def pages_by_object(conn: sqlite3.Connection) -> dict[str, int]:
+    """Bytes of pages per table and index (SQLite's dbstat virtual table; empty where it is not built in)."""
+    try:
+        return dict(conn.execute("SELECT name, SUM(pgsize) FROM dbstat GROUP BY name").fetchall())
+    except sqlite3.OperationalError:  # no such table: dbstat (SQLITE_ENABLE_DBSTAT_VTAB)
+        return {}
+
+
+def kept_breakdown(objects: dict[int, dict[str, int]], jobs: int) -> str:
+    """The largest objects' share of kept_bytes_per_job: their pages added from day 14 to day 28, per job."""
+    first, last = (objects.get(day, {}) for day in KEPT_DAYS)
+    grown = {name: (last[name] - first.get(name, 0)) / jobs for name in last}
+    return ", ".join(f"{name} {size:,.0f}" for name, size in sorted(grown.items(), key=lambda kv: -kv[1])
+                     if size >= 10) or "(no dbstat)"
 
 
 async def retention_totals(app: Any, run: dict[str, Any], jobs: int) -> bool:
@@ -759,13 +779,15 @@ def retention_scenario(work: Path, per_day: int, days: int = 60) -> tuple[list[t
     run, totals_ok, took = asyncio.run(drive())
     sizes, used = run["sizes"], run["used"]
     growth = sizes[60] / sizes[30]
-    kept = (used[28] - used[14]) / (14 * per_day)
+    kept = (used[KEPT_DAYS[1]] - used[KEPT_DAYS[0]]) / ((KEPT_DAYS[1] - KEPT_DAYS[0]) * per_day)
     rows = [(f"retention: {days} days x {per_day:,} jobs (4 KB payload, 16 KB result), payloads 7 days, jobs and "
              "receipts 30", f"{took:.0f} s in-process"),
             ("retention: database + WAL at day " + " / ".join(map(str, RETENTION_REPORTED)),
              " / ".join(f"{sizes[d] / 1e6:.1f}" for d in RETENTION_REPORTED) + " MB"),
             ("retention: growth from day 30 to day 60 (target <= 1.1)", f"{growth:.2f}"),
             ("retention: kept bytes per job once its payload and result are gone (target <= 1,024)", f"{kept:,.0f}"),
+            ("retention: of which, by table and index (dbstat, bytes of pages per job)",
+             kept_breakdown(run["objects"], (KEPT_DAYS[1] - KEPT_DAYS[0]) * per_day)),
             ("retention: stats and balances equal to a run without retention", "yes" if totals_ok else "NO")]
     return rows, {"retention_growth": growth, "kept_bytes_per_job": kept}
 
