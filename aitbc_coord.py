@@ -1466,7 +1466,7 @@ def get_fleet_totals(conn: sqlite3.Connection) -> sqlite3.Row:
 # preset dictionary, after one byte naming it. The dictionary is the text every receipt this
 # coordinator signs shares (its keys and fixed values), then the row's own job_id and receipt_id
 # as the receipt spells them: the columns hold the ids, so the body only refers back to them. A
-# ~740-byte 1.1 receipt takes ~290 bytes, nearly all of them its digests and signature, which no
+# ~740-byte 1.1 receipt takes ~280 bytes, nearly all of them its digests and signature, which no
 # dictionary can predict. Inflating gives back the signed text byte for byte (what is served,
 # archived and hashed into the receipt log). A dictionary in use never changes, as rows were
 # written against it: a better one is added under the next number.
