@@ -146,6 +146,8 @@ class Settings:
     job_retention_days: int | None = None  # whole job summaries; None: keep
     receipt_retention_days: int | None = None  # receipts; None: keep
     archive_dir: str | None = None  # with it, each day's finished jobs are archived here before pruning
+    log_level: str = "info"  # debug, info, warning or error (serve --log-level)
+    log_format: str = "text"  # text, or json: one object per line (serve --log-format)
     signing_seed: bytes | None = dataclasses.field(default=None, repr=False)
     attestation_seed: bytes | None = dataclasses.field(default=None, repr=False)
     dev_signing_key: bool = True  # APP_ENV=dev without a signing key: make one beside the database
@@ -245,13 +247,17 @@ def _parse_database_url(raw: str) -> str:
     return raw[len("sqlite:///") :]
 
 
-def _parse_choice(choices: Sequence[str]) -> Callable[[str], str]:
+def _parse_choice(choices: Sequence[str], case: Callable[[str], str] = str.upper) -> Callable[[str], str]:
+    """A parser accepting one of `choices` in any case, returning it as `case` writes it."""
     def parse(raw: str) -> str:
-        if raw.upper() not in choices:
+        if case(raw) not in choices:
             raise ValueError(f"must be one of {', '.join(choices)}, got {raw!r}")
-        return raw.upper()
+        return case(raw)
 
     return parse
+
+
+LOG_LEVELS, LOG_FORMATS = ("debug", "info", "warning", "error"), ("text", "json")
 
 
 def _parse_bool(raw: str) -> bool:
@@ -337,6 +343,8 @@ ENV_VARS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "JOB_RETENTION_DAYS": ("job_retention_days", _parse_retention_days),
     "RECEIPT_RETENTION_DAYS": ("receipt_retention_days", _parse_retention_days),
     "ARCHIVE_DIR": ("archive_dir", str),
+    "LOG_LEVEL": ("log_level", _parse_choice(LOG_LEVELS, str.lower)),
+    "LOG_FORMAT": ("log_format", _parse_choice(LOG_FORMATS, str.lower)),
 }
 
 
@@ -6602,13 +6610,13 @@ def cli() -> None:
 @click.option("--port", type=click.IntRange(0, 65535), help="Port, 0 picks a free one (APP_PORT, default 8011).")
 @click.option("--db", "db_path", help="Database file (DATABASE_URL, default ./coordinator.db).")
 @click.option("--env-file", type=click.Path(dir_okay=False), help="Read settings from this file instead of ./.env.")
-@click.option("--log-level", default="info", envvar="LOG_LEVEL", show_default=True,
-              type=click.Choice(["debug", "info", "warning", "error"]), help="Also LOG_LEVEL.")
-@click.option("--log-format", default="text", envvar="LOG_FORMAT", show_default=True,
-              type=click.Choice(["text", "json"]), help="json: one JSON object per line. Also LOG_FORMAT.")
+@click.option("--log-level", type=click.Choice(LOG_LEVELS, case_sensitive=False),
+              help="LOG_LEVEL, default info.")
+@click.option("--log-format", type=click.Choice(LOG_FORMATS, case_sensitive=False),
+              help="json: one JSON object per line (LOG_FORMAT, default text).")
 @click.option("--root-path", help="The prefix a reverse proxy serves the API under, e.g. /coordinator (ROOT_PATH).")
-def serve(host: str | None, port: int | None, db_path: str | None, env_file: str | None, log_level: str,
-          log_format: str, root_path: str | None) -> None:
+def serve(host: str | None, port: int | None, db_path: str | None, env_file: str | None, log_level: str | None,
+          log_format: str | None, root_path: str | None) -> None:
     """Apply pending migrations, then serve the API.
 
     \b
@@ -6619,8 +6627,10 @@ def serve(host: str | None, port: int | None, db_path: str | None, env_file: str
         parsed_root = None if root_path is None else _parse_root_path(root_path)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--root-path") from None
-    settings = _settings_or_exit(env_file, host=host, port=port, db_path=db_path, root_path=parsed_root)
-    setup_logging(log_level, log_format)
+    # Options win over the environment; a bad LOG_LEVEL, like any bad setting, is one line naming it, exit 1.
+    settings = _settings_or_exit(env_file, host=host, port=port, db_path=db_path, root_path=parsed_root,
+                                 log_level=log_level and log_level.lower(), log_format=log_format and log_format.lower())
+    setup_logging(settings.log_level, settings.log_format)
     try:
         run_server(settings, migrate(settings.db_path))
     except ConfigError as exc:

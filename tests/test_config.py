@@ -116,6 +116,29 @@ def test_cli_reports_bad_settings_in_one_line(monkeypatch: pytest.MonkeyPatch, t
     assert result.exception is None or isinstance(result.exception, SystemExit)
 
 
+@pytest.mark.parametrize(("name", "raw"), [("LOG_LEVEL", "loud"), ("LOG_FORMAT", "xml"), ("ROOT_PATH", "no-slash"),
+                                         ("APP_PORT", "http"), ("DATABASE_URL", "postgres://db/x")])
+def test_a_setting_that_is_also_an_option_is_reported_like_any_other(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path, name: str, raw: str) -> None:
+    """A bad LOG_LEVEL once printed click's three-line usage error naming --log-level, exit 2; README
+    promises one line naming the variable and exit status 1."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(name, raw)
+    result = CliRunner().invoke(ac.cli, ["serve", "--port", "0"])
+    assert result.exit_code == 1, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and name in lines[0] and "--" not in lines[0], lines
+    assert not (tmp_path / "coordinator.db").exists()
+
+
+def test_log_settings_come_from_the_env_file_and_options_win(tmp_path: Path) -> None:
+    env_file = tmp_path / "coord.env"
+    env_file.write_text("LOG_LEVEL=Warning\nLOG_FORMAT=json\n")
+    s = load({}, env_file=str(env_file))
+    assert (s.log_level, s.log_format) == ("warning", "json")
+    assert load({"LOG_LEVEL": "error"}, log_level="debug").log_level == "debug"
+
+
 def test_cli_help_has_examples_and_version() -> None:
     runner = CliRunner()
     assert set(ac.cli.commands) == {"serve", "migrate", "keygen", "verify", "audit", "check", "backup", "archive"}

@@ -81,3 +81,48 @@ def test_the_systemd_unit_verifies_and_is_hardened(tmp_path: Path) -> None:
     for needed in ("LoadCredential=", "RECEIPT_SIGNING_KEY_FILE=%d/", "StateDirectory=", "Restart=on-failure",
                    "EnvironmentFile=", "NoNewPrivileges=yes", "DynamicUser=yes"):
         assert needed in unit
+
+
+def systemd_environment_file(text: str) -> dict[str, str]:
+    """Assignments as systemd's EnvironmentFile= reads them: a line is KEY=VALUE, one starting with # or ;
+    is a comment, and nothing else is: a trailing "# note" stays part of the value (systemd issue 12527)."""
+    values = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith(("#", ";")):
+            key, sep, value = line.partition("=")
+            assert sep, f"not KEY=VALUE: {line!r}"
+            values[key.strip()] = value.strip()
+    return values
+
+
+def unit_environment() -> dict[str, str]:
+    """The unit's Environment=NAME=VALUE lines."""
+    unit = (ROOT / "aitbc-coordinator-api.service").read_text()
+    return dict(m.groups() for m in re.finditer(r"^Environment=([A-Z_]+)=(.*)$", unit, re.MULTILINE))
+
+
+def test_env_example_read_as_systemd_does_is_accepted_and_carries_no_comment_in_a_value(tmp_path: Path) -> None:
+    """README installs .env.example as the unit's EnvironmentFile=; `LOG_LEVEL=info   # debug, ...` once
+    made serve refuse to start."""
+    values = systemd_environment_file((ROOT / ".env.example").read_text())
+    assert values, "the example assigns nothing"
+    assert not [name for name, value in values.items() if "#" in value]
+    assert set(values) <= set(ac.ENV_VARS) | {f"{role.upper()}_API_KEYS" for role in ac.ROLES}
+    settings = ac.Settings.load({**values, "DATABASE_URL": f"sqlite:///{tmp_path}/c.db"}, dotenv=False)
+    assert settings.log_level == "info"  # the default kept: the line is commented out
+
+
+def test_env_example_never_cancels_what_the_systemd_unit_sets() -> None:
+    """EnvironmentFile= values, even empty ones, override the unit's Environment= lines: an empty
+    RECEIPT_SIGNING_KEY_FILE= there once left a production service issuing no receipts."""
+    unit = unit_environment()
+    assert {"DATABASE_URL", "RECEIPT_SIGNING_KEY_FILE"} <= set(unit)
+    values = systemd_environment_file((ROOT / ".env.example").read_text())
+    assert not set(values) & set(unit)
+    assert not [name for name, value in values.items() if value == ""]  # an empty value is never a default
+    effective = {**unit, **values}  # systemd: the file wins
+    assert {name: effective[name] for name in unit} == unit
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("### Running under systemd"):]
+    assert all(f"`{name}`" in section[:2000] for name in unit)
