@@ -1553,11 +1553,12 @@ def get_latest_receipt(conn: sqlite3.Connection, job_id: str) -> str | None:
     return None if row is None else unpack_receipt(row["body"], row["receipt_id"], job_id)
 
 
-def list_receipts_for_job(conn: sqlite3.Connection, job_id: str, after_seq: int, limit: int) -> list[sqlite3.Row]:
+def list_receipts_for_job(conn: sqlite3.Connection, job_id: str, after_seq: int, limit: int,
+                          offset: int = 0) -> list[sqlite3.Row]:
     """A job's receipts (seq, receipt_id, body as stored: unpack_receipt) oldest first, after the cursor
-    `after_seq`."""
-    return conn.execute("SELECT seq, receipt_id, body FROM receipts WHERE job_id = ? AND seq > ? ORDER BY seq LIMIT ?",
-                        (job_id, after_seq, limit)).fetchall()
+    `after_seq`, skipping `offset`."""
+    return conn.execute("SELECT seq, receipt_id, body FROM receipts WHERE job_id = ? AND seq > ? ORDER BY seq"
+                        " LIMIT ? OFFSET ?", (job_id, after_seq, limit, offset)).fetchall()
 
 
 def add_signing_keys(conn: sqlite3.Connection, keys: Sequence[tuple[str, str]], now: int) -> None:
@@ -1700,10 +1701,10 @@ def get_checkpoint(conn: sqlite3.Connection, tree_size: int) -> sqlite3.Row | No
     return conn.execute("SELECT * FROM log_checkpoints WHERE tree_size = ?", (tree_size,)).fetchone()
 
 
-def list_checkpoints(conn: sqlite3.Connection, below_size: int | None, limit: int) -> list[sqlite3.Row]:
-    """Checkpoints newest first, of trees smaller than `below_size` (the cursor) when given."""
-    return conn.execute("SELECT * FROM log_checkpoints WHERE tree_size < ? ORDER BY tree_size DESC LIMIT ?",
-                        (2**63 - 1 if below_size is None else below_size, limit)).fetchall()
+def list_checkpoints(conn: sqlite3.Connection, below_size: int | None, limit: int, offset: int = 0) -> list[sqlite3.Row]:
+    """Checkpoints newest first, of trees smaller than `below_size` (the cursor) when given, skipping `offset`."""
+    return conn.execute("SELECT * FROM log_checkpoints WHERE tree_size < ? ORDER BY tree_size DESC LIMIT ? OFFSET ?",
+                        (2**63 - 1 if below_size is None else below_size, limit, offset)).fetchall()
 
 
 def prune_checkpoints(conn: sqlite3.Connection, since: int, cutoff: int, period: int) -> None:
@@ -4139,6 +4140,7 @@ class JobListQuery(Model):
 
 class ReceiptListQuery(Model):
     limit: QueryInt = Field(100, ge=1, le=500)
+    offset: QueryInt = Field(0, ge=0, le=2**53)
     cursor: Cursor = None
 
 
@@ -4383,10 +4385,14 @@ def keyset_page(rows: Sequence[Any], query: Any, view: Callable[[Any], Any], tag
     """{"items", "next_offset", "next_cursor"} from up to limit + 1 rows of a list read at the query's
     offset or after its cursor. next_offset = offset + limit when the page is full and it was read by
     offset (as always), else null; next_cursor holds the last item's sort key when more rows follow."""
+    return {"items": [view(r) for r in rows[:query.limit]], **next_page(rows, query, tag, key)}
+
+
+def next_page(rows: Sequence[Any], query: Any, tag: str, key: Callable[[Any], Sequence[str | int]]) -> dict[str, Any]:
+    """keyset_page's {"next_offset", "next_cursor"} for up to limit + 1 rows."""
     limit = query.limit
     full, more = len(rows) >= limit, len(rows) > limit
-    return {"items": [view(r) for r in rows[:limit]],
-            "next_offset": query.offset + limit if full and query.cursor is None else None,
+    return {"next_offset": query.offset + limit if full and query.cursor is None else None,
             "next_cursor": make_cursor(tag, *key(rows[limit - 1])) if more else None}
 
 
@@ -4419,16 +4425,15 @@ class Receipt(Out):
 
 class ReceiptPage(Out):
     items: list[Receipt]
+    next_offset: int | None
     next_cursor: str | None
 
 
-def receipt_page_response(job_id: str, rows: Sequence[sqlite3.Row], limit: int) -> Response:
-    """A page of a job's receipts as signed from up to `limit` + 1 rows (seq, body as stored): the extra
-    row says there is more. The cursor names the job and the last receipt's seq."""
-    more = len(rows) > limit
-    texts = [unpack_receipt(r["body"], r["receipt_id"], job_id) for r in rows[:limit]]
-    return stored_json_response({"next_cursor": make_cursor(job_id, rows[limit - 1]["seq"]) if more else None},
-                                {"items": f"[{','.join(texts)}]"})
+def receipt_page_response(job_id: str, rows: Sequence[sqlite3.Row], query: Any) -> Response:
+    """A page of a job's receipts as signed from up to limit + 1 rows (seq, body as stored), read at the
+    query's offset or after its cursor (which names the job and the last receipt's seq), as keyset_page pages."""
+    texts = [unpack_receipt(r["body"], r["receipt_id"], job_id) for r in rows[:query.limit]]
+    return stored_json_response(next_page(rows, query, job_id, lambda r: (r["seq"],)), {"items": f"[{','.join(texts)}]"})
 
 
 class KeyInfo(Out):
@@ -4846,15 +4851,8 @@ def checkpoint_view(row: sqlite3.Row) -> dict[str, Any]:
 
 class LogCheckpointPage(Out):
     items: list[LogCheckpoint]
+    next_offset: int | None
     next_cursor: str | None
-
-
-def checkpoint_page(rows: Sequence[sqlite3.Row], limit: int) -> dict[str, Any]:
-    """A page from up to `limit` + 1 rows (the extra one says there is more); the cursor names the list
-    and the last tree size."""
-    more = len(rows) > limit
-    return {"items": [checkpoint_view(r) for r in rows[:limit]],
-            "next_cursor": make_cursor("checkpoints", rows[limit - 1]["tree_size"]) if more else None}
 
 
 def _published_size(conn: sqlite3.Connection) -> tuple[sqlite3.Row | None, int]:
@@ -5238,14 +5236,11 @@ async def get_job_receipt(call: Call) -> Response:
 async def list_job_receipts(call: Call) -> Response:
     """Every receipt of the job, oldest first."""
     row, q = await _client_job(call), call.query
-    job_id, after = row["job_id"], 0
-    if q.cursor is not None:
-        cursor_job, after = read_cursor(q.cursor, str, int)
-        # a position in this job's list, whether or not retention has deleted the receipt it names
-        if cursor_job != job_id or after < 0:
-            raise Invalid.one(["query", "cursor"], "not a cursor this server issued for this list", q.cursor)
-    rows = await call.coord.db.read(list_receipts_for_job, job_id, after, q.limit + 1)
-    return receipt_page_response(job_id, rows, q.limit)
+    job_id = row["job_id"]
+    # a position in this job's list, whether or not retention has deleted the receipt it names
+    after = read_list_cursor(q, job_id, int)
+    rows = await call.coord.db.read(list_receipts_for_job, job_id, after[0] if after else 0, q.limit + 1, q.offset)
+    return receipt_page_response(job_id, rows, q)
 
 
 @endpoint("GET", "/v1/receipts/keys", responses={200: KeyList})
@@ -5504,13 +5499,10 @@ async def log_checkpoint(call: Call) -> Response:
 @endpoint("GET", "/v1/log/checkpoints", query=CheckpointListQuery, responses={200: LogCheckpointPage, 422: ValidationDetail})
 async def log_checkpoints(call: Call) -> Response:
     """Checkpoints newest first: every one of the last day, then one an hour."""
-    q, below = call.query, None
-    if q.cursor is not None:
-        name, below = read_cursor(q.cursor, str, int)
-        if name != "checkpoints" or below < 0:
-            raise Invalid.one(["query", "cursor"], "not a cursor this server issued for this list", q.cursor)
-    rows = await call.coord.db.read(list_checkpoints, below, q.limit + 1)
-    return json_response(checkpoint_page(rows, q.limit))
+    q = call.query
+    below = read_list_cursor(q, "checkpoints", int)
+    rows = await call.coord.db.read(list_checkpoints, below and below[0], q.limit + 1, q.offset)
+    return json_response(keyset_page(rows, q, checkpoint_view, "checkpoints", lambda r: (r["tree_size"],)))
 
 
 @endpoint("GET", "/v1/log/proof/inclusion", query=InclusionQuery,

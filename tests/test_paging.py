@@ -267,3 +267,35 @@ async def test_a_negative_checkpoint_cursor_and_offset_0_beside_a_cursor_are_422
                 name, ac.make_cursor("jobs" if "jobs" in name else name, 5))
             r = await h.client.get(path, params={"cursor": cursor, "offset": 0}, headers=headers)
             assert (r.status_code, r.json()["detail"][0]["loc"]) == (422, ["query", "offset"]), (name, r.text)
+
+
+async def test_offset_pages_every_list_including_a_jobs_receipts_and_the_checkpoints(tmp_path: Path) -> None:
+    """?offset=1 on a job's receipts and on the checkpoints once answered the first page again (a client
+    paging by offset never finished); on every list it skips that many rows, and next_offset says where on."""
+    async with harness(tmp_path, {**KEYS, "RECEIPT_LOG_CHECKPOINT_SECONDS": "1"}) as h:
+        world = World(h)
+        await world.seed()
+        assert await h.coord.checkpoint()
+        await world.grow(0)
+        h.clock.advance(5)
+        assert await h.coord.checkpoint()
+        job_id = (await h.client.get("/v1/explorer/receipts")).json()["items"][0]["jobId"]
+        client = (await h.client.get("/v1/admin/jobs", params={"limit": 500}, headers=ADMIN)).json()
+        owner = next(j["client_id"] for j in client["items"] if j["job_id"] == job_id)
+        lists = {**LISTS, "job receipts": (f"/v1/jobs/{job_id}/receipts", key(owner), "receipt_id"),
+                 "checkpoints": ("/v1/log/checkpoints", {}, "tree_size")}
+        for name, (path, headers, field) in lists.items():
+            everything = [item[field] for item in (await page(h, path, headers, limit=200))[0]]
+            assert len(everything) >= (1 if name == "job receipts" else 2), name
+            for offset in (1, 2):
+                r = await h.client.get(path, params={"limit": 1, "offset": offset}, headers=headers)
+                assert r.status_code == 200, (name, r.text)
+                body = r.json()
+                items = body if isinstance(body, list) else body["items"]
+                assert [item[field] for item in items] == everything[offset:offset + 1], (name, offset)
+                if not isinstance(body, list):
+                    assert body["next_offset"] == (offset + 1 if items else None), (name, body)
+            first = (await h.client.get(path, params={"limit": 1}, headers=headers)).json()
+            if isinstance(first, dict) and first["next_cursor"]:
+                r = await h.client.get(path, params={"cursor": first["next_cursor"], "offset": 1}, headers=headers)
+                assert (r.status_code, r.json()["detail"][0]["loc"]) == (422, ["query", "offset"]), name
