@@ -1553,6 +1553,13 @@ def get_latest_receipt(conn: sqlite3.Connection, job_id: str) -> str | None:
     return None if row is None else unpack_receipt(row["body"], row["receipt_id"], job_id)
 
 
+def get_job_owner(conn: sqlite3.Connection, job_id: str) -> str | None:
+    """The client a job is of: its summary's, or once retention deleted the summary, its kept receipts'."""
+    row = (conn.execute("SELECT client_id FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+           or conn.execute("SELECT client_id FROM receipts WHERE job_id = ? LIMIT 1", (job_id,)).fetchone())
+    return None if row is None else str(row[0])
+
+
 def list_receipts_for_job(conn: sqlite3.Connection, job_id: str, after_seq: int, limit: int,
                           offset: int = 0) -> list[sqlite3.Row]:
     """A job's receipts (seq, receipt_id, body as stored: unpack_receipt) oldest first, after the cursor
@@ -5133,11 +5140,25 @@ async def health(call: Call) -> Response:
     return json_response(health_view(call.coord.settings, ok), 200 if ok else 503)
 
 
-async def _client_job(call: Call) -> sqlite3.Row:
+async def _client_job(call: Call, pruned_if_receipts_kept: bool = False) -> sqlite3.Row:
+    """The caller's job's row; raises NotFound, or with `pruned_if_receipts_kept`, Gone when retention
+    deleted the summary but kept the caller's receipts of it (its result went before the summary)."""
     row = await call.coord.db.read(get_job, call.path("job_id"))
     if row is None or row["client_id"] != call.caller.identity:  # type: ignore[union-attr]
+        if row is None and pruned_if_receipts_kept and (
+                await call.coord.db.read(get_job_owner, call.path("job_id")) == call.caller.identity):  # type: ignore[union-attr]
+            raise Gone("result pruned")
         raise NotFound("job not found")
     return row
+
+
+async def _client_receipts_job(call: Call) -> str:
+    """The id of the caller's job whose receipts are asked for: a receipt is the proof the client keeps,
+    so its job's receipts read by job id while they are kept, whether or not the summary still is."""
+    job_id = call.path("job_id")
+    if await call.coord.db.read(get_job_owner, job_id) != call.caller.identity:  # type: ignore[union-attr]
+        raise NotFound("job not found")
+    return job_id
 
 
 @endpoint("POST", "/v1/jobs", role="client", body=JobSubmit,
@@ -5188,7 +5209,7 @@ async def get_client_job(call: Call) -> Response:
           responses={200: JobResultView, **_errors(401, 404, 410, 425)})
 async def get_job_result(call: Call) -> Response:
     """The result (and receipt) of a finished job; 425 until there is one, 410 once retention pruned it."""
-    row = await _client_job(call)
+    row = await _client_job(call, pruned_if_receipts_kept=True)
     if row["pruned_at"] is not None:
         raise Gone("result pruned")
     finished = job_view(row, call.coord.now())["state"] not in ACTIVE_STATES
@@ -5219,10 +5240,10 @@ LOG_INDEX_HEADER = "Receipt-Log-Index"
           headers={200: (LOG_INDEX_HEADER,)})
 async def get_job_receipt(call: Call) -> Response:
     """The job's latest signed receipt, its leaf index in the receipt log in a Receipt-Log-Index header."""
-    row = await _client_job(call)
+    job_id = await _client_receipts_job(call)
 
     def read(conn: sqlite3.Connection) -> tuple[str | None, int | None]:
-        return get_latest_receipt(conn, row["job_id"]), get_latest_receipt_log_index(conn, row["job_id"])
+        return get_latest_receipt(conn, job_id), get_latest_receipt_log_index(conn, job_id)
 
     receipt, index = await call.coord.db.read(read)
     if receipt is None:
@@ -5235,8 +5256,7 @@ async def get_job_receipt(call: Call) -> Response:
           responses={200: ReceiptPage, **_errors(401, 404, 422)})
 async def list_job_receipts(call: Call) -> Response:
     """Every receipt of the job, oldest first."""
-    row, q = await _client_job(call), call.query
-    job_id = row["job_id"]
+    job_id, q = await _client_receipts_job(call), call.query
     # a position in this job's list, whether or not retention has deleted the receipt it names
     after = read_list_cursor(q, job_id, int)
     rows = await call.coord.db.read(list_receipts_for_job, job_id, after[0] if after else 0, q.limit + 1, q.offset)

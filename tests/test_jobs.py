@@ -129,7 +129,7 @@ async def test_receipt_routes_before_signing_is_configured(h: Harness) -> None:
     r = await h.client.get(f"/v1/jobs/{job['job_id']}/receipt", headers=CLIENT)
     assert (r.status_code, r.json()) == (404, {"detail": "receipt not available"})
     r = await h.client.get(f"/v1/jobs/{job['job_id']}/receipts", headers=CLIENT)
-    assert (r.status_code, r.json()) == (200, {"items": [], "next_cursor": None})
+    assert (r.status_code, r.json()) == (200, {"items": [], "next_offset": None, "next_cursor": None})
 
 
 async def test_idempotent_submission(tmp_path) -> None:

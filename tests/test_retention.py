@@ -115,6 +115,37 @@ async def test_summaries_and_receipts_go_after_their_own_retention_and_totals_co
         assert await kept_totals(h) == before
 
 
+async def test_a_jobs_kept_receipts_read_by_job_id_after_its_summary_is_deleted(tmp_path: Path) -> None:
+    """With JOB_RETENTION_DAYS shorter than RECEIPT_RETENTION_DAYS, GET /v1/jobs/{id}/receipt once
+    answered 404 "job not found" for a job whose receipts were kept: the proof a client keeps."""
+    keys = {"CLIENT_API_KEYS": f"alice={ac.DEV_KEYS['client']},bob=bob-key-0123456789"}
+    env = {**SIGNING, **keys, "PAYLOAD_RETENTION_DAYS": "7", "JOB_RETENTION_DAYS": "10", "RECEIPT_RETENTION_DAYS": "40"}
+    async with harness(tmp_path, env) as h:
+        (job_id,) = await complete(h, 1)
+        latest = await h.client.get(f"/v1/jobs/{job_id}/receipt", headers=CLIENT)
+        page = await get(h, f"/v1/jobs/{job_id}/receipts", CLIENT)
+        h.clock.advance(11 * DAY)
+        await complete(h, 1, "later")  # the newest job is kept (its seq is never named twice)
+        assert (await h.coord.retain())["jobs_deleted"] == 1
+        assert (await h.client.get(f"/v1/jobs/{job_id}", headers=CLIENT)).status_code == 404
+        r = await h.client.get(f"/v1/jobs/{job_id}/receipt", headers=CLIENT)
+        assert (r.status_code, r.content, r.headers.get(ac.LOG_INDEX_HEADER)) == (
+            200, latest.content, latest.headers[ac.LOG_INDEX_HEADER])
+        assert await get(h, f"/v1/jobs/{job_id}/receipts", CLIENT) == page
+        r = await h.client.get(f"/v1/jobs/{job_id}/result", headers=CLIENT)  # went before the summary
+        assert (r.status_code, r.json()) == (410, {"detail": "result pruned"})
+        assert await get(h, f"/v1/jobs/{job_id}/receipts", CLIENT, offset=1) == {
+            "items": [], "next_offset": None, "next_cursor": None}
+        bob = {"X-Api-Key": "bob-key-0123456789"}
+        for path in (f"/v1/jobs/{job_id}/receipt", f"/v1/jobs/{job_id}/receipts", f"/v1/jobs/{job_id}/result"):
+            r = await h.client.get(path, headers=bob)
+            assert (r.status_code, r.json()) == (404, {"detail": "job not found"})
+        h.clock.advance(30 * DAY)
+        assert (await h.coord.retain())["receipts_deleted"] == 1
+        for path in (f"/v1/jobs/{job_id}/receipt", f"/v1/jobs/{job_id}/receipts", f"/v1/jobs/{job_id}/result"):
+            assert (await h.client.get(path, headers=CLIENT)).status_code == 404
+
+
 async def test_retention_runs_alone_in_small_batches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     async with harness(tmp_path, {"PAYLOAD_RETENTION_DAYS": "1"}) as h:
         await h.register(concurrency=200)
