@@ -2817,8 +2817,10 @@ def process_alive(pid: int) -> bool:
     return True
 
 
-def read_archive(path: Path) -> Iterable[dict[str, Any]]:
-    """The jobs of an archive file (gzip or plain JSON Lines), one dict a line; raises OSError or ValueError."""
+def read_archive(path: str | os.PathLike[str]) -> Iterable[dict[str, Any]]:
+    """The jobs of an archive file (a str or Path naming gzip or plain JSON Lines), one dict a line;
+    raises OSError or ValueError."""
+    path = Path(path)
     with path.open("rb") as probe:
         zipped = probe.read(2) == b"\x1f\x8b"
     with (gzip.open(path, "rb") if zipped else path.open("rb")) as lines:
@@ -6765,7 +6767,7 @@ def archived_job_problems(job: Mapping[str, Any], key_ids: set[str]) -> list[str
     return problems
 
 
-def verify_archive(path: Path, key_ids: set[str]) -> None:
+def verify_archive(path: str | os.PathLike[str], key_ids: set[str]) -> None:
     """`aitbc-coord verify` of an archive file: every receipt of every job; exits 1 on the first problem."""
     jobs = receipts = 0
     try:
@@ -6778,7 +6780,7 @@ def verify_archive(path: Path, key_ids: set[str]) -> None:
     except (OSError, ValueError, EOFError, RecursionError) as exc:
         raise click.ClickException(f"{path} is not a readable archive: {exc}") from None
     trust = "" if key_ids else " (signing keys not checked: pass --key-id)"
-    click.echo(f"valid: {receipts} receipts of {jobs} archived jobs in {path.name}{trust}")
+    click.echo(f"valid: {receipts} receipts of {jobs} archived jobs in {Path(path).name}{trust}")
 
 
 # The receipt log from a client's side (`verify --log`, `audit`): everything fetched is checked here,

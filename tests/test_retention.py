@@ -418,6 +418,7 @@ def test_a_gzip_archive_is_read_as_it_was_written(tmp_path: Path) -> None:
     with gzip.open(path, "wb") as f:
         f.write(b'{"job_id": "a", "n": 123456789012345678901234567890}\n\n{"job_id": "b"}\n')
     assert [j["job_id"] for j in ac.read_archive(path)] == ["a", "b"]
+    assert [j["job_id"] for j in ac.read_archive(str(path))] == ["a", "b"]  # README's users pass a str
     os.chmod(path, 0o600)
 
 
