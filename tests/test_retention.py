@@ -269,6 +269,8 @@ async def test_each_day_is_archived_before_it_is_pruned_and_its_receipts_verify_
     runner = CliRunner()
     checked = runner.invoke(ac.cli, ["verify", str(day_file(archive, T0)), "--key-id", EDGE_SIGNATURE["key_id"]])
     assert checked.exit_code == 0 and "valid: 3 receipts of 3 archived jobs" in checked.output, checked.output
+    refused = runner.invoke(ac.cli, ["verify", str(day_file(archive, T0)), "--log", "http://127.0.0.1:25999"])
+    assert refused.exit_code == ac.EXIT_LOCAL and "--log checks one receipt" in refused.output  # as README says
     one = tmp_path / "receipt.json"
     one.write_text(json.dumps(lines[0]["receipts"][0]))
     assert runner.invoke(ac.cli, ["verify", str(one), "--key-id", EDGE_SIGNATURE["key_id"]]).exit_code == 0
