@@ -3739,9 +3739,15 @@ class Coordinator:
                         iso(self.retention_clock + (s.payload_retention_days or 0) * DAY_MS)
                         if s.payload_retention_days else "ever (PAYLOAD_RETENTION_DAYS=keep)")
         days = {"payloads": s.payload_retention_days, "jobs": s.job_retention_days, "receipts": s.receipt_retention_days}
-        log.info("retention: %s; archive: %s", ", ".join(f"{k} {'kept' if v is None else f'{v} days'}"
-                                                        for k, v in days.items()),
-                 s.archive_dir or "off (ARCHIVE_DIR unset)")
+        retention = ", ".join(f"{k} {'kept' if v is None else f'{v} days'}" for k, v in days.items())
+        if s.archive_dir is None:
+            log.info("retention: %s; archive: off (ARCHIVE_DIR unset)", retention)
+        elif s.payload_retention_days is None:  # a day is archived just before its payloads are pruned: never
+            log.warning("retention: %s; archive: %s will never be written: a day is archived just before its "
+                        "payloads are pruned, and PAYLOAD_RETENTION_DAYS=keep prunes none", retention, s.archive_dir)
+        else:
+            log.info("retention: %s; archive: %s (each UTC day once the whole day is %d days old)", retention,
+                     s.archive_dir, s.payload_retention_days)
 
     async def stop(self) -> None:
         self.running = False

@@ -377,6 +377,22 @@ async def test_an_archive_dir_that_cannot_be_written_stops_start_up(tmp_path: Pa
             pass
 
 
+async def test_the_start_up_line_says_when_the_archive_will_never_be_written(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """With PAYLOAD_RETENTION_DAYS=keep nothing is ever due, so ARCHIVE_DIR gets nothing: the line said only
+    the directory. With retention it says a day is written once the whole day is due."""
+    archive = tmp_path / "archive"
+    for days, expected in (("keep", "will never be written"), ("7", "once the whole day is 7 days old")):
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="aitbc_coord"):
+            async with harness(tmp_path, {"PAYLOAD_RETENTION_DAYS": days, "ARCHIVE_DIR": str(archive)}):
+                pass
+        (line,) = [r for r in caplog.records if r.getMessage().startswith("retention: payloads")]
+        assert expected in line.getMessage() and str(archive) in line.getMessage(), line.getMessage()
+        if days == "keep":
+            assert line.levelno == logging.WARNING and "PAYLOAD_RETENTION_DAYS=keep" in line.getMessage()
+
+
 async def test_the_archive_command_exports_every_finished_day_and_writes_nothing_else(tmp_path: Path) -> None:
     async with harness(tmp_path, {**SIGNING, "PAYLOAD_RETENTION_DAYS": "3"}) as h:
         old = await complete(h, 2, "old")
