@@ -724,7 +724,12 @@ def check_sqlite_version(version: str = sqlite3.sqlite_version) -> None:
 
 
 def connect(path: str, synchronous: str = "FULL", readonly: bool = False) -> sqlite3.Connection:
-    """Open `path` with every pragma the coordinator relies on; transactions are managed by hand."""
+    """Open `path` with every pragma the coordinator relies on; transactions are managed by hand. A
+    database this creates is mode 0600, like backups and archives (and so are its -wal and -shm files:
+    SQLite gives them the database file's mode)."""
+    if not readonly and path != ":memory:" and not path.startswith("file:"):
+        with contextlib.suppress(OSError):  # exists already, or cannot be made: sqlite3 says why below
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=5.0)
     conn.row_factory = sqlite3.Row
     conn.execute("PRAGMA busy_timeout = 5000")  # wait out other processes (migrate, backup) briefly

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import sqlite3
 from pathlib import Path
@@ -255,3 +256,27 @@ def test_an_upgrade_keeps_the_fleet_totals_the_rows_imply(tmp_path: Path) -> Non
         assert ac.get_completed_busy_ms(conn) == 10_000
     finally:
         conn.close()
+
+
+def test_a_database_the_coordinator_creates_is_readable_by_its_owner_only(tmp_path: Path) -> None:
+    """The quick start's database was created 0644 (the umask's default) while backups and archives are
+    0600; its -wal and -shm files take the database file's mode from SQLite."""
+    old = os.umask(0o022)
+    try:
+        path = tmp_path / "new.db"
+        ac.migrate(str(path))
+        conn = ac.connect(str(path))
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("INSERT INTO signing_keys (key_id, role, first_seen_at) VALUES ('probe', 'signing', 1)")
+            conn.execute("COMMIT")
+            files = [path, tmp_path / "new.db-wal", tmp_path / "new.db-shm"]
+            assert {f.name: oct(f.stat().st_mode & 0o777) for f in files} == {f.name: "0o600" for f in files}
+        finally:
+            conn.close()
+        existing = tmp_path / "shared.db"
+        existing.touch(mode=0o640)  # an operator's own choice on a file that exists is kept
+        ac.connect(str(existing)).close()
+        assert oct(existing.stat().st_mode & 0o777) == "0o640"
+    finally:
+        os.umask(old)
