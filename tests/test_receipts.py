@@ -225,7 +225,7 @@ async def test_receipt_routes_and_a_repeated_result(tmp_path) -> None:
         assert (await h.client.get(f"/v1/jobs/{job_id}/result", headers=CLIENT)).json() == {
             "result": {"text": "ok"}, "receipt": receipt}
         page = (await h.client.get(f"/v1/jobs/{job_id}/receipts", headers=CLIENT)).json()
-        assert page == {"items": [receipt], "next_cursor": None}
+        assert page == {"items": [receipt], "next_offset": None, "next_cursor": None}
         stats = (await h.client.get("/v1/admin/stats", headers=ADMIN)).json()
         assert stats["receipts_total"] == 1
         miners = (await h.client.get("/v1/admin/miners", headers=ADMIN)).json()["items"]
