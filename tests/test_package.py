@@ -111,6 +111,12 @@ def test_env_example_read_as_systemd_does_is_accepted_and_carries_no_comment_in_
     assert set(values) <= set(ac.ENV_VARS) | {f"{role.upper()}_API_KEYS" for role in ac.ROLES}
     settings = ac.Settings.load({**values, "DATABASE_URL": f"sqlite:///{tmp_path}/c.db"}, dotenv=False)
     assert settings.log_level == "info"  # the default kept: the line is commented out
+    # README: ".env.example lists every variable", each commented out as `# NAME=example` unless set
+    text = (ROOT / ".env.example").read_text()
+    named = {*ac.ENV_VARS, *(f"{role.upper()}_API_KEYS{end}" for role in ac.ROLES for end in ("", "_FILE")),
+             *(f"{key}{end}" for key in ("RECEIPT_SIGNING_KEY", "RECEIPT_ATTESTATION_KEY", "RECEIPT_LOG_SIGNING_KEY")
+               for end in ("_HEX", "_FILE"))}
+    assert not [name for name in named if not re.search(rf"^(# )?{name}=", text, re.MULTILINE)]
 
 
 def test_env_example_never_cancels_what_the_systemd_unit_sets() -> None:
