@@ -1559,10 +1559,13 @@ def get_latest_receipt(conn: sqlite3.Connection, job_id: str) -> str | None:
 
 
 def get_job_owner(conn: sqlite3.Connection, job_id: str) -> str | None:
-    """The client a job is of: its summary's, or once retention deleted the summary, its kept receipts'."""
-    row = (conn.execute("SELECT client_id FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
-           or conn.execute("SELECT client_id FROM receipts WHERE job_id = ? LIMIT 1", (job_id,)).fetchone())
-    return None if row is None else str(row[0])
+    """The client a job is of: its summary's, or once retention deleted the summary, the `client` its
+    latest kept receipt names; None without either."""
+    if (row := conn.execute("SELECT client_id FROM jobs WHERE job_id = ?", (job_id,)).fetchone()) is not None:
+        return str(row[0])
+    receipt = get_latest_receipt(conn, job_id)
+    client = None if receipt is None else load_json(receipt).get("client")
+    return client if isinstance(client, str) else None
 
 
 def list_receipts_for_job(conn: sqlite3.Connection, job_id: str, after_seq: int, limit: int,
