@@ -1513,14 +1513,14 @@ def pack_receipt(text: str, receipt_id: str, job_id: str) -> bytes:
     return bytes((RECEIPT_PACKING,)) + deflate.compress(text.encode("utf-8")) + deflate.flush()
 
 
-def unpack_receipt(stored: bytes | str, receipt_id: str, job_id: str) -> str:
+def unpack_receipt(stored: bytes | str | None, receipt_id: str, job_id: str) -> str:
     """The JSON text of the receipt stored in the row with these ids, byte for byte as signed; raises
     StoredReceiptError. (A str is a body from before schema version 5, met only by the upgrade steps
     that convert it.)"""
     if isinstance(stored, str):
         return stored
-    if not stored or stored[0] not in RECEIPT_DICTIONARIES:
-        raise StoredReceiptError(f"receipt {receipt_id}: unknown packing {stored[:1].hex() or '(empty)'}")
+    if not stored or stored[0] not in RECEIPT_DICTIONARIES:  # (None: a row whose body was lost)
+        raise StoredReceiptError(f"receipt {receipt_id}: unknown packing {(stored or b'')[:1].hex() or '(empty)'}")
     inflate = zlib.decompressobj(-15, zdict=receipt_dictionary(stored[0], receipt_id, job_id))
     try:
         text = inflate.decompress(stored[1:]) + inflate.flush()
@@ -1528,6 +1528,8 @@ def unpack_receipt(stored: bytes | str, receipt_id: str, job_id: str) -> str:
         raise StoredReceiptError(f"receipt {receipt_id} does not inflate: {exc}") from None
     if not inflate.eof:
         raise StoredReceiptError(f"receipt {receipt_id} is cut short")
+    if inflate.unused_data:
+        raise StoredReceiptError(f"receipt {receipt_id} has bytes after its end")
     try:
         return text.decode("utf-8")
     except UnicodeDecodeError:

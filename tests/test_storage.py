@@ -40,7 +40,8 @@ def test_a_packed_receipt_inflates_to_the_same_text(text: str, receipt_id: str, 
 def test_a_damaged_or_unknown_packing_is_a_clear_error() -> None:
     packed = ac.pack_receipt('{"receipt_id":"r","job_id":"j"}', "r", "j")
     for bad, why in ((b"\x09" + packed[1:], "unknown packing 09"), (b"", "unknown packing (empty)"),
-                     (packed[:-3], "cut short"), (packed[:1] + b"\xff" * 8, "does not inflate")):
+                     (None, "unknown packing (empty)"), (packed[:-3], "cut short"),
+                     (packed[:1] + b"\xff" * 8, "does not inflate"), (packed + b"GARBAGE", "bytes after its end")):
         with pytest.raises(ac.StoredReceiptError, match=re.escape(why)):
             ac.unpack_receipt(bad, "r", "j")
 
