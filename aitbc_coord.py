@@ -7262,6 +7262,20 @@ def log_inclusion(client: LogClient, receipt: Mapping[str, Any], raw: bytes, key
     return f"in the receipt log {checkpoint.origin} as leaf {index} of {checkpoint.tree_size}, under {how}"
 
 
+def read_receipt_file(receipt_file: Any) -> tuple[dict[str, Any], bytes]:
+    """The receipt in a file (the receipt itself, or an answer holding it under "receipt") and the
+    file's bytes; raises click.ClickException when it holds none."""
+    raw = receipt_file.read()
+    try:
+        data = decode_json(raw)
+    except Invalid:
+        raise click.ClickException(f"{receipt_file.name} is not valid JSON") from None
+    receipt = data["receipt"] if isinstance(data, dict) and isinstance(data.get("receipt"), dict) else data
+    if not isinstance(receipt, dict):
+        raise click.ClickException(f"{receipt_file.name} holds no receipt object")
+    return receipt, raw
+
+
 @cli.command("verify", cls=LogCheckCommand)
 @click.argument("receipt_file", type=click.File("rb"))
 @click.option("--key-id", "key_ids", multiple=True, help="A trusted signing key_id (repeatable).")
@@ -7302,14 +7316,7 @@ def verify_command(receipt_file: Any, key_ids: tuple[str, ...], log_url: str | N
         return
     if log_url is None and (log_key is not None or state_path is not None):
         raise click.UsageError("--log-key and --state only apply with --log URL")
-    raw = receipt_file.read()
-    try:
-        data = decode_json(raw)
-    except Invalid:
-        raise click.ClickException(f"{receipt_file.name} is not valid JSON") from None
-    receipt = data["receipt"] if isinstance(data, dict) and isinstance(data.get("receipt"), dict) else data
-    if not isinstance(receipt, dict):
-        raise click.ClickException(f"{receipt_file.name} holds no receipt object")
+    receipt, raw = read_receipt_file(receipt_file)
     sig = receipt.get("signature")
     own_key = sig.get("key_id") if isinstance(sig, dict) and isinstance(sig.get("key_id"), str) else None
     report = verify_receipt(receipt, set(key_ids) if key_ids else {own_key} - {None})
