@@ -877,6 +877,7 @@ def pruning_impact(work: Path, jobs: int, seconds: float) -> tuple[list[tuple[st
 FLEET_CAPS = {"gpus": [{"name": "A100", "memory_mb": 81920}], "price": 0.5}
 FLEET_RESULT = {"result": {"image": "ok"}, "metrics": {"units": 1.5}}
 HEARTBEAT_SECONDS = 15.0  # each miner's interval, with ±10% jitter
+FIRST_BEATS = HEARTBEAT_SECONDS * 1.1 + 2  # every miner's first heartbeat is in (and the last first-polls)
 MIN_WAIT = 3.0  # each long-poll asks U[MIN_WAIT, plan.max_wait] seconds, drawn afresh
 REGISTERING = 64  # registrations in flight at once while the fleet starts
 BURST_SECONDS = 180.0  # a burst not worked off by then is reported as it stands
@@ -932,8 +933,7 @@ class Fleet:
         self.port, self.keys, self.max_wait = port, keys, max_wait
         self.deadline = time.perf_counter() + seconds  # every loop ends by then, even if not cancelled
         self.conns: list[Http | None] = [None] * len(keys)
-        self.held = [0] * len(keys)  # jobs in hand, reported by heartbeats
-        self.last_beat = [0.0] * len(keys)  # when each miner last sent a heartbeat
+        self.beats: HeartbeatProcess | None = None  # the fleet's heartbeats, once every miner is parked
         self.received: dict[str, float] = {}  # job id -> when a miner held it
         self.waiting: dict[str, asyncio.Future[None]] = {}
         self.counts: dict[str, int] = dict.fromkeys(("registered", "register failed", "polls", "beats", "results",
@@ -989,7 +989,6 @@ class Fleet:
                 self.counts["register failed"] += 1
                 return
         self.counts["registered"] += 1  # and about to park in its first long-poll
-        self.tasks.append(asyncio.create_task(self.heartbeats(i)))
         while time.perf_counter() < self.deadline:
             await self.poll(i)
 
@@ -1004,9 +1003,7 @@ class Fleet:
         self.counts["polls"] += status != 0
         if status == 200:
             self.hold(job["job_id"])
-            self.held[i] = 1
             status, _ = await self.request(i, f"/v1/miners/{job['job_id']}/result", FLEET_RESULT, 60)
-            self.held[i] = 0
             self.counts["results"] += status == 200
             self.counts["404/409 to results or heartbeats"] += status in (404, 409)
         elif status not in (0, 204):
@@ -1016,28 +1013,6 @@ class Fleet:
         self.received[job_id] = time.perf_counter()
         if (waiter := self.waiting.pop(job_id, None)) is not None and not waiter.done():
             waiter.set_result(None)
-
-    async def heartbeats(self, i: int) -> None:
-        due = time.perf_counter() + random.uniform(0, HEARTBEAT_SECONDS)  # spread over the first interval
-        while due < self.deadline:
-            await asyncio.sleep(max(0.0, due - time.perf_counter()))
-            self.last_beat[i] = time.perf_counter()
-            await self.beat(i)
-            due += HEARTBEAT_SECONDS * random.uniform(0.9, 1.1)
-
-    async def beat(self, i: int) -> None:
-        """One heartbeat on a connection of its own, opened and closed around it."""
-        body = b'{"inflight": %d}' % self.held[i]
-        try:
-            async with asyncio.timeout(HEARTBEAT_SECONDS):
-                status = await one_shot(self.port, miner_address(i),
-                                        http_request("POST", "/v1/miners/heartbeat", body, self.keys[i]))
-        except (OSError, ValueError):
-            self.counts["beat errors"] += 1
-            return
-        self.counts["beats"] += status == 200
-        self.counts["5xx"] += status >= 500
-        self.counts["404/409 to results or heartbeats"] += status in (404, 409)
 
     async def parked(self, timeout: float) -> float:
         """Seconds until every miner has registered and sent its first long-poll (or `timeout`)."""
@@ -1050,18 +1025,23 @@ class Fleet:
     async def idle(self, pid: int, seconds: float, name: str) -> dict[str, float]:
         """The server's CPU and the background request rate while the fleet only heartbeats and renews;
         keys start with `name`."""
-        answered, (units, commits) = self.counts["polls"] + self.counts["beats"], await work_done(self.port)
-        cpu, own, started = cpu_seconds(pid), time.process_time(), time.perf_counter()
+        assert self.beats is not None
+        answered, (units, commits) = self.counts["polls"] + await self.beats.sent(), await work_done(self.port)
+        cpu, own, started = cpu_seconds(pid), self.generator_cpu(), time.perf_counter()
         await asyncio.sleep(seconds)
         elapsed = time.perf_counter() - started
-        cpu, own = cpu_seconds(pid) - cpu, time.process_time() - own
-        answered = self.counts["polls"] + self.counts["beats"] - answered
+        cpu, own = cpu_seconds(pid) - cpu, self.generator_cpu() - own
+        answered = self.counts["polls"] + await self.beats.sent() - answered
         units_after, commits_after = await work_done(self.port)
         figures = {"s": elapsed, "cpu_pct": cpu / elapsed * 100, "req_per_s": answered / elapsed,
                    "us_per_req": cpu / answered * 1e6 if answered else math.nan,
                    "units_per_s": (units_after - units) / elapsed, "commits_per_s": (commits_after - commits) / elapsed,
                    "generator_cpu_pct": own / elapsed * 100, "rss_mb": rss_mb(pid)}
         return {f"{name}_{k}": v for k, v in figures.items()}
+
+    def generator_cpu(self) -> float:
+        """CPU seconds of this process and of the heartbeat process."""
+        return time.process_time() + (cpu_seconds(self.beats.proc.pid) if self.beats is not None else 0.0)
 
     async def submit(self, budget: list[int]) -> None:
         """Submit jobs back to back on one connection while `budget` lasts."""
@@ -1157,9 +1137,10 @@ class Fleet:
         if status != 200:
             self.counts["admin check failed"] += 1
             return {"offline": math.nan, "listed": 0}
-        now, index = time.perf_counter(), {f"fleet{i}": i for i in range(len(self.keys))}
+        last_beat = (await self.beats.report())["last_beat"] if self.beats is not None else [0.0] * len(self.keys)
+        now, index = time.monotonic(), {f"fleet{i}": i for i in range(len(self.keys))}
         offline = [index[m["miner_id"]] for m in items if not m["online"] and m["miner_id"] in index]
-        on_time = [i for i in offline if now - self.last_beat[i] <= HEARTBEAT_SECONDS * 1.1 + 1]
+        on_time = [i for i in offline if now - last_beat[i] <= HEARTBEAT_SECONDS * 1.1 + 1]
         self.counts["offline while heartbeating"] += len(on_time)
         return {"offline": len(offline), "listed": len(items)}
 
@@ -1240,6 +1221,91 @@ class AttackProcess:
         self.counts = json.loads(out.strip().splitlines()[-1])
 
 
+class Heartbeats:
+    """Every miner's heartbeat, each HEARTBEAT_SECONDS ±10% on a connection opened and closed around
+    it (an HTTP client pool whose idle connection the server closed does so). They run in a process of
+    their own (--heartbeats), as 10,000 miners are 10,000 machines: on the long-polls' event loop
+    their connection set-ups came in bunches (80-130 ms of busy loop) that delayed the very wake-ups
+    being measured, and reached the server as bursts. A miner posts its result the moment a job
+    arrives, so it reports 0 jobs in flight."""
+
+    def __init__(self, port: int, keys: list[str]) -> None:
+        self.port, self.keys = port, keys
+        self.last_beat = [0.0] * len(keys)  # time.monotonic(): CLOCK_MONOTONIC, one clock for every process
+        self.counts = dict.fromkeys(("beats", "beat errors", "5xx", "404/409 to results or heartbeats"), 0)
+
+    async def run(self, i: int) -> None:
+        due = time.monotonic() + random.uniform(0, HEARTBEAT_SECONDS)  # spread over the first interval
+        while True:
+            await asyncio.sleep(max(0.0, due - time.monotonic()))
+            self.last_beat[i] = time.monotonic()
+            await self.beat(i)
+            due += HEARTBEAT_SECONDS * random.uniform(0.9, 1.1)
+
+    async def beat(self, i: int) -> None:
+        """One heartbeat on a connection of its own, opened and closed around it."""
+        try:
+            async with asyncio.timeout(HEARTBEAT_SECONDS):
+                status = await one_shot(self.port, miner_address(i),
+                                        http_request("POST", "/v1/miners/heartbeat", b'{"inflight": 0}', self.keys[i]))
+        except (OSError, ValueError):
+            self.counts["beat errors"] += 1
+            return
+        self.counts["beats"] += status == 200
+        self.counts["5xx"] += status >= 500
+        self.counts["404/409 to results or heartbeats"] += status in (404, 409)
+
+    def report(self) -> dict[str, Any]:
+        return {"counts": self.counts, "last_beat": self.last_beat}
+
+
+def heartbeats_process(spec: str) -> None:
+    """--heartbeats PORT:KEYFILE: heartbeat for every miner of KEYFILE (`fleetI=KEY` lines, in order)
+    until stdin closes; each line read from stdin, and the end, are answered with Heartbeats.report()
+    as a JSON line."""
+    port, keyfile = spec.split(":", 1)
+    keys = [line.partition("=")[2] for line in Path(keyfile).read_text().splitlines() if line]
+    raise_open_files_limit()
+
+    async def beat_until_stdin_closes() -> dict[str, Any]:
+        collector = asyncio.create_task(collect_on_a_clock())
+        beats = Heartbeats(int(port), keys)
+        tasks = [asyncio.create_task(beats.run(i)) for i in range(len(keys))]
+        while await asyncio.to_thread(sys.stdin.readline):
+            print(json.dumps(beats.report()), flush=True)
+        for task in tasks:
+            task.cancel()
+        await settle(tasks)
+        collector.cancel()
+        return beats.report()
+
+    print(json.dumps(run_fast(beat_until_stdin_closes())), flush=True)
+
+
+class HeartbeatProcess:
+    """The fleet's Heartbeats in a process of their own."""
+
+    def __init__(self, port: int, keyfile: Path) -> None:
+        self.proc = subprocess.Popen([sys.executable, __file__, "--heartbeats", f"{port}:{keyfile}"],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    async def report(self) -> dict[str, Any]:
+        def ask() -> dict[str, Any]:
+            self.proc.stdin.write("report\n")  # type: ignore[union-attr]
+            self.proc.stdin.flush()  # type: ignore[union-attr]
+            return json.loads(self.proc.stdout.readline())  # type: ignore[union-attr, no-any-return]
+        return await asyncio.to_thread(ask)
+
+    async def sent(self) -> int:
+        """Heartbeats answered 200 so far."""
+        return int((await self.report())["counts"]["beats"])
+
+    async def stop(self) -> dict[str, int]:
+        """End the heartbeats (stdin closes); their counts."""
+        out, _ = await asyncio.to_thread(self.proc.communicate, "", 60)
+        return json.loads(out.strip().splitlines()[-1])["counts"]  # type: ignore[no-any-return]
+
+
 def slowloris_process(spec: str) -> None:
     """--slowloris PORT:N: hold the attack until stdin closes, then print its counts as JSON."""
     port, connections = map(int, spec.split(":"))
@@ -1284,16 +1350,19 @@ def run_fast(main: Coroutine[Any, Any, T]) -> T:
     return uvloop.run(main)
 
 
-async def fleet_run(port: int, pid: int, keys: list[str], plan: FleetPlan) -> dict[str, Any]:
-    """Start the fleet, wait until it is parked, then: idle window, burst, wake phase, offline check."""
+async def fleet_run(port: int, pid: int, keyfile: Path, keys: list[str], plan: FleetPlan) -> dict[str, Any]:
+    """Start the fleet, wait until it is parked and every miner has sent its first heartbeat, then: idle
+    window, burst, wake phase, offline check."""
     park_timeout = 120 + len(keys) / 100
-    lasts = park_timeout + 2 * plan.idle + BURST_SECONDS + plan.wake_span + 3 * WAKE_TIMEOUT + plan.after + 305
+    lasts = (park_timeout + FIRST_BEATS + 2 * plan.idle + BURST_SECONDS + plan.wake_span + 3 * WAKE_TIMEOUT
+             + plan.after + 305)
     fleet = Fleet(port, keys, plan.max_wait, lasts)
     collector = asyncio.create_task(collect_on_a_clock())
     fleet.start()
     try:
         out: dict[str, Any] = {"parked_s": await fleet.parked(park_timeout)}
-        await asyncio.sleep(2)  # the last first-polls reach the server
+        fleet.beats = HeartbeatProcess(port, keyfile)
+        await asyncio.sleep(FIRST_BEATS)  # first heartbeats change each miner's reported status: a write each
         out.update(await fleet.idle(pid, plan.idle, "idle"))
         out.update(await fleet.burst(pid, plan.burst, out["idle_cpu_pct"]))
         if plan.wake_jobs:  # the wake phase runs under a slowloris attack from another address
@@ -1310,6 +1379,9 @@ async def fleet_run(port: int, pid: int, keys: list[str], plan: FleetPlan) -> di
     finally:
         await fleet.stop()
         collector.cancel()
+        if fleet.beats is not None:
+            for name, n in (await fleet.beats.stop()).items():
+                fleet.counts[name] += n
     return {**out, "counts": fleet.counts, "worst_late_s": fleet.latest}
 
 
@@ -1325,7 +1397,7 @@ def fleet_scenario(work: Path, plan: FleetPlan) -> tuple[list[tuple[str, str]], 
         keys = write_fleet_keys(work / f"fleet-keys-{n}.txt", n)
         env = {"MINER_API_KEYS": "", "MINER_API_KEYS_FILE": str(work / f"fleet-keys-{n}.txt")}
         with server("coord", work, work / f"fleet-{n}.db", extra_env=env) as (port, pid):
-            runs[n] = run_fast(fleet_run(port, pid, keys, current))
+            runs[n] = run_fast(fleet_run(port, pid, work / f"fleet-keys-{n}.txt", keys, current))
     return fleet_rows(plan, runs[plan.miners], runs[10])
 
 
@@ -1343,7 +1415,7 @@ def fleet_rows(plan: FleetPlan, big: dict[str, Any], small: dict[str, Any]) -> t
          f"{big['idle_cpu_pct']:.1f}% of a core, {big['idle_req_per_s']:,.0f} req/s, {big['idle_us_per_req']:.0f} us"),
         ("fleet idle: server units of work / group commits (GET /metrics)", f"{big['idle_units_per_s']:,.0f} / "
          f"{big['idle_commits_per_s']:,.0f} a second"),
-        ("fleet generator CPU while idle (this process)", f"{big['idle_generator_cpu_pct']:.1f}% of a core"),
+        ("fleet generator CPU while idle (this process and the heartbeats process)", f"{big['idle_generator_cpu_pct']:.1f}% of a core"),
         (f"fleet server RSS with {n} miners connected", f"{big['idle_rss_mb']:.0f} MB"),
         (f"fleet burst: {plan.burst:,} jobs, {n} / 10 miners", f"{big['burst_jobs']:,} done in {big['burst_s']:.1f} s "
          f"({big['burst_jobs_per_s']:,.0f} jobs/s) / {small['burst_jobs']:,} in {small['burst_s']:.1f} s "
@@ -1569,11 +1641,14 @@ def main() -> None:
                         help="only the retention scenario, the fleet-size reads and (without --quick) pruning's impact")
     parser.add_argument("--bare-server", type=int, metavar="PORT", help=argparse.SUPPRESS)
     parser.add_argument("--slowloris", metavar="PORT:N", help=argparse.SUPPRESS)
+    parser.add_argument("--heartbeats", metavar="PORT:KEYFILE", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.bare_server:
         bare_server(args.bare_server)
     elif args.slowloris:
         slowloris_process(args.slowloris)
+    elif args.heartbeats:
+        heartbeats_process(args.heartbeats)
     elif args.fleet:
         fleet_only(args.fleet, args.quick)
     elif args.log:
