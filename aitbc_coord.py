@@ -998,9 +998,12 @@ class Database:
 
     async def _commit_batch(self, batch: list[tuple[Callable[..., Any], tuple[Any, ...], asyncio.Future[Any]]]) -> None:
         started = time.perf_counter()
+        outcomes: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
+        fut = None
         try:
             await self._begin()
-            outcomes = [(fut, *self._run_unit(self._wconn, fn, args)) for fn, args, fut in batch]
+            for fn, args, fut in batch:  # (not a comprehension: its frame would keep the last future)
+                outcomes.append((fut, *self._run_unit(self._wconn, fn, args)))
             committed = self._loop.create_future()
             self._commits.put(committed)
             await committed  # raises what COMMIT raised
@@ -1015,6 +1018,10 @@ class Database:
                 hook()
             outcomes = [(fut, None, Unavailable()) for _, _, fut in batch]
         _settle_all(outcomes)
+        # A unit's error carries a traceback whose frames lead back to this one: were it to keep the
+        # futures (which hold the errors), every refused unit would be a reference cycle, left to the
+        # cycle collector, which `serve` runs on a clock (what lives past a tick waits for the daily one).
+        del batch, outcomes, fut
 
     def _commit_forever(self) -> None:
         """The commit thread: COMMIT each batch handed over (the fsync happens here), then tell the loop.
@@ -3809,7 +3816,10 @@ class Coordinator:
             self.matcher.queue(job[2] for job in out.wake.queued)
             self.hub.notify(out.wake)
         if out.error is not None:
-            raise out.error
+            try:
+                raise out.error
+            finally:
+                del out  # the traceback holds this frame: the frame must not hold the error (a cycle)
         return out.value
 
     def heard_from(self, miner_id: str) -> None:
@@ -3951,7 +3961,10 @@ class Coordinator:
         """Run a background unit of work in a transaction of its own; its value."""
         out = await self.db.write_alone(fn, *args)
         if out.error is not None:
-            raise out.error
+            try:
+                raise out.error
+            finally:
+                del out  # as in apply
         return out.value
 
     def retention_cutoff(self, days: int | None, now: int) -> int | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import re
 import sqlite3
@@ -144,6 +145,36 @@ async def test_concurrent_writes_share_commits_and_a_failing_unit_stays_alone(h:
     counts = (await h.client.get("/v1/admin/stats", headers={"X-Api-Key": ac.DEV_KEYS["admin"]})).json()
     assert counts["total_jobs"] == 40
     assert await db.read(lambda c: c.execute("SELECT COUNT(*) FROM shapes WHERE constraints = 'doomed'").fetchone()[0]) == 0
+
+
+async def test_a_refused_unit_of_work_leaves_nothing_for_the_cycle_collector(h: Harness) -> None:
+    """serve runs the cycle collector on a clock: what is alive at a tick (0.1 s) moves to the oldest
+    generation, collected about once a day. An error a unit of work raised or returned carries a
+    traceback through the writer's frames; were those frames to hold the error (the batch's outcomes,
+    the Outcome being raised), every refused cancel or report (404, 409, everyday requests) would be a
+    reference cycle, ~300 bytes a request piling up there whenever a tick fell inside the request."""
+
+    def refuse(conn: sqlite3.Connection) -> ac.Outcome:
+        raise ac.NotFound("no such thing")
+
+    def returns_refusal(conn: sqlite3.Connection) -> ac.Outcome:
+        return ac.Outcome(error=ac.Conflict("not now"))
+
+    units = [(ac.tx_cancel, ("client", "no-such-job", h.coord.now())), (refuse, ()), (returns_refusal, ())]
+    for fn, args in units:  # warm: first-use caches are not garbage
+        with pytest.raises(ac.ApiError):
+            await h.coord.apply(fn, *args)
+    gc.collect()
+    gc.disable()
+    try:
+        for fn, args in units:
+            with pytest.raises(ac.ApiError):
+                await h.coord.apply(fn, *args)
+            with pytest.raises(ac.ApiError):
+                await h.coord.maintain(fn, *args)
+        assert gc.collect() == 0
+    finally:
+        gc.enable()
 
 
 async def test_a_failed_commit_acknowledges_nothing(h: Harness) -> None:
