@@ -3790,6 +3790,11 @@ class Coordinator:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._sweeper
+        if self.unrecorded or self.unrecorded_beats:  # what the sweeper would have recorded next
+            try:
+                await self.record_liveness(self.take_liveness())
+            except Exception:
+                log.exception("liveness heard since the last sweep not recorded at stop")
         self._stopping.set()  # retention stops between batches, an archive between chunks
         if self._upkeep_task is not None:
             await self._upkeep_task
@@ -3859,8 +3864,7 @@ class Coordinator:
         """One pass of expiry, lost-miner recovery and offer liveness, then the liveness of the miners
         heard from since the last pass (liveness_units); the number of jobs taken back."""
         s, now = self.settings, self.now()
-        units = liveness_units(self.unrecorded, self.unrecorded_beats)
-        self.unrecorded, self.unrecorded_beats = {}, {}
+        units = self.take_liveness()
         silent = [m for m in self.silent_unmarked if m not in self.heard] + self.newly_silent()
         back, self.back, self.silent_unmarked = [m for m in self.back if m in self.heard], set(), []
         slots, self.slots_changed = self.slots_changed, set()
@@ -3868,17 +3872,29 @@ class Coordinator:
             taken_back = int(await self.apply(tx_sweep, now, self.is_silent, int(s.heartbeat_timeout_seconds * 1000),
                                               s.job_max_attempts, now - s.idempotency_ttl_seconds * 1000, *units[0],
                                               silent, back, slots))
-        except Exception:  # recorded by the next sweep instead
+        except BaseException:  # recorded by the next sweep instead (or, cancelled, by stop)
             self.put_back_liveness(units)
             self.silent_unmarked, self.back, self.slots_changed = silent, {*back, *self.back}, {*slots, *self.slots_changed}
             raise
-        for k in range(1, len(units)):  # one at a time, so that requests are served between them
+        await self.record_liveness(units[1:])
+        return taken_back
+
+    def take_liveness(self) -> list[tuple[dict[str, int], dict[str, int]]]:
+        """The liveness heard since it was last taken, as liveness_units, no longer kept in memory."""
+        units = liveness_units(self.unrecorded, self.unrecorded_beats)
+        self.unrecorded, self.unrecorded_beats = {}, {}
+        return units
+
+    async def record_liveness(self, units: list[tuple[dict[str, int], dict[str, int]]]) -> None:
+        """Record `units` one unit of work at a time, each committed before the next is queued, so that
+        requests are served between them. What is not recorded is put back and the error raised: a
+        failed commit (the next sweep records it), or a stop cancelling the sweep (stop records it)."""
+        for k, unit in enumerate(units):
             try:
-                await self.db.write(touch_miners, *units[k])
-            except Exception:
+                await self.db.write(touch_miners, *unit)
+            except BaseException:
                 self.put_back_liveness(units[k:])
                 raise
-        return taken_back
 
     def put_back_liveness(self, units: list[tuple[dict[str, int], dict[str, int]]]) -> None:
         """Liveness that was not recorded waits for the next sweep (newer readings kept)."""

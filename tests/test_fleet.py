@@ -360,3 +360,38 @@ async def test_a_sweep_records_a_fleets_liveness_a_bounded_unit_at_a_time(tmp_pa
         assert all(rows[i]["last_seen"] == at for i in range(0, n, 2))
         assert all(rows[i]["last_heartbeat"] == at for i in range(1, n, 2))
         assert not h.coord.unrecorded and not h.coord.unrecorded_beats
+
+
+async def test_a_stop_records_the_liveness_a_sweep_in_flight_and_the_requests_since_had_not(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A graceful stop (deploy, restart) cancels the sweeper: liveness kept in memory, whether taken by
+    a sweep that had recorded only its first units or heard from since, is written before the
+    database closes, not dropped."""
+    n = 3 * ac.LIVENESS_UNIT + 10
+    async with harness(tmp_path) as h:
+        for i in range(n):
+            await h.coord.apply(ac.tx_register, f"m{i}", {}, 1, None, h.coord.now(), 3)
+        h.clock.advance(5)
+        at = int(h.clock.t * 1000)
+        h.coord.unrecorded = {f"m{i}": at for i in range(0, n, 2)}
+        h.coord.unrecorded_beats = {f"m{i}": at for i in range(1, n, 2)}
+        touching = asyncio.Event()
+        touch = ac.touch_miners
+
+        def first_unit_after_the_sweeps_own(conn: Any, seen: dict[str, int], beats: dict[str, int]) -> None:
+            touching.set()
+            touch(conn, seen, beats)
+
+        monkeypatch.setattr(ac, "touch_miners", first_unit_after_the_sweeps_own)
+        h.coord._sweeper = asyncio.create_task(h.coord.sweep())  # what stop() cancels
+        await touching.wait()  # the sweep's own unit is committed, the next one running
+        h.clock.advance(1)
+        h.coord.heard_from("m1")  # heard from again meanwhile
+    conn = ac.connect(str(tmp_path / "coord.db"), "NORMAL", readonly=True)
+    try:
+        rows = {i: ac.get_miner(conn, f"m{i}") for i in range(n)}
+    finally:
+        conn.close()
+    assert [i for i in range(0, n, 2) if rows[i]["last_seen"] != at] == []
+    assert [i for i in range(1, n, 2) if rows[i]["last_heartbeat"] != at] == []
+    assert rows[1]["last_seen"] == at + 1000
