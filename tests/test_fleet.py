@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sqlite3
 import sys
 from pathlib import Path
 from typing import Any
@@ -395,3 +396,47 @@ async def test_a_stop_records_the_liveness_a_sweep_in_flight_and_the_requests_si
     assert [i for i in range(0, n, 2) if rows[i]["last_seen"] != at] == []
     assert [i for i in range(1, n, 2) if rows[i]["last_heartbeat"] != at] == []
     assert rows[1]["last_seen"] == at + 1000
+
+
+async def test_liveness_a_failed_commit_did_not_record_waits_for_the_next_sweep(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A sweep's later unit whose commit fails: it and the units after it are put back (a miner heard
+    from again meanwhile keeps its newer reading), and the next sweep records them."""
+    n = 3 * ac.LIVENESS_UNIT + 10
+    async with harness(tmp_path) as h:
+        for i in range(n):
+            await h.coord.apply(ac.tx_register, f"m{i}", {}, 1, None, h.coord.now(), 3)
+        h.clock.advance(5)
+        at = int(h.clock.t * 1000)
+        h.coord.unrecorded = {f"m{i}": at for i in range(0, n, 2)}
+        h.coord.unrecorded_beats = {f"m{i}": at for i in range(1, n, 2)}
+        db, real, calls = h.coord.db, h.coord.db._wconn, []
+        touch = ac.touch_miners
+
+        class FailingCommit:
+            in_transaction = property(lambda self: real.in_transaction)
+
+            def execute(self, sql: str, *args: object) -> object:
+                if sql == "COMMIT" and len(calls) == 3:
+                    raise sqlite3.OperationalError("disk I/O error")
+                return real.execute(sql, *args)
+
+        def third_unit_fails(conn: Any, seen: dict[str, int], beats: dict[str, int]) -> None:
+            calls.append(len(seen) + len(beats))
+            if len(calls) == 3:
+                db._wconn = FailingCommit()  # type: ignore[assignment]
+                h.coord.unrecorded_beats["m301"] = at + 2000  # in this unit, heard from again meanwhile
+            touch(conn, seen, beats)
+
+        monkeypatch.setattr(ac, "touch_miners", third_unit_fails)
+        with pytest.raises(ac.Unavailable):
+            await h.coord.sweep()
+        db._wconn = real
+        assert calls[:3] == [ac.LIVENESS_UNIT] * 3 and len(calls) == 3  # the fourth never ran
+        assert ac.get_miner(db._rconn, "m301")["last_heartbeat"] != at + 2000
+        await h.coord.sweep()
+        rows = {i: ac.get_miner(db._rconn, f"m{i}") for i in range(n)}
+        assert [i for i in range(0, n, 2) if rows[i]["last_seen"] != at] == []
+        assert [i for i in range(1, n, 2) if rows[i]["last_heartbeat"] != at and i != 301] == []
+        assert rows[301]["last_heartbeat"] == at + 2000
+        assert not h.coord.unrecorded and not h.coord.unrecorded_beats
