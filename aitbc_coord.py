@@ -6260,14 +6260,19 @@ def bind_socket(host: str, port: int) -> socket.socket:
 
 
 FULL_COLLECTION_SECONDS = 86_400.0  # the cycle collector's oldest generation at least once a day...
-FULL_COLLECTION_GROWTH = 1.5, 256 << 20  # ...or once the peak RSS grew by half and by 256 MiB since the last
+FULL_COLLECTION_GROWTH = 1.5, 256 << 20  # ...or once the RSS grew by half and by 256 MiB over its size after the last
 YOUNG_GENERATIONS = 1  # gc.collect(1): generations 0 and 1
 
 
-def peak_rss_bytes() -> int:
-    """The process's peak resident set size (getrusage: KiB on Linux, bytes on macOS)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024
+def rss_bytes() -> int:
+    """The process's resident set size now (Linux: /proc/self/statm, in pages); elsewhere its peak
+    (getrusage: KiB on Linux, bytes on macOS), the nearest portable reading."""
+    try:
+        with open("/proc/self/statm", "rb") as statm:
+            return int(statm.read().split()[1]) * resource.getpagesize()
+    except (OSError, ValueError, IndexError):
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak if sys.platform == "darwin" else peak * 1024
 
 
 class Server(uvicorn.Server):
@@ -6284,8 +6289,9 @@ class Server(uvicorn.Server):
     and poll paths are freed by reference counting or in the young generations: full collections
     after 10-minute 10,000-miner runs (registration, idle, a 5,000-job burst, a slowloris attack)
     found no cyclic garbage left. So the oldest generation is collected once a day, or sooner when
-    the peak RSS has grown by half and by 256 MiB since the last full collection (cyclic garbage
-    piling up shows there first); what start-up built lives as long as the process and is moved
+    the RSS (resident now, not the peak, which never comes down) has grown by half and by 256 MiB
+    over what it was right after the last full collection (cyclic garbage piling up shows there
+    first); what start-up built lives as long as the process and is moved
     out of the collector's sight (`gc.freeze`, Python's documented use for it).
 
     The young generations have the same trouble from the other side: CPython counts a young
@@ -6298,10 +6304,11 @@ class Server(uvicorn.Server):
     goes to the oldest generation."""
 
     def __init__(self, config: uvicorn.Config, coord: Coordinator, metrics: Metrics | None = None,
-                 peak_rss: Callable[[], int] = peak_rss_bytes) -> None:
+                 rss: Callable[[], int] = rss_bytes) -> None:
         super().__init__(config)
-        self.coord, self.metrics, self.peak_rss = coord, metrics, peak_rss
+        self.coord, self.metrics, self.rss = coord, metrics, rss
         self.full_collection_due, self.rss_at_collection = math.inf, 0
+        self.collector_was_on: bool | None = None  # set once start-up has taken the collector over
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         # The coordinator first (the lifespan then finds it started): a ConfigError here (a development
@@ -6312,16 +6319,21 @@ class Server(uvicorn.Server):
         await super().startup(sockets=sockets)
         gc.collect()
         gc.freeze()
+        self.collector_was_on = gc.isenabled()
         gc.disable()  # collections come from on_tick
-        self.full_collection_due, self.rss_at_collection = time.monotonic() + FULL_COLLECTION_SECONDS, self.peak_rss()
+        self.full_collection_due, self.rss_at_collection = time.monotonic() + FULL_COLLECTION_SECONDS, self.rss()
         log.info("start-up objects frozen; young generations are collected every tick, the oldest daily or "
                  "after memory grows")
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         try:
             await super().shutdown(sockets=sockets)
-        finally:
-            gc.enable()  # a server run in a thread (`check`) leaves its process as it found it
+        finally:  # a server run in a thread (`check`) leaves its process's collector as it found it
+            if self.collector_was_on is not None:
+                gc.unfreeze()
+                if self.collector_was_on:
+                    gc.enable()
+                self.collector_was_on = None
 
     async def on_tick(self, counter: int) -> bool:
         if counter % 10 == 0 and self.full_collection_is_due():
@@ -6332,7 +6344,7 @@ class Server(uvicorn.Server):
 
     def full_collection_is_due(self) -> bool:
         factor, least = FULL_COLLECTION_GROWTH
-        grown = self.peak_rss() - self.rss_at_collection
+        grown = self.rss() - self.rss_at_collection
         return time.monotonic() >= self.full_collection_due or (
             grown >= least and self.rss_at_collection + grown >= factor * self.rss_at_collection)
 
@@ -6341,7 +6353,7 @@ class Server(uvicorn.Server):
         started = time.perf_counter()
         freed = gc.collect()
         seconds = time.perf_counter() - started
-        self.full_collection_due, self.rss_at_collection = time.monotonic() + FULL_COLLECTION_SECONDS, self.peak_rss()
+        self.full_collection_due, self.rss_at_collection = time.monotonic() + FULL_COLLECTION_SECONDS, self.rss()
         if self.metrics is not None:
             self.metrics.full_collection.observe(seconds)
         log.info("full garbage collection: %d unreachable objects freed in %.0f ms", freed, seconds * 1000)

@@ -8,8 +8,10 @@ Honest clients (on 127.0.0.1, a trusted address) keep working meanwhile.
 from __future__ import annotations
 
 import asyncio
+import gc
 import re
 import socket
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -223,7 +225,7 @@ def test_the_collector_runs_on_a_clock_not_by_allocation_counts(tmp_path: Path) 
 def test_a_full_collection_comes_daily_or_after_memory_grew() -> None:
     app = ac.App(ac.Settings.load({"APP_ENV": "dev"}, dotenv=False))
     rss = [400 << 20]
-    server = ac.Server(ac.uvicorn.Config(app), app.coord, app.metrics, peak_rss=lambda: rss[0])
+    server = ac.Server(ac.uvicorn.Config(app), app.coord, app.metrics, rss=lambda: rss[0])
     server.full_collection_due, server.rss_at_collection = time.monotonic() + 3600, 400 << 20
     rss[0] = (600 << 20) - 1  # grown by half less a byte: not yet
     asyncio.run(server.on_tick(10))
@@ -239,3 +241,42 @@ def test_a_full_collection_comes_daily_or_after_memory_grew() -> None:
     asyncio.run(server.on_tick(20))
     text = ac.generate_latest(app.metrics.registry).decode()
     assert "aitbc_gc_full_collection_seconds_count 2.0" in text
+
+
+def test_the_next_full_collection_is_measured_from_the_memory_the_last_one_left() -> None:
+    """The RSS now, not the peak: a peak never comes down, so the next threshold would ratchet up
+    by half with every collection however much each one freed (56 -> 312 -> 568 -> 852 MiB ...)."""
+    app = ac.App(ac.Settings.load({"APP_ENV": "dev"}, dotenv=False))
+    readings = [656 << 20, 420 << 20]  # grown enough; then what the full collection left
+    server = ac.Server(ac.uvicorn.Config(app), app.coord, app.metrics, rss=lambda: readings.pop(0))
+    server.full_collection_due, server.rss_at_collection = time.monotonic() + 3600, 400 << 20
+    asyncio.run(server.on_tick(10))
+    assert server.rss_at_collection == 420 << 20
+    readings[:] = [(676 << 20) - 1]  # less than 420 MiB + 256 MiB: not yet
+    asyncio.run(server.on_tick(10))
+    assert server.rss_at_collection == 420 << 20
+    readings[:] = [676 << 20, 430 << 20]  # by 256 MiB (and more than half) over 420: due, long before a peak's 984
+    asyncio.run(server.on_tick(10))
+    assert server.rss_at_collection == 430 << 20
+
+
+def test_the_rss_read_is_the_memory_in_use_now() -> None:
+    before = ac.rss_bytes()
+    ballast = bytearray(64 << 20)  # touched: resident
+    ballast[::4096] = b"x" * len(range(0, len(ballast), 4096))
+    during = ac.rss_bytes()
+    del ballast
+    after = ac.rss_bytes()
+    assert during - before >= 60 << 20
+    if sys.platform.startswith("linux"):  # /proc/self/statm: it comes back down (a peak would not)
+        assert during - after >= 60 << 20
+
+
+def test_a_server_run_in_a_thread_leaves_the_collector_as_it_found_it(tmp_path: Path) -> None:
+    settings = ac.Settings.load({"APP_ENV": "dev", "DATABASE_URL": f"sqlite:///{tmp_path}/c.db"}, dotenv=False)
+    assert gc.isenabled()
+    frozen = gc.get_freeze_count()
+    with ac.running_server(settings) as base:
+        assert httpx.get(base + "/v1/health", timeout=10).status_code == 200
+        assert not gc.isenabled()  # the server's clock runs it meanwhile
+    assert gc.isenabled() and gc.get_freeze_count() == frozen
