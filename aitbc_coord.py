@@ -6291,8 +6291,8 @@ class Server(uvicorn.Server):
     found no cyclic garbage left. So the oldest generation is collected once a day, or sooner when
     the RSS (resident now, not the peak, which never comes down) has grown by half and by 256 MiB
     over what it was right after the last full collection (cyclic garbage piling up shows there
-    first); what start-up built lives as long as the process and is moved
-    out of the collector's sight (`gc.freeze`, Python's documented use for it).
+    first); what start-up built lives as long as the process and is moved out of the collector's
+    sight (`gc.freeze`, Python's documented use for it).
 
     The young generations have the same trouble from the other side: CPython counts a young
     collection down by allocations *net of deallocations*, and every poll that ends frees objects
