@@ -3329,11 +3329,13 @@ def tx_open_log(conn: sqlite3.Connection, key_id: str, configured: str | None, d
     return Outcome(origin)
 
 
-def tx_checkpoint(conn: sqlite3.Connection, notary: Notary, now: int, pruned_to: int) -> Outcome:
+def tx_checkpoint(conn: sqlite3.Connection, notary: Notary, now: int, pruned_to: int, paced: int | None = None) -> Outcome:
     """Sign and store a checkpoint of the log as it stands, unless the latest one covers it already; then
-    keep, of the checkpoints older than a day and made since `pruned_to` (ms), the last of each hour.
-    The value is (tree size, what pruning reached) of a new checkpoint, or None. Raises LogDamaged
-    (fewer leaves than the latest checkpoint, a subtree missing)."""
+    keep, of the checkpoints older than a day and made since `pruned_to` (ms), the last of each hour;
+    a day counted to `paced` (Coordinator.paced_now) when that is earlier, so that a step ahead of
+    the wall clock thins no checkpoint of the day that really passed. The value is (tree size, what
+    pruning reached) of a new checkpoint, or None. Raises LogDamaged (fewer leaves than the latest
+    checkpoint, a subtree missing)."""
     latest = get_latest_checkpoint(conn)
     size = get_log_size(conn)
     if latest is not None and size <= latest["tree_size"]:
@@ -3345,7 +3347,7 @@ def tx_checkpoint(conn: sqlite3.Connection, notary: Notary, now: int, pruned_to:
     root = log_root(conn, size)
     insert_checkpoint(conn, size, root, created, notary.sign(Checkpoint(notary.origin, size, root,
                                                                         (f"timestamp {created}",))))
-    cutoff = created - CHECKPOINTS_KEPT_MS
+    cutoff = min(created, created if paced is None else paced) - CHECKPOINTS_KEPT_MS
     prune_checkpoints(conn, pruned_to - pruned_to % CHECKPOINT_PERIOD_MS, cutoff, CHECKPOINT_PERIOD_MS)
     return Outcome((size, cutoff))
 
@@ -3625,6 +3627,7 @@ class Coordinator:
         # miner): when each miner was last heard from, since this process started.
         self.heard: dict[str, float] = {}
         self.started = monotonic()
+        self.started_at = now_ms(clock)  # the wall clock then (Unix ms): idempotency_cutoff paces it
         self.unrecorded: dict[str, int] = {}  # wall-clock ms of requests since the last sweep recorded them
         self.unrecorded_beats: dict[str, int] = {}  # likewise, heartbeats that changed nothing else
         self.reported: dict[str, tuple[int | None, str]] = {}  # (inflight, status) last written per miner
@@ -3658,6 +3661,20 @@ class Coordinator:
 
     def now(self) -> int:
         return now_ms(self.clock)
+
+    def paced_now(self) -> int:
+        """The wall clock (Unix ms) held to the monotonic clock's pace since start-up: what expiry by
+        age reads (idempotency keys, checkpoint thinning), so that a step ahead of the wall clock (a
+        VM restored with a bad RTC) does not age everything at once. A step back, or time the
+        monotonic clock did not count (a suspended VM), only keeps things longer. (Job deadlines stay
+        on the wall clock: clients set them in wall time.)"""
+        return min(self.now(), self.started_at + int((self.monotonic() - self.started) * 1000))
+
+    def idempotency_cutoff(self) -> int:
+        """Idempotency keys made before this (Unix ms) have expired: IDEMPOTENCY_TTL_SECONDS before
+        paced_now. On the wall clock alone, a step ahead would expire every key at once, and a client
+        retrying a submit meanwhile would get its job made twice."""
+        return self.paced_now() - self.settings.idempotency_ttl_seconds * 1000
 
     async def start(self) -> None:
         """Migrate (unless `migrated` says it was done), open the database, settle the keys and the
@@ -3731,7 +3748,7 @@ class Coordinator:
             return False
         if not await self.db.read(log_has_grown):
             return False  # the common case when idle: a read, no write
-        made = await self.apply(tx_checkpoint, self.notary, self.now(), self.pruned_to)
+        made = await self.apply(tx_checkpoint, self.notary, self.now(), self.pruned_to, self.paced_now())
         if made is None:
             return False
         self.pruned_to = made[1]
@@ -3870,7 +3887,7 @@ class Coordinator:
         slots, self.slots_changed = self.slots_changed, set()
         try:
             taken_back = int(await self.apply(tx_sweep, now, self.is_silent, int(s.heartbeat_timeout_seconds * 1000),
-                                              s.job_max_attempts, now - s.idempotency_ttl_seconds * 1000, *units[0],
+                                              s.job_max_attempts, self.idempotency_cutoff(), *units[0],
                                               silent, back, slots))
         except BaseException:  # recorded by the next sweep instead (or, cancelled, by stop)
             self.put_back_liveness(units)
@@ -5258,7 +5275,7 @@ async def submit_job(call: Call) -> Response:
     # stored canonical (keys sorted): its receipt's digest is then the SHA-256 of the text as stored
     row = await coord.apply(tx_submit, call.caller.identity, canonical_json(body.payload),  # type: ignore[union-attr]
                             stored_constraints(constraints), shape_of(constraints), ttl * 1000, now, idem,
-                            now - settings.idempotency_ttl_seconds * 1000, display_value(body.payload.get("value")))
+                            coord.idempotency_cutoff(), display_value(body.payload.get("value")))
     return json_response(job_view(row, coord.now()), 201)
 
 

@@ -7,7 +7,7 @@ from datetime import datetime
 
 import pytest
 
-from conftest import ADMIN, CLIENT, MINER, NO_RECEIPTS, T0, Harness, harness
+from conftest import ADMIN, CLIENT, MINER, NO_RECEIPTS, T0, FakeClock, Harness, harness
 
 ISO_Z = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
 ALICE, BOB = {"X-Api-Key": "key-alice"}, {"X-Api-Key": "key-bob"}
@@ -175,3 +175,25 @@ async def test_admin_sees_every_clients_jobs_and_stats(tmp_path) -> None:
         for path in ("/v1/admin/stats", "/v1/admin/jobs", "/v1/admin/miners"):
             assert (await h.client.get(path, headers=CLIENT)).status_code == 401
             assert (await h.client.get(path, headers=MINER)).status_code == 401
+
+
+async def test_a_wall_clock_step_ahead_expires_no_idempotency_key(tmp_path) -> None:
+    """A step of the wall clock (a VM restored with a bad RTC) with no time passing must not expire
+    the keys: a client retrying its submit then would get its job made twice. Keys still expire
+    after IDEMPOTENCY_TTL_SECONDS that really passed, whichever way the wall clock moved."""
+    wall, mono = FakeClock(), FakeClock(1000.0)
+    async with harness(tmp_path, TWO_CLIENTS, clock=wall, monotonic=mono) as h:
+        key, body = {"Idempotency-Key": "order-1"}, {"payload": {"a": 1}, "ttl_seconds": 30}
+        first = await h.client.post("/v1/jobs", json=body, headers={**ALICE, **key})
+        wall.advance(2 * 86_400)  # two days ahead; no time has passed
+        mono.advance(1)
+        await h.coord.sweep()
+        again = await h.client.post("/v1/jobs", json=body, headers={**ALICE, **key})
+        assert (again.status_code, again.json()["job_id"]) == (201, first.json()["job_id"])
+        mono.advance(25 * 3600)  # a day that really passed (the wall clock keeps its step)
+        wall.advance(25 * 3600)
+        await h.coord.sweep()
+        later = await h.client.post("/v1/jobs", json=body, headers={**ALICE, **key})
+        assert later.status_code == 201 and later.json()["job_id"] != first.json()["job_id"]
+        stats = (await h.client.get("/v1/admin/stats", headers=ADMIN)).json()
+        assert stats["total_jobs"] == 2

@@ -28,7 +28,7 @@ from nacl.signing import SigningKey
 import aitbc_coord as ac
 import rfc9162 as rfc
 from bench import CountingConnection
-from conftest import CLIENT, NO_RECEIPTS, T0, Harness, harness
+from conftest import CLIENT, NO_RECEIPTS, T0, FakeClock, Harness, harness
 from test_receipts import EDGE_SEED, SIGNING, complete_one
 
 pytestmark = pytest.mark.anyio
@@ -598,3 +598,38 @@ def test_an_upgrade_appends_the_receipts_issued_before_it_once_in_issue_order(tm
     tree = rfc.Tree(bodies[i].encode() for i in order)
     assert [r[2] for r in rows] == tree.levels[0] and ac.log_root(conn, 11) == tree.root(11)
     conn.close()
+
+
+async def test_a_wall_clock_step_ahead_thins_no_checkpoint_of_the_day_that_passed(tmp_path: Path) -> None:
+    """Checkpoints are kept all for a day, then one an hour. A step of the wall clock two days ahead
+    with no time passing must not thin the day's checkpoints (auditors who pinned one could no
+    longer fetch it); the day still ends by the time that really passes."""
+    wall, mono = FakeClock(), FakeClock(1000.0)
+    async with harness(tmp_path, {**SIGNING, "RECEIPT_LOG_CHECKPOINT_SECONDS": "600"}, clock=wall, monotonic=mono) as h:
+        db = ac.connect(str(tmp_path / "coord.db"))
+        edge = ac.LogEdge()
+
+        async def leaf_and_checkpoint(i: int) -> None:
+            db.execute("BEGIN IMMEDIATE")
+            ac.append_to_log(db, edge, f"{i:032x}", entry(i))
+            db.execute("COMMIT")
+            assert await h.coord.checkpoint()
+
+        async def sizes() -> list[int]:
+            page = (await h.client.get("/v1/log/checkpoints", params={"limit": 500})).json()
+            return [c["tree_size"] for c in page["items"]]
+
+        for i in range(12):  # every 10 minutes for two hours
+            wall.advance(600)
+            mono.advance(600)
+            await leaf_and_checkpoint(i)
+        before = await sizes()
+        wall.advance(2 * 86_400)  # two days ahead; no time has passed
+        mono.advance(600)
+        await leaf_and_checkpoint(12)
+        assert set(before) <= set(await sizes())  # none of the day's checkpoints thinned
+        wall.advance(86_400)  # a day that really passed
+        mono.advance(86_400)
+        await leaf_and_checkpoint(13)
+        assert len(await sizes()) < len(before)  # now they are old: one an hour is kept
+        db.close()
