@@ -2358,12 +2358,14 @@ class Signer:
 
 
 def build_receipt(job: sqlite3.Row, provider: str, capabilities: Mapping[str, Any], result: Mapping[str, Any],
-                  metrics: Mapping[str, Any], now: int, coordinator_id: str, result_sha256: str) -> dict[str, Any]:
+                  metrics: Mapping[str, Any], now: int, coordinator_id: str, result_sha256: str,
+                  busy_ms: int) -> dict[str, Any]:
     """The unsigned version 1.1 receipt of a job completing at `now` (table in spec section 8; the
-    payload and result as their canonical_digest)."""
+    payload and result as their canonical_digest); `busy_ms` is how long the miner held it, the
+    units when the miner reports none."""
     units = amount(metrics.get("units"), result.get("units"))
     if units is None:
-        units = (now - job["assigned_at"]) / 1000
+        units = busy_ms / 1000
     unit_price = amount(capabilities.get("price"))
     price = amount(metrics.get("price"), result.get("price"))
     if price is None and unit_price is not None:
@@ -3161,9 +3163,11 @@ def _refused(conn: sqlite3.Connection, miner_id: str, job: sqlite3.Row, now: int
 
 
 def tx_result(conn: sqlite3.Connection, miner_id: str, job_id: str, result: dict[str, Any], metrics: dict[str, Any],
-              now: int, signer: Signer | None, coordinator_id: str, edge: LogEdge | None = None) -> Outcome:
+              now: int, signer: Signer | None, coordinator_id: str, edge: LogEdge | None = None,
+              held_ms: int | None = None) -> Outcome:
     """Complete a RUNNING job held by `miner_id` and issue its receipt in the same transaction, the
-    receipt appended to the receipt log.
+    receipt appended to the receipt log. `held_ms`: how long the miner held the job, by the monotonic
+    clock (Coordinator.held_ms); unknown, the wall clock's `now` less its assigned_at, never below 0.
 
     Returns the receipt as stored (JSON text; None without a signing key). A repeat of the same
     result returns the same receipt; any other report is a Conflict.
@@ -3181,6 +3185,7 @@ def tx_result(conn: sqlite3.Connection, miner_id: str, job_id: str, result: dict
     if error is not None:
         return _refused(conn, miner_id, job, now, error)
     metrics_json = compact_json(metrics)
+    busy_ms = held_ms if held_ms is not None else max(0, now - job["assigned_at"])
     finish_job(conn, job["seq"], JobState.COMPLETED, now, None, result_json, metrics_json)
     receipt_id = stored = None
     if signer is not None:
@@ -3189,10 +3194,10 @@ def tx_result(conn: sqlite3.Connection, miner_id: str, job_id: str, result: dict
         # where a string holds the word
         receipt, text = signer.seal(build_receipt(job, miner_id, capabilities, result,
                                                   without_nulls(metrics, metrics_json), now, coordinator_id,
-                                                  canonical_digest(result_json, canonical=True)))
+                                                  canonical_digest(result_json, canonical=True), busy_ms))
         receipt_id, stored = receipt["receipt_id"], insert_receipt(conn, receipt, job["client_id"], now, text)
         append_to_log(conn, edge or LogEdge(), receipt_id, stored.encode())
-    add_miner_outcome(conn, miner_id, now, 1, 0, now - job["assigned_at"], receipt_id)
+    add_miner_outcome(conn, miner_id, now, 1, 0, busy_ms, receipt_id)
     return Outcome(stored, Wake(miners={miner_id}))
 
 
@@ -3590,6 +3595,7 @@ class Upkeep:
     checkpoints: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)  # by outcome
 
 
+CLAIMS_TIMED = 1 << 16  # claims whose monotonic time Coordinator.held_ms remembers
 LIVENESS_UNIT = 256  # miners whose last_seen / last_heartbeat one unit of work records (liveness_units)
 
 
@@ -3627,6 +3633,7 @@ class Coordinator:
         # miner): when each miner was last heard from, since this process started.
         self.heard: dict[str, float] = {}
         self.started = monotonic()
+        self.claimed_at: collections.OrderedDict[str, float] = collections.OrderedDict()  # job -> monotonic claim
         self.started_at = now_ms(clock)  # the wall clock then (Unix ms): idempotency_cutoff paces it
         self.unrecorded: dict[str, int] = {}  # wall-clock ms of requests since the last sweep recorded them
         self.unrecorded_beats: dict[str, int] = {}  # likewise, heartbeats that changed nothing else
@@ -3669,6 +3676,14 @@ class Coordinator:
         monotonic clock did not count (a suspended VM), only keeps things longer. (Job deadlines stay
         on the wall clock: clients set them in wall time.)"""
         return min(self.now(), self.started_at + int((self.monotonic() - self.started) * 1000))
+
+    def held_ms(self, job_id: str) -> int | None:
+        """How long ago (ms, monotonic clock) this process handed `job_id` to a miner, or None when it
+        did not (or forgot: it remembers the CLAIMS_TIMED latest). What a receipt bills when the
+        miner reports no units: on the wall clock alone, a step during the job would bill the step
+        (ahead) or a negative time (back) at the miner's price."""
+        at = self.claimed_at.get(job_id)
+        return None if at is None else max(0, int((self.monotonic() - at) * 1000))
 
     def idempotency_cutoff(self) -> int:
         """Idempotency keys made before this (Unix ms) have expired: IDEMPOTENCY_TTL_SECONDS before
@@ -4156,6 +4171,10 @@ class Coordinator:
                     job, profile, ready = await self.apply(tx_poll, waiter.miner_id, self.now(), self.matcher)
             if job is not None:
                 self.slots_changed.add(waiter.miner_id)
+                self.claimed_at.pop(job["job_id"], None)  # (claimed again: now the latest)
+                self.claimed_at[job["job_id"]] = self.monotonic()
+                if len(self.claimed_at) > CLAIMS_TIMED:
+                    self.claimed_at.popitem(last=False)
             missed = [p for p in picked_for if job is None or p[0] != job["job_id"]]
             if missed:  # picked for jobs it did not get: those still queued go to the next able miner
                 still = await self.db.read(list_queued_among, [p[0] for p in missed])
@@ -5429,7 +5448,7 @@ async def miner_result(call: Call) -> Response:
     b, coord = call.body, call.coord
     receipt = await coord.apply(tx_result, call.caller.identity, call.path("job_id"),  # type: ignore[union-attr]
                                 b.result, b.metrics, coord.now(), coord.signer, coord.settings.coordinator_id,
-                                coord.log_edge)
+                                coord.log_edge, coord.held_ms(call.path("job_id")))
     return result_accepted_response(receipt)
 
 

@@ -16,7 +16,7 @@ from nacl.exceptions import BadSignatureError
 from nacl.signing import SigningKey, VerifyKey
 
 import aitbc_coord as ac
-from conftest import ADMIN, CLIENT, MINER, NO_RECEIPTS, T0, Harness, harness
+from conftest import ADMIN, CLIENT, MINER, NO_RECEIPTS, T0, FakeClock, Harness, harness
 
 pytestmark = pytest.mark.anyio
 
@@ -463,3 +463,36 @@ async def test_receipts_stored_before_1_1_stay_as_they_are_and_still_verify(tmp_
         assert independently_valid(served, EDGE_SIGNATURE["key_id"], EDGE_ATTESTATION["key_id"])
         listed = (await h.client.get("/v1/explorer/receipts", params={"job_id": job["job_id"]})).json()["items"]
         assert listed[0]["payload"] == old_receipt
+
+
+async def test_a_wall_clock_step_during_a_job_is_not_billed(tmp_path) -> None:
+    """With no units reported, a receipt bills how long the miner held the job. On the wall clock
+    alone, a step during the job billed the step: an hour ahead, 3,600 s at the miner's price; an
+    hour back, a negative price that paid the client. Held time is measured on the monotonic clock."""
+    wall, mono = FakeClock(), FakeClock(1000.0)
+    async with harness(tmp_path, SIGNING, clock=wall, monotonic=mono) as h:
+        for step in (3600, -3600):
+            job = await h.submit({"step": step}, ttl_seconds=7200)  # (its deadline is wall-clock)
+            await h.register(capabilities={"price": 0.5})
+            await h.take()
+            wall.advance(step)  # the wall clock jumps while the job runs; 2.5 s really pass
+            mono.advance(2.5)
+            r = await h.result(job["job_id"], {"text": "ok"})
+            receipt = r.json()["receipt"]
+            assert (receipt["units"], receipt["price"]) == (2.5, 1.25), step
+        miners = (await h.client.get("/v1/admin/miners", headers=ADMIN)).json()["items"]
+        assert miners[0]["average_job_duration_ms"] == 2500
+
+
+async def test_a_job_claimed_before_a_restart_bills_no_negative_time(tmp_path) -> None:
+    """The process that completes a job did not see its claim: the wall clock's difference is all
+    there is, and a step back must not make it negative."""
+    wall = FakeClock()
+    async with harness(tmp_path, SIGNING, clock=wall) as h:
+        job = await h.submit()
+        await h.register(capabilities={"price": 0.5})
+        await h.take()
+    wall.advance(-60)
+    async with harness(tmp_path, SIGNING, clock=wall) as h:
+        r = await h.result(job["job_id"], {"text": "ok"})
+        assert r.status_code == 200 and (r.json()["receipt"]["units"], r.json()["receipt"]["price"]) == (0, 0)
