@@ -3352,7 +3352,7 @@ def tx_checkpoint(conn: sqlite3.Connection, notary: Notary, now: int, pruned_to:
     root = log_root(conn, size)
     insert_checkpoint(conn, size, root, created, notary.sign(Checkpoint(notary.origin, size, root,
                                                                         (f"timestamp {created}",))))
-    cutoff = min(created, created if paced is None else paced) - CHECKPOINTS_KEPT_MS
+    cutoff = (created if paced is None else min(created, paced)) - CHECKPOINTS_KEPT_MS
     prune_checkpoints(conn, pruned_to - pruned_to % CHECKPOINT_PERIOD_MS, cutoff, CHECKPOINT_PERIOD_MS)
     return Outcome((size, cutoff))
 
@@ -5446,9 +5446,11 @@ async def miner_poll(call: Call) -> Response:
 async def miner_result(call: Call) -> Response:
     """Complete a job the caller holds."""
     b, coord = call.body, call.coord
-    receipt = await coord.apply(tx_result, call.caller.identity, call.path("job_id"),  # type: ignore[union-attr]
+    job_id = call.path("job_id")
+    receipt = await coord.apply(tx_result, call.caller.identity, job_id,  # type: ignore[union-attr]
                                 b.result, b.metrics, coord.now(), coord.signer, coord.settings.coordinator_id,
-                                coord.log_edge, coord.held_ms(call.path("job_id")))
+                                coord.log_edge, coord.held_ms(job_id))
+    coord.claimed_at.pop(job_id, None)  # done: only jobs in hand are remembered (and CLAIMS_TIMED at most)
     return result_accepted_response(receipt)
 
 
