@@ -335,14 +335,24 @@ async def test_steady_heartbeats_are_recorded_by_the_sweep_not_a_write_each(tmp_
         assert (await h.client.post("/v1/miners/heartbeat", json={}, headers={"X-Api-Key": "nope"})).status_code == 401
 
 
+async def heard_from_a_fleet(h: Any) -> tuple[int, int]:
+    """3 * LIVENESS_UNIT + 10 registered miners, all heard from 5 s later and not yet recorded: the
+    even ones by a request, the odd ones by a heartbeat that changed nothing else; (n, then in ms)."""
+    n = 3 * ac.LIVENESS_UNIT + 10
+    for i in range(n):
+        await h.coord.apply(ac.tx_register, f"m{i}", {}, 1, None, h.coord.now(), 3)
+    h.clock.advance(5)
+    at = int(h.clock.t * 1000)
+    h.coord.unrecorded = {f"m{i}": at for i in range(0, n, 2)}
+    h.coord.unrecorded_beats = {f"m{i}": at for i in range(1, n, 2)}
+    return n, at
+
+
 async def test_a_sweep_records_a_fleets_liveness_a_bounded_unit_at_a_time(tmp_path: Path,
                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """A unit of work holds the event loop while it runs: ~1,000 miners heard from between two sweeps
     at 10,000 miners held it 12-56 ms in one unit. Every one is recorded, in units of LIVENESS_UNIT."""
     async with harness(tmp_path) as h:
-        n = 3 * ac.LIVENESS_UNIT + 10
-        for i in range(n):
-            await h.coord.apply(ac.tx_register, f"m{i}", {}, 1, None, h.coord.now(), 3)
         unit_sizes = []
         touch = ac.touch_miners
 
@@ -351,10 +361,7 @@ async def test_a_sweep_records_a_fleets_liveness_a_bounded_unit_at_a_time(tmp_pa
             touch(conn, seen, beats)
 
         monkeypatch.setattr(ac, "touch_miners", counted)
-        h.clock.advance(5)
-        at = int(h.clock.t * 1000)
-        h.coord.unrecorded = {f"m{i}": at for i in range(0, n, 2)}  # heard from, and
-        h.coord.unrecorded_beats = {f"m{i}": at for i in range(1, n, 2)}  # heartbeats that changed nothing
+        n, at = await heard_from_a_fleet(h)
         await h.coord.sweep()
         assert sum(unit_sizes) == n and max(unit_sizes) <= ac.LIVENESS_UNIT and len(unit_sizes) == 4
         rows = {i: ac.get_miner(h.coord.db._rconn, f"m{i}") for i in range(n)}
@@ -368,14 +375,8 @@ async def test_a_stop_records_the_liveness_a_sweep_in_flight_and_the_requests_si
     """A graceful stop (deploy, restart) cancels the sweeper: liveness kept in memory, whether taken by
     a sweep that had recorded only its first units or heard from since, is written before the
     database closes, not dropped."""
-    n = 3 * ac.LIVENESS_UNIT + 10
     async with harness(tmp_path) as h:
-        for i in range(n):
-            await h.coord.apply(ac.tx_register, f"m{i}", {}, 1, None, h.coord.now(), 3)
-        h.clock.advance(5)
-        at = int(h.clock.t * 1000)
-        h.coord.unrecorded = {f"m{i}": at for i in range(0, n, 2)}
-        h.coord.unrecorded_beats = {f"m{i}": at for i in range(1, n, 2)}
+        n, at = await heard_from_a_fleet(h)
         touching = asyncio.Event()
         touch = ac.touch_miners
 
@@ -402,14 +403,8 @@ async def test_liveness_a_failed_commit_did_not_record_waits_for_the_next_sweep(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A sweep's later unit whose commit fails: it and the units after it are put back (a miner heard
     from again meanwhile keeps its newer reading), and the next sweep records them."""
-    n = 3 * ac.LIVENESS_UNIT + 10
     async with harness(tmp_path) as h:
-        for i in range(n):
-            await h.coord.apply(ac.tx_register, f"m{i}", {}, 1, None, h.coord.now(), 3)
-        h.clock.advance(5)
-        at = int(h.clock.t * 1000)
-        h.coord.unrecorded = {f"m{i}": at for i in range(0, n, 2)}
-        h.coord.unrecorded_beats = {f"m{i}": at for i in range(1, n, 2)}
+        n, at = await heard_from_a_fleet(h)
         db, real, calls = h.coord.db, h.coord.db._wconn, []
         touch = ac.touch_miners
 
