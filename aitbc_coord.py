@@ -42,6 +42,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import collections
+import concurrent.futures
 import contextlib
 import dataclasses
 import datetime
@@ -120,6 +121,9 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = 8011
     db_path: str = "./coordinator.db"
+    # DATABASE_URL=postgresql://...: the database is PostgreSQL (a libpq URI; its password may be left
+    # to PGPASSFILE), and db_path is unused
+    postgres_url: str | None = dataclasses.field(default=None, repr=False)
     api_keys: Mapping[str, Mapping[str, str]] = dataclasses.field(default_factory=dict)
     dev_key_roles: tuple[str, ...] = ()
     allow_origins: tuple[str, ...] = ("*",)
@@ -175,6 +179,8 @@ class Settings:
                 except (ValueError, TypeError) as exc:
                     raise ConfigError(f"{name}: {exc}") from None
         values.update({k: v for k, v in overrides.items() if v is not None})
+        if is_postgres_url(values.get("db_path", "")):  # DATABASE_URL, or --db, names PostgreSQL
+            values["postgres_url"] = values.pop("db_path")
         app_env = values.get("app_env", cls.app_env)
         values["api_keys"], values["dev_key_roles"] = _load_api_keys(env, app_env)
         values["signing_seed"] = load_seed(env, "RECEIPT_SIGNING_KEY")
@@ -183,6 +189,22 @@ class Settings:
         settings = cls(**values)
         settings.check_retention()
         return settings
+
+    @property
+    def target(self) -> str:
+        """What a connection opens: the SQLite path, or the PostgreSQL URL."""
+        return self.postgres_url or self.db_path
+
+    @property
+    def database(self) -> str:
+        """The database as logs and messages name it: the SQLite path, or the PostgreSQL URL without
+        its password."""
+        if self.postgres_url is None:
+            return self.db_path
+        url = urllib.parse.urlsplit(self.postgres_url)
+        if url.password is None:
+            return self.postgres_url
+        return urllib.parse.urlunsplit(url._replace(netloc=url.netloc.replace(f":{url.password}@", ":***@", 1)))
 
     def check_retention(self) -> None:
         """Raises ConfigError unless a job's payload and result are the first thing retention drops:
@@ -242,8 +264,11 @@ def _parse_seconds(raw: str) -> float:
 
 
 def _parse_database_url(raw: str) -> str:
+    if is_postgres_url(raw):
+        return raw
     if not raw.startswith("sqlite:///") or raw == "sqlite:///":
-        raise ValueError("must look like sqlite:///relative/path.db or sqlite:////absolute/path.db")
+        raise ValueError("must look like sqlite:///relative/path.db, sqlite:////absolute/path.db"
+                         " or postgresql://user@host/dbname")
     return raw[len("sqlite:///") :]
 
 
@@ -684,13 +709,14 @@ MIN_SQLITE = (3, 35, 0)  # RETURNING
 WAL_SIZE_LIMIT_BYTES = 16 * 1024 * 1024
 
 
-def schema_sql() -> str:
-    """The text of schema.sql, beside the module in a checkout or installed with the wheel."""
+def schema_sql(name: str = "schema") -> str:
+    """The text of schema.sql (or `name`.sql: schema_pg), beside the module in a checkout or installed
+    with the wheel (as aitbc_coord_`name`.sql)."""
     here = Path(__file__).resolve().parent
-    for name in ("schema.sql", "aitbc_coord_schema.sql"):
-        if (here / name).is_file():
-            return (here / name).read_text(encoding="utf-8")
-    raise ConfigError(f"schema.sql not found beside {__file__}")
+    for file in (f"{name}.sql", f"aitbc_coord_{name}.sql"):
+        if (here / file).is_file():
+            return (here / file).read_text(encoding="utf-8")
+    raise ConfigError(f"{name}.sql not found beside {__file__}")
 
 
 def schema_section(version: int) -> str:
@@ -1052,6 +1078,292 @@ class Database:
         return result, None
 
 
+# --- PostgreSQL: the same data layer and units over psycopg 3 (DATABASE_URL=postgresql://...) ---
+# The data layer's SQL is SQLite's; PgConnection translates each distinct text once (placeholders,
+# the few SQLite-only forms) and returns rows indexable by position and by name, as sqlite3.Row.
+# psycopg is imported on first use: the default install (SQLite only) does without it.
+
+POSTGRES_SCHEMES = ("postgresql://", "postgres://")
+# The database errors of the backends in use: sqlite3's, and psycopg's once PostgreSQL is opened.
+DB_ERRORS: tuple[type[Exception], ...] = (sqlite3.Error,)
+INTEGRITY_ERRORS: tuple[type[Exception], ...] = (sqlite3.IntegrityError,)  # a constraint refused a write
+
+
+def is_postgres_url(url: str) -> bool:
+    """Whether `url` names a PostgreSQL database (a libpq connection URI), not a SQLite file."""
+    return url.startswith(POSTGRES_SCHEMES)
+
+
+def load_psycopg() -> Any:
+    """The psycopg module, imported on first use; raises ConfigError when the extra is not installed."""
+    global DB_ERRORS, INTEGRITY_ERRORS
+    try:
+        import psycopg
+        import psycopg_pool  # noqa: F401 - checked here, used by PgDatabase
+    except ImportError:
+        raise ConfigError("DATABASE_URL names PostgreSQL, but its driver is not installed:"
+                          " pip install 'aitbc-coordinator[postgres]'") from None
+    DB_ERRORS = (sqlite3.Error, psycopg.Error)
+    INTEGRITY_ERRORS = (sqlite3.IntegrityError, psycopg.IntegrityError)
+    return psycopg
+
+
+# SQLite-only forms in the data layer's SQL, and what they are on PostgreSQL.
+PG_REWRITES: list[tuple[re.Pattern[str], str]] = [
+    (re.compile(r" INDEXED BY \w+"), ""),  # a planner hint
+    (re.compile(r"\bMAX\(((?:[^(),]|\([^()]*\))+), ((?:[^(),]|\([^()]*\))+)\)"), r"GREATEST(\1, \2)"),  # SQLite's two-argument max
+    (re.compile(r"\bjson_each\((\?|:\w+)\)"), r"json_array_elements_text(CAST(\1 AS json))"),  # a JSON array's values
+    (re.compile(r"\bjson_extract\((\w+), '\$\.(\w+)'\)"), r"CAST(CAST(\1 AS json) ->> '\2' AS double precision)"),
+    (re.compile(r"/\*(FOR UPDATE(?: SKIP LOCKED)?)\*/"), r"\1"),  # lock markers: comments on SQLite
+]
+_PG_TOKENS = re.compile(r"'(?:[^']|'')*'|::|\?|:(\w+)|%")
+
+
+@functools.lru_cache(maxsize=4096)
+def pg_sql(sql: str) -> str:
+    """The PostgreSQL text of one of the data layer's statements: PG_REWRITES applied, then `?` and
+    `:name` placeholders as psycopg's `%s` and `%(name)s` (every `%` doubled, in literals too; what
+    looks like a placeholder inside a string literal, and `::` casts, left alone)."""
+    for pattern, replacement in PG_REWRITES:
+        sql = pattern.sub(replacement, sql)
+
+    def placeholder(match: re.Match[str]) -> str:
+        token = match.group(0)
+        if token == "?":
+            return "%s"
+        if token == "%":
+            return "%%"
+        if token.startswith("'"):
+            return token.replace("%", "%%")  # psycopg reads placeholders inside literals too
+        return f"%({match.group(1)})s" if match.group(1) else token
+    return _PG_TOKENS.sub(placeholder, sql)
+
+
+class PgRow(tuple):  # type: ignore[type-arg]
+    """A result row indexable by position and by column name, with keys(): what sqlite3.Row offers."""
+
+    __slots__ = ()
+    names: Mapping[str, int] = {}
+
+    def __getitem__(self, key: Any) -> Any:
+        return tuple.__getitem__(self, self.names[key] if isinstance(key, str) else key)
+
+    def keys(self) -> list[str]:
+        return list(self.names)
+
+
+@functools.lru_cache(maxsize=1024)
+def _pg_row_class(names: tuple[str, ...]) -> type[PgRow]:
+    positions = {name: i for i, name in reversed(list(enumerate(names)))}  # the first of a repeated name
+    return type("PgRow", (PgRow,), {"__slots__": (), "names": positions})
+
+
+def _pg_row_maker(cursor: Any) -> Callable[[Sequence[Any]], PgRow]:
+    """psycopg's row factory for PgRow."""
+    description = cursor.description or ()
+    return _pg_row_class(tuple(column.name for column in description))
+
+
+class PgConnection:
+    """The part of sqlite3.Connection the data layer and units use (`execute`, `executemany`, both
+    returning a cursor with fetchone/fetchall/rowcount/iteration), over one psycopg connection."""
+
+    def __init__(self, raw: Any) -> None:
+        self.raw = raw
+
+    def execute(self, sql: str, params: Sequence[Any] | Mapping[str, Any] = ()) -> Any:
+        return self.raw.execute(pg_sql(sql), params)
+
+    def executemany(self, sql: str, rows: Iterable[Sequence[Any] | Mapping[str, Any]]) -> Any:
+        cursor = self.raw.cursor()
+        cursor.executemany(pg_sql(sql), list(rows))
+        return cursor
+
+    def close(self) -> None:
+        self.raw.close()
+
+
+def connect_reader(target: str) -> Any:
+    """A connection for reading (transactions by hand, BEGIN ... ROLLBACK) to the SQLite file or the
+    PostgreSQL URL `target`; raises a database error."""
+    return PgConnection(pg_connect(target)) if is_postgres_url(target) else connect(target, readonly=True)
+
+
+def pg_connect(url: str, **kwargs: Any) -> Any:
+    """A psycopg connection to `url` (autocommit: transactions are opened explicitly) that returns
+    PgRow rows, and whole numbers for numeric values (SUM over bigint) as sqlite3 does; raises
+    psycopg.Error."""
+    psycopg = load_psycopg()
+    raw = psycopg.Connection.connect(url, autocommit=True, row_factory=_pg_row_maker, **kwargs)
+    _configure_pg(raw)
+    return raw
+
+
+def _configure_pg(raw: Any) -> None:
+    from psycopg.adapt import Loader
+
+    class NumberLoader(Loader):  # numeric: int when whole, else float (never Decimal, which JSON refuses)
+        def load(self, data: Any) -> int | float:
+            text = bytes(data)
+            return float(text) if b"." in text or b"N" in text else int(text)
+    raw.adapters.register_loader("numeric", NumberLoader)
+    raw.row_factory = _pg_row_maker
+
+
+# pg_advisory_xact_lock keys ("aitbc" and a number): one migration at a time; receipt-log appends in turn
+MIGRATE_LOCK = 0x61697462_63000001
+LOG_APPEND_LOCK = 0x61697462_63000002
+
+
+def migrate_pg(url: str) -> tuple[int, int]:
+    """Create or check the PostgreSQL schema (schema_pg.sql) in one transaction; (before, after).
+    Instances that start together wait on one transaction-level advisory lock, so exactly one of
+    them creates it. Raises ConfigError (server unreachable, schema newer than this coordinator)."""
+    psycopg = load_psycopg()
+    try:
+        raw = pg_connect(url, connect_timeout=10)
+    except psycopg.Error as exc:
+        raise ConfigError(f"cannot connect to PostgreSQL: {exc}".strip()) from None
+    try:
+        with raw.transaction():
+            raw.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATE_LOCK,))
+            made = raw.execute("SELECT to_regclass('schema_version') IS NOT NULL").fetchone()[0]
+            before = raw.execute("SELECT version FROM schema_version").fetchone()[0] if made else 0
+            if before > SCHEMA_VERSION:
+                raise ConfigError(f"the PostgreSQL database has schema version {before}, newer than this "
+                                  f"coordinator's {SCHEMA_VERSION}; upgrade aitbc-coord")
+            if before == 0:
+                raw.execute(schema_sql("schema_pg"))
+            elif before < SCHEMA_VERSION:
+                raise ConfigError(f"the PostgreSQL database has schema version {before}; this coordinator"
+                                  f" knows no upgrade from it to {SCHEMA_VERSION}")
+        return before, SCHEMA_VERSION
+    except psycopg.Error as exc:
+        raise ConfigError(f"cannot migrate the PostgreSQL database: {exc}") from None
+    finally:
+        raw.close()
+
+
+def migrate_database(settings: Settings) -> tuple[int, int]:
+    """migrate() or migrate_pg(), whichever database the settings name; raises ConfigError."""
+    return migrate_pg(settings.postgres_url) if settings.postgres_url else migrate(settings.db_path)
+
+
+class PgDatabase(Database):
+    """Database's interface on PostgreSQL. Writes keep the group commit (a batch of units in one
+    transaction, each in its own SAVEPOINT), run by a writer thread on a connection of its own: every
+    statement is a network round trip the event loop must not wait through. A batch that deadlocks
+    with another instance's, or fails serialisation, runs again. Reads take a connection from a pool
+    in a worker thread, each read one READ ONLY REPEATABLE READ transaction (one snapshot, as
+    SQLite's BEGIN gives). Raises what Database raises; database errors are psycopg.Error."""
+
+    MAX_BATCH = 32  # units a batch: below the 64 subtransactions a PostgreSQL backend caches
+    RETRIES = 3  # runs of a batch that deadlocked or failed serialisation, in all
+    READ_POOL = 4  # connections for reads
+
+    def __init__(self, url: str) -> None:
+        super().__init__(url)
+        self._pool: Any = None
+
+    async def start(self) -> None:
+        """Open the writer's connection and the read pool, and start the writer task; raises
+        psycopg.Error when the server cannot be reached."""
+        load_psycopg()
+        from psycopg_pool import ConnectionPool
+        self._loop = asyncio.get_running_loop()
+        self._wconn = await asyncio.to_thread(pg_connect, self.path)
+        self._pool = ConnectionPool(self.path, min_size=1, max_size=self.READ_POOL, open=False,
+                                    kwargs={"autocommit": True}, configure=self._configure_reader)
+        await asyncio.to_thread(self._pool.open, True, 10.0)
+        self._thread = concurrent.futures.ThreadPoolExecutor(1, "aitbc-pg-writer")
+        self._wake = asyncio.Event()
+        self._writer = asyncio.create_task(self._run_writer())
+        self.open = True
+
+    @staticmethod
+    def _configure_reader(raw: Any) -> None:
+        _configure_pg(raw)
+        raw.read_only = True
+        raw.isolation_level = load_psycopg().IsolationLevel.REPEATABLE_READ
+
+    async def close(self) -> None:
+        """Commit what is queued, then close the connections."""
+        self.open, self._closing = False, True
+        self._wake.set()
+        await self._writer
+        self._thread.shutdown()
+        await asyncio.to_thread(self._wconn.close)
+        await asyncio.to_thread(self._pool.close)
+
+    async def wal_checkpoint(self) -> tuple[int, int, int]:
+        """Nothing to do: PostgreSQL checkpoints its own WAL."""
+        return 0, 0, 0
+
+    async def read(self, fn: Callable[..., T], *args: Any) -> T:
+        if not self.open:
+            raise Unavailable("database not open")
+        return await asyncio.to_thread(self._read, fn, args, True)
+
+    async def peek(self, fn: Callable[..., T], *args: Any) -> T:
+        if not self.open:
+            raise Unavailable("database not open")
+        return await asyncio.to_thread(self._read, fn, args, False)
+
+    def _read(self, fn: Callable[..., T], args: tuple[Any, ...], snapshot: bool) -> T:
+        with self._pool.connection() as raw:
+            if not snapshot:
+                return fn(PgConnection(raw), *args)
+            with raw.transaction():
+                return fn(PgConnection(raw), *args)
+
+    async def _commit_batch(self, batch: list[tuple[Callable[..., Any], tuple[Any, ...], asyncio.Future[Any]]]) -> None:
+        started = time.perf_counter()
+        try:
+            outcomes = await self._loop.run_in_executor(self._thread, self._run_batch, batch)
+            if self.commit_observer is not None:
+                self.commit_observer(len(batch), time.perf_counter() - started)
+        except DB_ERRORS as exc:  # nothing of this batch is durable, so nothing is acknowledged
+            log.error("write batch of %d aborted: %s", len(batch), exc)
+            for hook in self.abort_hooks:
+                hook()
+            outcomes = [(fut, None, Unavailable()) for _, _, fut in batch]
+        _settle_all(outcomes)
+        del batch, outcomes  # as in Database._commit_batch: no cycle through a refused unit's traceback
+
+    def _run_batch(self, batch: list[tuple[Callable[..., Any], tuple[Any, ...], asyncio.Future[Any]]]) -> list[Any]:
+        """The writer thread: the batch in one transaction; (future, result, error) a unit. Raises
+        psycopg.Error when the transaction failed (after RETRIES runs, for a deadlock)."""
+        psycopg = load_psycopg()
+        conn = PgConnection(self._wconn)
+        for attempt in range(1, self.RETRIES + 1):
+            try:
+                with self._wconn.transaction():
+                    return [(fut, *self._run_unit(conn, fn, args)) for fn, args, fut in batch]
+            except (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure) as exc:
+                if attempt == self.RETRIES:
+                    raise
+                log.warning("write batch of %d ran into another's locks (%s): running it again", len(batch), exc)
+        raise AssertionError("unreachable")
+
+    @staticmethod
+    def _run_unit(conn: Any, fn: Callable[..., Any], args: tuple[Any, ...]) -> tuple[Any, BaseException | None]:
+        psycopg = load_psycopg()
+        conn.raw.execute("SAVEPOINT unit")
+        try:
+            result = fn(conn, *args)
+        except (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure, psycopg.OperationalError):
+            raise  # the whole batch runs again, or fails
+        except Exception as exc:  # this unit's writes are undone; the rest of the batch commits
+            conn.raw.execute("ROLLBACK TO unit")
+            conn.raw.execute("RELEASE unit")
+            if isinstance(exc, psycopg.Error):
+                log.error("unit %s failed: %s", fn.__name__, exc)
+                exc = Unavailable()
+            return None, exc
+        conn.raw.execute("RELEASE unit")
+        return result, None
+
+
 # === Data layer ===
 # Named SQL, the connection first: helpers take an open transaction and never commit; the units of
 # work further down are what Database.write runs.
@@ -1176,17 +1488,26 @@ def spliced_json(fields: Mapping[str, Any], stored: Mapping[str, str | None],
 
 
 def ensure_shape(conn: sqlite3.Connection, constraints_json: str) -> int:
-    """The shape id of a canonical constraints object, created if new."""
+    """The shape id of a canonical constraints object, created if new. (On PostgreSQL two instances may
+    create the same new shape at once: the second insert waits for the first, then does nothing and
+    reads the first one's row.)"""
     row = conn.execute("SELECT shape_id FROM shapes WHERE constraints = ?", (constraints_json,)).fetchone()
-    if row is not None:
-        return int(row[0])
-    return int(conn.execute("INSERT INTO shapes (constraints) VALUES (?) RETURNING shape_id",
-                            (constraints_json,)).fetchone()[0])
+    if row is None:
+        row = conn.execute("INSERT INTO shapes (constraints) VALUES (?) ON CONFLICT DO NOTHING RETURNING shape_id",
+                           (constraints_json,)).fetchone()
+    if row is None:
+        row = conn.execute("SELECT shape_id FROM shapes WHERE constraints = ?", (constraints_json,)).fetchone()
+    return int(row[0])
 
 
 def list_shapes_after(conn: sqlite3.Connection, shape_id: int) -> list[sqlite3.Row]:
     return conn.execute("SELECT shape_id, constraints FROM shapes WHERE shape_id > ? ORDER BY shape_id",
                         (shape_id,)).fetchall()
+
+
+def get_shape(conn: sqlite3.Connection, shape_id: int) -> str:
+    """A shape's constraints (JSON text)."""
+    return conn.execute("SELECT constraints FROM shapes WHERE shape_id = ?", (shape_id,)).fetchone()[0]
 
 
 def list_queued_shapes(conn: sqlite3.Connection) -> list[int]:
@@ -1200,14 +1521,19 @@ def list_queued_shapes(conn: sqlite3.Connection) -> list[int]:
     return shapes
 
 
+INSERT_JOB = ("INSERT INTO jobs (job_id, client_id, state, constraints, shape_id, requested_at, expires_at, value)"
+              " VALUES (?, ?, 'QUEUED', ?, ?, ?, ?, ?)")
+
+
 def insert_job(conn: sqlite3.Connection, job_id: str, client_id: str, payload: str, constraints: str,
                shape_id: int, requested_at: int, expires_at: int, value: str | None = None) -> dict[str, Any]:
     """Queue a job (its payload in job_data); returns its JOB_VIEW_COLUMNS, made from what was inserted
     (RETURNING them costs a fifth of the statement)."""
-    seq = conn.execute(
-        "INSERT INTO jobs (job_id, client_id, state, constraints, shape_id, requested_at, expires_at, value)"
-        " VALUES (?, ?, 'QUEUED', ?, ?, ?, ?, ?)",
-        (job_id, client_id, constraints, shape_id, requested_at, expires_at, value)).lastrowid
+    params = (job_id, client_id, constraints, shape_id, requested_at, expires_at, value)
+    if isinstance(conn, PgConnection):
+        seq = conn.execute(INSERT_JOB + " RETURNING seq", params).fetchone()[0]
+    else:  # lastrowid: RETURNING seq costs SQLite ~17k instructions a job more
+        seq = conn.execute(INSERT_JOB, params).lastrowid
     conn.execute("INSERT INTO job_data (seq, payload) VALUES (?, ?)", (seq, payload))
     return {"seq": seq, "job_id": job_id, "client_id": client_id, "state": JobState.QUEUED.value,
             "constraints": constraints, "requested_at": requested_at, "expires_at": expires_at, "attempts": 0,
@@ -1235,6 +1561,14 @@ def get_report(conn: sqlite3.Connection, miner_id: str, job_id: str) -> sqlite3.
         " LEFT JOIN job_data ON job_data.seq = jobs.seq", {"miner": miner_id, "job": job_id}).fetchone()
 
 
+def lock_job(conn: sqlite3.Connection, job_id: str) -> None:
+    """Lock a job's row until the unit commits, before a unit reads it to decide what to write (a
+    result racing another instance's sweep must not complete a job the sweep took back). On SQLite
+    the one writer runs one unit at a time already: nothing to do."""
+    if isinstance(conn, PgConnection):
+        conn.execute("SELECT 1 FROM jobs WHERE job_id = ? FOR UPDATE", (job_id,))
+
+
 def get_job(conn: sqlite3.Connection, job_id: str) -> sqlite3.Row | None:
     """A job's row with its payload, result and metrics (None once pruned)."""
     return conn.execute("SELECT jobs.*, job_data.payload, job_data.result, job_data.metrics FROM jobs"
@@ -1255,19 +1589,23 @@ def list_jobs(conn: sqlite3.Connection, client_id: str | None, state: str | None
     return conn.execute(sql, (*params, limit, offset)).fetchall()
 
 
-def oldest_queued_in_shape(conn: sqlite3.Connection, shape_id: int, now: int,
-                           price: float | None = None, vram_gb: float | None = None) -> int | None:
+def oldest_queued_in_shape(conn: sqlite3.Connection, shape_id: int, now: int, price: float | None = None,
+                           vram_gb: float | None = None, lock: bool = False) -> int | None:
     """The oldest live QUEUED job of a shape; with `price` (`vram_gb`), only among jobs whose own
-    max_price (min_vram_gb) a miner of that price (memory) meets: a shape spans a range of them."""
+    max_price (min_vram_gb) a miner of that price (memory) meets: a shape spans a range of them.
+    `lock` (a claim): on PostgreSQL the row is locked, and rows other instances' claims hold locked
+    are skipped (FOR UPDATE SKIP LOCKED), so concurrent claims take different jobs, none empty-handed."""
+    locking = " /*FOR UPDATE SKIP LOCKED*/" if lock else ""
     if price is None and vram_gb is None:
         row = conn.execute("SELECT seq FROM jobs WHERE state = 'QUEUED' AND shape_id = ? AND expires_at > ?"
-                           " ORDER BY seq LIMIT 1", (shape_id, now)).fetchone()
+                           " ORDER BY seq LIMIT 1" + locking, (shape_id, now)).fetchone()
     else:
         row = conn.execute(
             "SELECT seq FROM jobs WHERE state = 'QUEUED' AND shape_id = :shape AND expires_at > :now"
-            " AND (:price IS NULL OR json_extract(constraints, '$.max_price') >= :price)"
-            " AND (:vram IS NULL OR json_extract(constraints, '$.min_vram_gb') <= :vram)"
-            " ORDER BY seq LIMIT 1", {"shape": shape_id, "now": now, "price": price, "vram": vram_gb}).fetchone()
+            " AND (CAST(:price AS DOUBLE PRECISION) IS NULL OR json_extract(constraints, '$.max_price') >= :price)"
+            " AND (CAST(:vram AS DOUBLE PRECISION) IS NULL OR json_extract(constraints, '$.min_vram_gb') <= :vram)"
+            " ORDER BY seq LIMIT 1" + locking,
+            {"shape": shape_id, "now": now, "price": price, "vram": vram_gb}).fetchone()
     return None if row is None else int(row[0])
 
 
@@ -1478,8 +1816,11 @@ def refresh_offers(conn: sqlite3.Connection, miner_ids: Iterable[str]) -> None:
 
 
 def get_fleet_totals(conn: sqlite3.Connection) -> sqlite3.Row:
-    """The one fleet_totals row: offers and open offers, online miners, completed work."""
-    return conn.execute("SELECT * FROM fleet_totals").fetchone()
+    """The fleet totals: offers and open offers, open capacity and price, online miners. (Summed over the
+    rows a key is spread over on PostgreSQL, so that writers need not wait on one row; one on SQLite.)"""
+    return conn.execute("SELECT SUM(offers) AS offers, SUM(open_offers) AS open_offers, SUM(open_capacity)"
+                        " AS open_capacity, SUM(open_price_units) AS open_price_units, SUM(open_price_micro)"
+                        " AS open_price_micro, SUM(online_miners) AS online_miners FROM fleet_totals").fetchone()
 
 
 # How a receipt's JSON text is stored: deflated (RFC 1951, raw: no zlib header or checksum) against a
@@ -1595,8 +1936,8 @@ def list_signing_keys(conn: sqlite3.Connection) -> list[sqlite3.Row]:
 
 
 def get_counter(conn: sqlite3.Connection, name: str) -> int:
-    row = conn.execute("SELECT n FROM counters WHERE name = ?", (name,)).fetchone()
-    return 0 if row is None else int(row[0])
+    """A kept total by name, 0 if it has none (summed as get_fleet_totals sums)."""
+    return int(conn.execute("SELECT COALESCE(SUM(n), 0) FROM counters WHERE name = ?", (name,)).fetchone()[0])
 
 
 # The receipt log. Leaves and the hashes of complete subtrees are only ever added; checkpoints are
@@ -1605,7 +1946,14 @@ def get_counter(conn: sqlite3.Connection, name: str) -> int:
 def insert_log_leaf(conn: sqlite3.Connection, receipt_id: str, leaf_hash: bytes) -> int:
     """Append a leaf one past the last, so indexes have no gap; returns its index. (SQLite numbers an
     INTEGER PRIMARY KEY left out one more than the largest, or 1 in an empty table: the log's very first
-    leaf is moved to 0. A plain insert costs half of one that asks for MAX() itself.)"""
+    leaf is moved to 0. A plain insert costs half of one that asks for MAX() itself.) On PostgreSQL,
+    where instances append concurrently and a rolled-back identity leaves a gap, appends take turns
+    on a transaction-level advisory lock, held until the unit commits, and ask for MAX()."""
+    if isinstance(conn, PgConnection):
+        conn.execute("SELECT pg_advisory_xact_lock(?)", (LOG_APPEND_LOCK,))
+        return int(conn.execute("INSERT INTO log_leaves (leaf_index, receipt_id, leaf_hash) SELECT"
+                                " COALESCE(MAX(leaf_index), -1) + 1, ?, ? FROM log_leaves RETURNING leaf_index",
+                                (receipt_id, leaf_hash)).fetchone()[0])
     index = int(conn.execute("INSERT INTO log_leaves (receipt_id, leaf_hash) VALUES (?, ?)",
                              (receipt_id, leaf_hash)).lastrowid)
     if index == 1 and conn.execute("SELECT 1 FROM log_leaves WHERE leaf_index = 0").fetchone() is None:
@@ -1862,12 +2210,13 @@ def list_receipts(conn: sqlite3.Connection, job_id: str | None, limit: int, offs
 
 
 def get_job_counts(conn: sqlite3.Connection) -> dict[str, int]:
-    return {r[0]: r[1] for r in conn.execute("SELECT state, n FROM job_counts")}
+    """Jobs per state (summed as get_fleet_totals sums)."""
+    return {r[0]: r[1] for r in conn.execute("SELECT state, SUM(n) FROM job_counts GROUP BY state")}
 
 
 def get_completed_busy_ms(conn: sqlite3.Connection) -> int:
     """The summed run time (ms) of every job ever completed."""
-    return int(conn.execute("SELECT busy_ms FROM job_counts WHERE state = 'COMPLETED'").fetchone()[0])
+    return int(conn.execute("SELECT SUM(busy_ms) FROM job_counts WHERE state = 'COMPLETED'").fetchone()[0])
 
 
 # Retention: pruning walks finished jobs by age through jobs_unpruned; deleting walks jobs and
@@ -1952,9 +2301,9 @@ def prune_jobs(conn: sqlite3.Connection, seqs: Sequence[int], now: int) -> int:
     """Drop the payload, result and metrics (job_data) of those of these jobs that are finished and not
     pruned yet, and mark them pruned; the number pruned. Their summaries stay."""
     marks = json.dumps(list(seqs))
-    conn.execute("DELETE FROM job_data WHERE seq IN (SELECT seq FROM jobs WHERE seq IN (SELECT value FROM json_each(?))"
+    conn.execute("DELETE FROM job_data WHERE seq IN (SELECT seq FROM jobs WHERE seq IN (SELECT CAST(value AS INTEGER) FROM json_each(?))"
                  " AND finished_at IS NOT NULL AND pruned_at IS NULL)", (marks,))
-    return conn.execute("UPDATE jobs SET pruned_at = ? WHERE seq IN (SELECT value FROM json_each(?))"
+    return conn.execute("UPDATE jobs SET pruned_at = ? WHERE seq IN (SELECT CAST(value AS INTEGER) FROM json_each(?))"
                         " AND finished_at IS NOT NULL AND pruned_at IS NULL", (now, marks)).rowcount
 
 
@@ -1992,7 +2341,7 @@ def set_job_values(conn: sqlite3.Connection, values: Sequence[tuple[str, str]]) 
 def delete_receipts(conn: sqlite3.Connection, seqs: Sequence[int]) -> int:
     """Delete the receipts with these seqs (their log leaves stay); the number deleted. The kept
     totals have no delete triggers: they count history, not rows."""
-    return conn.execute("DELETE FROM receipts WHERE seq IN (SELECT value FROM json_each(?))",
+    return conn.execute("DELETE FROM receipts WHERE seq IN (SELECT CAST(value AS INTEGER) FROM json_each(?))",
                         (json.dumps(list(seqs)),)).rowcount
 
 
@@ -2006,7 +2355,10 @@ def delete_old_bids(conn: sqlite3.Connection, before: int, window: int, limit: i
 
 
 def get_db_space(conn: sqlite3.Connection) -> tuple[int, int, int]:
-    """(page_size, page_count, freelist_count) of the database file."""
+    """(page_size, page_count, freelist_count) of the database file (PostgreSQL: of the database, in
+    its 8 KiB blocks, the free space inside them not counted)."""
+    if isinstance(conn, PgConnection):
+        return 8192, -(-conn.execute("SELECT pg_database_size(current_database())").fetchone()[0] // 8192), 0
     return tuple(conn.execute(f"PRAGMA {name}").fetchone()[0]  # type: ignore[return-value]
                  for name in ("page_size", "page_count", "freelist_count"))
 
@@ -2168,11 +2520,15 @@ def fit_of(shape: Mapping[str, Any], miner: MinerProfile) -> tuple[int, float | 
 
 class Matcher:
     """Which shapes with QUEUED jobs a miner can run. What a poll costs follows the shapes queued now,
-    not every shape there ever was. Used on the loop's thread only (units of work and reads)."""
+    not every shape there ever was. On SQLite it is used on the loop's thread only (units of work and
+    reads) and remembers which shapes may hold QUEUED jobs; with `cache_queue` False (PostgreSQL,
+    where other instances queue jobs and units run on threads) it reads them afresh each time, and
+    what it remembers (shapes' constraints, fits) never changes once known."""
 
     MAX_FITS = 1 << 16  # remembered (miner kind, shape) answers; forgotten all at once past this
 
-    def __init__(self) -> None:
+    def __init__(self, cache_queue: bool = True) -> None:
+        self.cache_queue = cache_queue
         self.reset()
 
     def reset(self) -> None:
@@ -2184,7 +2540,7 @@ class Matcher:
 
     def queue(self, shape_ids: Iterable[int]) -> None:
         """Shapes that newly QUEUED jobs were committed into."""
-        if self.queued is not None:
+        if self.queued is not None and self.cache_queue:
             self.queued.update(shape_ids)
 
     def drained(self, shape_id: int) -> None:
@@ -2195,10 +2551,13 @@ class Matcher:
     def candidates(self, conn: sqlite3.Connection, miner: MinerProfile) -> list[tuple[int, float | None, float | None]]:
         """(shape id, price, memory) of each queued shape the miner can run (price and memory set where
         only some of its jobs suit the miner)."""
-        if self.queued is None:
-            self.queued = set(list_queued_shapes(conn))
+        queued = self.queued
+        if queued is None or not self.cache_queue:
+            queued = set(list_queued_shapes(conn))
+            if self.cache_queue:
+                self.queued = queued
         out = []
-        for shape_id in self.queued:
+        for shape_id in queued:
             fit = self.fits.get((miner.fit_key, shape_id))
             if fit is None:
                 fit = self._fit(conn, miner, shape_id)
@@ -2210,17 +2569,20 @@ class Matcher:
         if shape_id not in self.shapes:
             for row in list_shapes_after(conn, self.seen):
                 self.shapes[row["shape_id"]] = load_json(row["constraints"])
-                self.seen = row["shape_id"]
+                self.seen = max(self.seen, row["shape_id"])
+            if shape_id not in self.shapes:  # committed after a higher id was seen (PostgreSQL)
+                self.shapes[shape_id] = load_json(get_shape(conn, shape_id))
         if len(self.fits) >= self.MAX_FITS:
             self.fits.clear()
         fit = self.fits[(miner.fit_key, shape_id)] = fit_of(self.shapes[shape_id], miner)
         return fit
 
-    def oldest(self, conn: sqlite3.Connection, miner: MinerProfile, now: int) -> int | None:
-        """Seq of the oldest live QUEUED job the miner can run, or None; forgets shapes found empty."""
+    def oldest(self, conn: sqlite3.Connection, miner: MinerProfile, now: int, lock: bool = False) -> int | None:
+        """Seq of the oldest live QUEUED job the miner can run, or None; forgets shapes found empty.
+        `lock`: for a claim (oldest_queued_in_shape)."""
         best = None
         for shape_id, price, vram in self.candidates(conn, miner):
-            seq = oldest_queued_in_shape(conn, shape_id, now, price, vram)
+            seq = oldest_queued_in_shape(conn, shape_id, now, price, vram, lock)
             if seq is None and price is None and vram is None:
                 self.drained(shape_id)
             elif seq is not None and (best is None or seq < best):
@@ -3063,6 +3425,7 @@ def tx_submit(conn: sqlite3.Connection, client_id: str, payload: str, constraint
 
 def tx_cancel(conn: sqlite3.Connection, client_id: str, job_id: str, now: int) -> Outcome:
     """Cancel a client's QUEUED or RUNNING job; raises NotFound; returns Conflict when not cancelable."""
+    lock_job(conn, job_id)
     job = get_job(conn, job_id)
     if job is None or job["client_id"] != client_id:
         raise NotFound("job not found")
@@ -3119,7 +3482,7 @@ def tx_poll(conn: sqlite3.Connection, miner_id: str, now: int, matcher: Matcher)
     miner = MinerProfile.from_row(row)
     if miner.status.upper() in NO_WORK_STATUSES or row["running"] >= miner.concurrency:
         return Outcome((None, miner, False))
-    seq = matcher.oldest(conn, miner, now)
+    seq = matcher.oldest(conn, miner, now, lock=True)
     if seq is None:
         return Outcome((None, miner, True))
     return Outcome((assign_job(conn, seq, miner_id, now), miner, True))
@@ -3147,7 +3510,8 @@ def _check_holder(conn: sqlite3.Connection, miner_id: str, job: sqlite3.Row, now
 
 
 def _load_reported_job(conn: sqlite3.Connection, miner_id: str, job_id: str) -> sqlite3.Row:
-    """The job a miner reports on (get_report: with the miner's capabilities); raises NotFound."""
+    """The job a miner reports on (get_report: with the miner's capabilities), locked; raises NotFound."""
+    lock_job(conn, job_id)
     job = get_report(conn, miner_id, job_id)
     if not job["registered"]:
         raise NotFound("miner not registered")
@@ -3221,7 +3585,7 @@ def append_to_log(conn: sqlite3.Connection, edge: LogEdge, receipt_id: str, stor
     if completed := frontier_append(edge.frontier, index, digest):
         try:
             insert_log_nodes(conn, completed)
-        except sqlite3.IntegrityError:
+        except INTEGRITY_ERRORS:
             raise LogDamaged(f"leaf {index} completes subtrees that are stored already: leaves were removed "
                              f"from under them") from None
     edge.size = index + 1
@@ -3450,9 +3814,9 @@ def export_unpruned_day(path: str, directory: Path, day: int,
                         stop: threading.Event | None = None) -> tuple[list[int], Path | None]:
     """Archive the finished jobs of the UTC day starting at `day` that still hold their payloads, in
     chunks of short reads (no snapshot is held for long); (their seqs, the file written, or None when
-    there were none, or `stop` was set meanwhile). Raises OSError or sqlite3.Error, leaving no file
-    behind."""
-    conn = connect(path, readonly=True)
+    there were none, or `stop` was set meanwhile). `path`: the SQLite file or PostgreSQL URL. Raises
+    OSError or a database error, leaving no file behind."""
+    conn = connect_reader(path)
     out = ArchiveFile(directory, day)
     seqs: list[int] = []
     try:
@@ -3489,12 +3853,12 @@ def find_archived(path: str, directory: Path, day: int) -> list[int]:
     day in `directory` already holds, line for line as archive_line writes them from the database now:
     what a run stopped between publishing a file and pruning its jobs (a kill, a power cut) left, to be
     pruned without a second copy. A file that does not read to its end (gzip CRC and length checked)
-    counts for nothing. Raises sqlite3.Error."""
+    counts for nothing. `path`: the SQLite file or PostgreSQL URL. Raises a database error."""
     name = day_name(day)
     files = sorted(directory.glob(f"jobs-{name}.jsonl.gz")) + sorted(directory.glob(f"jobs-{name}.*.jsonl.gz"))
     if not files:
         return []
-    conn = connect(path, readonly=True)
+    conn = connect_reader(path)
     found: list[int] = []
     try:
         for file in files:
@@ -3638,9 +4002,11 @@ class Coordinator:
         self.unrecorded: dict[str, int] = {}  # wall-clock ms of requests since the last sweep recorded them
         self.unrecorded_beats: dict[str, int] = {}  # likewise, heartbeats that changed nothing else
         self.reported: dict[str, tuple[int | None, str]] = {}  # (inflight, status) last written per miner
-        self.db = Database(settings.db_path, settings.db_synchronous)
+        self.db = (PgDatabase(settings.postgres_url) if settings.postgres_url
+                   else Database(settings.db_path, settings.db_synchronous))
         self.hub = PollHub()
-        self.matcher = Matcher()
+        # On PostgreSQL other instances queue jobs too: no shape is known to be empty for long
+        self.matcher = Matcher(cache_queue=settings.postgres_url is None)
         self.limiter = RateLimiter(settings.rate_limit_requests, settings.rate_limit_window_seconds)
         self.signer = Signer.from_settings(settings)
         self.notary: Notary | None = None  # signs the receipt log's checkpoints, once start() has one
@@ -3698,9 +4064,9 @@ class Coordinator:
         uvicorn's lifespan does, so that a ConfigError ends `serve` with one line)."""
         if self.running:
             return
-        before, after = self.migrated or migrate(self.settings.db_path)
+        before, after = self.migrated or migrate_database(self.settings)
         log.info("aitbc-coord %s database %s schema version %d (was %d)",
-                 __version__, self.settings.db_path, after, before)
+                 __version__, self.settings.database, after, before)
         for role in self.settings.dev_key_roles:
             log.warning("no %s keys configured: accepting the development key (APP_ENV=dev only)", role)
         await self.db.start()
@@ -3721,7 +4087,7 @@ class Coordinator:
         raises ConfigError (a development key file that cannot be used)."""
         s = self.settings
         if self.signer is None and s.app_env == "dev" and s.dev_signing_key:
-            seed, path, made = load_dev_seed(s.db_path)
+            seed, path, made = load_dev_seed(":memory:" if s.postgres_url else s.db_path)
             self.signer = Signer.from_settings(s, seed)
             log.warning("no RECEIPT_SIGNING_KEY_HEX/_FILE: receipts are signed with a development key %s %s "
                         "(APP_ENV=dev only; it proves nothing to anyone else)",
@@ -3996,7 +4362,7 @@ class Coordinator:
         shrink to WAL_SIZE_LIMIT_BYTES), partial (a reader still needs older frames), busy or error."""
         try:
             busy, frames, done = await self.db.wal_checkpoint()
-        except (sqlite3.Error, Unavailable) as exc:
+        except (*DB_ERRORS, Unavailable) as exc:
             log.warning("WAL checkpoint failed: %s", exc)
             outcome = "error"
         else:
@@ -4104,7 +4470,7 @@ class Coordinator:
         while not self._stopping.is_set() and (first := await self.db.read(oldest_unpruned_finish, before)) is not None:
             if day_start(first) not in checked:
                 checked.add(day_start(first))
-                held = await asyncio.to_thread(find_archived, self.settings.db_path, directory, day_start(first))
+                held = await asyncio.to_thread(find_archived, self.settings.target, directory, day_start(first))
                 if held:
                     log.warning("%d jobs that finished on %s are in its archive files already but were not pruned"
                                 " (a run was stopped in between): pruning them", len(held), day_name(first))
@@ -4112,9 +4478,9 @@ class Coordinator:
                         done["pruned"] += await self.maintain(tx_prune, held[i:i + self.RETENTION_BATCH], now)
                     continue
             try:
-                seqs, path = await asyncio.to_thread(export_unpruned_day, self.settings.db_path, directory,
+                seqs, path = await asyncio.to_thread(export_unpruned_day, self.settings.target, directory,
                                                      day_start(first), self._stopping)
-            except (OSError, sqlite3.Error) as exc:
+            except (OSError, *DB_ERRORS) as exc:
                 self.upkeep.archive_errors += 1
                 log.error("archiving %s failed, nothing of it is pruned: %s", day_name(first), exc)
                 raise
@@ -5249,7 +5615,7 @@ async def health(call: Call) -> Response:
     try:
         await call.coord.db.read(get_job_counts)
         ok = True
-    except (sqlite3.Error, Unavailable):
+    except (*DB_ERRORS, Unavailable):
         ok = False
     return json_response(health_view(call.coord.settings, ok), 200 if ok else 503)
 
@@ -5818,7 +6184,7 @@ class Cors:
 
 def error_response(exc: Exception, where: str) -> Response:
     """The one place errors become responses: {"detail": ...} with the error's status."""
-    if isinstance(exc, sqlite3.Error):  # e.g. disk I/O on a read: retryable, never a 500
+    if isinstance(exc, DB_ERRORS):  # e.g. disk I/O on a read: retryable, never a 500
         log.error("database error on %s: %s", where, exc)
         exc = Unavailable()
     elif not isinstance(exc, ApiError):
@@ -6160,7 +6526,7 @@ class App:
             request.scope[CALLER] = authenticate(request, coord.settings, "admin").identity
         stats, (page_size, pages, free) = await coord.db.read(lambda conn: (read_admin_stats(conn), get_db_space(conn)))
         try:
-            wal_bytes = os.stat(coord.settings.db_path + "-wal").st_size
+            wal_bytes = 0 if coord.settings.postgres_url else os.stat(coord.settings.db_path + "-wal").st_size
         except FileNotFoundError:
             wal_bytes = 0
         self.metrics.snapshot = {"jobs": stats["jobs_by_state"], "queued": stats["jobs_by_state"][JobState.QUEUED],
@@ -6790,7 +7156,7 @@ def serve(host: str | None, port: int | None, db_path: str | None, env_file: str
                                  log_level=log_level and log_level.lower(), log_format=log_format and log_format.lower())
     setup_logging(settings.log_level, settings.log_format)
     try:
-        run_server(settings, migrate(settings.db_path))
+        run_server(settings, migrate_database(settings))
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
 
@@ -6807,10 +7173,10 @@ def migrate_command(db_path: str | None, env_file: str | None) -> None:
     """
     settings = _settings_or_exit(env_file, db_path=db_path)
     try:
-        before, after = migrate(settings.db_path)
+        before, after = migrate_database(settings)
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
-    click.echo(f"{settings.db_path}: schema version {before} -> {after}")
+    click.echo(f"{settings.database}: schema version {before} -> {after}")
 
 
 @cli.command("check")
@@ -7549,18 +7915,19 @@ def archive_command(dest: str, before: Any, db_path: str | None, env_file: str |
     settings = _settings_or_exit(env_file, db_path=db_path)
     cutoff = day_start(int(time.time() * 1000)) if before is None else \
         int(before.replace(tzinfo=datetime.timezone.utc).timestamp() * 1000)
-    if not Path(settings.db_path).is_file():
+    if settings.postgres_url is None and not Path(settings.db_path).is_file():
         raise click.ClickException(f"no database at {settings.db_path}")
     try:
         Path(dest).mkdir(mode=0o700, parents=True, exist_ok=True)
-        conn, unchanged = open_readonly(settings.db_path)
+        conn, unchanged = (connect_reader(settings.postgres_url), lambda: None) if settings.postgres_url \
+            else open_readonly(settings.db_path)
         try:
             written = export_finished(conn, Path(dest), cutoff, unchanged)
         finally:
             conn.close()
     except DatabaseChanged as exc:
         raise click.ClickException(f"archive to {dest} stopped: {exc}") from None
-    except (OSError, sqlite3.Error) as exc:
+    except (OSError, *DB_ERRORS) as exc:
         raise click.ClickException(f"archive to {dest} failed: {exc}") from None
     jobs = sum(n for _, n in written)
     click.echo(f"{dest}: {jobs} jobs that finished before {day_name(cutoff)} in {len(written)} files")
@@ -7580,6 +7947,9 @@ def backup_command(dest: str, db_path: str | None, env_file: str | None) -> None
       aitbc-coord backup --db /var/lib/aitbc-coordinator/coordinator.db /backups/coordinator-$(date +%F).db
     """
     settings = _settings_or_exit(env_file, db_path=db_path)
+    if settings.postgres_url:
+        raise click.ClickException("the database is PostgreSQL: back it up with its own tools (pg_dump, or base"
+                                   " backups with WAL archiving; README, Running N instances)")
     try:
         done = backup(settings.db_path, dest)
     except ConfigError as exc:

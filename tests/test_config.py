@@ -63,7 +63,7 @@ def test_outside_dev_every_role_needs_keys(env: dict[str, str]) -> None:
     ({"JOB_TTL_SECONDS": "soon"}, "JOB_TTL_SECONDS"), ({"JOB_TTL_SECONDS": "0"}, "JOB_TTL_SECONDS"),
     ({"APP_PORT": "http"}, "APP_PORT"), ({"HEARTBEAT_TIMEOUT_SECONDS": "-1"}, "HEARTBEAT_TIMEOUT_SECONDS"),
     ({"POLL_MAX_WAIT_SECONDS": "nan"}, "POLL_MAX_WAIT_SECONDS"), ({"JOB_MAX_ATTEMPTS": "0"}, "JOB_MAX_ATTEMPTS"),
-    ({"DATABASE_URL": "postgres://db/x"}, "DATABASE_URL"), ({"DB_SYNCHRONOUS": "SOMETIMES"}, "DB_SYNCHRONOUS"),
+    ({"DATABASE_URL": "mysql://db/x"}, "DATABASE_URL"), ({"DB_SYNCHRONOUS": "SOMETIMES"}, "DB_SYNCHRONOUS"),
     ({"CLIENT_API_KEYS": '["a",'}, "CLIENT_API_KEYS"), ({"ALLOW_ORIGINS": '["a", 1]'}, "ALLOW_ORIGINS"),
     ({"APP_ENV": "Prod!"}, "APP_ENV"), ({"MAX_BODY_BYTES": "10"}, "MAX_BODY_BYTES"),
 ])
@@ -90,6 +90,20 @@ def test_database_url_forms() -> None:
     assert load({"DATABASE_URL": "sqlite:///./data/c.db"}).db_path == "./data/c.db"
     assert load({"DATABASE_URL": "sqlite:////var/lib/aitbc/c.db"}).db_path == "/var/lib/aitbc/c.db"
     assert load({"DATABASE_URL": "sqlite:///x.db"}, db_path="other.db").db_path == "other.db"
+    assert load({"DATABASE_URL": "sqlite:///x.db"}).postgres_url is None
+
+
+def test_a_postgresql_url_names_the_database_and_logs_never_show_its_password() -> None:
+    s = load({"DATABASE_URL": "postgresql://coord:s3cret@db.internal:5432/aitbc?sslmode=require"})
+    assert s.postgres_url == "postgresql://coord:s3cret@db.internal:5432/aitbc?sslmode=require"
+    assert s.target == s.postgres_url and "s3cret" not in repr(s)
+    assert s.database == "postgresql://coord:***@db.internal:5432/aitbc?sslmode=require"
+    assert load({"DATABASE_URL": "postgres://coord@/aitbc?host=/run/postgresql"}).database == \
+        "postgres://coord@/aitbc?host=/run/postgresql"
+    # --db takes a URL as well as a file; a file given with --db wins over a PostgreSQL DATABASE_URL
+    assert load({}, db_path="postgresql://coord@db/aitbc").postgres_url == "postgresql://coord@db/aitbc"
+    overridden = load({"DATABASE_URL": "postgresql://coord@db/aitbc"}, db_path="local.db")
+    assert (overridden.postgres_url, overridden.target) == (None, "local.db")
 
 
 def test_env_file_is_read_and_the_real_environment_wins(tmp_path: Path) -> None:
@@ -117,7 +131,7 @@ def test_cli_reports_bad_settings_in_one_line(monkeypatch: pytest.MonkeyPatch, t
 
 
 @pytest.mark.parametrize(("name", "raw"), [("LOG_LEVEL", "loud"), ("LOG_FORMAT", "xml"), ("ROOT_PATH", "no-slash"),
-                                         ("APP_PORT", "http"), ("DATABASE_URL", "postgres://db/x")])
+                                         ("APP_PORT", "http"), ("DATABASE_URL", "mysql://db/x")])
 def test_a_setting_that_is_also_an_option_is_reported_like_any_other(
         monkeypatch: pytest.MonkeyPatch, tmp_path: Path, name: str, raw: str) -> None:
     """A bad LOG_LEVEL once printed click's three-line usage error naming --log-level, exit 2; README
