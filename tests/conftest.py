@@ -1,13 +1,17 @@
-"""Shared fixtures: a coordinator per test on its own database under tmp_path, driven in-process."""
+"""Shared fixtures: a coordinator per test on its own database under tmp_path, driven in-process; and,
+for the PostgreSQL tests, a fresh database per test on the server that AITBC_TEST_POSTGRES names."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import dataclasses
-from collections.abc import AsyncIterator
+import os
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 import pytest
@@ -126,3 +130,75 @@ async def harness(tmp_path: Path, env: dict[str, str] | None = None, clock: Fake
 async def h(tmp_path: Path) -> AsyncIterator[Harness]:
     async with harness(tmp_path) as hh:
         yield hh
+
+
+# PostgreSQL. The server is the developer's or CI's (`.ci/run` starts a private one); each test gets
+# new, empty databases on it, never a mock. Every test that uses these fixtures is marked `postgres`.
+PG_ENV = "AITBC_TEST_POSTGRES"
+PG_HOW = (f"PostgreSQL tests need {PG_ENV}=postgresql://USER@/postgres?host=SOCKETDIR (a server where USER may "
+          "CREATE DATABASE); `bash .ci/run` starts a private one")
+PG_FIXTURES = {"pg_server", "pg_url", "new_pg_database"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if PG_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.postgres)
+
+
+def pg_database_url(server_url: str, dbname: str) -> str:
+    """`server_url` (a libpq URI) with its database replaced by `dbname`; host, user and options kept."""
+    parts = urlsplit(server_url)
+    query = "&".join(p for p in parts.query.split("&") if p and not p.startswith("dbname="))  # kept verbatim
+    return urlunsplit(parts._replace(path="/" + dbname, query=query))
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> str:
+    """The URL of the PostgreSQL server for the tests, from AITBC_TEST_POSTGRES (a libpq URI of a role that
+    may CREATE DATABASE). Skips the test when it is unset or psycopg is not installed; a server named but
+    not answering fails it."""
+    url = os.environ.get(PG_ENV, "")
+    if not url:
+        pytest.skip(f"{PG_ENV} is not set. {PG_HOW}")
+    try:
+        import psycopg
+    except ImportError:
+        pytest.skip(f"psycopg is not installed (pip install -e '.[test]'). {PG_HOW}")
+    if urlsplit(url).scheme not in ("postgresql", "postgres"):
+        pytest.fail(f"{PG_ENV} is not a postgresql:// URL. {PG_HOW}", pytrace=False)
+    try:
+        with psycopg.connect(url, autocommit=True, connect_timeout=10) as conn:
+            conn.execute("SELECT 1")
+    except psycopg.Error as e:
+        pytest.fail(f"the PostgreSQL server in {PG_ENV} does not answer: {e}", pytrace=False)
+    return url
+
+
+@pytest.fixture
+def new_pg_database(pg_server: str) -> Iterator[Callable[[], str]]:
+    """A function that creates a new, empty database (from template0, under a unique name) on the test
+    server and returns its URL. All it made are dropped when the test ends, passed or failed, connections
+    still open to them included (DROP DATABASE ... WITH (FORCE))."""
+    import psycopg
+    from psycopg import sql
+
+    made: list[str] = []
+
+    def create() -> str:
+        name = f"aitbc_test_{uuid.uuid4().hex[:16]}"
+        with psycopg.connect(pg_server, autocommit=True) as conn:
+            conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE template0 ENCODING 'UTF8'").format(sql.Identifier(name)))
+        made.append(name)
+        return pg_database_url(pg_server, name)
+
+    yield create
+    with psycopg.connect(pg_server, autocommit=True) as conn:
+        for name in made:
+            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+@pytest.fixture
+def pg_url(new_pg_database: Callable[[], str]) -> str:
+    """The URL of a new, empty PostgreSQL database of this test's own, dropped when the test ends."""
+    return new_pg_database()

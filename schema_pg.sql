@@ -1,0 +1,1 @@
+-- The PostgreSQL twin of schema.sql (issue 18): a placeholder until the schema lands.
