@@ -392,8 +392,8 @@ CREATE TABLE fleet_totals (
     online_miners    bigint NOT NULL,
     PRIMARY KEY (id, stripe)
 );
-INSERT INTO fleet_totals (id, stripe, offers, open_offers, open_capacity, open_price_units, open_price_micro, online_miners)
-VALUES (1, 0, 0, 0, 0, 0, 0, 0);
+INSERT INTO fleet_totals (id, stripe, offers, open_offers, open_capacity, open_price_units, open_price_micro,
+                          online_miners) VALUES (1, 0, 0, 0, 0, 0, 0, 0);
 
 CREATE FUNCTION fleet_totals_add(d_offers bigint, d_open bigint, d_capacity bigint, d_units bigint, d_micro bigint,
                                  d_online bigint) RETURNS void LANGUAGE sql AS $$
@@ -411,8 +411,8 @@ CREATE FUNCTION miners_totals_insert() RETURNS trigger LANGUAGE plpgsql AS $$
 DECLARE
     is_open bigint := CASE WHEN NEW.offer_status = 'open' THEN 1 ELSE 0 END;
 BEGIN
-    PERFORM fleet_totals_add(1, is_open, is_open * NEW.concurrency, is_open * NEW.price_units, is_open * NEW.price_micro,
-                             NEW.online);
+    PERFORM fleet_totals_add(1, is_open, is_open * NEW.concurrency, is_open * NEW.price_units,
+                             is_open * NEW.price_micro, NEW.online);
     RETURN NULL;
 END $$;
 CREATE TRIGGER miners_totals_insert AFTER INSERT ON miners FOR EACH ROW EXECUTE FUNCTION miners_totals_insert();
@@ -462,7 +462,8 @@ CREATE FUNCTION offers_totals_status() RETURNS trigger LANGUAGE plpgsql AS $$
 DECLARE
     d bigint := CASE WHEN NEW.status = 'open' THEN 1 ELSE -1 END;
 BEGIN
-    PERFORM fleet_totals_add(0, d, d * NEW.capacity, d * price_whole_units(NEW.price), d * price_millionths(NEW.price), 0);
+    PERFORM fleet_totals_add(0, d, d * NEW.capacity, d * price_whole_units(NEW.price),
+                             d * price_millionths(NEW.price), 0);
     RETURN NULL;
 END $$;
 CREATE TRIGGER offers_totals_status AFTER UPDATE OF status ON offers

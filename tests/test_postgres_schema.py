@@ -230,6 +230,11 @@ def test_a_script_that_fails_leaves_nothing(pg_url: str) -> None:
 
 # --- The same writes give the same derived rows ---
 
+def ints(rows: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+    """Rows with their numbers as int (PostgreSQL sums bigints as numeric)."""
+    return [tuple(int(v) if isinstance(v, (int, decimal.Decimal)) else v for v in row) for row in rows]
+
+
 class Engine:
     """Raw SQL on one engine: `?` or `:name` parameters, as the module writes them."""
 
@@ -239,14 +244,17 @@ class Engine:
     def views(self) -> dict[str, list[tuple[Any, ...]]]:
         """What the triggers keep, read as the module will read it (summed over any stripes), and rows."""
         return {
-            "job_counts": ints(self.run("SELECT state, SUM(n), SUM(busy_ms) FROM job_counts GROUP BY state ORDER BY state")),
+            "job_counts": ints(self.run("SELECT state, SUM(n), SUM(busy_ms) FROM job_counts"
+                                        " GROUP BY state ORDER BY state")),
             "counters": ints(self.run("SELECT name, SUM(n) FROM counters GROUP BY name ORDER BY name")),
             "fleet_totals": ints(self.run(
-                "SELECT SUM(offers), SUM(open_offers), SUM(open_capacity), SUM(open_price_units), SUM(open_price_micro),"
-                " SUM(online_miners) FROM fleet_totals GROUP BY id")),
-            "addresses": self.run("SELECT address, tx_count, balance_micro, last_active FROM addresses ORDER BY address"),
+                "SELECT SUM(offers), SUM(open_offers), SUM(open_capacity), SUM(open_price_units),"
+                " SUM(open_price_micro), SUM(online_miners) FROM fleet_totals GROUP BY id")),
+            "addresses": self.run("SELECT address, tx_count, balance_micro, last_active FROM addresses"
+                                  " ORDER BY address"),
             "shapes": self.run("SELECT shape_id, constraints FROM shapes ORDER BY shape_id"),
-            "jobs": self.run("SELECT seq, job_id, state, assigned_miner_id, attempts, finished_at FROM jobs ORDER BY seq"),
+            "jobs": self.run("SELECT seq, job_id, state, assigned_miner_id, attempts, finished_at FROM jobs"
+                             " ORDER BY seq"),
             "rows": ints(self.run(
                 "SELECT 'jobs ' || state, COUNT(*) FROM jobs GROUP BY state UNION ALL"
                 " SELECT 'receipts', COUNT(*) FROM receipts UNION ALL"
@@ -267,12 +275,15 @@ class PgEngine(Engine):
 
     def __init__(self, url: str, stripes: int = 3) -> None:
         self.conns: list[Any] = []
-        spare = []
-        while len(self.conns) < stripes:  # connections until `stripes` distinct stripes
+        for _ in range(32):  # connections until `stripes` distinct stripes (backend ids are mostly consecutive)
             conn = pg_connect(url)
-            (spare if stripe_of(conn) in map(stripe_of, self.conns) else self.conns).append(conn)
-        for conn in spare:
-            conn.close()
+            if len(self.conns) == stripes or stripe_of(conn) in map(stripe_of, self.conns):
+                conn.close()
+            else:
+                self.conns.append(conn)
+        if len(self.conns) < stripes:
+            self.close()
+            raise AssertionError(f"32 connections fell into fewer than {stripes} stripes")
         self.turn = 0
 
     def run(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> list[tuple[Any, ...]]:
@@ -317,11 +328,6 @@ def sqlite_split(price: float) -> tuple[int, int]:
     return units, int(micro + (0.5 if micro >= 0 else -0.5))
 
 
-def ints(rows: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
-    """Rows with their numbers as int (PostgreSQL sums bigints as numeric)."""
-    return [tuple(int(v) if isinstance(v, (int, decimal.Decimal)) else v for v in row) for row in rows]
-
-
 def scenario(seed: int, steps: int, states_of: Callable[[], dict[int, str]]
              ) -> Iterator[tuple[str, Sequence[Any] | dict[str, Any]]]:
     """A random walk of writes over jobs, receipts, bids, miners and offers, the same for every engine:
@@ -338,7 +344,8 @@ def scenario(seed: int, steps: int, states_of: Callable[[], dict[int, str]]
         yield REGISTER, (miner, f"o-{miner}", price, *sqlite_split(price), rnd.randint(1, 4), now, now, now,
                          rnd.randint(0, 1), rnd.choice(("open", "reserved", "closed")))
     for step in range(steps):
-        now += rnd.randint(1, 5_000)
+        # now and then the wall clock steps back, as a real one can
+        now += rnd.randint(-20_000, 5_000) if rnd.random() < 0.1 else rnd.randint(1, 5_000)
         seqs = {state: [s for s, st in states.items() if st == state] for state in ("QUEUED", "RUNNING")}
         op = rnd.choice(("submit", "submit", "claim", "claim", "finish", "release", "requeue", "cancel", "expire",
                          "receipt", "bid", "bid_status", "miner", "offer", "offer_status", "same"))
@@ -377,7 +384,8 @@ def scenario(seed: int, steps: int, states_of: Callable[[], dict[int, str]]
                    (f"r{step}", f"j{rnd.randint(0, step)}", now, price, b"\x01packed"))
         elif op == "bid":
             bids += 1
-            yield ("INSERT INTO bids (bid_id, provider, capacity, price, status, created_at) VALUES (?, 'p', 1, ?, ?, ?)",
+            yield ("INSERT INTO bids (bid_id, provider, capacity, price, status, created_at)"
+                   " VALUES (?, 'p', 1, ?, ?, ?)",
                    (f"b{bids}", rnd.choice(TRICKY_PRICES), rnd.choice(("pending", "matched", "closed")), now))
         elif op == "bid_status" and bids:
             yield "UPDATE bids SET status = ? WHERE bid_id = ?", \
@@ -414,7 +422,7 @@ def scenario(seed: int, steps: int, states_of: Callable[[], dict[int, str]]
 def play(engine: Engine, seed: int, steps: int) -> list[dict[str, list[tuple[Any, ...]]]]:
     """Run the scenario; the views at each CHECK and at the end."""
     seen = []
-    states_of = lambda: {int(seq): state for seq, state in engine.run("SELECT seq, state FROM jobs ORDER BY seq")}  # noqa: E731
+    states_of = lambda: dict(engine.run("SELECT seq, state FROM jobs ORDER BY seq"))  # noqa: E731
     for sql, params in scenario(seed, steps, states_of):
         if sql == "CHECK":
             seen.append(engine.views())
@@ -529,7 +537,7 @@ def wait_until_blocked(watcher: Any, pid: int) -> None:
 
 @pytest.mark.parametrize(("table", "column", "first", "values"), [
     ("shapes", "shape_id", 1, ("constraints", ["{}", '{"gpu":"A"}', '{"gpu":"B"}', '{"gpu":"C"}'])),
-    ("log_leaves", "leaf_index", 0, ("receipt_id, leaf_hash", [("r1", b"1"), ("r2", b"2"), ("r3", b"3"), ("r4", b"4")])),
+    ("log_leaves", "leaf_index", 0, ("receipt_id, leaf_hash", [(f"r{i}", bytes([i])) for i in range(4)])),
 ])
 def test_keys_the_code_relies_on_follow_commit_order_without_gaps(pg_url: str, table: str, column: str, first: int,
                                                                   values: tuple[str, list[Any]]) -> None:
