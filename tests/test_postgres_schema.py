@@ -1,0 +1,649 @@
+"""schema_pg.sql, the PostgreSQL twin of schema.sql: the same objects, and the same derived rows after the
+same writes (issue 18). Needs a PostgreSQL cluster: AITBC_TEST_POSTGRES is an admin URL."""
+
+from __future__ import annotations
+
+import contextlib
+import decimal
+import os
+import random
+import re
+import secrets
+import sqlite3
+import threading
+import urllib.parse
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import aitbc_coord as ac
+
+SCHEMA_PG = Path(__file__).resolve().parent.parent / "schema_pg.sql"
+
+
+# TEMPORARY: conftest.py will provide pg_url
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    """The URL of a fresh, empty PostgreSQL database, dropped afterwards."""
+    admin = os.environ.get("AITBC_TEST_POSTGRES")
+    if not admin:
+        pytest.skip("PostgreSQL tests need AITBC_TEST_POSTGRES=postgresql://USER@/postgres?host=SOCKET_DIR"
+                    " (an admin URL of a running cluster; .ci/run starts one)")
+    import psycopg
+
+    name = f"aitbc_test_{secrets.token_hex(6)}"
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    try:
+        yield urllib.parse.urlsplit(admin)._replace(path=f"/{name}").geturl()
+    finally:
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f"DROP DATABASE {name} WITH (FORCE)")
+
+
+def load_pg_schema(url: str) -> None:
+    """Run schema_pg.sql as the coordinator will: the whole script in one execute, one transaction."""
+    import psycopg
+
+    with psycopg.connect(url) as conn:
+        conn.execute(SCHEMA_PG.read_text(encoding="utf-8"))
+
+
+def pg_connect(url: str, **kwargs: Any) -> Any:
+    import psycopg
+
+    return psycopg.connect(url, autocommit=True, **kwargs)
+
+
+def stripe_of(conn: Any) -> int:
+    return int(conn.execute("SELECT counter_stripe()").fetchone()[0])
+
+
+# --- Parity of the objects ---
+
+# The intended differences, each for a reason schema_pg.sql's header gives.
+STRIPED = {"job_counts", "counters", "fleet_totals"}  # a `stripe` column in the primary key
+PG_ONLY_TABLES = {"schema_version"}  # SQLite keeps the version in PRAGMA user_version
+PG_ONLY_INDEXES = {
+    "shapes_by_constraints",  # a hash index: lookups by constraints text of any length
+    "schema_version_one_row",  # keeps schema_version to one row
+}
+# shapes.constraints is unique through its SHA-256: a B-tree entry over ~2,700 bytes is refused.
+UNIQUE_BY_DIGEST = {"shapes_constraints_digest": ("shapes", "constraints_digest(constraints)")}
+PG_ONLY_TRIGGERS = {"shapes_number": "shapes", "log_leaves_number": "log_leaves"}  # ordered, gapless keys
+# SQLite rowid keys: which the database numbers (identity), which a trigger numbers in commit order,
+# and which the code always gives.
+IDENTITY = {("jobs", "seq"), ("receipts", "seq"), ("offers", "seq"), ("bids", "seq")}
+NUMBERED = {("shapes", "shape_id"), ("log_leaves", "leaf_index")}
+GIVEN = {("job_data", "seq"), ("log_nodes", "node_id"), ("log_checkpoints", "tree_size"), ("fleet_totals", "id")}
+PG_TYPES = {"INTEGER": "bigint", "TEXT": "text", "REAL": "double precision", "BLOB": "bytea"}
+TRIGGER_RE = re.compile(r"\b(BEFORE|AFTER) (INSERT|DELETE|UPDATE(?: OF ([\w, ]+?))?) ON (?:\w+\.)?(\w+)", re.I)
+
+
+def trigger_event(sql: str) -> tuple[str, str, tuple[str, ...], str]:
+    """(timing, event, columns of UPDATE OF, table) of a CREATE TRIGGER statement."""
+    timing, event, columns, table = TRIGGER_RE.search(sql).groups()  # type: ignore[union-attr]
+    cols = tuple(c.strip() for c in columns.split(",")) if columns else ()
+    return timing.upper(), event.split()[0].upper(), cols, table
+
+
+def sqlite_catalog(path: str) -> dict[str, Any]:
+    conn = sqlite3.connect(path)
+    try:
+        tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'"
+                                             " AND name NOT LIKE 'sqlite_%' ORDER BY name")]
+        columns, keys, rowid_keys, indexes, uniques = {}, {}, set(), {}, set()
+        for table in tables:
+            info = conn.execute(f"PRAGMA table_info({table})").fetchall()
+            columns[table] = [(name, PG_TYPES[kind], bool(notnull or pk), default)
+                              for _, name, kind, notnull, default, pk in info]
+            keys[table] = tuple(name for *_, name in sorted((pk, name) for _, name, _, _, _, pk in info if pk))
+            if len(keys[table]) == 1 and next(c for c in info if c[1] == keys[table][0])[2] == "INTEGER":
+                rowid_keys.add((table, keys[table][0]))
+            for _, name, unique, origin, partial in conn.execute(f"PRAGMA index_list({table})"):
+                cols = tuple(r[2] for r in conn.execute(f"PRAGMA index_info({name})"))
+                if origin == "c":
+                    indexes[name] = (table, cols, bool(unique), bool(partial))
+                elif origin == "u":
+                    uniques.add((table, cols))
+        triggers = {name: trigger_event(sql) for name, sql in conn.execute(
+            "SELECT name, sql FROM sqlite_master WHERE type = 'trigger'")}
+        return {"columns": columns, "keys": keys, "rowid_keys": rowid_keys, "indexes": indexes, "uniques": uniques,
+                "triggers": triggers}
+    finally:
+        conn.close()
+
+
+def pg_catalog(url: str) -> dict[str, Any]:
+    with pg_connect(url) as conn:
+        columns: dict[str, list[tuple[Any, ...]]] = {}
+        collations, identity = {}, set()
+        for table, name, kind, nullable, default, is_identity, collation in conn.execute(
+                "SELECT table_name, column_name, data_type, is_nullable, column_default, is_identity, collation_name"
+                " FROM information_schema.columns WHERE table_schema = current_schema()"
+                " ORDER BY table_name, ordinal_position"):
+            default = None if default is None else re.sub(r"::[a-z ]+$", "", default)
+            columns.setdefault(table, []).append((name, kind, nullable == "NO", default))
+            if kind == "text":
+                collations[(table, name)] = collation
+            if is_identity == "YES":
+                identity.add((table, name))
+        constraint_columns = ("SELECT c.conrelid::regclass::text, c.contype, array_agg(a.attname ORDER BY k.n)"
+                              " FROM pg_constraint c CROSS JOIN unnest(c.conkey) WITH ORDINALITY AS k(attnum, n)"
+                              " JOIN pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = k.attnum"
+                              " WHERE c.connamespace = current_schema()::regnamespace AND c.contype IN ('p', 'u')"
+                              " GROUP BY c.oid, c.conrelid, c.contype")
+        keys, uniques = {}, set()
+        for table, kind, cols in conn.execute(constraint_columns):
+            if kind == "p":
+                keys[table] = tuple(cols)
+            else:
+                uniques.add((table, tuple(cols)))
+        indexes = {}
+        for name, table, unique, partial, cols in conn.execute(
+                "SELECT i.relname, t.relname, x.indisunique, x.indpred IS NOT NULL,"
+                " array(SELECT pg_get_indexdef(x.indexrelid, k, true) FROM generate_series(1, x.indnkeyatts) AS k)"
+                " FROM pg_index x JOIN pg_class i ON i.oid = x.indexrelid JOIN pg_class t ON t.oid = x.indrelid"
+                " WHERE t.relnamespace = current_schema()::regnamespace"
+                " AND NOT EXISTS (SELECT 1 FROM pg_constraint c WHERE c.conindid = x.indexrelid)"):
+            indexes[name] = (table, tuple(cols), unique, partial)
+        triggers = {name: trigger_event(sql) for name, sql in conn.execute(
+            "SELECT tgname, pg_get_triggerdef(oid) FROM pg_trigger WHERE NOT tgisinternal"
+            " AND tgrelid::regclass::text NOT LIKE 'pg_%'")}
+    return {"columns": columns, "keys": keys, "uniques": uniques, "indexes": indexes, "triggers": triggers,
+            "collations": collations, "identity": identity}
+
+
+@pytest.fixture
+def catalogs(tmp_path: Path, pg_url: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    db = str(tmp_path / "c.db")
+    ac.migrate(db)
+    load_pg_schema(pg_url)
+    return sqlite_catalog(db), pg_catalog(pg_url)
+
+
+def test_the_same_tables_and_columns_in_the_same_order(catalogs: tuple[dict[str, Any], dict[str, Any]]) -> None:
+    lite, pg = catalogs
+    assert set(pg["columns"]) - PG_ONLY_TABLES == set(lite["columns"])
+    for table, expected in lite["columns"].items():
+        got = [c for c in pg["columns"][table] if not (table in STRIPED and c[0] == "stripe")]
+        # (name, type: every integer bigint, every REAL double precision, not null, default)
+        assert [c[:3] for c in got] == [c[:3] for c in expected], table
+        assert [(c[0], c[3]) for c in got if c[3] is not None] == [(c[0], c[3]) for c in expected if c[3]], table
+    for table in STRIPED:
+        assert ("stripe", "smallint", True, None) in pg["columns"][table]
+
+
+def test_every_text_column_compares_bytes_as_sqlite_does(catalogs: tuple[dict[str, Any], dict[str, Any]]) -> None:
+    _, pg = catalogs
+    assert pg["collations"] and set(pg["collations"].values()) == {"C"}
+
+
+def test_the_same_keys_with_each_rowid_numbered_deliberately(catalogs: tuple[dict[str, Any], dict[str, Any]]) -> None:
+    lite, pg = catalogs
+    for table, key in lite["keys"].items():
+        assert pg["keys"][table] == key + (("stripe",) if table in STRIPED else ()), table
+    # a rowid table added later must be put in one of the three on purpose
+    assert lite["rowid_keys"] == IDENTITY | NUMBERED | GIVEN
+    assert pg["identity"] == IDENTITY
+
+
+def test_the_same_indexes(catalogs: tuple[dict[str, Any], dict[str, Any]]) -> None:
+    lite, pg = catalogs
+    named = {k: v for k, v in pg["indexes"].items() if k not in PG_ONLY_INDEXES | set(UNIQUE_BY_DIGEST)}
+    assert named == lite["indexes"]  # names, columns, unique or not, partial or not
+    digests = {(table, (column,)) for table, column in (("shapes", "constraints"),)}
+    assert pg["uniques"] | digests == lite["uniques"]
+    for name, (table, expression) in UNIQUE_BY_DIGEST.items():
+        assert pg["indexes"][name] == (table, (expression,), True, False)
+    assert pg["indexes"]["shapes_by_constraints"][:2] == ("shapes", ("constraints",))
+
+
+def test_the_same_triggers_on_the_same_events(catalogs: tuple[dict[str, Any], dict[str, Any]]) -> None:
+    lite, pg = catalogs
+    assert {k: v for k, v in pg["triggers"].items() if k not in PG_ONLY_TRIGGERS} == lite["triggers"]
+    assert {k: pg["triggers"][k][3] for k in PG_ONLY_TRIGGERS} == PG_ONLY_TRIGGERS
+
+
+def test_the_schema_records_its_version_in_one_row(pg_url: str) -> None:
+    import psycopg
+
+    load_pg_schema(pg_url)
+    with pg_connect(pg_url) as conn:
+        assert conn.execute("SELECT version FROM schema_version").fetchall() == [(ac.SCHEMA_VERSION,)]
+        with pytest.raises(psycopg.errors.UniqueViolation):
+            conn.execute("INSERT INTO schema_version (version) VALUES (7)")
+
+
+def test_a_script_that_fails_leaves_nothing(pg_url: str) -> None:
+    """One transaction: loading into a database that has the schema fails and changes nothing."""
+    import psycopg
+
+    load_pg_schema(pg_url)
+    with pytest.raises(psycopg.errors.DuplicateFunction):
+        load_pg_schema(pg_url)
+    with pg_connect(pg_url) as conn:
+        assert conn.execute("SELECT COUNT(*) FROM schema_version").fetchone()[0] == 1
+
+
+# --- The same writes give the same derived rows ---
+
+def ints(rows: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+    """Rows with their numbers as int (PostgreSQL sums bigints as numeric)."""
+    return [tuple(int(v) if isinstance(v, (int, decimal.Decimal)) else v for v in row) for row in rows]
+
+
+class Engine:
+    """Raw SQL on one engine: `?` or `:name` parameters, as the module writes them."""
+
+    def run(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> list[tuple[Any, ...]]:
+        raise NotImplementedError
+
+    def views(self) -> dict[str, list[tuple[Any, ...]]]:
+        """What the triggers keep, read as the module will read it (summed over any stripes), and rows."""
+        return {
+            "job_counts": ints(self.run("SELECT state, SUM(n), SUM(busy_ms) FROM job_counts"
+                                        " GROUP BY state ORDER BY state")),
+            "counters": ints(self.run("SELECT name, SUM(n) FROM counters GROUP BY name ORDER BY name")),
+            "fleet_totals": ints(self.run(
+                "SELECT SUM(offers), SUM(open_offers), SUM(open_capacity), SUM(open_price_units),"
+                " SUM(open_price_micro), SUM(online_miners) FROM fleet_totals GROUP BY id")),
+            "addresses": self.run("SELECT address, tx_count, balance_micro, last_active FROM addresses"
+                                  " ORDER BY address"),
+            "shapes": self.run("SELECT shape_id, constraints FROM shapes ORDER BY shape_id"),
+            "jobs": self.run("SELECT seq, job_id, state, assigned_miner_id, attempts, finished_at FROM jobs"
+                             " ORDER BY seq"),
+            "rows": ints(self.run(
+                "SELECT 'jobs ' || state, COUNT(*) FROM jobs GROUP BY state UNION ALL"
+                " SELECT 'receipts', COUNT(*) FROM receipts UNION ALL"
+                " SELECT 'active_bids', COUNT(*) FROM bids WHERE status IN ('pending', 'matched') ORDER BY 1")),
+        }
+
+
+class SqliteEngine(Engine):
+    def __init__(self, path: str) -> None:
+        self.conn = ac.connect(path, "OFF")
+
+    def run(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> list[tuple[Any, ...]]:
+        return [tuple(r) for r in self.conn.execute(sql, params).fetchall()]
+
+
+class PgEngine(Engine):
+    """Each statement on the next of several connections (backends), so the writes land in several stripes."""
+
+    def __init__(self, url: str, stripes: int = 3) -> None:
+        self.conns: list[Any] = []
+        for _ in range(32):  # connections until `stripes` distinct stripes (backend ids are mostly consecutive)
+            conn = pg_connect(url)
+            if len(self.conns) == stripes or stripe_of(conn) in map(stripe_of, self.conns):
+                conn.close()
+            else:
+                self.conns.append(conn)
+        if len(self.conns) < stripes:
+            self.close()
+            raise AssertionError(f"32 connections fell into fewer than {stripes} stripes")
+        self.turn = 0
+
+    def run(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> list[tuple[Any, ...]]:
+        sql = re.sub(r":(\w+)", r"%(\1)s", sql) if isinstance(params, dict) else sql.replace("?", "%s")
+        conn = self.conns[self.turn % len(self.conns)]
+        self.turn += 1
+        cursor = conn.execute(sql, params or None)
+        return [tuple(r) for r in cursor.fetchall()] if cursor.description else []
+
+    def close(self) -> None:
+        for conn in self.conns:
+            conn.close()
+
+
+# The module's own statements where it has one for the change (release_running, expire_due_jobs).
+RELEASE = ("UPDATE jobs SET state = CASE WHEN attempts >= :max THEN 'FAILED' ELSE 'QUEUED' END,"
+           " error = CASE WHEN attempts >= :max THEN 'miner ' || assigned_miner_id || :reason END,"
+           " finished_at = CASE WHEN attempts >= :max THEN :now END,"
+           " assigned_miner_id = CASE WHEN attempts >= :max THEN assigned_miner_id END,"
+           " assigned_at = CASE WHEN attempts >= :max THEN assigned_at END"
+           " WHERE state = 'RUNNING' AND assigned_miner_id = :miner RETURNING job_id")
+EXPIRE = ("UPDATE jobs SET state = 'EXPIRED', error = 'job expired', finished_at = ?"
+          " WHERE state IN ('QUEUED', 'RUNNING') AND expires_at <= ? RETURNING assigned_miner_id")
+REGISTER = ("INSERT INTO miners (miner_id, offer_id, capabilities, price, price_units, price_micro, sla, concurrency,"
+            " region, status, session_token, created_at, registered_at, last_seen, online, offer_status)"
+            " VALUES (?, ?, '{}', ?, ?, ?, '', ?, NULL, 'ONLINE', 't', ?, ?, ?, ?, ?)"
+            " ON CONFLICT (miner_id) DO UPDATE SET price = excluded.price, price_units = excluded.price_units,"
+            " price_micro = excluded.price_micro, concurrency = excluded.concurrency, status = 'ONLINE', online = 1,"
+            " registered_at = excluded.registered_at, last_seen = excluded.last_seen")
+# Prices whose millionths round differently by method: 0.0000025 is 2.5 millionths exactly (SQLite and
+# numeric: 3; round(double precision), half to even: 2); 12.0011215 is 1121.4999999999975 millionths in
+# double arithmetic (SQLite: 1121; round(x::numeric): 1122, as the cast keeps 15 digits).
+TRICKY_PRICES = (0.0000025, 12.0011215, 0.0000005, 2.7, 3.75, 1e12, 0.0)
+MINERS = ("m-a", "m-b", "m-c", "m-d")
+CLIENTS = ("c-a", "c-b", "c-c")
+
+
+def sqlite_split(price: float) -> tuple[int, int]:
+    """A price as whole units and millionths, as schema.sql's triggers split it (ROUND: half away from zero)."""
+    units = int(price)
+    micro = (price - units) * 1_000_000
+    return units, int(micro + (0.5 if micro >= 0 else -0.5))
+
+
+def scenario(seed: int, steps: int, states_of: Callable[[], dict[int, str]]
+             ) -> Iterator[tuple[str, Sequence[Any] | dict[str, Any]]]:
+    """A random walk of writes over jobs, receipts, bids, miners and offers, the same for every engine:
+    every transition the module makes, and the same-value writes that fire a trigger with no change.
+    A statement whose effect on job states the walk does not work out is followed by states_of()."""
+    rnd = random.Random(seed)
+    now = 1_764_000_000_000
+    states: dict[int, str] = {}
+    bids = offers = 0
+    yield "INSERT INTO shapes (constraints) VALUES (?)", ("{}",)
+    yield "INSERT INTO shapes (constraints) VALUES (?)", ('{"gpu":"A100"}',)
+    for price, miner in zip(TRICKY_PRICES, MINERS * 2):
+        now += 1
+        yield REGISTER, (miner, f"o-{miner}", price, *sqlite_split(price), rnd.randint(1, 4), now, now, now,
+                         rnd.randint(0, 1), rnd.choice(("open", "reserved", "closed")))
+    for step in range(steps):
+        # now and then the wall clock steps back, as a real one can
+        now += rnd.randint(-20_000, 5_000) if rnd.random() < 0.1 else rnd.randint(1, 5_000)
+        seqs = {state: [s for s, st in states.items() if st == state] for state in ("QUEUED", "RUNNING")}
+        op = rnd.choice(("submit", "submit", "claim", "claim", "finish", "release", "requeue", "cancel", "expire",
+                         "receipt", "bid", "bid_status", "miner", "offer", "offer_status", "same"))
+        if op == "submit" or not states:
+            states[len(states) + 1] = "QUEUED"
+            yield ("INSERT INTO jobs (job_id, client_id, state, constraints, shape_id, requested_at, expires_at)"
+                   " VALUES (?, ?, 'QUEUED', '{}', ?, ?, ?)",
+                   (f"j{step}", rnd.choice(CLIENTS), rnd.randint(1, 2), now, now + rnd.randint(1_000, 60_000)))
+        elif op == "claim" and seqs["QUEUED"]:
+            seq = rnd.choice(seqs["QUEUED"])
+            states[seq] = "RUNNING"
+            yield ("UPDATE jobs SET state = 'RUNNING', assigned_miner_id = ?, assigned_at = ?, attempts = attempts + 1"
+                   " WHERE seq = ?", (rnd.choice(MINERS), now, seq))
+        elif op == "finish" and seqs["RUNNING"]:
+            seq = rnd.choice(seqs["RUNNING"])
+            states[seq] = rnd.choice(("COMPLETED", "COMPLETED", "FAILED"))
+            yield "UPDATE jobs SET state = ?, finished_at = ?, error = NULL WHERE seq = ?", (states[seq], now, seq)
+        elif op == "release":
+            yield RELEASE, {"max": 2, "now": now, "reason": " went silent", "miner": rnd.choice(MINERS)}
+            states = states_of()  # which were re-queued and which failed follows their attempts
+        elif op == "requeue" and seqs["RUNNING"]:
+            seq = rnd.choice(seqs["RUNNING"])
+            states[seq] = "QUEUED"
+            yield "UPDATE jobs SET state = 'QUEUED', assigned_miner_id = NULL, assigned_at = NULL WHERE seq = ?", (seq,)
+        elif op == "cancel" and seqs["QUEUED"] + seqs["RUNNING"]:
+            seq = rnd.choice(seqs["QUEUED"] + seqs["RUNNING"])
+            states[seq] = "CANCELED"
+            yield "UPDATE jobs SET state = 'CANCELED', finished_at = ?, error = 'canceled by client' WHERE seq = ?", \
+                (now, seq)
+        elif op == "expire":
+            yield EXPIRE, (now, now)
+            states = states_of()
+        elif op == "receipt":
+            price = rnd.choice((None, *TRICKY_PRICES))
+            yield ("INSERT INTO receipts (receipt_id, job_id, issued_at, price, body) VALUES (?, ?, ?, ?, ?)",
+                   (f"r{step}", f"j{rnd.randint(0, step)}", now, price, b"\x01packed"))
+        elif op == "bid":
+            bids += 1
+            yield ("INSERT INTO bids (bid_id, provider, capacity, price, status, created_at)"
+                   " VALUES (?, 'p', 1, ?, ?, ?)",
+                   (f"b{bids}", rnd.choice(TRICKY_PRICES), rnd.choice(("pending", "matched", "closed")), now))
+        elif op == "bid_status" and bids:
+            yield "UPDATE bids SET status = ? WHERE bid_id = ?", \
+                (rnd.choice(("pending", "matched", "closed")), f"b{rnd.randint(1, bids)}")
+        elif op == "miner":
+            miner = rnd.choice(MINERS)
+            change = rnd.choice(("offer_status", "online", "register"))
+            if change == "register":
+                price = rnd.choice(TRICKY_PRICES)
+                yield REGISTER, (miner, f"o-{miner}", price, *sqlite_split(price), rnd.randint(1, 4), now, now, now,
+                                 1, "open")
+            elif change == "online":
+                yield "UPDATE miners SET online = ? WHERE miner_id = ?", (rnd.randint(0, 1), miner)
+            else:
+                yield "UPDATE miners SET offer_status = ? WHERE miner_id = ?", \
+                    (rnd.choice(("open", "reserved", "closed")), miner)
+        elif op == "offer":
+            offers += 1
+            yield ("INSERT INTO offers (offer_id, provider, capacity, price, sla, status, created_at)"
+                   " VALUES (?, 'p', ?, ?, '', ?, ?)",
+                   (f"of{offers}", rnd.randint(1, 8), rnd.choice(TRICKY_PRICES), rnd.choice(("open", "closed")), now))
+        elif op == "offer_status" and offers:
+            yield "UPDATE offers SET status = ? WHERE offer_id = ?", \
+                (rnd.choice(("open", "reserved", "closed")), f"of{rnd.randint(1, offers)}")
+        elif op == "same" and states:
+            seq = rnd.choice(list(states))
+            yield "UPDATE jobs SET state = state, assigned_miner_id = assigned_miner_id WHERE seq = ?", (seq,)
+        else:
+            continue
+        if rnd.random() < 0.03:  # the totals must hold at any point, not only at the end
+            yield "CHECK", ()
+
+
+def play(engine: Engine, seed: int, steps: int) -> list[dict[str, list[tuple[Any, ...]]]]:
+    """Run the scenario; the views at each CHECK and at the end."""
+    seen = []
+    states_of = lambda: dict(engine.run("SELECT seq, state FROM jobs ORDER BY seq"))  # noqa: E731
+    for sql, params in scenario(seed, steps, states_of):
+        if sql == "CHECK":
+            seen.append(engine.views())
+        else:
+            engine.run(sql, params)
+    return [*seen, engine.views()]
+
+
+def implied(views: dict[str, list[tuple[Any, ...]]]) -> None:
+    """The kept totals equal what the rows imply."""
+    rows = dict(views["rows"])
+    counts = {state: n for state, n, _ in views["job_counts"]}
+    assert {s: n for s, n in counts.items() if n} == {k[5:]: n for k, n in rows.items() if k.startswith("jobs ")}
+    assert dict(views["counters"]) == {"receipts": rows.get("receipts", 0), "active_bids": rows.get("active_bids", 0)}
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_the_same_writes_give_the_same_totals(tmp_path: Path, pg_url: str, seed: int) -> None:
+    db = str(tmp_path / "c.db")
+    ac.migrate(db)
+    load_pg_schema(pg_url)
+    lite, pg = SqliteEngine(db), PgEngine(pg_url)
+    try:
+        expected, got = play(lite, seed, 300), play(pg, seed, 300)
+        assert len(got) == len(expected) > 1
+        for want, have in zip(expected, got):
+            implied(want)
+            assert have == want
+        assert {n for _, n, _ in got[-1]["job_counts"]} != {0}  # the walk did move jobs
+        # the writes were spread over the PostgreSQL stripes, and no key has a stripe twice
+        spread = pg.run("SELECT COUNT(DISTINCT stripe), COUNT(*), COUNT(DISTINCT (state, stripe)) FROM job_counts")[0]
+        assert spread[0] >= 2 and spread[1] == spread[2]
+    finally:
+        lite.conn.close()
+        pg.close()
+
+
+def test_fleet_totals_hold_tricky_prices_as_sqlite_splits_them(tmp_path: Path, pg_url: str) -> None:
+    """An open offer's price is added as whole units and millionths, rounded as SQLite's ROUND does."""
+    db = str(tmp_path / "c.db")
+    ac.migrate(db)
+    load_pg_schema(pg_url)
+    lite, pg = SqliteEngine(db), PgEngine(pg_url, stripes=1)
+    try:
+        for engine in (lite, pg):
+            for i, price in enumerate(TRICKY_PRICES):
+                engine.run("INSERT INTO offers (offer_id, provider, capacity, price, sla, status, created_at)"
+                           " VALUES (?, 'p', 1, ?, '', 'open', 0)", (f"o{i}", price))
+        units = sum(sqlite_split(p)[0] for p in TRICKY_PRICES)
+        micro = sum(sqlite_split(p)[1] for p in TRICKY_PRICES)
+        assert micro == 3 + 1121 + 1 + 700_000 + 750_000
+        assert lite.views()["fleet_totals"] == pg.views()["fleet_totals"] == [(7, 7, 7, units, micro, 0)]
+        for engine in (lite, pg):
+            engine.run("UPDATE offers SET status = 'closed'")
+        assert lite.views()["fleet_totals"] == pg.views()["fleet_totals"] == [(7, 0, 0, 0, 0, 0)]
+    finally:
+        lite.conn.close()
+        pg.close()
+
+
+def test_price_splitting_matches_sqlite_bit_for_bit(pg_url: str) -> None:
+    load_pg_schema(pg_url)
+    rnd = random.Random(7)
+    prices = [round(rnd.uniform(0, 1000), rnd.randint(0, 9)) for _ in range(3000)]
+    prices += [k / 10_000_000 + 12 for k in range(0, 30_000, 7)] + [x + 0.5e-6 for x in range(20)]
+    lite = sqlite3.connect(":memory:")
+    want = [lite.execute("SELECT CAST(? AS INTEGER), CAST(ROUND((? - CAST(? AS INTEGER)) * 1000000) AS INTEGER)",
+                         (p, p, p)).fetchone() for p in prices]
+    with pg_connect(pg_url) as conn:
+        got = conn.execute("SELECT price_whole_units(p), price_millionths(p) FROM unnest(%s::float8[])"
+                           " WITH ORDINALITY AS t(p, n) ORDER BY n", (prices,)).fetchall()
+        # the reason for sqlite_round: PostgreSQL's own roundings both miss some of these
+        half_even, numeric = conn.execute("SELECT round(2.5::float8),"
+                                          " round(((12.0011215::float8 - 12) * 1000000)::numeric)").fetchone()
+    assert [tuple(r) for r in got] == want
+    assert (half_even, int(numeric)) == (2, 1122) and sqlite_split(12.0011215)[1] == 1121
+
+
+# --- What only PostgreSQL has to get right: keys in commit order, uniqueness, stripes ---
+
+def blocked(conn: Any, pid: int) -> bool:
+    """Whether backend `pid` waits for a lock."""
+    return bool(conn.execute("SELECT EXISTS (SELECT 1 FROM pg_locks WHERE pid = %s AND NOT granted)",
+                             (pid,)).fetchone()[0])
+
+
+@contextlib.contextmanager
+def in_thread(fn: Any) -> Iterator[dict[str, Any]]:
+    """Run fn() in a thread; yields a dict that holds its 'result' (or 'error') once it has returned."""
+    out: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            out["result"] = fn()
+        except Exception as exc:  # noqa: BLE001 - handed to the test
+            out["error"] = exc
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    try:
+        yield out
+    finally:
+        thread.join()
+
+
+def wait_until_blocked(watcher: Any, pid: int) -> None:
+    for _ in range(100_000):
+        if blocked(watcher, pid):
+            return
+    raise AssertionError(f"backend {pid} never waited")
+
+
+@pytest.mark.parametrize(("table", "column", "first", "values"), [
+    ("shapes", "shape_id", 1, ("constraints", ["{}", '{"gpu":"A"}', '{"gpu":"B"}', '{"gpu":"C"}'])),
+    ("log_leaves", "leaf_index", 0, ("receipt_id, leaf_hash", [(f"r{i}", bytes([i])) for i in range(4)])),
+])
+def test_keys_the_code_relies_on_follow_commit_order_without_gaps(pg_url: str, table: str, column: str, first: int,
+                                                                  values: tuple[str, list[Any]]) -> None:
+    """A second insert waits for the first to commit or roll back, then takes the next key: ids become
+    visible in id order (the Matcher's shape watermark) and a rolled-back insert leaves no gap (the
+    receipt log's leaves)."""
+    load_pg_schema(pg_url)
+    names, rows = values
+    marks = ", ".join(["%s"] * len(names.split(",")))
+    insert = f"INSERT INTO {table} ({names}) VALUES ({marks}) RETURNING {column}"
+    row = lambda v: v if isinstance(v, tuple) else (v,)  # noqa: E731
+    with pg_connect(pg_url) as a, pg_connect(pg_url) as b, pg_connect(pg_url) as watcher:
+        b_pid = b.info.backend_pid
+        a.execute("BEGIN")
+        assert a.execute(insert, row(rows[0])).fetchone()[0] == first
+        with in_thread(lambda: b.execute(insert, row(rows[1])).fetchone()[0]) as out:
+            wait_until_blocked(watcher, b_pid)
+            a.execute("ROLLBACK")
+        assert out == {"result": first}  # the rolled-back key is taken again: no gap
+        a.execute("BEGIN")
+        assert a.execute(insert, row(rows[2])).fetchone()[0] == first + 1
+        with in_thread(lambda: b.execute(insert, row(rows[3])).fetchone()[0]) as out:
+            wait_until_blocked(watcher, b_pid)
+            a.execute("COMMIT")
+        assert out == {"result": first + 2}
+        assert [r[0] for r in watcher.execute(f"SELECT {column} FROM {table} ORDER BY {column}")] == \
+            [first, first + 1, first + 2]
+
+
+def test_constraints_of_any_length_are_one_shape(pg_url: str) -> None:
+    """Stored constraints have no length limit; past a B-tree entry's ~2,700 bytes they stay unique,
+    an insert of one already there does nothing under ON CONFLICT DO NOTHING, and lookups by the text
+    find it."""
+    import psycopg
+
+    load_pg_schema(pg_url)
+    long = '{"gpu":"' + secrets.token_hex(8000) + '","models":["' + "x" * 5000 + '"]}'
+    with pg_connect(pg_url) as conn:
+        insert = "INSERT INTO shapes (constraints) VALUES (%s) ON CONFLICT DO NOTHING RETURNING shape_id"
+        assert conn.execute(insert, (long,)).fetchall() == [(1,)]
+        assert conn.execute(insert, (long,)).fetchall() == []
+        assert conn.execute(insert, (long[:-3] + 'y"]}',)).fetchall() == [(2,)]  # differs in its last bytes
+        with pytest.raises(psycopg.errors.UniqueViolation):
+            conn.execute("INSERT INTO shapes (constraints) VALUES (%s)", (long,))
+        assert conn.execute("SELECT shape_id FROM shapes WHERE constraints = %s", (long,)).fetchall() == [(1,)]
+
+
+def test_concurrent_first_submits_of_a_shape_make_one(pg_url: str) -> None:
+    """The second of two transactions inserting the same new shape waits, then does nothing; its
+    SELECT then finds the first's row."""
+    load_pg_schema(pg_url)
+    insert = "INSERT INTO shapes (constraints) VALUES ('{\"gpu\":\"H100\"}') ON CONFLICT DO NOTHING RETURNING shape_id"
+    with pg_connect(pg_url) as a, pg_connect(pg_url) as b, pg_connect(pg_url) as watcher:
+        a.execute("BEGIN")
+        assert a.execute(insert).fetchall() == [(1,)]
+        with in_thread(lambda: b.execute(insert).fetchall()) as out:
+            wait_until_blocked(watcher, b.info.backend_pid)
+            a.execute("COMMIT")
+        assert out == {"result": []}
+        assert b.execute("SELECT shape_id FROM shapes").fetchall() == [(1,)]
+
+
+def lifecycle_writes(conn: Any, client: str, job: str) -> None:
+    """What a job's lifecycle writes to the kept totals, in one open transaction: a submit, a claim, a
+    completion and its receipt, an admin offer and a bid."""
+    conn.execute("INSERT INTO jobs (job_id, client_id, state, constraints, shape_id, requested_at, expires_at)"
+                 " VALUES (%s, %s, 'QUEUED', '{}', 1, 1, 2)", (job, client))
+    conn.execute("UPDATE jobs SET state = 'RUNNING', assigned_miner_id = %s, assigned_at = 1 WHERE job_id = %s",
+                 (f"m-{client}", job))
+    conn.execute("UPDATE jobs SET state = 'COMPLETED', finished_at = 2 WHERE job_id = %s", (job,))
+    conn.execute("INSERT INTO receipts (receipt_id, job_id, issued_at, price) VALUES (%s, %s, 2, 1.5)", (job, job))
+    conn.execute("INSERT INTO offers (offer_id, provider, capacity, price, sla, status, created_at)"
+                 " VALUES (%s, 'p', 1, 1.5, '', 'open', 0)", (job,))
+    conn.execute("INSERT INTO bids (bid_id, provider, capacity, price, status, created_at)"
+                 " VALUES (%s, 'p', 1, 1.5, 'pending', 0)", (job,))
+
+
+def test_writers_on_different_stripes_never_wait_for_each_other(pg_url: str) -> None:
+    """Two jobs' lifecycles (different clients and miners) in two open transactions: on different
+    stripes neither waits for the other; on one stripe the second waits for the first."""
+    import psycopg
+
+    load_pg_schema(pg_url)
+    conns = [pg_connect(pg_url) for _ in range(17)]  # 17 backends: two of them share one of 16 stripes
+    try:
+        conns[0].execute("INSERT INTO shapes (constraints) VALUES ('{}')")
+        by_stripe: dict[int, list[Any]] = {}
+        for conn in conns:
+            by_stripe.setdefault(stripe_of(conn), []).append(conn)
+        shared = next(group for group in by_stripe.values() if len(group) > 1)
+        apart = [group[0] for group in by_stripe.values()][:2]
+        assert len(apart) == 2
+        for turn, (a, b, waits) in enumerate(((apart[0], apart[1], False), (shared[0], shared[1], True))):
+            for conn in (a, b):
+                conn.execute("BEGIN")
+                conn.execute("SET LOCAL lock_timeout = '2s'")  # a wait fails the statement (no wait: no effect)
+            lifecycle_writes(a, "c-1", f"j{turn}-a")
+            if waits:
+                with pytest.raises(psycopg.errors.LockNotAvailable):
+                    lifecycle_writes(b, "c-2", f"j{turn}-b")
+            else:
+                lifecycle_writes(b, "c-2", f"j{turn}-b")
+            for conn in (a, b):
+                conn.execute("COMMIT" if not waits else "ROLLBACK")
+        totals = conns[0].execute("SELECT SUM(n) FROM job_counts WHERE state = 'COMPLETED'").fetchone()[0]
+        assert totals == 2  # the two that did not wait, summed over their stripes
+    finally:
+        for conn in conns:
+            conn.close()
