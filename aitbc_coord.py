@@ -1115,6 +1115,8 @@ PG_REWRITES: list[tuple[re.Pattern[str], str]] = [
     (re.compile(r"\bjson_each\((\?|:\w+)\)"), r"json_array_elements_text(CAST(\1 AS json))"),  # a JSON array's values
     (re.compile(r"\bjson_extract\((\w+), '\$\.(\w+)'\)"), r"CAST(CAST(\1 AS json) ->> '\2' AS double precision)"),
     (re.compile(r"/\*(FOR UPDATE(?: SKIP LOCKED)?)\*/"), r"\1"),  # lock markers: comments on SQLite
+    # SQLite's ROUND (half away from zero) and 64-bit INTEGER (schema_pg.sql has sqlite_round)
+    (re.compile(r"CAST\(ROUND\(([^()]+)\) AS INTEGER\)"), r"CAST(sqlite_round(\1) AS BIGINT)"),
 ]
 _PG_TOKENS = re.compile(r"'(?:[^']|'')*'|::|\?|:(\w+)|%")
 
@@ -1201,18 +1203,20 @@ def pg_connect(url: str, **kwargs: Any) -> Any:
 
 def _configure_pg(raw: Any) -> None:
     from psycopg.adapt import Loader
+    from psycopg.types.numeric import Int8Dumper
 
     class NumberLoader(Loader):  # numeric: int when whole, else float (never Decimal, which JSON refuses)
         def load(self, data: Any) -> int | float:
             text = bytes(data)
             return float(text) if b"." in text or b"N" in text else int(text)
     raw.adapters.register_loader("numeric", NumberLoader)
+    # a Python int is a bigint, as SQLite's INTEGER is 64 bits: psycopg would send a small one as int4
+    # or int2, and PostgreSQL multiplies those in 32 bits (a price of 1,000,000 times 1,000,000 overflows)
+    raw.adapters.register_dumper(int, Int8Dumper)
     raw.row_factory = _pg_row_maker
 
 
-# pg_advisory_xact_lock keys ("aitbc" and a number): one migration at a time; receipt-log appends in turn
-MIGRATE_LOCK = 0x61697462_63000001
-LOG_APPEND_LOCK = 0x61697462_63000002
+MIGRATE_LOCK = 0x61697462_63000001  # pg_advisory_xact_lock key ("aitbc" and 1): one migration at a time
 
 
 def migrate_pg(url: str) -> tuple[int, int]:
@@ -1775,7 +1779,7 @@ def add_miner_outcome(conn: sqlite3.Connection, miner_id: str, now: int, complet
                  (now, completed, failed, busy_ms, receipt_id, miner_id))
 
 
-def list_miners(conn: sqlite3.Connection, limit: int = -1, offset: int = 0,
+def list_miners(conn: sqlite3.Connection, limit: int = 1 << 62, offset: int = 0,
                 after: tuple[int, str] | None = None) -> list[sqlite3.Row]:
     """Miners in registration order (first registration, then id: a key that never moves); `after` is
     a keyset cursor (created_at, miner_id)."""
@@ -1947,12 +1951,11 @@ def insert_log_leaf(conn: sqlite3.Connection, receipt_id: str, leaf_hash: bytes)
     """Append a leaf one past the last, so indexes have no gap; returns its index. (SQLite numbers an
     INTEGER PRIMARY KEY left out one more than the largest, or 1 in an empty table: the log's very first
     leaf is moved to 0. A plain insert costs half of one that asks for MAX() itself.) On PostgreSQL,
-    where instances append concurrently and a rolled-back identity leaves a gap, appends take turns
-    on a transaction-level advisory lock, held until the unit commits, and ask for MAX()."""
-    if isinstance(conn, PgConnection):
-        conn.execute("SELECT pg_advisory_xact_lock(?)", (LOG_APPEND_LOCK,))
-        return int(conn.execute("INSERT INTO log_leaves (leaf_index, receipt_id, leaf_hash) SELECT"
-                                " COALESCE(MAX(leaf_index), -1) + 1, ?, ? FROM log_leaves RETURNING leaf_index",
+    where instances append concurrently and a rolled-back identity would leave a gap, a trigger
+    numbers the leaf under a transaction-level advisory lock held until the unit commits: appends
+    take turns across instances."""
+    if isinstance(conn, PgConnection):  # numbered by schema_pg.sql's log_leaves_number
+        return int(conn.execute("INSERT INTO log_leaves (receipt_id, leaf_hash) VALUES (?, ?) RETURNING leaf_index",
                                 (receipt_id, leaf_hash)).fetchone()[0])
     index = int(conn.execute("INSERT INTO log_leaves (receipt_id, leaf_hash) VALUES (?, ?)",
                              (receipt_id, leaf_hash)).lastrowid)
@@ -2112,9 +2115,9 @@ def list_offers(conn: sqlite3.Connection, status: str | None, limit: int, offset
                              (" AND (created_at, offer_id) < (:at, :id)", before is not None)) if on]
     miners_where = "".join(terms).format(status="offer_status")
     admin_where = "".join(terms).format(status="status")
-    branch = " WHERE 1{} ORDER BY created_at DESC, offer_id DESC LIMIT :n"
-    sql = (f"SELECT * FROM ({MINER_OFFER}{branch.format(miners_where)}) UNION ALL"
-           f" SELECT * FROM ({ADMIN_OFFER}{branch.format(admin_where)}) ORDER BY created_at DESC, id DESC"
+    branch = " WHERE true{} ORDER BY created_at DESC, offer_id DESC LIMIT :n"
+    sql = (f"SELECT * FROM ({MINER_OFFER}{branch.format(miners_where)}) AS mined UNION ALL"
+           f" SELECT * FROM ({ADMIN_OFFER}{branch.format(admin_where)}) AS made ORDER BY created_at DESC, id DESC"
            " LIMIT :limit OFFSET :offset")
     at, offer_id = before or (0, "")
     return conn.execute(sql, {"status": status, "at": at, "id": offer_id, "n": limit + offset, "limit": limit,
@@ -2134,7 +2137,7 @@ def cheapest_open_offer(conn: sqlite3.Connection, price: float, capacity: int) -
               " ORDER BY price, created_at, offer_id LIMIT 1")
     miners = branch.format(index="miners_open_by_price", status="offer_status", capacity="concurrency")
     admin = branch.format(index="offers_open_by_price", status="status", capacity="capacity")
-    return conn.execute(f"SELECT * FROM ({MINER_OFFER}{miners}) UNION ALL SELECT * FROM ({ADMIN_OFFER}{admin})"
+    return conn.execute(f"SELECT * FROM ({MINER_OFFER}{miners}) AS mined UNION ALL SELECT * FROM ({ADMIN_OFFER}{admin}) AS made"
                         " ORDER BY price, created_at, id LIMIT 1", {"price": price, "capacity": capacity}).fetchone()
 
 
@@ -2350,7 +2353,7 @@ def delete_old_bids(conn: sqlite3.Connection, before: int, window: int, limit: i
     matched or left pending when placed, and never changes after), never the newest; the number
     deleted. The active-bid total counts history, as the job totals do."""
     return conn.execute(
-        "DELETE FROM bids WHERE seq IN (SELECT seq FROM (SELECT seq, created_at FROM bids ORDER BY seq LIMIT ?)"
+        "DELETE FROM bids WHERE seq IN (SELECT seq FROM (SELECT seq, created_at FROM bids ORDER BY seq LIMIT ?) AS head"
         " WHERE created_at < ? AND seq < (SELECT MAX(seq) FROM bids) LIMIT ?)", (window, before, limit)).rowcount
 
 
@@ -6131,6 +6134,8 @@ class Router:
             for regex, candidate in self.patterns:
                 if (match := regex.match(path)) is not None:
                     methods, params = candidate, match.groupdict()
+                    if "\x00" in path:  # (%00) names nothing stored; PostgreSQL refuses such text outright
+                        raise NotFound("Not Found")
                     break
             else:
                 raise NotFound("Not Found")

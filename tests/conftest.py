@@ -98,10 +98,22 @@ class Harness:
                                       headers=headers)
 
 
+def database_of(tmp_path: Path) -> str:
+    """The test's database: tmp_path/coord.db, or in a test's [postgres] run its PostgreSQL database's URL."""
+    return _pg_database(tmp_path) if _pg_database is not None else str(tmp_path / "coord.db")
+
+
 def make_settings(tmp_path: Path, env: dict[str, str] | None = None, **overrides: Any) -> ac.Settings:
-    overrides.setdefault("db_path", str(tmp_path / "coord.db"))
+    overrides.setdefault("db_path", database_of(tmp_path))
     overrides.setdefault("sweep_interval_seconds", 0)  # tests sweep by hand, on the fake clock
     return ac.Settings.load({"APP_ENV": "dev", **(env or {})}, **overrides)
+
+
+def open_database(target: str | Path) -> Any:
+    """A connection to a test's database, the SQLite file or the PostgreSQL URL (Settings.target), for
+    SQL behind the coordinator's back: `?` placeholders on both, each statement committed at once."""
+    target = str(target)
+    return ac.PgConnection(ac.pg_connect(target)) if ac.is_postgres_url(target) else ac.connect(target)
 
 
 def http_scope(method: str, path: str, key: str, body: bytes | None = None) -> dict[str, Any]:
@@ -142,8 +154,41 @@ PG_FIXTURES = {"pg_server", "pg_url", "new_pg_database"}
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
-        if PG_FIXTURES & set(getattr(item, "fixturenames", ())):
+        on_postgres = getattr(getattr(item, "callspec", None), "params", {}).get("db_backend") == "postgres"
+        if on_postgres or PG_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.postgres)
+
+
+# Both backends. In these modules every test that takes tmp_path (the harness's database lives under it)
+# runs twice, [sqlite] and [postgres]: make_settings gives the second a PostgreSQL database of its own
+# (one per tmp_path, so a test that restarts its coordinator finds its data again). A test about
+# SQLite itself (its files, pragmas, VM steps, the writer's internals) is marked sqlite_only.
+BOTH_BACKENDS = {"test_authz", "test_explorer", "test_inputs", "test_jobs", "test_lifecycle", "test_log",
+                 "test_market", "test_miners", "test_paging", "test_receipts", "test_retention"}
+_pg_database: Callable[[Path], str] | None = None  # the [postgres] run's database for a tmp_path
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if (metafunc.module.__name__.rpartition(".")[2] in BOTH_BACKENDS and "tmp_path" in metafunc.fixturenames
+            and metafunc.definition.get_closest_marker("sqlite_only") is None):
+        metafunc.parametrize("db_backend", ["sqlite", "postgres"], indirect=True)
+
+
+@pytest.fixture(autouse=True)
+def db_backend(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Which database the harness runs on: sqlite, or postgres (skipped without a server, see PG_HOW)."""
+    global _pg_database
+    backend = getattr(request, "param", "sqlite")
+    if backend != "postgres":
+        yield backend
+        return
+    create = request.getfixturevalue("new_pg_database")
+    databases: dict[Path, str] = {}
+    _pg_database = lambda tmp_path: databases.get(tmp_path) or databases.setdefault(tmp_path, create())  # noqa: E731
+    try:
+        yield backend
+    finally:
+        _pg_database = None
 
 
 def pg_database_url(server_url: str, dbname: str) -> str:

@@ -38,7 +38,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 import aitbc_coord as ac
-from conftest import ADMIN, CLIENT, MINER, Harness, harness
+from conftest import ADMIN, CLIENT, MINER, Harness, harness, open_database
 from test_receipts import EDGE_SEED
 
 KEYS = {"client": CLIENT, "miner": MINER, "admin": ADMIN, None: {}}
@@ -236,26 +236,26 @@ def body_for(place: Place, value: Any, extra: dict[str, Any]) -> dict[str, Any]:
 # --- what the database holds ---------------------------------------------------------------------
 
 SNAPSHOT_SQL = [
-    "SELECT COUNT(*), TOTAL(attempts), TOTAL(LENGTH(IFNULL(error, ''))), TOTAL(LENGTH(IFNULL(result, ''))),"
-    " TOTAL(IFNULL(finished_at, 0)) FROM jobs LEFT JOIN job_data USING (seq)",
-    "SELECT state, n FROM job_counts ORDER BY state",
+    "SELECT COUNT(*), SUM(attempts), SUM(LENGTH(COALESCE(error, ''))), SUM(LENGTH(COALESCE(result, ''))),"
+    " SUM(COALESCE(finished_at, 0)) FROM jobs LEFT JOIN job_data USING (seq)",
+    "SELECT state, SUM(n) FROM job_counts GROUP BY state ORDER BY state",
     "SELECT job_id, state, assigned_miner_id, attempts, error, result, metrics FROM jobs JOIN job_data USING (seq)"
     " WHERE state IN ('QUEUED', 'RUNNING') ORDER BY seq",
     "SELECT miner_id, capabilities, price, sla, concurrency, region, status, reported_inflight, metadata,"
     " session_token, jobs_completed, jobs_failed FROM miners ORDER BY miner_id",
     "SELECT offer_id, provider, capacity, price, sla, status FROM offers ORDER BY seq",
-    "SELECT COUNT(*), TOTAL(capacity), TOTAL(price) FROM bids",
+    "SELECT COUNT(*), SUM(capacity), SUM(price) FROM bids",
     "SELECT COUNT(*) FROM receipts",
     "SELECT COUNT(*) FROM idempotency_keys",
 ]
 
 
 class Snapshots:
-    def __init__(self, db: Path) -> None:
-        self.conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    def __init__(self, db: Path | str) -> None:
+        self.conn = open_database(db)
 
     def take(self) -> list[list[tuple[Any, ...]]]:
-        return [self.conn.execute(sql).fetchall() for sql in SNAPSHOT_SQL]
+        return [[tuple(row) for row in self.conn.execute(sql).fetchall()] for sql in SNAPSHOT_SQL]
 
     def job(self, job_id: str) -> tuple[Any, ...] | None:
         return self.conn.execute("SELECT state, assigned_miner_id FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
@@ -493,7 +493,7 @@ def world(tmp_path: Path) -> Iterator[tuple[World, Callable[[Any], Any], list[Pl
     loop = asyncio.new_event_loop()
     cm = harness(tmp_path, ENV)
     h = loop.run_until_complete(cm.__aenter__())
-    w = World(h, tmp_path / "coord.db")
+    w = World(h, h.coord.settings.target)
     try:
         loop.run_until_complete(w.setup())
         doc = loop.run_until_complete(h.client.get("/openapi.json")).json()
@@ -593,7 +593,7 @@ async def test_a_cursor_of_another_jobs_receipt_list_is_refused(tmp_path: Path) 
         r = await h.client.get(f"/v1/jobs/{first}/receipts", params={"limit": 1}, headers=CLIENT)
         cursor = r.json()["next_cursor"]
         if cursor is None:  # a one-receipt list issues no cursor: take the one its position would get
-            with contextlib.closing(sqlite3.connect(tmp_path / "coord.db")) as conn:
+            with contextlib.closing(open_database(h.coord.settings.target)) as conn:
                 cursor = str(conn.execute("SELECT seq FROM receipts WHERE job_id = ?", (first,)).fetchone()[0])
         r = await h.client.get(f"/v1/jobs/{second}/receipts", params={"cursor": cursor}, headers=CLIENT)
         assert r.status_code == 422, (cursor, r.status_code, r.text)
@@ -763,7 +763,7 @@ async def test_nul_in_a_text_column_field_is_a_422_naming_it(tmp_path: Path, pat
                                                              body: dict[str, Any], field: tuple[Any, ...]) -> None:
     async with harness(tmp_path, ENV) as h:
         job_id = await held_job(h)
-        before = Snapshots(tmp_path / "coord.db")
+        before = Snapshots(h.coord.settings.target)
         try:
             snap = before.take()
             r = await post_raw(h, path.replace("{job_id}", job_id), body, headers)

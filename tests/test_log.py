@@ -9,6 +9,7 @@ up to 100,000 (hypothesis). Storage reads per proof are counted (rows, through b
 from __future__ import annotations
 
 import base64
+import contextlib
 import errno
 import hashlib
 import json
@@ -28,7 +29,7 @@ from nacl.signing import SigningKey
 import aitbc_coord as ac
 import rfc9162 as rfc
 from bench import CountingConnection
-from conftest import CLIENT, NO_RECEIPTS, T0, FakeClock, Harness, harness
+from conftest import CLIENT, NO_RECEIPTS, T0, FakeClock, Harness, database_of, harness, open_database
 from test_receipts import EDGE_SEED, SIGNING, complete_one
 
 pytestmark = pytest.mark.anyio
@@ -298,12 +299,11 @@ async def test_errors_of_the_proof_routes(tmp_path: Path) -> None:
             assert (await get("/v1/log/proof/consistency", **params))[0] == 422
 
 
-def damage(db: Path, *statements: str) -> None:
-    """Change the log's rows behind the coordinator's back, as whoever holds the file could."""
-    conn = sqlite3.connect(db)
-    with conn:
-        for sql in statements:
-            conn.execute(sql)
+def damage(db: str, *statements: str) -> None:
+    """Change the log's rows behind the coordinator's back, as whoever holds the database could."""
+    conn = open_database(db)
+    for sql in statements:
+        conn.execute(sql)
     conn.close()
 
 
@@ -317,7 +317,7 @@ async def test_a_log_missing_a_subtree_refuses_completions_clearly_and_says_so_o
     async with harness(tmp_path, SIGNING) as h:
         receipts = [await complete_one(h) for _ in range(3)]
         await checkpoint_now(h)
-    damage(tmp_path / "coord.db", f"DELETE FROM log_nodes WHERE node_id = {ac._node_id(1, 0)}")
+    damage(database_of(tmp_path), f"DELETE FROM log_nodes WHERE node_id = {ac._node_id(1, 0)}")
     async with harness(tmp_path, SIGNING) as h:  # a new process: its first append reads the frontier
         job = await h.submit()
         await h.register()
@@ -346,7 +346,7 @@ async def test_leaves_rolled_back_under_their_subtrees_or_checkpoint_refuse_comp
         for _ in range(4):
             await complete_one(h)
         await checkpoint_now(h)
-        damage(tmp_path / "coord.db", "DELETE FROM log_leaves WHERE leaf_index >= 2")
+        damage(database_of(tmp_path), "DELETE FROM log_leaves WHERE leaf_index >= 2")
         job = await h.submit()
         await h.register()
         await h.take()
@@ -356,7 +356,7 @@ async def test_leaves_rolled_back_under_their_subtrees_or_checkpoint_refuse_comp
         h.clock.advance(1)
         with pytest.raises(ac.LogDamaged, match="fewer than its checkpoint of 4"):  # the checkpoint duty sees it too
             await h.coord.checkpoint()
-        damage(tmp_path / "coord.db", "DELETE FROM log_checkpoints WHERE tree_size > 2")  # the checkpoints too
+        damage(database_of(tmp_path), "DELETE FROM log_checkpoints WHERE tree_size > 2")  # the checkpoints too
         assert (await h.result(job["job_id"])).status_code == 200  # leaf 2 completes no subtree
         job = await h.submit()
         await h.take()
@@ -366,7 +366,7 @@ async def test_leaves_rolled_back_under_their_subtrees_or_checkpoint_refuse_comp
     assert len(damage_logged(caplog)) == 1, damage_logged(caplog)
     async with harness(tmp_path, SIGNING) as h:  # its start-up checkpoint covers the 3 leaves there are
         assert (await h.client.get("/v1/log/checkpoint")).json()["tree_size"] == 3
-    damage(tmp_path / "coord.db", "DELETE FROM log_leaves WHERE leaf_index >= 1")  # under the checkpoint of 3
+    damage(database_of(tmp_path), "DELETE FROM log_leaves WHERE leaf_index >= 1")  # under the checkpoint of 3
     async with harness(tmp_path, SIGNING) as h:  # a damaged log at start: it starts, says so, refuses appends
         assert h.coord.log_damage == "it has 1 leaves, fewer than its checkpoint of 3: leaves were removed"
         assert (await h.client.get("/v1/log/checkpoint")).json()["tree_size"] == 3
@@ -390,9 +390,8 @@ async def test_entries_replay_the_tree_and_a_pruned_receipt_keeps_its_leaf_hash(
             == [5, 6]
         assert (await h.client.get("/v1/log/entries", params={"start": 7})).json() == {"items": []}
         # pruning a receipt's body (as RECEIPT_RETENTION_DAYS will) leaves its leaf hash: proofs still work
-        with sqlite3.connect(tmp_path / "coord.db") as conn:
+        with contextlib.closing(open_database(database_of(tmp_path))) as conn:
             conn.execute("DELETE FROM receipts WHERE receipt_id = ?", (receipts[3]["receipt_id"],))
-        conn.close()
         got = (await h.client.get("/v1/log/entries", params={"start": 3, "end": 3})).json()["items"]
         assert got == [{"leaf_index": 3, "leaf_hash": base64.b64encode(rfc.hash_leaf(leaves[3])).decode(), "leaf": None}]
         proof = (await h.client.get("/v1/log/proof/inclusion", params={"receipt_id": receipts[3]["receipt_id"]})).json()
@@ -401,9 +400,9 @@ async def test_entries_replay_the_tree_and_a_pruned_receipt_keeps_its_leaf_hash(
 
 async def test_entries_come_in_pages(tmp_path: Path) -> None:
     async with harness(tmp_path, SIGNING) as h:
-        db = ac.connect(str(tmp_path / "coord.db"))
+        db = open_database(database_of(tmp_path))
         edge = ac.LogEdge()
-        db.execute("BEGIN IMMEDIATE")
+        db.execute("BEGIN")
         for i in range(ac.LOG_ENTRIES_MAX + 5):
             ac.append_to_log(db, edge, f"{i:032x}", entry(i))
         db.execute("COMMIT")
@@ -417,10 +416,10 @@ async def test_checkpoint_history_pages_and_thins_to_one_an_hour(tmp_path: Path)
     async with harness(tmp_path, {**SIGNING, "RECEIPT_LOG_CHECKPOINT_SECONDS": "600"}) as h:
         start = h.clock()
         made = []
-        db = ac.connect(str(tmp_path / "coord.db"))
+        db = open_database(database_of(tmp_path))
         edge = ac.LogEdge()
         for i in range(6 * 30):  # every 10 minutes for 30 hours, each after a new leaf
-            db.execute("BEGIN IMMEDIATE")
+            db.execute("BEGIN")
             ac.append_to_log(db, edge, f"{i:032x}", entry(i))
             db.execute("COMMIT")
             h.clock.advance(600)
@@ -448,6 +447,7 @@ async def test_checkpoint_history_pages_and_thins_to_one_an_hour(tmp_path: Path)
 
 # --- keys and start-up ---
 
+@pytest.mark.sqlite_only  # the key is a file beside the SQLite file; on PostgreSQL it lives in memory
 async def test_dev_makes_a_signing_key_beside_the_database_and_keeps_it(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     async with harness(tmp_path) as h:  # APP_ENV=dev, no key configured
         first = await complete_one(h)
@@ -560,7 +560,7 @@ async def test_a_log_keeps_its_origin_a_new_one_configured_refuses_to_start(tmp_
         await complete_one(h)
         origin = (await checkpoint_now(h))["origin"]
     settings = ac.Settings.load({"APP_ENV": "dev", **SIGNING, "RECEIPT_LOG_ORIGIN": "coord.example.org/renamed"},
-                                db_path=str(tmp_path / "coord.db"), sweep_interval_seconds=0)
+                                db_path=database_of(tmp_path), sweep_interval_seconds=0)
     app = ac.App(settings)
     with pytest.raises(ac.ConfigError) as refused:
         async with app.lifespan():
@@ -606,11 +606,11 @@ async def test_a_wall_clock_step_ahead_thins_no_checkpoint_of_the_day_that_passe
     longer fetch it); the day still ends by the time that really passes."""
     wall, mono = FakeClock(), FakeClock(1000.0)
     async with harness(tmp_path, {**SIGNING, "RECEIPT_LOG_CHECKPOINT_SECONDS": "600"}, clock=wall, monotonic=mono) as h:
-        db = ac.connect(str(tmp_path / "coord.db"))
+        db = open_database(database_of(tmp_path))
         edge = ac.LogEdge()
 
         async def leaf_and_checkpoint(i: int) -> None:
-            db.execute("BEGIN IMMEDIATE")
+            db.execute("BEGIN")
             ac.append_to_log(db, edge, f"{i:032x}", entry(i))
             db.execute("COMMIT")
             assert await h.coord.checkpoint()

@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import contextlib
 import decimal
-import os
 import random
 import re
 import secrets
 import sqlite3
 import threading
-import urllib.parse
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,26 +19,6 @@ import pytest
 import aitbc_coord as ac
 
 SCHEMA_PG = Path(__file__).resolve().parent.parent / "schema_pg.sql"
-
-
-# TEMPORARY: conftest.py will provide pg_url
-@pytest.fixture
-def pg_url() -> Iterator[str]:
-    """The URL of a fresh, empty PostgreSQL database, dropped afterwards."""
-    admin = os.environ.get("AITBC_TEST_POSTGRES")
-    if not admin:
-        pytest.skip("PostgreSQL tests need AITBC_TEST_POSTGRES=postgresql://USER@/postgres?host=SOCKET_DIR"
-                    " (an admin URL of a running cluster; .ci/run starts one)")
-    import psycopg
-
-    name = f"aitbc_test_{secrets.token_hex(6)}"
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f"CREATE DATABASE {name}")
-    try:
-        yield urllib.parse.urlsplit(admin)._replace(path=f"/{name}").geturl()
-    finally:
-        with psycopg.connect(admin, autocommit=True) as conn:
-            conn.execute(f"DROP DATABASE {name} WITH (FORCE)")
 
 
 def load_pg_schema(url: str) -> None:

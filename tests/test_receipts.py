@@ -455,7 +455,7 @@ async def test_receipts_stored_before_1_1_stay_as_they_are_and_still_verify(tmp_
         job = await h.submit({"prompt": "old"})
         old = {**EDGE_PAYLOAD, "job_id": job["job_id"], "client": "ignored"}
         old_receipt, text = h.coord.signer.seal(old)  # type: ignore[union-attr]
-        client_id = ac.get_job(h.coord.db._wconn, job["job_id"])["client_id"]
+        client_id = (await h.coord.db.read(ac.get_job, job["job_id"]))["client_id"]
         await h.coord.db.write(ac.insert_receipt, old_receipt, client_id, int(T0 * 1000), text)
         served = (await h.client.get(f"/v1/jobs/{job['job_id']}/receipt", headers=CLIENT)).json()
         assert served == old_receipt and served["version"] == "1.0" and "job_payload" in served["metadata"]

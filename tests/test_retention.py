@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
 import hashlib
 import json
@@ -18,7 +19,7 @@ import pytest
 from click.testing import CliRunner
 
 import aitbc_coord as ac
-from conftest import ADMIN, CLIENT, MINER, T0, FakeClock, Harness, harness
+from conftest import ADMIN, CLIENT, MINER, T0, FakeClock, Harness, harness, open_database
 from test_receipts import EDGE_ATTESTATION_SEED, EDGE_SEED, EDGE_SIGNATURE, independently_valid, sdk_digest
 
 pytestmark = pytest.mark.anyio
@@ -56,8 +57,8 @@ async def kept_totals(h: Harness) -> dict[str, Any]:
 
 
 def stored(h: Harness, sql: str, *args: Any) -> list[tuple[Any, ...]]:
-    with sqlite3.connect(h.coord.settings.db_path) as conn:
-        return conn.execute(sql, args).fetchall()
+    with contextlib.closing(open_database(h.coord.settings.target)) as conn:
+        return [tuple(row) for row in conn.execute(sql, args).fetchall()]
 
 
 # --- payloads and results ---
@@ -155,13 +156,14 @@ async def test_retention_runs_alone_in_small_batches(tmp_path: Path, monkeypatch
         for job in jobs:
             await h.result(job["job_id"])
         batches: list[list[str]] = []
-        commit = ac.Database._commit_batch
+        database = type(h.coord.db)
+        commit = database._commit_batch
 
         async def recorded(db: ac.Database, batch: list[Any]) -> None:
             batches.append([fn.__name__ for fn, _, _ in batch])
             await commit(db, batch)
 
-        monkeypatch.setattr(ac.Database, "_commit_batch", recorded)
+        monkeypatch.setattr(database, "_commit_batch", recorded)
         h.clock.advance(2 * DAY)
         done, *_ = await asyncio.gather(h.coord.retain(), *(h.submit({"during": i}) for i in range(40)))
         assert done["pruned"] == 150
@@ -170,6 +172,7 @@ async def test_retention_runs_alone_in_small_batches(tmp_path: Path, monkeypatch
         assert any("tx_submit" in b for b in batches)
 
 
+@pytest.mark.sqlite_only  # an upgrade of a version 1 SQLite file
 async def test_the_first_start_with_retention_counts_older_jobs_as_finished_then(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """An upgrade never deletes at once: a version 1 database with jobs finished long ago."""
@@ -399,21 +402,22 @@ async def test_the_archive_command_exports_every_finished_day_and_writes_nothing
         h.clock.advance(5 * DAY)
         assert (await h.coord.retain())["pruned"] == 2  # pruned (no ARCHIVE_DIR): summaries and receipts stay
         fresh = await complete(h, 1, "fresh")
-        db = Path(h.coord.settings.db_path)
-    before = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in db.parent.iterdir() if p.is_file()}
+        db = h.coord.settings.target
+    files = tmp_path if ac.is_postgres_url(db) else Path(db).parent
+    before = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in files.iterdir() if p.is_file()}
     dest = tmp_path / "export"
     day_after = time.strftime("%Y-%m-%d", time.gmtime(T0 + 6 * DAY))
-    out = CliRunner().invoke(ac.cli, ["archive", str(dest), "--db", str(db), "--before", day_after])
+    out = CliRunner().invoke(ac.cli, ["archive", str(dest), "--db", db, "--before", day_after])
     assert out.exit_code == 0 and "3 jobs" in out.output and "2 files" in out.output, out.output
-    after = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in db.parent.iterdir() if p.is_file()}
-    assert after == before  # no byte of the database changed, and no -wal or -shm appeared
+    after = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in files.iterdir() if p.is_file()}
+    assert after == before  # no byte of a SQLite database changed, and no -wal or -shm appeared
     first, second = (list(ac.read_archive(day_file(dest, at))) for at in (T0, T0 + 5 * DAY))
     assert [j["job_id"] for j in first] == old and [j["job_id"] for j in second] == fresh
     assert all(j["payload"] is None and j["result"] is None and j["pruned_at"] for j in first)
     assert second[0]["payload"]["prompt"] == "fresh 0" and second[0]["result"]["text"] == "fresh 0 done"
     for name in (day_file(dest, T0), day_file(dest, T0 + 5 * DAY)):
         assert CliRunner().invoke(ac.cli, ["verify", str(name)]).exit_code == 0
-    again = CliRunner().invoke(ac.cli, ["archive", str(dest), "--db", str(db), "--before", day_after])
+    again = CliRunner().invoke(ac.cli, ["archive", str(dest), "--db", db, "--before", day_after])
     assert again.exit_code == 0 and day_file(dest, T0, ".2").exists()  # never replaces an export
 
 
@@ -423,7 +427,7 @@ async def test_a_pruned_archive_line_keeps_the_summary(tmp_path: Path) -> None:
         await complete(h, 1)
         h.clock.advance(2 * DAY)
         await h.coord.retain()
-        conn = ac.connect(h.coord.settings.db_path, readonly=True)
+        conn = open_database(h.coord.settings.target)
         rows = ac.get_jobs_by_seq(conn, [1])
         line = json.loads(ac.archive_lines(conn, rows)[0])
         conn.close()
@@ -482,11 +486,12 @@ async def test_unfinished_old_jobs_do_not_hold_up_job_retention(tmp_path: Path) 
         assert (result["pruned"], result["jobs_deleted"]) == (50, 49)  # the newest stays (seq never reused)
         assert stored(h, "SELECT COUNT(*) FROM jobs WHERE state = 'QUEUED'") == [(300,)]
         assert stored(h, "SELECT job_id FROM jobs WHERE state = 'COMPLETED'") == [(done[-1],)]
-        with sqlite3.connect(h.coord.settings.db_path) as conn:
-            plan = " ".join(r[3] for r in conn.execute(
-                "EXPLAIN QUERY PLAN SELECT seq FROM jobs WHERE pruned_at IS NOT NULL AND finished_at < 1"
-                " AND seq < (SELECT MAX(seq) FROM jobs) ORDER BY finished_at LIMIT 16"))
-        assert "USING INDEX jobs_pruned" in plan
+        if not h.coord.settings.postgres_url:  # (SQLite's plan: PostgreSQL's planner goes by statistics)
+            with sqlite3.connect(h.coord.settings.db_path) as conn:
+                plan = " ".join(r[3] for r in conn.execute(
+                    "EXPLAIN QUERY PLAN SELECT seq FROM jobs WHERE pruned_at IS NOT NULL AND finished_at < 1"
+                    " AND seq < (SELECT MAX(seq) FROM jobs) ORDER BY finished_at LIMIT 16"))
+            assert "USING INDEX jobs_pruned" in plan
 
 
 async def test_a_transaction_keeps_its_value_when_its_receipt_is_deleted(tmp_path: Path) -> None:
@@ -614,6 +619,7 @@ async def test_a_run_stopped_between_publishing_and_pruning_is_not_archived_twic
         assert [[line["job_id"] for line in ac.read_archive(p)] for p in third] == [[later[1]]]
 
 
+@pytest.mark.sqlite_only  # an immutable reader of a SQLite file
 async def test_an_export_of_a_stopped_database_that_a_server_starts_writing_says_so(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Without -wal/-shm the export reads the file as immutable (no locks, no change seen): a server that
