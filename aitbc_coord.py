@@ -1613,6 +1613,24 @@ def oldest_queued_in_shape(conn: sqlite3.Connection, shape_id: int, now: int, pr
     return None if row is None else int(row[0])
 
 
+def list_queue_heads(conn: sqlite3.Connection, now: int) -> list[QueuedJob]:
+    """(job_id, constraints, shape_id) of the oldest live QUEUED job of each shape that has one."""
+    heads = []
+    for shape_id in list_queued_shapes(conn):
+        row = conn.execute("SELECT job_id, constraints FROM jobs WHERE state = 'QUEUED' AND shape_id = ?"
+                           " AND expires_at > ? ORDER BY seq LIMIT 1", (shape_id, now)).fetchone()
+        if row is not None:
+            heads.append((row[0], row[1], shape_id))
+    return heads
+
+
+def get_constraints_of(conn: sqlite3.Connection, job_ids: Sequence[str]) -> dict[str, str]:
+    """The stored constraints of those of `job_ids` that exist."""
+    marks = ",".join("?" * len(job_ids))
+    return {r[0]: r[1] for r in conn.execute(f"SELECT job_id, constraints FROM jobs WHERE job_id IN ({marks})",
+                                             job_ids)} if job_ids else {}
+
+
 def list_queued_among(conn: sqlite3.Connection, job_ids: Sequence[str]) -> set[str]:
     """Which of `job_ids` are QUEUED."""
     if not job_ids:
@@ -3398,11 +3416,147 @@ class PollHub:
                 best.woken_for.append(job)
                 self._wake(best)
 
+    def wake_all(self) -> None:
+        """Wake every parked poll to claim again (what may have been queued is not known: another
+        instance's wake-ups were lost while the listener reconnected)."""
+        for waiter in self.waiters:
+            self._wake(waiter)
+
     def close(self) -> None:
         """Release every waiter at once (shutdown)."""
         self.closing = True
         for waiter in self.waiters:
             waiter.event.set()
+
+
+class Peers:
+    """Wake-ups between coordinator instances that share one PostgreSQL database (LISTEN/NOTIFY on one
+    channel). What one instance commits that may give a miner work (Wake: jobs newly QUEUED, with their
+    constraints; miners whose slot freed or status changed) is sent to the others after the commit,
+    never inside the write transaction (a NOTIFY there serialises every commit of the cluster); a
+    loop turn's wakes go out together, in payloads under PostgreSQL's 8,000 bytes. A listener thread
+    on a connection of its own hands what the others sent to `on_wake` on the event loop; it
+    reconnects when the connection drops and then calls `on_connect` (what was sent meanwhile is lost:
+    the caller wakes its polls to claim again). A notification lost on the way costs at most one sweep
+    tick: the sweep re-announces the heads of the queue (Coordinator.reannounce)."""
+
+    CHANNEL = "aitbc_wake"
+    MAX_PAYLOAD = 7900  # bytes; PostgreSQL refuses a payload of 8,000 or more
+    RECONNECT_SECONDS = (0.05, 2.0)  # first and longest wait between attempts
+
+    def __init__(self, url: str, on_wake: Callable[[Wake], None], on_connect: Callable[[], None]) -> None:
+        self.url, self.on_wake, self.on_connect = url, on_wake, on_connect
+        self.instance = secrets.token_hex(8)  # payloads from this process are not for it
+        self.pending = Wake()
+        self.connected = False
+        self.sent = self.received = self.reconnects = 0
+        self._stop = threading.Event()
+        self._conn: Any = None
+        self._sender: Any = None
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Start listening (a daemon thread) and sending (on `loop`)."""
+        self._loop = loop
+        self._flushing: asyncio.Task[None] | None = None
+        self._thread = threading.Thread(target=self._listen_forever, name="aitbc-peers", daemon=True)
+        self._thread.start()
+
+    async def stop(self) -> None:
+        """Send what is pending, then stop listening."""
+        if self._flushing is not None:
+            await self._flushing
+        await self._flush()
+        self._stop.set()
+        await asyncio.to_thread(self._thread.join, 5.0)
+        if self._sender is not None:
+            await asyncio.to_thread(self._sender.close)
+
+    def send(self, wake: Wake) -> None:
+        """Queue `wake` for the other instances; sent once this loop turn's commits are all handled."""
+        self.pending.queued += wake.queued
+        self.pending.miners |= wake.miners
+        if self._flushing is None:
+            self._flushing = self._loop.create_task(self._flush_soon())
+
+    async def _flush_soon(self) -> None:
+        await asyncio.sleep(0)  # the rest of this turn's commits join the same payloads
+        self._flushing = None
+        await self._flush()
+
+    async def _flush(self) -> None:
+        wake, self.pending = self.pending, Wake()
+        if wake:
+            try:
+                await asyncio.to_thread(self._notify, self.payloads(wake))
+            except DB_ERRORS as exc:  # the others' sweeps re-announce what they missed
+                log.warning("wake-ups for other instances not sent: %s", exc)
+
+    def payloads(self, wake: Wake) -> list[str]:
+        """`wake` as JSON payloads of at most MAX_PAYLOAD bytes: {"i": sender, "q": [[job_id,
+        constraints, shape_id], ...], "m": [miner_id, ...]}; a job whose constraints do not fit is sent
+        without them (null: the receiver reads them)."""
+        items = [("q", [job_id, text if len(text) < self.MAX_PAYLOAD // 2 else None, shape_id])
+                 for job_id, text, shape_id in wake.queued] + [("m", miner) for miner in sorted(wake.miners)]
+        out: list[str] = []
+        batch: dict[str, list[Any]] = {"q": [], "m": []}
+        size = 0
+        for key, item in items:
+            cost = len(compact_json(item).encode()) + 1
+            if size + cost > self.MAX_PAYLOAD - 64 and size:
+                out.append(compact_json({"i": self.instance, **batch}))
+                batch, size = {"q": [], "m": []}, 0
+            batch[key].append(item)
+            size += cost
+        if size:
+            out.append(compact_json({"i": self.instance, **batch}))
+        return out
+
+    def _notify(self, payloads: list[str]) -> None:
+        if self._sender is None or self._sender.closed:
+            self._sender = pg_connect(self.url)
+        for payload in payloads:
+            self._sender.execute("SELECT pg_notify(%s, %s)", (self.CHANNEL, payload))
+            self.sent += 1
+
+    def _listen_forever(self) -> None:
+        wait = self.RECONNECT_SECONDS[0]
+        while not self._stop.is_set():
+            try:
+                self._conn = conn = pg_connect(self.url)
+                conn.execute(f"LISTEN {self.CHANNEL}")
+                self.connected, wait = True, self.RECONNECT_SECONDS[0]
+                self._loop.call_soon_threadsafe(self.on_connect)
+                while not self._stop.is_set():
+                    for note in conn.notifies(timeout=0.5):
+                        self._receive(note.payload)
+            except DB_ERRORS as exc:
+                if self._stop.is_set():
+                    break
+                self.connected = False
+                self.reconnects += 1
+                log.warning("listening for other instances' wake-ups failed (%s): again in %.2f s", exc, wait)
+                self._stop.wait(wait)
+                wait = min(wait * 2, self.RECONNECT_SECONDS[1])
+            except RuntimeError:  # the loop has closed
+                break
+            finally:
+                self.connected = False
+                if self._conn is not None:
+                    with contextlib.suppress(*DB_ERRORS):
+                        self._conn.close()
+
+    def _receive(self, payload: str) -> None:
+        try:
+            note = json.loads(payload)
+            if note.get("i") == self.instance:
+                return
+            wake = Wake(queued=[(job_id, text, shape_id) for job_id, text, shape_id in note.get("q", [])],
+                        miners=set(note.get("m", [])))
+        except (ValueError, TypeError, AttributeError) as exc:
+            log.warning("a wake-up payload that does not read (%s): ignored", exc)
+            return
+        self.received += 1
+        self._loop.call_soon_threadsafe(self.on_wake, wake)
 
 
 # === Units of work ===
@@ -4018,6 +4172,9 @@ class Coordinator:
         self.log_edge = LogEdge()
         self.log_damage: str | None = None  # why the receipt log is damaged, as first found (logged once)
         self.db.abort_hooks += [self.matcher.reset, self.log_edge.reset]
+        # On PostgreSQL other instances may share the database: wake-ups go to them and come from them
+        self.peers = Peers(settings.postgres_url, self.peer_wake, self.hub.wake_all) if settings.postgres_url else None
+        self._peer_reads: set[asyncio.Task[None]] = set()
         self._sweeper: asyncio.Task[None] | None = None
         self.running = False  # between start() and stop()
         self.silent_unmarked: list[str] = []  # found silent by a sweep that failed: marked by the next
@@ -4073,12 +4230,16 @@ class Coordinator:
         for role in self.settings.dev_key_roles:
             log.warning("no %s keys configured: accepting the development key (APP_ENV=dev only)", role)
         await self.db.start()
+        if self.peers is not None:
+            self.peers.start(asyncio.get_running_loop())
         try:
             await self.open_keys()
             await self.open_log()
             await self.open_fleet()
             await self.start_retention()
         except BaseException:
+            if self.peers is not None:
+                await self.peers.stop()
             await self.db.close()
             raise
         self.running = True
@@ -4199,6 +4360,8 @@ class Coordinator:
         self._stopping.set()  # retention stops between batches, an archive between chunks
         if self._upkeep_task is not None:
             await self._upkeep_task
+        if self.peers is not None:
+            await self.peers.stop()
         await self.db.close()
 
     def note_log_damage(self, exc: LogDamaged) -> None:
@@ -4221,12 +4384,46 @@ class Coordinator:
         if out.wake:  # nothing changed that could give anyone work: nobody to wake
             self.matcher.queue(job[2] for job in out.wake.queued)
             self.hub.notify(out.wake)
+            if self.peers is not None:
+                self.peers.send(out.wake)
         if out.error is not None:
             try:
                 raise out.error
             finally:
                 del out  # the traceback holds this frame: the frame must not hold the error (a cycle)
         return out.value
+
+    def peer_wake(self, wake: Wake) -> None:
+        """What another instance committed (Peers): wake the polls here it concerns. A job sent without
+        its constraints (too long for a payload) has them read first."""
+        if all(text is not None for _, text, _ in wake.queued):
+            self.hub.notify(wake)
+            return
+        task = asyncio.get_running_loop().create_task(self._peer_wake_read(wake))
+        self._peer_reads.add(task)
+        task.add_done_callback(self._peer_reads.discard)
+
+    async def _peer_wake_read(self, wake: Wake) -> None:
+        try:
+            texts = await self.db.read(get_constraints_of, [job for job, text, _ in wake.queued if text is None])
+        except (*DB_ERRORS, Unavailable) as exc:  # the sweep's re-announcement covers it
+            log.warning("constraints of jobs another instance queued not read: %s", exc)
+            return
+        wake.queued = [(job, text if text is not None else texts[job], shape) for job, text, shape in wake.queued
+                       if text is not None or job in texts]
+        self.hub.notify(wake)
+
+    async def reannounce(self) -> int:
+        """On PostgreSQL, the oldest live job of each shape with QUEUED jobs, announced to this instance's
+        parked polls as if newly queued: a wake-up another instance sent and this one missed (a listener
+        reconnecting, a notification that could not be sent) costs at most one sweep tick. Only while
+        polls here wait for work; the number of jobs announced."""
+        if self.peers is None or not self.hub.kinds:
+            return 0
+        heads = await self.db.read(list_queue_heads, self.now())
+        if heads:
+            self.hub.notify(Wake(queued=heads))
+        return len(heads)
 
     def heard_from(self, miner_id: str) -> None:
         """An authenticated miner request arrived (a sign of life, whatever its answer). Silence is
@@ -4330,7 +4527,7 @@ class Coordinator:
         then (not waited for) the upkeep: retention and WAL checkpoints."""
         while True:
             await asyncio.sleep(self.settings.sweep_interval_seconds)
-            for duty in (self.sweep, self.checkpoint):
+            for duty in (self.sweep, self.checkpoint, self.reannounce):
                 try:
                     await duty()
                 except LogDamaged:  # noted, and logged once, by apply
@@ -4530,7 +4727,7 @@ class Coordinator:
             picked_for, waiter.woken_for = waiter.woken_for, []
             mark = self.hub.mark(waiter.miner_id)
             job = None
-            if self.matcher.queued != set():  # jobs may be queued (or not known yet): claim at once
+            if self.matcher.cache_queue and self.matcher.queued != set():  # jobs may be queued: claim at once
                 job, profile, ready = await self.apply(tx_poll, waiter.miner_id, self.now(), self.matcher)
             else:  # nothing queued: a read, so that renewals of an idle fleet cost no write or commit
                 profile, ready, available = await self.db.peek(read_poll, waiter.miner_id, self.now(), self.matcher)
