@@ -1313,6 +1313,13 @@ class PgDatabase(Database):
             raise Unavailable("database not open")
         return await asyncio.to_thread(self._read, fn, args, False)
 
+    def notify(self, channel: str, payloads: list[str]) -> None:
+        """Send NOTIFYs on `channel` (one per payload) from a pooled connection, outside any transaction;
+        blocking. Raises psycopg.Error."""
+        with self._pool.connection() as raw:
+            for payload in payloads:
+                raw.execute("SELECT pg_notify(%s, %s)", (channel, payload))
+
     def _read(self, fn: Callable[..., T], args: tuple[Any, ...], snapshot: bool) -> T:
         with self._pool.connection() as raw:
             if not snapshot:
@@ -1770,6 +1777,25 @@ def touch_miners(conn: sqlite3.Connection, seen: Mapping[str, int], beats: Mappi
                      [(at, miner_id) for miner_id, at in seen.items()])
     conn.executemany("UPDATE miners SET last_heartbeat = MAX(COALESCE(last_heartbeat, 0), ?) WHERE miner_id = ?",
                      [(at, miner_id) for miner_id, at in beats.items()])
+
+
+def touch_heard(conn: sqlite3.Connection, heard: Mapping[str, int]) -> None:
+    """PostgreSQL: record when an instance heard from each miner, on the database server's clock (ms;
+    Coordinator.db_time), never moving it back."""
+    conn.executemany("UPDATE miners SET heard_at = MAX(heard_at, ?) WHERE miner_id = ?",
+                     [(at, miner_id) for miner_id, at in heard.items()])
+
+
+def tx_record_heard(conn: sqlite3.Connection, heard: Mapping[str, int], cutoff: int, slots: Iterable[str] = ()) -> Outcome:
+    """PostgreSQL, an instance's part of a tick: record when it heard from these miners (touch_heard),
+    mark those among them heard since `cutoff` (not silent) that were found silent online again, and
+    bring the offers of those and of the miners whose slots changed here (`slots`) up to date."""
+    touch_heard(conn, heard)
+    alive = [miner_id for miner_id, at in heard.items() if at >= cutoff]
+    back = [r[0] for r in conn.execute("UPDATE miners SET online = 1 WHERE online = 0 AND miner_id IN"
+                                       " (SELECT value FROM json_each(?)) RETURNING miner_id", (json.dumps(alive),))]
+    refresh_offers(conn, {*back, *slots})
+    return Outcome(len(back))
 
 
 def get_profile(conn: sqlite3.Connection, miner_id: str) -> sqlite3.Row | None:
@@ -3444,15 +3470,16 @@ class Peers:
     MAX_PAYLOAD = 7900  # bytes; PostgreSQL refuses a payload of 8,000 or more
     RECONNECT_SECONDS = (0.05, 2.0)  # first and longest wait between attempts
 
-    def __init__(self, url: str, on_wake: Callable[[Wake], None], on_connect: Callable[[], None]) -> None:
-        self.url, self.on_wake, self.on_connect = url, on_wake, on_connect
+    def __init__(self, url: str, on_wake: Callable[[Wake], None], on_connect: Callable[[], None],
+                 notify: Callable[[str, list[str]], None] | None = None) -> None:
+        # notify(channel, payloads) sends, blocking (PgDatabase.notify, on its pool)
+        self.url, self.on_wake, self.on_connect, self.notify = url, on_wake, on_connect, notify
         self.instance = secrets.token_hex(8)  # payloads from this process are not for it
         self.pending = Wake()
         self.connected = False
         self.sent = self.received = self.reconnects = 0
         self._stop = threading.Event()
         self._conn: Any = None
-        self._sender: Any = None
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         """Start listening (a daemon thread) and sending (on `loop`)."""
@@ -3463,16 +3490,17 @@ class Peers:
 
     async def stop(self) -> None:
         """Send what is pending, then stop listening."""
-        if self._flushing is not None:
+        self._stop.set()
+        while self._flushing is not None:
             await self._flushing
         await self._flush()
-        self._stop.set()
         await asyncio.to_thread(self._thread.join, 5.0)
-        if self._sender is not None:
-            await asyncio.to_thread(self._sender.close)
 
     def send(self, wake: Wake) -> None:
-        """Queue `wake` for the other instances; sent once this loop turn's commits are all handled."""
+        """Queue `wake` for the other instances; sent once this loop turn's commits are all handled
+        (nothing is sent once stop() has begun)."""
+        if self._stop.is_set():
+            return
         self.pending.queued += wake.queued
         self.pending.miners |= wake.miners
         if self._flushing is None:
@@ -3480,14 +3508,17 @@ class Peers:
 
     async def _flush_soon(self) -> None:
         await asyncio.sleep(0)  # the rest of this turn's commits join the same payloads
-        self._flushing = None
-        await self._flush()
+        try:
+            await self._flush()
+        finally:
+            self._flushing = None
 
     async def _flush(self) -> None:
         wake, self.pending = self.pending, Wake()
-        if wake:
+        if wake and self.notify is not None:
             try:
-                await asyncio.to_thread(self._notify, self.payloads(wake))
+                await asyncio.to_thread(self.notify, self.CHANNEL, self.payloads(wake))
+                self.sent += 1
             except DB_ERRORS as exc:  # the others' sweeps re-announce what they missed
                 log.warning("wake-ups for other instances not sent: %s", exc)
 
@@ -3510,13 +3541,6 @@ class Peers:
         if size:
             out.append(compact_json({"i": self.instance, **batch}))
         return out
-
-    def _notify(self, payloads: list[str]) -> None:
-        if self._sender is None or self._sender.closed:
-            self._sender = pg_connect(self.url)
-        for payload in payloads:
-            self._sender.execute("SELECT pg_notify(%s, %s)", (self.CHANNEL, payload))
-            self.sent += 1
 
     def _listen_forever(self) -> None:
         wait = self.RECONNECT_SECONDS[0]
@@ -3597,12 +3621,15 @@ def tx_cancel(conn: sqlite3.Connection, client_id: str, job_id: str, now: int) -
 
 
 def tx_register(conn: sqlite3.Connection, miner_id: str, capabilities: dict[str, Any], concurrency: int,
-                region: str | None, now: int, max_attempts: int) -> Outcome:
-    """Create or replace a registration; jobs the miner still held go back to the queue."""
+                region: str | None, now: int, max_attempts: int, heard_at: int | None = None) -> Outcome:
+    """Create or replace a registration; jobs the miner still held go back to the queue. `heard_at`
+    (PostgreSQL): now on the database server's clock, for touch_heard."""
     token = secrets.token_hex(16)
     released = release_running(conn, "assigned_miner_id = :miner", {"miner": miner_id}, max_attempts,
                                now, "re-registered")
     upsert_miner(conn, miner_id, capabilities, concurrency, region, token, now)
+    if heard_at is not None:
+        touch_heard(conn, {miner_id: heard_at})
     refresh_offers(conn, [miner_id])
     return Outcome(token, Wake(miners={miner_id}).add_rows(released))
 
@@ -3819,6 +3846,52 @@ def tx_sweep(conn: sqlite3.Connection, now: int, is_silent: Callable[[str], bool
     wake.add_rows(lost)
     delete_idempotency_before(conn, idem_cutoff)
     return Outcome(len(lost), wake)
+
+
+DB_CLOCK_ANCHOR_SECONDS = 3600.0  # how often an instance re-reads the database server's clock (db_time)
+SWEEP_LOCK = 0x61697462_63000002  # pg_try_advisory_xact_lock key ("aitbc" and 2): one cluster sweep at a time
+
+
+def tx_cluster_sweep(conn: sqlite3.Connection, now: int, db_now: int, tick_ms: int, heartbeat_timeout_ms: int,
+                     max_attempts: int, idem_cutoff: int) -> Outcome:
+    """PostgreSQL, the duties of the whole cluster, run by one instance a tick: the instance whose tick
+    takes the advisory lock SWEEP_LOCK runs them if sweep_state says they last ran at least 0.9 of a
+    tick (`tick_ms`) ago, and stamps it. Expire jobs past their deadline (wall clock: clients set
+    them); take running jobs back from miners no instance heard from for `heartbeat_timeout_ms` on
+    the database server's clock (`db_now`: Coordinator.db_time), and mark them offline; forget
+    idempotency keys made before `idem_cutoff`. The value is the number of jobs taken back, or None
+    when it was not this instance's turn."""
+    if not conn.execute("SELECT pg_try_advisory_xact_lock(?)", (SWEEP_LOCK,)).fetchone()[0]:
+        return Outcome(None)
+    if db_now - conn.execute("SELECT last_run FROM sweep_state WHERE id = 1").fetchone()[0] < tick_ms * 0.9:
+        return Outcome(None)
+    conn.execute("UPDATE sweep_state SET last_run = ? WHERE id = 1", (db_now,))
+    wake = Wake()
+    wake.miners.update(r[0] for r in expire_due_jobs(conn, now) if r[0] is not None)
+    cutoff = db_now - heartbeat_timeout_ms
+    silent_holders = [r[0] for r in conn.execute(
+        "SELECT DISTINCT jobs.assigned_miner_id FROM jobs JOIN miners ON miners.miner_id = jobs.assigned_miner_id"
+        " WHERE jobs.state = 'RUNNING' AND miners.heard_at < ?", (cutoff,))]
+    lost = []
+    for miner_id in silent_holders:
+        lost += release_running(conn, "assigned_miner_id = :miner", {"miner": miner_id}, max_attempts, now,
+                                f"lost (no request for {heartbeat_timeout_ms / 1000:g}s)")
+    offline = [r[0] for r in conn.execute("UPDATE miners SET online = 0 WHERE online = 1 AND heard_at < ?"
+                                          " RETURNING miner_id", (cutoff,))]
+    refresh_offers(conn, {*offline, *wake.miners, *silent_holders})
+    wake.add_rows(lost)
+    delete_idempotency_before(conn, idem_cutoff)
+    return Outcome(len(lost), wake)
+
+
+def tx_fresh_cluster(conn: sqlite3.Connection, db_now: int, heartbeat_timeout_ms: int) -> Outcome:
+    """PostgreSQL, at start-up: when no instance has run the cluster duties for `heartbeat_timeout_ms`
+    (the whole cluster was down, and its miners could reach nobody), every miner gets a fresh timeout
+    from `db_now` before it can be found silent. The value is whether it did."""
+    if db_now - conn.execute("SELECT last_run FROM sweep_state WHERE id = 1").fetchone()[0] < heartbeat_timeout_ms:
+        return Outcome(False)
+    conn.execute("UPDATE miners SET heard_at = ? WHERE heard_at < ?", (db_now, db_now))
+    return Outcome(True)
 
 
 CHECKPOINTS_KEPT_MS = 86_400_000  # every checkpoint is kept this long,
@@ -4173,8 +4246,14 @@ class Coordinator:
         self.log_damage: str | None = None  # why the receipt log is damaged, as first found (logged once)
         self.db.abort_hooks += [self.matcher.reset, self.log_edge.reset]
         # On PostgreSQL other instances may share the database: wake-ups go to them and come from them
-        self.peers = Peers(settings.postgres_url, self.peer_wake, self.hub.wake_all) if settings.postgres_url else None
+        self.peers = (Peers(settings.postgres_url, self.peer_wake, self.hub.wake_all, self.db.notify)  # type: ignore[attr-defined]
+                      if settings.postgres_url else None)
         self._peer_reads: set[asyncio.Task[None]] = set()
+        # PostgreSQL: silence is judged on the database server's clock, the one clock instances share,
+        # estimated here as its reading at an anchor plus the monotonic time since (db_time)
+        self.db_anchor = (0, 0.0)  # (database clock, Unix ms; monotonic s) when it was last read
+        self.stamped: dict[str, float] = {}  # parked miners: monotonic time their heard_at was last written
+        self.cluster_duties = 0  # ticks in which this instance ran the cluster's duties
         self._sweeper: asyncio.Task[None] | None = None
         self.running = False  # between start() and stop()
         self.silent_unmarked: list[str] = []  # found silent by a sweep that failed: marked by the next
@@ -4233,6 +4312,8 @@ class Coordinator:
         if self.peers is not None:
             self.peers.start(asyncio.get_running_loop())
         try:
+            if self.peers is not None:
+                await self.anchor_db_clock()
             await self.open_keys()
             await self.open_log()
             await self.open_fleet()
@@ -4264,10 +4345,15 @@ class Coordinator:
             log.warning("no RECEIPT_SIGNING_KEY_HEX/_FILE: completed jobs get no receipts")
 
     async def open_fleet(self) -> None:
-        """Give every miner the last sweep judged alive a fresh timeout from now, and bring every offer up
-        to date (the slots that changed after the last sweep before a stop are not known)."""
+        """Give every miner the last sweep judged alive a fresh timeout from now (on PostgreSQL: when the
+        whole cluster was down, tx_fresh_cluster), and bring every offer up to date (the slots that
+        changed after the last sweep before a stop are not known)."""
         for miner_id in await self.db.read(list_miner_ids, True):
             self.heard.setdefault(miner_id, self.started)
+        if self.peers is not None and await self.apply(tx_fresh_cluster, self.db_time(),
+                                                       int(self.settings.heartbeat_timeout_seconds * 1000)):
+            log.info("no instance ran the cluster's duties for HEARTBEAT_TIMEOUT_SECONDS: every miner gets a fresh"
+                     " timeout")
         miners = await self.db.read(list_miner_ids)
         for i in range(0, len(miners), 1000):
             await self.db.write(refresh_offers, miners[i:i + 1000])
@@ -4458,9 +4544,24 @@ class Coordinator:
                 silent.append(miner_id)
         return silent
 
+    async def anchor_db_clock(self) -> None:
+        """Read the database server's clock (PostgreSQL) to estimate it from the monotonic clock (db_time)."""
+        at = await self.db.read(lambda conn: conn.execute("SELECT db_now_ms()").fetchone()[0])
+        self.db_anchor = (int(at), self.monotonic())
+
+    def db_time(self, at: float | None = None) -> int:
+        """The database server's clock (Unix ms) at monotonic time `at` (default now): its reading at the
+        anchor plus the monotonic time since, re-read every DB_CLOCK_ANCHOR_SECONDS. Instances on
+        different machines share no monotonic clock; this is what they compare miners' silence on."""
+        anchor_ms, anchor_mono = self.db_anchor
+        return anchor_ms + int(((self.monotonic() if at is None else at) - anchor_mono) * 1000)
+
     async def sweep(self) -> int:
         """One pass of expiry, lost-miner recovery and offer liveness, then the liveness of the miners
-        heard from since the last pass (liveness_units); the number of jobs taken back."""
+        heard from since the last pass (liveness_units); the number of jobs taken back. (PostgreSQL:
+        sweep_shared.)"""
+        if self.peers is not None:
+            return await self.sweep_shared()
         s, now = self.settings, self.now()
         units = self.take_liveness()
         silent = [m for m in self.silent_unmarked if m not in self.heard] + self.newly_silent()
@@ -4476,6 +4577,40 @@ class Coordinator:
             raise
         await self.record_liveness(units[1:])
         return taken_back
+
+    async def sweep_shared(self) -> int:
+        """PostgreSQL, one tick: this instance records when it heard from miners on the database
+        server's clock (those heard since the last tick, and those parked in its long-polls once a third
+        of HEARTBEAT_TIMEOUT_SECONDS), and their last_seen as on SQLite; then, on one instance a tick,
+        the cluster's duties (tx_cluster_sweep). The number of jobs taken back."""
+        s = self.settings
+        if self.monotonic() - self.db_anchor[1] > DB_CLOCK_ANCHOR_SECONDS:
+            await self.anchor_db_clock()
+        mono = self.monotonic()
+        timeout_ms = int(s.heartbeat_timeout_seconds * 1000)
+        units = self.take_liveness()
+        heard = {m: self.db_time(self.heard.get(m, mono)) for seen, beats in units for m in {*seen, *beats}}
+        stale = mono - s.heartbeat_timeout_seconds / 3
+        self.stamped = {m: t for m, t in self.stamped.items() if m in self.hub.by_miner}
+        heard.update({m: self.db_time(mono) for m in self.hub.by_miner if self.stamped.get(m, -math.inf) < stale})
+        slots, self.slots_changed = self.slots_changed, set()
+        try:
+            names = list(heard)
+            for i in range(0, max(len(names), 1), 1000):
+                await self.apply(tx_record_heard, {m: heard[m] for m in names[i:i + 1000]}, self.db_time() - timeout_ms,
+                                 slots if i == 0 else ())
+            await self.record_liveness(units)
+        except BaseException:
+            self.put_back_liveness(units)
+            self.slots_changed |= slots
+            raise
+        self.stamped.update((m, mono) for m in heard if m in self.hub.by_miner)
+        taken = await self.apply(tx_cluster_sweep, self.now(), self.db_time(), int(s.sweep_interval_seconds * 1000),
+                                 timeout_ms, s.job_max_attempts, self.idempotency_cutoff())
+        if taken is None:
+            return 0
+        self.cluster_duties += 1
+        return int(taken)
 
     def take_liveness(self) -> list[tuple[dict[str, int], dict[str, int]]]:
         """The liveness heard since it was last taken, as liveness_units, no longer kept in memory."""
@@ -5976,7 +6111,8 @@ async def register_miner(call: Call) -> Response:
     caps = normalise_capabilities(body.capabilities)
     region = body.region if body.region is not None else (caps.get("region") if isinstance(caps.get("region"), str) else None)
     token = await coord.apply(tx_register, call.caller.identity, caps, body.concurrency,  # type: ignore[union-attr]
-                              region, coord.now(), coord.settings.job_max_attempts)
+                              region, coord.now(), coord.settings.job_max_attempts,
+                              coord.db_time() if coord.peers is not None else None)
     coord.registered(call.caller.identity)  # type: ignore[union-attr]
     return json_response(registered_view(token))
 

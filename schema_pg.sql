@@ -141,7 +141,10 @@ CREATE TABLE miners (
     online            bigint NOT NULL DEFAULT 1,
     offer_status      text COLLATE "C" NOT NULL DEFAULT 'open',
     price_units       bigint NOT NULL DEFAULT 0,
-    price_micro       bigint NOT NULL DEFAULT 0
+    price_micro       bigint NOT NULL DEFAULT 0,
+    -- PostgreSQL only: when an instance last heard from the miner, on the database server's clock (ms),
+    -- the one clock instances on different machines share; its silence is judged by it.
+    heard_at          bigint NOT NULL DEFAULT 0
 );
 CREATE INDEX miners_by_registration ON miners (created_at, miner_id);
 CREATE INDEX miners_offers ON miners (created_at, offer_id);
@@ -472,6 +475,20 @@ CREATE TRIGGER offers_totals_status AFTER UPDATE OF status ON offers
 
 -- Version 5 and 6: receipts are stored packed (receipts.body above is the packed one), and their balance
 -- moves are made by the unit of work that stores them (aitbc_coord.insert_receipt), not by a trigger.
+
+-- PostgreSQL only: cluster duties (expiry, lost-miner recovery, offline marks, idempotency keys) run on one
+-- instance a tick. An instance whose tick takes pg_try_advisory_xact_lock runs them when last_run (the
+-- database server's clock, ms) is at least a tick ago, and stamps it: once a tick summed over instances.
+CREATE TABLE sweep_state (
+    id       bigint PRIMARY KEY CHECK (id = 1),
+    last_run bigint NOT NULL
+);
+INSERT INTO sweep_state (id, last_run) VALUES (1, 0);
+CREATE INDEX miners_online_by_heard ON miners (heard_at) WHERE online = 1;
+
+-- The database server's clock, Unix ms.
+CREATE FUNCTION db_now_ms() RETURNS bigint LANGUAGE sql VOLATILE
+    RETURN (extract(epoch FROM clock_timestamp()) * 1000)::bigint;
 
 -- The schema's version (SQLite: PRAGMA user_version), one row.
 CREATE TABLE schema_version (
