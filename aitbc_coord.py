@@ -7,6 +7,7 @@ Run it:   aitbc-coord serve [--host 127.0.0.1] [--port 8011] [--db PATH]   (or p
 Schema:   aitbc-coord migrate [--db PATH]
 Audit:    aitbc-coord audit --log URL --state FILE   (the receipt log: RFC 9162, C2SP checkpoints)
 Export:   aitbc-coord archive DEST [--before YYYY-MM-DD] [--db PATH]   (reads only)
+Move:     aitbc-coord copy --from sqlite:///PATH --to postgresql://...   (offline, into a new database)
 
 Transactions: every write is a unit of work run by the one writer; units that arrive while a
 commit is in flight share the next BEGIN IMMEDIATE ... COMMIT (group commit), each inside its own
@@ -25,7 +26,8 @@ app at the bottom down to the database near the top, and back, scrolls one way e
     Domain logic      time, matching, receipts (canonical JSON, Ed25519), the receipt log (RFC 9162
                       Merkle tree and proofs, C2SP checkpoints), the archive format, rate limiter,
                       poll hub
-    Units of work     tx_*: one transaction's worth of data-layer calls each; archive exports
+    Units of work     tx_*: one transaction's worth of data-layer calls each; archive exports; the
+                      SQLite -> PostgreSQL copy
     Coordinator       the service: runs units, wakes pollers, sweeps, keeps up (retention, WAL)
     Wire models       request models; each response model beside the function that builds it
     Request parsing   JSON bodies, validation, keys, the Endpoint registry and its runner
@@ -50,6 +52,7 @@ import email.utils
 import enum
 import functools
 import gc
+import graphlib
 import gzip
 import hashlib
 import http
@@ -111,6 +114,14 @@ SYNCHRONOUS_MODES = ("OFF", "NORMAL", "FULL", "EXTRA")
 
 class ConfigError(Exception):
     """A setting is missing or malformed; reported at start-up as one line, never a traceback."""
+
+
+def url_without_password(url: str) -> str:
+    """A libpq URI as messages may show it: a password in it (user:password@, or ?password=) as ***."""
+    parts = urllib.parse.urlsplit(url)
+    netloc = parts.netloc if parts.password is None else parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    query = re.sub(r"(^|&)password=[^&]*", r"\1password=***", parts.query)
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc, query=query))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -199,12 +210,7 @@ class Settings:
     def database(self) -> str:
         """The database as logs and messages name it: the SQLite path, or the PostgreSQL URL without
         its password."""
-        if self.postgres_url is None:
-            return self.db_path
-        url = urllib.parse.urlsplit(self.postgres_url)
-        if url.password is None:
-            return self.postgres_url
-        return urllib.parse.urlunsplit(url._replace(netloc=url.netloc.replace(f":{url.password}@", ":***@", 1)))
+        return self.db_path if self.postgres_url is None else url_without_password(self.postgres_url)
 
     def check_retention(self) -> None:
         """Raises ConfigError unless a job's payload and result are the first thing retention drops:
@@ -4148,6 +4154,360 @@ def export_finished(conn: sqlite3.Connection, directory: Path, before: int,
         if out is not None:
             out.abandon()
         conn.execute("ROLLBACK")
+
+
+# --- Copy: a SQLite installation moved into PostgreSQL (aitbc-coord copy) ---
+# Offline: the coordinator is stopped. Every table is copied in one PostgreSQL transaction, rows in key
+# order with their keys as they are and their values as SQLite holds them (receipts' packed bodies, the
+# receipt log's leaves, subtrees and signed checkpoints: byte for byte), then read back and checked
+# before the commit. The kept totals are copied as they are, into stripe 0 of the striped tables: they
+# count history that retention may have deleted from the rows, so they are checked against the rows only
+# where retention deleted none of the rows they count. While rows go in, the tables' triggers are
+# disabled (ALTER TABLE ... DISABLE TRIGGER USER, undone in the same transaction): on a bulk insert each
+# would add its row to the totals copied as they are (a second count), and make every copied job update
+# one stripe row and one address row again and again in one transaction. The keys are given, so the two
+# numbering triggers (shapes, log leaves) have nothing to number.
+
+# A row in any of these, and the target holds an installation of its own: refused. (What a coordinator
+# that only started there wrote, its keys, retention clock and empty log's checkpoint, is replaced.)
+COPY_IN_USE = ("jobs", "receipts", "miners", "offers", "bids", "log_leaves")
+PG_STRIPE = "stripe"  # the column the striped totals have on PostgreSQL (schema_pg.sql); the copy is stripe 0
+# The rows retention deletes, oldest first and never the newest (delete_old_jobs): numbered by seq from 1,
+# a table that lost rows has fewer than its highest seq.
+RETENTION_DELETES = ("jobs", "receipts", "bids")
+
+
+class CopyFailed(Exception):
+    """Why `aitbc-coord copy` copied nothing (one line); the target is as it was, but for its schema."""
+
+
+class CopyTable(NamedTuple):
+    """A table as the copy moves it."""
+
+    name: str
+    columns: tuple[str, ...]  # the source's, in order
+    key: tuple[str, ...]  # its primary key: rows are copied and compared in this order
+    striped: bool  # PostgreSQL's table has PG_STRIPE too
+
+
+@dataclasses.dataclass(frozen=True)
+class CopyReport:
+    """What a copy did and checked."""
+
+    rows: dict[str, tuple[int, int]]  # table: (rows in the source, rows in the target)
+    checked: list[str]  # the kept totals found equal to what the rows imply
+    unchecked: list[str]  # those not checked, each with why
+    log_size: int
+    log_root: bytes
+    checkpoint: int | None  # the tree size of the latest checkpoint (checked against the copied tree)
+
+
+def open_copy_source(path: str) -> tuple[sqlite3.Connection, Callable[[], None]]:
+    """The stopped installation at `path`, read as open_readonly reads it (immutable), with its check
+    that the file did not change; raises CopyFailed when it is missing, in use, not a coordinator's
+    database or not at SCHEMA_VERSION."""
+    if not Path(path).is_file():
+        raise CopyFailed(f"no database at {path}")
+    if Path(f"{path}-wal").exists():  # a coordinator's connections remove it when they close
+        raise CopyFailed(f"{path}-wal exists: a coordinator is running on {path}, or it stopped without closing"
+                         f" the database; stop it (after a crash, `aitbc-coord migrate --db {path}` closes it"
+                         f" cleanly) and copy again")
+    try:
+        conn, unchanged = open_readonly(path)
+        try:
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+        except BaseException:
+            conn.close()
+            raise
+    except sqlite3.Error as exc:
+        raise CopyFailed(f"cannot read {path}: {exc}") from None
+    if version != SCHEMA_VERSION:
+        conn.close()
+        raise CopyFailed(f"{path} is not a coordinator's database (schema version 0)" if version == 0 else
+                         f"{path} has schema version {version}, newer than this coordinator's {SCHEMA_VERSION};"
+                         f" upgrade aitbc-coord" if version > SCHEMA_VERSION else
+                         f"{path} has schema version {version}, not {SCHEMA_VERSION}: run `aitbc-coord migrate"
+                         f" --db {path}` first")
+    return conn, unchanged
+
+
+def plan_copy(src: sqlite3.Connection, raw: Any) -> list[CopyTable]:
+    """The source's tables, each after those its foreign keys name; raises CopyFailed unless PostgreSQL
+    has each with the same columns (schema_pg.sql is schema.sql's twin: PG_STRIPE aside)."""
+    names = sorted(r[0] for r in src.execute("SELECT name FROM sqlite_master WHERE type = 'table'"
+                                             " AND name NOT LIKE 'sqlite%'"))
+    target: dict[str, list[str]] = {}
+    for table, column in raw.execute(
+            "SELECT table_name, column_name FROM information_schema.columns JOIN information_schema.tables"
+            " USING (table_schema, table_name) WHERE table_schema = current_schema() AND table_type = 'BASE TABLE'"
+            " ORDER BY table_name, ordinal_position"):
+        target.setdefault(table, []).append(column)
+    if missing := [name for name in names if name not in target]:  # PostgreSQL's own (schema_version) stay
+        raise CopyFailed(f"the PostgreSQL database has no table {', '.join(missing)} (a coordinator's schema of"
+                         f" another version?)")
+    tables, parents = {}, {}
+    for name in names:
+        info = src.execute(f'PRAGMA table_info("{name}")').fetchall()  # (cid, name, type, notnull, default, pk)
+        columns = tuple(r[1] for r in info)
+        striped = PG_STRIPE in target[name] and PG_STRIPE not in columns
+        if [c for c in target[name] if not (striped and c == PG_STRIPE)] != list(columns):
+            raise CopyFailed(f"table {name} has the columns ({', '.join(target[name])}) in PostgreSQL, but"
+                             f" ({', '.join(columns)}) in the source")
+        key = tuple(r[1] for r in sorted(info, key=lambda r: r[5]) if r[5])
+        tables[name] = CopyTable(name, columns, key or columns, striped)
+        parents[name] = {r[2] for r in src.execute(f'PRAGMA foreign_key_list("{name}")')}
+    return [tables[name] for name in graphlib.TopologicalSorter(parents).static_order()]
+
+
+def copy_table(src: sqlite3.Connection, raw: Any, table: CopyTable) -> tuple[int, bytes]:
+    """COPY one table's rows in key order, values as read; (rows, the SHA-256 of their reprs in that
+    order: what read_back must find). Raises CopyFailed for text PostgreSQL cannot hold (U+0000),
+    sqlite3.Error or psycopg.Error."""
+    from psycopg import sql
+    columns = table.columns + ((PG_STRIPE,) if table.striped else ())
+    extra = (0,) if table.striped else ()
+    statement = sql.SQL("COPY {} ({}) FROM STDIN").format(sql.Identifier(table.name),
+                                                           sql.SQL(", ").join(map(sql.Identifier, columns)))
+    cursor = src.cursor()
+    cursor.row_factory = None  # plain tuples
+    rows, digest = 0, hashlib.sha256()
+    quoted = ", ".join(f'"{c}"' for c in table.columns)
+    with raw.cursor() as pg, pg.copy(statement) as copy:
+        key = ", ".join(f'"{c}"' for c in table.key)
+        for row in cursor.execute(f'SELECT {quoted} FROM "{table.name}" ORDER BY {key}'):
+            if any(type(value) is str and "\x00" in value for value in row):
+                held = ", ".join(c for c, v in zip(table.columns, row) if type(v) is str and "\x00" in v)
+                raise CopyFailed(f"{table.name} row {dict(zip(table.key, row[:len(table.key)]))}: {held} holds the"
+                                 f" character U+0000, which PostgreSQL text cannot store")
+            copy.write_row(row + extra)
+            digest.update(repr(row).encode())
+            rows += 1
+    return rows, digest.digest()
+
+
+def read_back(raw: Any, table: CopyTable) -> tuple[int, bytes]:
+    """(rows, their digest as copy_table makes it) of a table as PostgreSQL now holds it, in key order."""
+    from psycopg import sql
+    from psycopg.rows import tuple_row
+    query = sql.SQL("SELECT {} FROM {} ORDER BY {}").format(
+        sql.SQL(", ").join(map(sql.Identifier, table.columns)), sql.Identifier(table.name),
+        sql.SQL(", ").join(sql.SQL("{} NULLS FIRST").format(sql.Identifier(c)) for c in table.key))  # as SQLite
+    rows, digest = 0, hashlib.sha256()
+    with raw.cursor(name=f"copy_read_{table.name}", row_factory=tuple_row) as cursor:
+        cursor.itersize = 2000
+        for row in cursor.execute(query):
+            digest.update(repr(row).encode())
+            rows += 1
+    return rows, digest.digest()
+
+
+def reset_identities(raw: Any) -> None:
+    """Set every identity column's sequence past the highest key copied (the next row gets max + 1, as
+    SQLite numbers a row)."""
+    from psycopg import sql
+    for table, column in raw.execute("SELECT table_name, column_name FROM information_schema.columns"
+                                     " WHERE table_schema = current_schema() AND is_identity = 'YES'").fetchall():
+        raw.execute(sql.SQL("SELECT setval(pg_get_serial_sequence({}, {}), COALESCE(MAX({}), 0) + 1, false)"
+                            " FROM {}").format(sql.Literal(table), sql.Literal(column), sql.Identifier(column),
+                                               sql.Identifier(table)))
+
+
+def _difference(what: str, kept: Mapping[Any, Any], implied: Mapping[Any, Any], missing: Any = 0) -> str | None:
+    """How the first key of `kept` or `implied` whose values differ differs, or None."""
+    for key in sorted(set(kept) | set(implied), key=str):
+        if kept.get(key, missing) != implied.get(key, missing):
+            return f"{what} {key}: {kept.get(key, missing)} kept, the rows imply {implied.get(key, missing)}"
+    return None
+
+
+FLEET_IMPLIED = (
+    "SELECT m.n + o.n, m.open_n + o.open_n, m.capacity + o.capacity, m.units + o.units, m.micro + o.micro, m.online"
+    "  FROM (SELECT COUNT(*) AS n, COUNT(*) FILTER (WHERE offer_status = 'open') AS open_n,"
+    "               COALESCE(SUM(concurrency) FILTER (WHERE offer_status = 'open'), 0) AS capacity,"
+    "               COALESCE(SUM(price_units) FILTER (WHERE offer_status = 'open'), 0) AS units,"
+    "               COALESCE(SUM(price_micro) FILTER (WHERE offer_status = 'open'), 0) AS micro,"
+    "               COALESCE(SUM(online), 0) AS online FROM miners) AS m,"
+    "       (SELECT COUNT(*) AS n, COUNT(*) FILTER (WHERE status = 'open') AS open_n,"
+    "               COALESCE(SUM(capacity) FILTER (WHERE status = 'open'), 0) AS capacity,"
+    "               COALESCE(SUM(price_whole_units(price)) FILTER (WHERE status = 'open'), 0) AS units,"
+    "               COALESCE(SUM(price_millionths(price)) FILTER (WHERE status = 'open'), 0) AS micro"
+    "          FROM offers) AS o")
+FLEET_FIELDS = ("offers", "open_offers", "open_capacity", "open_price_units", "open_price_micro", "online_miners")
+TX_COUNTS_IMPLIED = (
+    "SELECT address, COUNT(*) FROM (SELECT client_id AS address FROM jobs UNION ALL"
+    " SELECT assigned_miner_id FROM jobs WHERE assigned_miner_id IS NOT NULL) AS touched GROUP BY address")
+
+
+def fleet_totals_differ(raw: Any) -> str | None:
+    kept, implied = get_fleet_totals(PgConnection(raw)), raw.execute(FLEET_IMPLIED).fetchone()
+    return _difference("fleet_totals", dict(zip(FLEET_FIELDS, kept)), dict(zip(FLEET_FIELDS, implied)))
+
+
+def job_counts_differ(raw: Any) -> str | None:
+    return _difference("job_counts", get_job_counts(PgConnection(raw)),
+                       dict(raw.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall()))
+
+
+def tx_counts_differ(raw: Any) -> str | None:
+    return _difference("tx_count of", dict(raw.execute("SELECT address, tx_count FROM addresses").fetchall()),
+                       dict(raw.execute(TX_COUNTS_IMPLIED).fetchall()))
+
+
+def balances_differ(raw: Any) -> str | None:
+    """Whether each address's balance is what its receipts move (the price, in millionths as
+    insert_receipt rounds it, from the receipt's client to its provider). Raises CopyFailed for a
+    receipt that does not unpack."""
+    from psycopg.rows import tuple_row
+    moves: dict[str, int] = {}
+    with raw.cursor(name="copy_read_balances", row_factory=tuple_row) as cursor:
+        cursor.itersize = 2000
+        for receipt_id, job_id, body, micro in cursor.execute(
+                "SELECT receipt_id, job_id, body, CAST(sqlite_round(price * 1000000) AS bigint) FROM receipts"
+                " WHERE price IS NOT NULL ORDER BY seq"):
+            try:
+                receipt = load_json(unpack_receipt(body, receipt_id, job_id))
+                provider, client = receipt["provider"], receipt["client"]
+            except (StoredReceiptError, ValueError, KeyError, TypeError) as exc:
+                raise CopyFailed(f"check failed: receipt {receipt_id} does not read as a receipt: {exc}") from None
+            moves[provider] = moves.get(provider, 0) + micro
+            moves[client] = moves.get(client, 0) - micro
+    kept = dict(raw.execute("SELECT address, balance_micro FROM addresses").fetchall())
+    return _difference("balance_micro of", kept, {a: m for a, m in moves.items() if a in kept or m})
+
+
+def counter_differs(name: str, rows: str) -> Callable[[Any], str | None]:
+    def differs(raw: Any) -> str | None:
+        return _difference("counters", {name: get_counter(PgConnection(raw), name)},
+                           {name: raw.execute(f"SELECT COUNT(*) FROM {rows}").fetchone()[0]})
+    return differs
+
+
+# (the total, the table retention may have deleted rows of that it counts, how it may differ from the rows)
+KEPT_TOTALS: tuple[tuple[str, str | None, Callable[[Any], str | None]], ...] = (
+    ("fleet_totals", None, fleet_totals_differ),
+    ("job_counts", "jobs", job_counts_differ),
+    ("addresses.tx_count", "jobs", tx_counts_differ),
+    ("counters.receipts", "receipts", counter_differs("receipts", "receipts")),
+    ("addresses.balance_micro", "receipts", balances_differ),
+    ("counters.active_bids", "bids", counter_differs("active_bids", "bids WHERE status IN ('pending', 'matched')")),
+)
+# Not checked at all: job_counts.busy_ms (an upgrade to schema 4 seeded it from the miners' own totals,
+# not from the jobs) and addresses.last_active (it keeps times of assignments a requeue undid).
+
+
+def check_kept_totals(raw: Any) -> tuple[list[str], list[str]]:
+    """Check the copy's kept totals against what its rows imply, each where retention deleted none of the
+    rows it counts; (totals checked, totals not checked with why). Raises CopyFailed naming the first
+    that differs."""
+    deleted = {table: raw.execute(f"SELECT COALESCE(MAX(seq), 0) - COUNT(*) FROM {table}").fetchone()[0]
+               for table in RETENTION_DELETES}
+    checked, unchecked = [], []
+    for name, rows, differs in KEPT_TOTALS:
+        if rows is not None and deleted[rows]:
+            n = deleted[rows]
+            unchecked.append(f"{name} (it counts {n} {rows} row{'s' * (n != 1)} retention deleted)")
+        elif (why := differs(raw)) is not None:
+            raise CopyFailed(f"check failed: {why}")
+        else:
+            checked.append(name)
+    return checked, unchecked
+
+
+def check_copied_log(src: sqlite3.Connection, raw: Any) -> tuple[int, bytes, int | None]:
+    """Check that the receipt log's root at its size, computed from the target's rows, is the source's,
+    and that the latest checkpoint signed that tree; (size, root, the checkpoint's size or None). Raises
+    CopyFailed. Expects `src` inside its read transaction."""
+    target = PgConnection(raw)
+    try:
+        size, root = get_log_size(src), log_root(src, get_log_size(src))
+        copied = get_log_size(target), log_root(target, get_log_size(target))
+        latest = get_latest_checkpoint(target)
+        if latest is not None and bytes(latest["root_hash"]) != log_root(target, latest["tree_size"]):
+            raise CopyFailed(f"check failed: the latest checkpoint ({latest['tree_size']} leaves) does not sign"
+                             f" the copied tree")
+    except LogDamaged as exc:
+        raise CopyFailed(f"the source's receipt log is damaged: {exc.why}") from None
+    if copied != (size, root):
+        raise CopyFailed(f"check failed: the receipt log's root is {b64(copied[1])} at {copied[0]} leaves in the"
+                         f" copy, {b64(root)} at {size} in the source")
+    return size, root, None if latest is None else int(latest["tree_size"])
+
+
+def copy_tables(src: sqlite3.Connection, raw: Any) -> CopyReport:
+    """Copy and check every table inside `raw`'s open transaction (see the section's head); raises
+    CopyFailed, sqlite3.Error or psycopg.Error, and the caller rolls back."""
+    from psycopg import sql
+    tables = plan_copy(src, raw)
+    raw.execute("SET LOCAL lock_timeout = '10s'")
+    raw.execute(sql.SQL("LOCK TABLE {} IN EXCLUSIVE MODE").format(  # no writer meanwhile; readers may read
+        sql.SQL(", ").join(sql.Identifier(t.name) for t in tables)))
+    if in_use := [t for t in COPY_IN_USE if raw.execute(f"SELECT EXISTS (SELECT 1 FROM {t})").fetchone()[0]]:
+        raise CopyFailed(f"the PostgreSQL database is not empty: it has {', '.join(in_use)} rows (copy only into a"
+                         f" new database)")
+    copied: dict[str, tuple[int, bytes]] = {}
+    src.execute("BEGIN")  # one snapshot of the source
+    try:
+        for table in tables:
+            name = sql.Identifier(table.name)
+            raw.execute(sql.SQL("ALTER TABLE {} DISABLE TRIGGER USER").format(name))
+            raw.execute(sql.SQL("DELETE FROM {}").format(name))
+            copied[table.name] = copy_table(src, raw, table)
+            raw.execute(sql.SQL("ALTER TABLE {} ENABLE TRIGGER USER").format(name))
+        reset_identities(raw)
+        rows = {}
+        for table in tables:
+            rows[table.name] = (copied[table.name][0], (back := read_back(raw, table))[0])
+            if back[0] != copied[table.name][0]:
+                raise CopyFailed(f"check failed: table {table.name} has {back[0]} rows in the copy,"
+                                 f" {copied[table.name][0]} in the source")
+            if back != copied[table.name]:
+                raise CopyFailed(f"check failed: the rows of table {table.name} read back otherwise than the source"
+                                 f" holds them")
+        size, root, checkpoint = check_copied_log(src, raw)
+    finally:
+        src.execute("ROLLBACK")
+    checked, unchecked = check_kept_totals(raw)
+    raw.execute(sql.SQL("ANALYZE {}").format(sql.SQL(", ").join(sql.Identifier(t.name) for t in tables)))
+    return CopyReport(rows, checked, unchecked, size, root, checkpoint)
+
+
+def copy_to_postgres(path: str, url: str) -> CopyReport:
+    """Copy the stopped SQLite installation at `path` into the PostgreSQL database at `url` (its schema
+    created from schema_pg.sql when it has none) in one transaction, checked before it commits (see
+    `aitbc-coord copy`). Raises CopyFailed or ConfigError; then nothing was copied (a schema created
+    stays, empty)."""
+    src, unchanged = open_copy_source(path)
+    changed = (f"{path} changed during the copy (a coordinator started on it?): nothing was copied; stop it"
+               f" and copy again")
+    try:
+        migrate_pg(url)
+        psycopg = load_psycopg()
+        try:
+            raw = pg_connect(url, connect_timeout=10)
+        except psycopg.Error as exc:
+            raise ConfigError(f"cannot connect to PostgreSQL: {exc}") from None
+        try:
+            with raw.transaction():
+                report = copy_tables(src, raw)
+                unchanged()  # nothing was written to the source meanwhile
+            return report
+        except DatabaseChanged:
+            raise CopyFailed(changed) from None
+        except psycopg.errors.LockNotAvailable:
+            raise CopyFailed("the PostgreSQL database's tables are in use (a coordinator running on it?):"
+                             " nothing was copied") from None
+        except psycopg.errors.InsufficientPrivilege as exc:
+            raise CopyFailed(f"{exc}: run the copy as the role that owns the coordinator's tables (the copy"
+                             f" disables their triggers while rows go in)") from None
+        except (psycopg.Error, sqlite3.Error) as exc:
+            with contextlib.suppress(DatabaseChanged):
+                unchanged()  # "malformed" from a file written under an immutable reader: say what happened
+                raise CopyFailed(f"nothing was copied: {exc}") from None
+            raise CopyFailed(changed) from None
+        finally:
+            raw.close()
+    finally:
+        src.close()
 
 
 # === Coordinator ===
@@ -8294,6 +8654,66 @@ def backup_command(dest: str, db_path: str | None, env_file: str | None) -> None
         raise click.ClickException(str(exc)) from None
     click.echo(f"{done['dest']}: {done['jobs']} jobs, schema version {done['schema_version']}, "
                f"{done['bytes']} bytes, integrity ok")
+
+
+@cli.command("copy")
+@click.option("--from", "source", required=True, metavar="sqlite:///PATH",
+              help="The installation's SQLite database, as DATABASE_URL names it (sqlite:////abs/path.db).")
+@click.option("--to", "target", required=True, metavar="postgresql://...",
+              help="A new PostgreSQL database (a libpq URI; leave the password to PGPASSFILE).")
+def copy_command(source: str, target: str) -> None:
+    """Move an installation from SQLite into a new PostgreSQL database. Offline: stop the coordinator first.
+
+    Creates the schema (as migrate does), then copies every table in one transaction with its keys as
+    they are: receipts byte for byte (every signature verifies as before), the receipt log's leaves,
+    subtrees and signed checkpoints (an auditor's saved checkpoint is consistent with the copy: no fork),
+    and the kept totals as they were (they count history retention deleted). Before it commits it reads
+    every table back and compares it with the source, checks the log's root on both sides and the totals
+    against the rows (where retention deleted none of the rows a total counts), and prints the counts of
+    both sides. Anything wrong is one line, exit 1, and nothing copied.
+
+    Refused: a source that is in use or not at the current schema version (run `aitbc-coord migrate
+    --db PATH` first), and a target that holds any job, receipt, miner, offer or bid. Run it as the role
+    that owns (or will own) the tables: it disables their triggers while the rows go in. The SQLite file is
+    only read: keep it as the rollback. Signing keys are not in the database: give the new instances the
+    same key files, so that checkpoints go on being signed by the key auditors pinned.
+
+    \b
+    Example:
+      systemctl stop aitbc-coordinator-api
+      aitbc-coord copy --from sqlite:////var/lib/aitbc-coordinator/coordinator.db \\
+                       --to 'postgresql://aitbc@/aitbc?host=/run/postgresql'
+    """
+    try:
+        path = _parse_database_url(source)
+    except ValueError as exc:
+        raise click.ClickException(f"--from {exc}") from None
+    if is_postgres_url(path):
+        raise click.ClickException("--from must be the SQLite database to copy from (sqlite:///PATH)")
+    if not is_postgres_url(target):
+        raise click.ClickException("--to must be a PostgreSQL database (postgresql://user@host/dbname)")
+    started = time.monotonic()
+    try:
+        report = copy_to_postgres(path, target)
+    except (CopyFailed, ConfigError) as exc:
+        raise click.ClickException(" ".join(str(exc).split())) from None  # psycopg's messages span lines
+    width = max(len(name) for name in report.rows)
+    click.echo(f"copied {path} into {url_without_password(target)} in {time.monotonic() - started:.1f} s;"
+               f" rows read back equal to the source's, table by table:")
+    click.echo(f"  {'table':<{width}}  {'sqlite':>10}  {'postgresql':>10}")
+    for name, (before, after) in sorted(report.rows.items()):
+        click.echo(f"  {name:<{width}}  {before:>10}  {after:>10}")
+    click.echo(f"kept totals equal to what the rows imply: {', '.join(report.checked)}")
+    if report.unchecked:
+        click.echo(f"kept totals copied as they were, not checked: {'; '.join(report.unchecked)}")
+    signed = "no checkpoint yet" if report.checkpoint is None else \
+        f"the latest checkpoint, of {report.checkpoint} leaves, signs the copied tree's first {report.checkpoint}"
+    click.echo(f"receipt log: {report.log_size} leaves, root {b64(report.log_root)} on both sides; {signed}")
+    if Path(f"{path}.dev-signing-key").exists():
+        click.echo(f"note: {path}.dev-signing-key (a development key) is not copied: on PostgreSQL, configure"
+                   f" RECEIPT_SIGNING_KEY_FILE, or the log's checkpoints get a new key")
+    click.echo(f"next: set DATABASE_URL to the PostgreSQL database and start the coordinator; keep {path}"
+               f" as the rollback")
 
 
 if __name__ == "__main__":

@@ -155,7 +155,8 @@ def test_log_settings_come_from_the_env_file_and_options_win(tmp_path: Path) -> 
 
 def test_cli_help_has_examples_and_version() -> None:
     runner = CliRunner()
-    assert set(ac.cli.commands) == {"serve", "migrate", "keygen", "verify", "audit", "check", "backup", "archive"}
+    assert set(ac.cli.commands) == {"serve", "migrate", "keygen", "verify", "audit", "check", "backup", "archive",
+                                    "copy"}
     for args in ([], *([name] for name in ac.cli.commands)):
         out = runner.invoke(ac.cli, [*args, "--help"]).output
         assert "Example" in out and "aitbc-coord" in out, args
