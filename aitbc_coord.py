@@ -977,6 +977,12 @@ class Database:
         self._wake.set()
         return fut
 
+    @contextlib.asynccontextmanager
+    async def cluster_lock(self, key: int) -> AsyncIterator[bool]:
+        """Whether this process may run a duty that must run in one place at a time (a retention pass):
+        on SQLite always (one process writes the file); PostgreSQL: PgDatabase.cluster_lock."""
+        yield True
+
     async def wal_checkpoint(self) -> tuple[int, int, int]:
         """A PASSIVE WAL checkpoint on a connection of its own, in a worker thread: it copies what no
         reader still needs into the database file and never waits for or blocks the writer (SQLite
@@ -1308,6 +1314,18 @@ class PgDatabase(Database):
     async def wal_checkpoint(self) -> tuple[int, int, int]:
         """Nothing to do: PostgreSQL checkpoints its own WAL."""
         return 0, 0, 0
+
+    @contextlib.asynccontextmanager
+    async def cluster_lock(self, key: int) -> AsyncIterator[bool]:
+        """Hold the session-level advisory lock `key` for the block, on a connection of its own, when no
+        other instance holds it (yields whether it does). A duty that spans many transactions (a
+        retention pass) runs on one instance at a time; an instance that dies loses the lock with its
+        session. Raises psycopg.Error when the server cannot be reached."""
+        raw = await asyncio.to_thread(pg_connect, self.path)
+        try:
+            yield await asyncio.to_thread(lambda: bool(raw.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone()[0]))
+        finally:
+            await asyncio.to_thread(raw.close)  # the session ends: the lock is released
 
     async def read(self, fn: Callable[..., T], *args: Any) -> T:
         if not self.open:
@@ -3855,7 +3873,11 @@ def tx_sweep(conn: sqlite3.Connection, now: int, is_silent: Callable[[str], bool
 
 
 DB_CLOCK_ANCHOR_SECONDS = 3600.0  # how often an instance re-reads the database server's clock (db_time)
-SWEEP_LOCK = 0x61697462_63000002  # pg_try_advisory_xact_lock key ("aitbc" and 2): one cluster sweep at a time
+# PostgreSQL advisory lock keys ("aitbc" and a number): one cluster sweep at a time, checkpoints
+# published in turn, one retention pass in the cluster at a time
+SWEEP_LOCK = 0x61697462_63000002
+CHECKPOINT_LOCK = 0x61697462_63000003
+RETENTION_LOCK = 0x61697462_63000004
 
 
 def tx_cluster_sweep(conn: sqlite3.Connection, now: int, db_now: int, tick_ms: int, heartbeat_timeout_ms: int,
@@ -3940,7 +3962,10 @@ def tx_checkpoint(conn: sqlite3.Connection, notary: Notary, now: int, pruned_to:
     a day counted to `paced` (Coordinator.paced_now) when that is earlier, so that a step ahead of
     the wall clock thins no checkpoint of the day that really passed. The value is (tree size, what
     pruning reached) of a new checkpoint, or None. Raises LogDamaged (fewer leaves than the latest
-    checkpoint, a subtree missing)."""
+    checkpoint, a subtree missing). On PostgreSQL instances publish in turn (an advisory lock held to
+    the commit): the second finds the first's checkpoint covers the log."""
+    if isinstance(conn, PgConnection):
+        conn.execute("SELECT pg_advisory_xact_lock(?)", (CHECKPOINT_LOCK,))
     latest = get_latest_checkpoint(conn)
     size = get_log_size(conn)
     if latest is not None and size <= latest["tree_size"]:
@@ -5118,8 +5143,9 @@ class Coordinator:
         """One retention pass, until nothing is due: (with ARCHIVE_DIR) archive each due day and prune
         it, else prune due payloads; then delete job summaries, bids and receipts past their retention.
         Each unit runs alone and small. Nothing runs while the wall clock is not trusted (clock_agrees:
-        the value has "refused": 1). Returns what it did; raises what archiving or the database raised
-        (what was done stays done)."""
+        the value has "refused": 1). On PostgreSQL one instance of the cluster runs a pass at a time
+        (cluster_lock: another's pass meanwhile does nothing). Returns what it did; raises what
+        archiving or the database raised (what was done stays done)."""
         s, now, mono = self.settings, self.now(), self.monotonic()
         done = {"archived": 0, "pruned": 0, "jobs_deleted": 0, "receipts_deleted": 0, "bids_deleted": 0, "refused": 0}
         if (s.payload_retention_days, s.job_retention_days, s.receipt_retention_days) == (None, None, None):
@@ -5127,6 +5153,13 @@ class Coordinator:
         if not self.clock_agrees(now, mono):
             done["refused"] = 1
             return done
+        async with self.db.cluster_lock(RETENTION_LOCK) as mine:
+            if mine:  # (PostgreSQL: else another instance is running a pass)
+                await self._retain(now, mono, done)
+        return done
+
+    async def _retain(self, now: int, mono: float, done: dict[str, int]) -> None:
+        s = self.settings
         await self.apply(tx_set_retention_mark, "last_pass", now)
         self.retention_anchor = (now, mono)
         before = self.retention_cutoff(s.payload_retention_days, now)
@@ -5145,7 +5178,6 @@ class Coordinator:
         self.upkeep.jobs_deleted += done["jobs_deleted"]
         self.upkeep.receipts_deleted += done["receipts_deleted"]
         self.upkeep.bids_deleted += done["bids_deleted"]
-        return done
 
     async def _until_done(self, unit: Callable[..., Outcome], *args: Any) -> int:
         """Run `unit` (whose last argument is its batch size) until a batch is not full; the total."""

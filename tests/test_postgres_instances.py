@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
 import aitbc_coord as ac
-from conftest import CLIENT, MINER, Harness, harness
+from conftest import ADMIN, MINER, FakeClock, Harness, harness
 
 pytestmark = pytest.mark.anyio
 
@@ -98,3 +99,71 @@ def test_a_loop_turns_wake_ups_go_out_in_payloads_postgresql_accepts() -> None:
     assert [q[0] for r in read for q in r["q"]] == [job for job, _, _ in wake.queued]
     assert {m for r in read for m in r["m"]} == wake.miners and {r["i"] for r in read} == {peers.instance}
     assert [q[1] for r in read for q in r["q"]][-1] is None  # too long to send: the receiver reads it
+
+
+async def test_a_miner_heard_only_by_one_instance_is_alive_for_all_and_lost_once(tmp_path: Path, pg_url: str) -> None:
+    """Silence is judged on the database server's clock: a miner that talks only to B keeps the job it
+    claimed through A; once it falls silent, the job goes back once, whichever instance sweeps."""
+    shared = FakeClock(1000.0)  # both instances' monotonic clocks run together (as real time does)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    async with harness(tmp_path / "a", db_path=pg_url, monotonic=shared) as a, \
+            harness(tmp_path / "b", db_path=pg_url, monotonic=shared) as b:
+        await a.register(capabilities={"gpu": "a100"})
+        job = await a.submit()
+        assert (await a.take())["job_id"] == job["job_id"]
+        for _ in range(4):  # 80 s of heartbeats to B only, A and B sweeping
+            shared.advance(20)
+            assert (await b.client.post("/v1/miners/heartbeat", json={}, headers=MINER)).status_code == 200
+            assert await b.coord.sweep() == 0 and await a.coord.sweep() == 0
+        assert (await a.job(job["job_id"]))["state"] == "RUNNING"
+        shared.advance(31)  # silent for longer than HEARTBEAT_TIMEOUT_SECONDS (30)
+        assert await a.coord.sweep() + await b.coord.sweep() == 1
+        assert (await a.job(job["job_id"]))["state"] == "QUEUED"
+        miners = (await b.client.get("/v1/admin/miners", headers=ADMIN)).json()["items"]
+        assert [m["status"] for m in miners] == ["offline"] or [m.get("online") for m in miners] == [False]
+
+
+async def test_cluster_duties_run_once_a_tick_summed_over_instances_and_survive_one_stopping(
+        tmp_path: Path, pg_url: str) -> None:
+    tick = 0.1
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    async with harness(tmp_path / "b", db_path=pg_url, monotonic=time.monotonic, sweep_interval_seconds=tick) as b:
+        async with harness(tmp_path / "a", db_path=pg_url, monotonic=time.monotonic, sweep_interval_seconds=tick) as a:
+            a0, b0, started = a.coord.cluster_duties, b.coord.cluster_duties, time.monotonic()
+            await asyncio.sleep(2.0)
+            ran, elapsed = a.coord.cluster_duties - a0 + b.coord.cluster_duties - b0, time.monotonic() - started
+        # once a tick (runs at least 0.9 of a tick apart), not once a tick per instance
+        assert elapsed / tick - 3 <= ran <= elapsed / (0.9 * tick) + 1, (ran, elapsed)
+        b1, started = b.coord.cluster_duties, time.monotonic()
+        await asyncio.sleep(1.0)  # A has stopped: B takes the duties over at once
+        ran, elapsed = b.coord.cluster_duties - b1, time.monotonic() - started
+        assert elapsed / tick - 3 <= ran <= elapsed / (0.9 * tick) + 1, (ran, elapsed)
+
+
+async def test_instances_publish_one_checkpoint_of_a_size_and_run_one_retention_pass_at_a_time(
+        tmp_path: Path, pg_url: str) -> None:
+    day = 86_400
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    env = {"PAYLOAD_RETENTION_DAYS": "1"}
+    clock = FakeClock()
+    async with harness(tmp_path / "a", env, clock=clock, db_path=pg_url) as a, \
+            harness(tmp_path / "b", env, clock=clock, db_path=pg_url) as b:
+        await a.register(capabilities={"gpu": "a100"}, concurrency=10)
+        jobs = [await b.submit({"n": i}) for i in range(5)]
+        for job in jobs:
+            await a.take()
+            assert (await b.result(job["job_id"])).status_code == 200
+        a.coord.checkpoint_due = b.coord.checkpoint_due = 0.0
+        published = await asyncio.gather(a.coord.checkpoint(), b.coord.checkpoint())
+        assert sorted(published) == [False, True]  # one of them; the other found it covered the log
+        sizes = (await a.client.get("/v1/log/checkpoints")).json()["items"]
+        assert [c["tree_size"] for c in sizes if c["tree_size"] == 5] == [5]
+        clock.advance(2 * day)
+        async with a.coord.db.cluster_lock(ac.RETENTION_LOCK) as held:  # A is in a pass: B's does nothing
+            assert held
+            assert (await b.coord.retain())["pruned"] == 0
+        assert (await b.coord.retain())["pruned"] == 5
+        assert (await a.coord.retain())["pruned"] == 0  # done already
