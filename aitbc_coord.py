@@ -4197,6 +4197,9 @@ def export_finished(conn: sqlite3.Connection, directory: Path, before: int,
 # that only started there wrote, its keys, retention clock and empty log's checkpoint, is replaced.)
 COPY_IN_USE = ("jobs", "receipts", "miners", "offers", "bids", "log_leaves")
 PG_STRIPE = "stripe"  # the column the striped totals have on PostgreSQL (schema_pg.sql); the copy is stripe 0
+# Columns only PostgreSQL has (liveness on the database server's clock): a copy leaves them to their
+# defaults (tx_fresh_cluster gives every miner a fresh timeout at the first start).
+PG_ONLY_COLUMNS = {("miners", "heard_at")}
 # The rows retention deletes, oldest first and never the newest (delete_old_jobs): numbered by seq from 1,
 # a table that lost rows has fewer than its highest seq.
 RETENTION_DELETES = ("jobs", "receipts", "bids")
@@ -4275,7 +4278,8 @@ def plan_copy(src: sqlite3.Connection, raw: Any) -> list[CopyTable]:
         info = src.execute(f'PRAGMA table_info("{name}")').fetchall()  # (cid, name, type, notnull, default, pk)
         columns = tuple(r[1] for r in info)
         striped = PG_STRIPE in target[name] and PG_STRIPE not in columns
-        if [c for c in target[name] if not (striped and c == PG_STRIPE)] != list(columns):
+        if [c for c in target[name] if not (striped and c == PG_STRIPE) and (name, c) not in PG_ONLY_COLUMNS] \
+                != list(columns):
             raise CopyFailed(f"table {name} has the columns ({', '.join(target[name])}) in PostgreSQL, but"
                              f" ({', '.join(columns)}) in the source")
         key = tuple(r[1] for r in sorted(info, key=lambda r: r[5]) if r[5])
