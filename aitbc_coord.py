@@ -1757,7 +1757,14 @@ def upsert_miner(conn: sqlite3.Connection, miner_id: str, capabilities: dict[str
 
 def touch_miner(conn: sqlite3.Connection, miner_id: str, now: int) -> sqlite3.Row | None:
     """Mark a miner alive; what MinerProfile needs of its row and its RUNNING jobs (`running`), or None
-    when it is not registered."""
+    when it is not registered. (On PostgreSQL `running` is counted by a statement of its own, after the
+    row lock the update took: a statement sees the database as it was when it began, and a poll of the
+    same miner on another instance may have committed a claim while this update waited for its lock.)"""
+    if isinstance(conn, PgConnection):
+        if conn.execute("UPDATE miners SET last_seen = MAX(last_seen, ?) WHERE miner_id = ? RETURNING 1",
+                        (now, miner_id)).fetchone() is None:
+            return None
+        return get_profile(conn, miner_id)
     return conn.execute("UPDATE miners SET last_seen = MAX(last_seen, ?) WHERE miner_id = ?"
                         f" RETURNING {PROFILE_COLUMNS}, (SELECT COUNT(*) FROM jobs WHERE state = 'RUNNING'"
                         " AND assigned_miner_id = miners.miner_id) AS running", (now, miner_id)).fetchone()
