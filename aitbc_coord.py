@@ -1565,12 +1565,46 @@ def get_report(conn: sqlite3.Connection, miner_id: str, job_id: str) -> sqlite3.
         " LEFT JOIN job_data ON job_data.seq = jobs.seq", {"miner": miner_id, "job": job_id}).fetchone()
 
 
-def lock_job(conn: sqlite3.Connection, job_id: str) -> None:
+def lock_job(conn: sqlite3.Connection, job_id: str, miner_id: str | None = None) -> None:
     """Lock a job's row until the unit commits, before a unit reads it to decide what to write (a
-    result racing another instance's sweep must not complete a job the sweep took back). On SQLite
-    the one writer runs one unit at a time already: nothing to do."""
+    result racing another instance's sweep must not complete a job the sweep took back); with
+    `miner_id`, the row of the miner reporting on it first (LOCK ORDER). On SQLite the one writer runs
+    one unit at a time already: nothing to do."""
     if isinstance(conn, PgConnection):
+        if miner_id is not None:
+            lock_miners(conn, [miner_id])
         conn.execute("SELECT 1 FROM jobs WHERE job_id = ? FOR UPDATE", (job_id,))
+
+
+# LOCK ORDER. On PostgreSQL units run concurrently, and two that wait for each other's row locks
+# deadlock (one is aborted after deadlock_timeout, 1 s by default, and runs again). Units that write a
+# miner's row and rows of its jobs therefore lock them in one order: the miners' rows first (by id),
+# then the jobs' (by seq), then what triggers write (addresses, totals). A poll's first statement
+# updates its miner; a report locks the miner's row before the job's; a registration writes the
+# miner's row before it releases its jobs; a sweep locks every row it may write up front.
+
+
+def lock_miners(conn: sqlite3.Connection, miner_ids: Iterable[str]) -> None:
+    """PostgreSQL: lock these miners' rows (those that exist) until the unit commits, in id order
+    (LOCK ORDER). Nothing on SQLite."""
+    if isinstance(conn, PgConnection) and (miner_ids := sorted(set(miner_ids))):
+        conn.execute("SELECT 1 FROM miners WHERE miner_id IN (SELECT value FROM json_each(?)) ORDER BY miner_id"
+                     " FOR NO KEY UPDATE", (json.dumps(miner_ids),))
+
+
+def lock_sweep_rows(conn: sqlite3.Connection, now: int, silent_holders: Sequence[str], miner_ids: Iterable[str]) -> None:
+    """PostgreSQL: lock, before a sweep writes anything, the rows it may write, in LOCK ORDER: the
+    miners named, those holding RUNNING jobs due at `now`, and `silent_holders`; then the active jobs
+    due at `now` and the RUNNING jobs of `silent_holders`. (A unit waiting for a job the sweep holds
+    then holds no row the sweep still needs.) Nothing on SQLite."""
+    if not isinstance(conn, PgConnection):
+        return
+    due = [r[0] for r in conn.execute("SELECT DISTINCT assigned_miner_id FROM jobs WHERE state = 'RUNNING'"
+                                      " AND expires_at <= ?", (now,))]
+    lock_miners(conn, {*miner_ids, *silent_holders, *due})
+    conn.execute("SELECT 1 FROM jobs WHERE (state IN ('QUEUED', 'RUNNING') AND expires_at <= :now) OR (state = 'RUNNING'"
+                 " AND assigned_miner_id IN (SELECT value FROM json_each(:silent))) ORDER BY seq FOR UPDATE",
+                 {"now": now, "silent": json.dumps(list(silent_holders))})
 
 
 def get_job(conn: sqlite3.Connection, job_id: str) -> sqlite3.Row | None:
@@ -3607,9 +3641,9 @@ def tx_register(conn: sqlite3.Connection, miner_id: str, capabilities: dict[str,
                 region: str | None, now: int, max_attempts: int) -> Outcome:
     """Create or replace a registration; jobs the miner still held go back to the queue."""
     token = secrets.token_hex(16)
+    upsert_miner(conn, miner_id, capabilities, concurrency, region, token, now)  # its row before its jobs' (LOCK ORDER)
     released = release_running(conn, "assigned_miner_id = :miner", {"miner": miner_id}, max_attempts,
                                now, "re-registered")
-    upsert_miner(conn, miner_id, capabilities, concurrency, region, token, now)
     refresh_offers(conn, [miner_id])
     return Outcome(token, Wake(miners={miner_id}).add_rows(released))
 
@@ -3675,7 +3709,7 @@ def _check_holder(conn: sqlite3.Connection, miner_id: str, job: sqlite3.Row, now
 
 def _load_reported_job(conn: sqlite3.Connection, miner_id: str, job_id: str) -> sqlite3.Row:
     """The job a miner reports on (get_report: with the miner's capabilities), locked; raises NotFound."""
-    lock_job(conn, job_id)
+    lock_job(conn, job_id, miner_id)
     job = get_report(conn, miner_id, job_id)
     if not job["registered"]:
         raise NotFound("miner not registered")
@@ -3813,12 +3847,15 @@ def tx_sweep(conn: sqlite3.Connection, now: int, is_silent: Callable[[str], bool
     found `silent` offline and those heard from again (`back`) online. Then bring the offers of every
     miner this touched, and of those whose slots changed since the last sweep (`slots`), up to date.
     The value is the number of jobs taken back."""
+    silent, back, slots = list(silent), list(back), list(slots)
+    silent_holders = [m for m in list_running_miners(conn) if is_silent(m)]
+    lock_sweep_rows(conn, now, silent_holders, [*(seen or ()), *(beats or ()), *back, *silent, *slots])
     if seen or beats:
         touch_miners(conn, seen or {}, beats or {})
     changed = mark_miners_online(conn, back, True) + mark_miners_online(conn, silent, False)
     wake = Wake()
     wake.miners.update(r[0] for r in expire_due_jobs(conn, now) if r[0] is not None)
-    lost, silent_holders = [], [m for m in list_running_miners(conn) if is_silent(m)]
+    lost = []
     for miner_id in silent_holders:
         lost += release_running(conn, "assigned_miner_id = :miner", {"miner": miner_id}, max_attempts, now,
                                 f"lost (no request for {heartbeat_timeout_ms / 1000:g}s)")
