@@ -2006,22 +2006,27 @@ def get_counter(conn: sqlite3.Connection, name: str) -> int:
 # The receipt log. Leaves and the hashes of complete subtrees are only ever added; checkpoints are
 # pruned by age. A node is (level, idx): level 0 is a leaf (log_leaves), higher ones are in log_nodes.
 
-def insert_log_leaf(conn: sqlite3.Connection, receipt_id: str, leaf_hash: bytes) -> int:
-    """Append a leaf one past the last, so indexes have no gap; returns its index. (SQLite numbers an
-    INTEGER PRIMARY KEY left out one more than the largest, or 1 in an empty table: the log's very first
-    leaf is moved to 0. A plain insert costs half of one that asks for MAX() itself.) On PostgreSQL,
-    where instances append concurrently and a rolled-back identity would leave a gap, a trigger
-    numbers the leaf under a transaction-level advisory lock held until the unit commits: appends
-    take turns across instances."""
+def insert_log_leaf(conn: sqlite3.Connection, receipt_id: str, leaf_hash: bytes) -> tuple[int, bytes | None]:
+    """Append a leaf one past the last, so indexes have no gap; returns its index and, on PostgreSQL,
+    the hash of the leaf before it (b"" when there is none, or when it was committed while this insert
+    waited for its turn: the statement does not see it). (SQLite numbers an INTEGER PRIMARY KEY left
+    out one more than the largest, or 1 in an empty table: the log's very first leaf is moved to 0. A
+    plain insert costs half of one that asks for MAX() itself. The one writer does not read the leaf
+    before: None.) On PostgreSQL, where instances append concurrently and a rolled-back identity would
+    leave a gap, a trigger numbers the leaf under a transaction-level advisory lock held until the unit
+    commits: appends take turns across instances."""
     if isinstance(conn, PgConnection):  # numbered by schema_pg.sql's log_leaves_number
-        return int(conn.execute("INSERT INTO log_leaves (receipt_id, leaf_hash) VALUES (?, ?) RETURNING leaf_index",
-                                (receipt_id, leaf_hash)).fetchone()[0])
+        index, before = conn.execute(
+            "INSERT INTO log_leaves (receipt_id, leaf_hash) VALUES (?, ?) RETURNING leaf_index, (SELECT"
+            " before.leaf_hash FROM log_leaves AS before WHERE before.leaf_index = log_leaves.leaf_index - 1)",
+            (receipt_id, leaf_hash)).fetchone()
+        return int(index), bytes(before or b"")
     index = int(conn.execute("INSERT INTO log_leaves (receipt_id, leaf_hash) VALUES (?, ?)",
                              (receipt_id, leaf_hash)).lastrowid)
     if index == 1 and conn.execute("SELECT 1 FROM log_leaves WHERE leaf_index = 0").fetchone() is None:
         conn.execute("UPDATE log_leaves SET leaf_index = 0 WHERE leaf_index = 1")
         index = 0
-    return index
+    return index, None
 
 
 def _node_id(level: int, idx: int) -> int:
@@ -3004,16 +3009,17 @@ def frontier_root(frontier: Sequence[bytes]) -> bytes:
 class LogEdge:
     """The receipt log's right edge as this process last appended to it: the frontier of its first
     `size` leaves, so that an append finds the siblings of the subtrees it completes without reading
-    them back. Each append checks `size` against the index it was given, so an append that was rolled
-    back (or one made elsewhere) costs one read of the frontier, never a wrong hash. Used on the loop's
-    thread only, by units of work."""
+    them back. Each append checks `size` against the index it was given and, on PostgreSQL (where other
+    instances append too), `last` (the hash of the leaf at size - 1) against the leaf before its own, so
+    an append that was rolled back, or one made elsewhere, costs one read of the frontier, never a
+    wrong hash. Used by one writer at a time, by units of work."""
 
     def __init__(self) -> None:
-        self.size, self.frontier = -1, []
+        self.size, self.frontier, self.last = -1, [], b""
 
     def reset(self) -> None:
         """Forget the edge (after an aborted batch)."""
-        self.size, self.frontier = -1, []
+        self.size, self.frontier, self.last = -1, [], b""
 
 
 def b64(data: bytes) -> str:
@@ -3770,8 +3776,10 @@ def append_to_log(conn: sqlite3.Connection, edge: LogEdge, receipt_id: str, stor
     removed from under a checkpoint or from under the subtrees they made, a subtree missing): the
     coordinator would otherwise sign a fork of its own log."""
     digest = leaf_hash(stored)
-    index = insert_log_leaf(conn, receipt_id, digest)
-    if edge.size != index:  # first append here, or the edge went past an append rolled back
+    index, before = insert_log_leaf(conn, receipt_id, digest)
+    # first append here, or the edge went past an append rolled back, or (PostgreSQL) the leaf before
+    # this one is not the one this edge last appended: rolled back, and another instance's took its index
+    if edge.size != index or (before is not None and index > 0 and before != edge.last):
         latest = get_latest_checkpoint(conn)
         if latest is not None and latest["tree_size"] > index:
             raise LogDamaged(f"it has {index} leaves, fewer than its checkpoint of {latest['tree_size']}: "
@@ -3786,7 +3794,7 @@ def append_to_log(conn: sqlite3.Connection, edge: LogEdge, receipt_id: str, stor
         except INTEGRITY_ERRORS:
             raise LogDamaged(f"leaf {index} completes subtrees that are stored already: leaves were removed "
                              f"from under them") from None
-    edge.size = index + 1
+    edge.size, edge.last = index + 1, digest
     return index
 
 
