@@ -1596,12 +1596,46 @@ def get_report(conn: sqlite3.Connection, miner_id: str, job_id: str) -> sqlite3.
         " LEFT JOIN job_data ON job_data.seq = jobs.seq", {"miner": miner_id, "job": job_id}).fetchone()
 
 
-def lock_job(conn: sqlite3.Connection, job_id: str) -> None:
+def lock_job(conn: sqlite3.Connection, job_id: str, miner_id: str | None = None) -> None:
     """Lock a job's row until the unit commits, before a unit reads it to decide what to write (a
-    result racing another instance's sweep must not complete a job the sweep took back). On SQLite
-    the one writer runs one unit at a time already: nothing to do."""
+    result racing another instance's sweep must not complete a job the sweep took back); with
+    `miner_id`, the row of the miner reporting on it first (LOCK ORDER). On SQLite the one writer runs
+    one unit at a time already: nothing to do."""
     if isinstance(conn, PgConnection):
+        if miner_id is not None:
+            lock_miners(conn, [miner_id])
         conn.execute("SELECT 1 FROM jobs WHERE job_id = ? FOR UPDATE", (job_id,))
+
+
+# LOCK ORDER. On PostgreSQL units run concurrently, and two that wait for each other's row locks
+# deadlock (one is aborted after deadlock_timeout, 1 s by default, and runs again). Units that write a
+# miner's row and rows of its jobs therefore lock them in one order: the miners' rows first (by id),
+# then the jobs' (by seq), then what triggers write (addresses, totals). A poll's first statement
+# updates its miner; a report locks the miner's row before the job's; a registration writes the
+# miner's row before it releases its jobs; a sweep locks every row it may write up front.
+
+
+def lock_miners(conn: sqlite3.Connection, miner_ids: Iterable[str]) -> None:
+    """PostgreSQL: lock these miners' rows (those that exist) until the unit commits, in id order
+    (LOCK ORDER). Nothing on SQLite."""
+    if isinstance(conn, PgConnection) and (miner_ids := sorted(set(miner_ids))):
+        conn.execute("SELECT 1 FROM miners WHERE miner_id IN (SELECT value FROM json_each(?)) ORDER BY miner_id"
+                     " FOR NO KEY UPDATE", (json.dumps(miner_ids),))
+
+
+def lock_sweep_rows(conn: sqlite3.Connection, now: int, silent_holders: Sequence[str], miner_ids: Iterable[str]) -> None:
+    """PostgreSQL: lock, before a sweep writes anything, the rows it may write, in LOCK ORDER: the
+    miners named, those holding RUNNING jobs due at `now`, and `silent_holders`; then the active jobs
+    due at `now` and the RUNNING jobs of `silent_holders`. (A unit waiting for a job the sweep holds
+    then holds no row the sweep still needs.) Nothing on SQLite."""
+    if not isinstance(conn, PgConnection):
+        return
+    due = [r[0] for r in conn.execute("SELECT DISTINCT assigned_miner_id FROM jobs WHERE state = 'RUNNING'"
+                                      " AND expires_at <= ?", (now,))]
+    lock_miners(conn, {*miner_ids, *silent_holders, *due})
+    conn.execute("SELECT 1 FROM jobs WHERE (state IN ('QUEUED', 'RUNNING') AND expires_at <= :now) OR (state = 'RUNNING'"
+                 " AND assigned_miner_id IN (SELECT value FROM json_each(:silent))) ORDER BY seq FOR UPDATE",
+                 {"now": now, "silent": json.dumps(list(silent_holders))})
 
 
 def get_job(conn: sqlite3.Connection, job_id: str) -> sqlite3.Row | None:
@@ -1788,7 +1822,14 @@ def upsert_miner(conn: sqlite3.Connection, miner_id: str, capabilities: dict[str
 
 def touch_miner(conn: sqlite3.Connection, miner_id: str, now: int) -> sqlite3.Row | None:
     """Mark a miner alive; what MinerProfile needs of its row and its RUNNING jobs (`running`), or None
-    when it is not registered."""
+    when it is not registered. (On PostgreSQL `running` is counted by a statement of its own, after the
+    row lock the update took: a statement sees the database as it was when it began, and a poll of the
+    same miner on another instance may have committed a claim while this update waited for its lock.)"""
+    if isinstance(conn, PgConnection):
+        if conn.execute("UPDATE miners SET last_seen = MAX(last_seen, ?) WHERE miner_id = ? RETURNING 1",
+                        (now, miner_id)).fetchone() is None:
+            return None
+        return get_profile(conn, miner_id)
     return conn.execute("UPDATE miners SET last_seen = MAX(last_seen, ?) WHERE miner_id = ?"
                         f" RETURNING {PROFILE_COLUMNS}, (SELECT COUNT(*) FROM jobs WHERE state = 'RUNNING'"
                         " AND assigned_miner_id = miners.miner_id) AS running", (now, miner_id)).fetchone()
@@ -1814,6 +1855,8 @@ def tx_record_heard(conn: sqlite3.Connection, heard: Mapping[str, int], cutoff: 
     """PostgreSQL, an instance's part of a tick: record when it heard from these miners (touch_heard),
     mark those among them heard since `cutoff` (not silent) that were found silent online again, and
     bring the offers of those and of the miners whose slots changed here (`slots`) up to date."""
+    slots = list(slots)
+    lock_miners(conn, [*heard, *slots])  # in id order, before any is written (LOCK ORDER)
     touch_heard(conn, heard)
     alive = [miner_id for miner_id, at in heard.items() if at >= cutoff]
     back = [r[0] for r in conn.execute("UPDATE miners SET online = 1 WHERE online = 0 AND miner_id IN"
@@ -2015,22 +2058,27 @@ def get_counter(conn: sqlite3.Connection, name: str) -> int:
 # The receipt log. Leaves and the hashes of complete subtrees are only ever added; checkpoints are
 # pruned by age. A node is (level, idx): level 0 is a leaf (log_leaves), higher ones are in log_nodes.
 
-def insert_log_leaf(conn: sqlite3.Connection, receipt_id: str, leaf_hash: bytes) -> int:
-    """Append a leaf one past the last, so indexes have no gap; returns its index. (SQLite numbers an
-    INTEGER PRIMARY KEY left out one more than the largest, or 1 in an empty table: the log's very first
-    leaf is moved to 0. A plain insert costs half of one that asks for MAX() itself.) On PostgreSQL,
-    where instances append concurrently and a rolled-back identity would leave a gap, a trigger
-    numbers the leaf under a transaction-level advisory lock held until the unit commits: appends
-    take turns across instances."""
+def insert_log_leaf(conn: sqlite3.Connection, receipt_id: str, leaf_hash: bytes) -> tuple[int, bytes | None]:
+    """Append a leaf one past the last, so indexes have no gap; returns its index and, on PostgreSQL,
+    the hash of the leaf before it (b"" when there is none, or when it was committed while this insert
+    waited for its turn: the statement does not see it). (SQLite numbers an INTEGER PRIMARY KEY left
+    out one more than the largest, or 1 in an empty table: the log's very first leaf is moved to 0. A
+    plain insert costs half of one that asks for MAX() itself. The one writer does not read the leaf
+    before: None.) On PostgreSQL, where instances append concurrently and a rolled-back identity would
+    leave a gap, a trigger numbers the leaf under a transaction-level advisory lock held until the unit
+    commits: appends take turns across instances."""
     if isinstance(conn, PgConnection):  # numbered by schema_pg.sql's log_leaves_number
-        return int(conn.execute("INSERT INTO log_leaves (receipt_id, leaf_hash) VALUES (?, ?) RETURNING leaf_index",
-                                (receipt_id, leaf_hash)).fetchone()[0])
+        index, before = conn.execute(
+            "INSERT INTO log_leaves (receipt_id, leaf_hash) VALUES (?, ?) RETURNING leaf_index, (SELECT"
+            " before.leaf_hash FROM log_leaves AS before WHERE before.leaf_index = log_leaves.leaf_index - 1)",
+            (receipt_id, leaf_hash)).fetchone()
+        return int(index), bytes(before or b"")
     index = int(conn.execute("INSERT INTO log_leaves (receipt_id, leaf_hash) VALUES (?, ?)",
                              (receipt_id, leaf_hash)).lastrowid)
     if index == 1 and conn.execute("SELECT 1 FROM log_leaves WHERE leaf_index = 0").fetchone() is None:
         conn.execute("UPDATE log_leaves SET leaf_index = 0 WHERE leaf_index = 1")
         index = 0
-    return index
+    return index, None
 
 
 def _node_id(level: int, idx: int) -> int:
@@ -3013,16 +3061,17 @@ def frontier_root(frontier: Sequence[bytes]) -> bytes:
 class LogEdge:
     """The receipt log's right edge as this process last appended to it: the frontier of its first
     `size` leaves, so that an append finds the siblings of the subtrees it completes without reading
-    them back. Each append checks `size` against the index it was given, so an append that was rolled
-    back (or one made elsewhere) costs one read of the frontier, never a wrong hash. Used on the loop's
-    thread only, by units of work."""
+    them back. Each append checks `size` against the index it was given and, on PostgreSQL (where other
+    instances append too), `last` (the hash of the leaf at size - 1) against the leaf before its own, so
+    an append that was rolled back, or one made elsewhere, costs one read of the frontier, never a
+    wrong hash. Used by one writer at a time, by units of work."""
 
     def __init__(self) -> None:
-        self.size, self.frontier = -1, []
+        self.size, self.frontier, self.last = -1, [], b""
 
     def reset(self) -> None:
         """Forget the edge (after an aborted batch)."""
-        self.size, self.frontier = -1, []
+        self.size, self.frontier, self.last = -1, [], b""
 
 
 def b64(data: bytes) -> str:
@@ -3649,9 +3698,9 @@ def tx_register(conn: sqlite3.Connection, miner_id: str, capabilities: dict[str,
     """Create or replace a registration; jobs the miner still held go back to the queue. `heard_at`
     (PostgreSQL): now on the database server's clock, for touch_heard."""
     token = secrets.token_hex(16)
+    upsert_miner(conn, miner_id, capabilities, concurrency, region, token, now)  # its row before its jobs' (LOCK ORDER)
     released = release_running(conn, "assigned_miner_id = :miner", {"miner": miner_id}, max_attempts,
                                now, "re-registered")
-    upsert_miner(conn, miner_id, capabilities, concurrency, region, token, now)
     if heard_at is not None:
         touch_heard(conn, {miner_id: heard_at})
     refresh_offers(conn, [miner_id])
@@ -3719,7 +3768,7 @@ def _check_holder(conn: sqlite3.Connection, miner_id: str, job: sqlite3.Row, now
 
 def _load_reported_job(conn: sqlite3.Connection, miner_id: str, job_id: str) -> sqlite3.Row:
     """The job a miner reports on (get_report: with the miner's capabilities), locked; raises NotFound."""
-    lock_job(conn, job_id)
+    lock_job(conn, job_id, miner_id)
     job = get_report(conn, miner_id, job_id)
     if not job["registered"]:
         raise NotFound("miner not registered")
@@ -3780,8 +3829,10 @@ def append_to_log(conn: sqlite3.Connection, edge: LogEdge, receipt_id: str, stor
     removed from under a checkpoint or from under the subtrees they made, a subtree missing): the
     coordinator would otherwise sign a fork of its own log."""
     digest = leaf_hash(stored)
-    index = insert_log_leaf(conn, receipt_id, digest)
-    if edge.size != index:  # first append here, or the edge went past an append rolled back
+    index, before = insert_log_leaf(conn, receipt_id, digest)
+    # first append here, or the edge went past an append rolled back, or (PostgreSQL) the leaf before
+    # this one is not the one this edge last appended: rolled back, and another instance's took its index
+    if edge.size != index or (before is not None and index > 0 and before != edge.last):
         latest = get_latest_checkpoint(conn)
         if latest is not None and latest["tree_size"] > index:
             raise LogDamaged(f"it has {index} leaves, fewer than its checkpoint of {latest['tree_size']}: "
@@ -3796,7 +3847,7 @@ def append_to_log(conn: sqlite3.Connection, edge: LogEdge, receipt_id: str, stor
         except INTEGRITY_ERRORS:
             raise LogDamaged(f"leaf {index} completes subtrees that are stored already: leaves were removed "
                              f"from under them") from None
-    edge.size = index + 1
+    edge.size, edge.last = index + 1, digest
     return index
 
 
@@ -3857,12 +3908,15 @@ def tx_sweep(conn: sqlite3.Connection, now: int, is_silent: Callable[[str], bool
     found `silent` offline and those heard from again (`back`) online. Then bring the offers of every
     miner this touched, and of those whose slots changed since the last sweep (`slots`), up to date.
     The value is the number of jobs taken back."""
+    silent, back, slots = list(silent), list(back), list(slots)
+    silent_holders = [m for m in list_running_miners(conn) if is_silent(m)]
+    lock_sweep_rows(conn, now, silent_holders, [*(seen or ()), *(beats or ()), *back, *silent, *slots])
     if seen or beats:
         touch_miners(conn, seen or {}, beats or {})
     changed = mark_miners_online(conn, back, True) + mark_miners_online(conn, silent, False)
     wake = Wake()
     wake.miners.update(r[0] for r in expire_due_jobs(conn, now) if r[0] is not None)
-    lost, silent_holders = [], [m for m in list_running_miners(conn) if is_silent(m)]
+    lost = []
     for miner_id in silent_holders:
         lost += release_running(conn, "assigned_miner_id = :miner", {"miner": miner_id}, max_attempts, now,
                                 f"lost (no request for {heartbeat_timeout_ms / 1000:g}s)")
@@ -3894,12 +3948,14 @@ def tx_cluster_sweep(conn: sqlite3.Connection, now: int, db_now: int, tick_ms: i
     if db_now - conn.execute("SELECT last_run FROM sweep_state WHERE id = 1").fetchone()[0] < tick_ms * 0.9:
         return Outcome(None)
     conn.execute("UPDATE sweep_state SET last_run = ? WHERE id = 1", (db_now,))
-    wake = Wake()
-    wake.miners.update(r[0] for r in expire_due_jobs(conn, now) if r[0] is not None)
     cutoff = db_now - heartbeat_timeout_ms
     silent_holders = [r[0] for r in conn.execute(
         "SELECT DISTINCT jobs.assigned_miner_id FROM jobs JOIN miners ON miners.miner_id = jobs.assigned_miner_id"
         " WHERE jobs.state = 'RUNNING' AND miners.heard_at < ?", (cutoff,))]
+    silent = [r[0] for r in conn.execute("SELECT miner_id FROM miners WHERE online = 1 AND heard_at < ?", (cutoff,))]
+    lock_sweep_rows(conn, now, silent_holders, silent)  # what it may write, up front (LOCK ORDER)
+    wake = Wake()
+    wake.miners.update(r[0] for r in expire_due_jobs(conn, now) if r[0] is not None)
     lost = []
     for miner_id in silent_holders:
         lost += release_running(conn, "assigned_miner_id = :miner", {"miner": miner_id}, max_attempts, now,

@@ -1,4 +1,5 @@
-"""Model-based testing (issue 7.3): random lifecycles through the units of work, invariants after every step."""
+"""Model-based testing (issue 7.3): random lifecycles through the units of work, invariants after every step;
+on SQLite, and on PostgreSQL (issue 18) when a server is named (tests/conftest.py: pg_server)."""
 
 from __future__ import annotations
 
@@ -7,12 +8,13 @@ import json
 import os
 import sqlite3
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import Bundle, RuleBasedStateMachine, initialize, invariant, rule
+from hypothesis.stateful import Bundle, RuleBasedStateMachine, initialize, invariant, rule, run_state_machine_as_test
 
 import aitbc_coord as ac
 
@@ -26,26 +28,29 @@ class Lifecycle(RuleBasedStateMachine):
 
     @initialize()
     def open_database(self) -> None:
-        self.dir = tempfile.TemporaryDirectory()
-        path = str(Path(self.dir.name) / "model.db")
-        ac.migrate(path)
-        self.conn = ac.connect(path, "OFF")
+        self.conn, self.matcher = self.connect()
         self.now = 1_764_000_000_000
-        self.matcher = ac.Matcher()
         self.seen_terminal: dict[str, str] = {}
         self.held_by: dict[str, str] = {}  # the miner each RUNNING job was last handed to
         self.deleted_states: collections.Counter[str] = collections.Counter()  # jobs retention deleted
         self.deleted_touches: collections.Counter[str] = collections.Counter()  # of each address
         self.swept = False  # no unit since the last sweep: every offer is up to date
 
+    def connect(self) -> tuple[Any, ac.Matcher]:
+        """A new, empty database (a file in a temporary directory) and the Matcher the coordinator keeps."""
+        self.dir = tempfile.TemporaryDirectory()
+        path = str(Path(self.dir.name) / "model.db")
+        ac.migrate(path)
+        return ac.connect(path, "OFF"), ac.Matcher()
+
     def teardown(self) -> None:
         if hasattr(self, "conn"):
             self.conn.close()
             self.dir.cleanup()
 
-    def unit(self, fn: Any, *args: Any) -> Any:
-        """Run a unit of work the way the writer does: its own savepoint, committed, error returned."""
-        self.swept = False
+    def transaction(self, fn: Any, *args: Any) -> Any:
+        """`fn` as the writer runs a unit: in its own savepoint, committed; an ApiError it raises undoes
+        its writes and is returned."""
         self.conn.execute("BEGIN IMMEDIATE")
         self.conn.execute("SAVEPOINT unit")
         try:
@@ -55,6 +60,12 @@ class Lifecycle(RuleBasedStateMachine):
             out = ac.Outcome(error=exc)
         self.conn.execute("RELEASE unit")
         self.conn.execute("COMMIT")
+        return out
+
+    def unit(self, fn: Any, *args: Any) -> Any:
+        """Run a unit of work the way the writer does (transaction), error returned."""
+        self.swept = False
+        out = self.transaction(fn, *args)
         self.matcher.queue(job[2] for job in out.wake.queued)  # as Coordinator.apply does after the commit
         return out
 
@@ -224,8 +235,39 @@ Lifecycle.TestCase.settings = settings(max_examples=int(os.environ.get("MODEL_EX
 TestLifecycle = Lifecycle.TestCase
 
 
-def test_a_state_machine_step_really_checks_something() -> None:
-    machine = Lifecycle()
+class PgLifecycle(Lifecycle):
+    """The same machine on PostgreSQL: each run on a new database of the test server, the coordinator's
+    Matcher as it is kept there (the queue read afresh), each unit in a transaction of its own."""
+
+    def __init__(self, create_database: Callable[[], str]) -> None:
+        super().__init__()
+        self.create_database = create_database
+
+    def connect(self) -> tuple[Any, ac.Matcher]:
+        url = self.create_database()
+        ac.migrate_pg(url)
+        return ac.PgConnection(ac.pg_connect(url)), ac.Matcher(cache_queue=False)
+
+    def teardown(self) -> None:
+        if hasattr(self, "conn"):
+            self.conn.close()
+
+    def transaction(self, fn: Any, *args: Any) -> Any:
+        try:
+            with self.conn.raw.transaction():
+                return fn(self.conn, *args)
+        except ac.ApiError as exc:
+            return ac.Outcome(error=exc)
+
+
+def test_the_model_on_postgres(new_pg_database: Callable[[], str]) -> None:
+    """Fewer runs than on SQLite (each makes a database; CI time matters): MODEL_EXAMPLES_PG."""
+    run_state_machine_as_test(lambda: PgLifecycle(new_pg_database), settings=settings(
+        max_examples=int(os.environ.get("MODEL_EXAMPLES_PG", "12")), stateful_step_count=40, deadline=None,
+        suppress_health_check=[HealthCheck.too_slow]))
+
+
+def a_step_really_checks_something(machine: Lifecycle) -> None:
     machine.open_database()
     try:
         job_id = machine.submit(10, None)
@@ -240,3 +282,11 @@ def test_a_state_machine_step_really_checks_something() -> None:
         raise AssertionError("the invariant missed a QUEUED job that still has a miner")
     finally:
         machine.teardown()
+
+
+def test_a_state_machine_step_really_checks_something() -> None:
+    a_step_really_checks_something(Lifecycle())
+
+
+def test_a_state_machine_step_really_checks_something_on_postgres(new_pg_database: Callable[[], str]) -> None:
+    a_step_really_checks_something(PgLifecycle(new_pg_database))
