@@ -46,6 +46,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
+import contextlib
 import dataclasses
 import gc
 import json
@@ -65,8 +67,10 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Coroutine, Mapping
+import urllib.parse
+from collections.abc import Coroutine, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -78,6 +82,7 @@ import aitbc_coord as ac  # noqa: E402
 T = TypeVar("T")
 
 CLIENT_KEY, ADMIN_KEY = "bench-client-key", "bench-admin-key"
+CLIENT_KEYS = [CLIENT_KEY, *(f"bench-client-key-{i}" for i in range(1, 8))]  # client identities (lifecycle)
 MINERS = 8
 MINER_KEYS = [f"bench-miner-key-{i}" for i in range(MINERS)]
 
@@ -221,7 +226,7 @@ def bare_server(port: int) -> None:
 
 
 def coordinator_env(synchronous: str = "FULL") -> dict[str, str]:
-    return {"APP_ENV": "prod", "CLIENT_API_KEYS": CLIENT_KEY, "ADMIN_API_KEYS": ADMIN_KEY,
+    return {"APP_ENV": "prod", "CLIENT_API_KEYS": ",".join(CLIENT_KEYS), "ADMIN_API_KEYS": ADMIN_KEY,
             "MINER_API_KEYS": ",".join(f"m{i}={k}" for i, k in enumerate(MINER_KEYS)),
             "RECEIPT_SIGNING_KEY_HEX": secrets.token_hex(32), "RECEIPT_ATTESTATION_KEY_HEX": secrets.token_hex(32),
             "DB_SYNCHRONOUS": synchronous, "JOB_TTL_SECONDS": "3600",
@@ -236,15 +241,19 @@ def raise_open_files_limit() -> int:
 
 
 @contextmanager
-def server(kind: str, workdir: Path, db: Path | None = None, synchronous: str = "FULL",
+def server(kind: str, workdir: Path, db: Path | str | None = None, synchronous: str = "FULL",
            extra_env: Mapping[str, str] | None = None) -> Any:
-    """Start the coordinator (or the bare app) on a free port; yields (port, pid)."""
+    """Start the coordinator (or the bare app) on a free port; yields (port, pid). `db`: a SQLite file,
+    or a postgresql:// URL (given as DATABASE_URL)."""
     port = free_port()
+    env = {**os.environ, **coordinator_env(synchronous), **(extra_env or {})}
     if kind == "bare":
         cmd = [sys.executable, __file__, "--bare-server", str(port)]
+    elif isinstance(db, str):
+        cmd = [sys.executable, "-m", "aitbc_coord", "serve", "--port", str(port)]
+        env["DATABASE_URL"] = db
     else:
         cmd = [sys.executable, "-m", "aitbc_coord", "serve", "--port", str(port), "--db", str(db)]
-    env = {**os.environ, **coordinator_env(synchronous), **(extra_env or {})}
     log = open(workdir / f"{kind}-{port}.log", "wb")  # noqa: SIM115 - closed below
     proc = subprocess.Popen(cmd, cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT,
                             preexec_fn=raise_open_files_limit)  # noqa: PLW1509 - in the child, before exec
@@ -276,9 +285,10 @@ def rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time the process has used so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+def cpu_seconds(pid: int, thread: int | None = None) -> float:
+    """User + system CPU time the process (or one thread of it) has used so far."""
+    stat = Path(f"/proc/{pid}/task/{thread}/stat" if thread else f"/proc/{pid}/stat")
+    fields = stat.read_text().rpartition(")")[2].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
@@ -337,16 +347,20 @@ async def bare_rate(port: int, connections: int, seconds: float, path: str = "/e
     return {"req_per_s": count[0] / elapsed}
 
 
-async def lifecycle(port: int, seconds: float, clients: int = 8, app: Any = None,
-                    jobs: int | None = None, distinct: bool = False) -> dict[str, float]:
+async def lifecycle(port: int | Sequence[int], seconds: float, clients: int = 8, app: Any = None,
+                    jobs: int | None = None, distinct: bool = False, identities: int = 1) -> dict[str, float]:
     """Clients submit, miners long-poll and post results (each completion signs a receipt), for
-    `seconds` or until `jobs` jobs are done; over sockets to `port`, or in-process to `app`.
-    `distinct`: every job has a max_price of its own (a new shape); the miners' price 0.5 meets it."""
-    def connect() -> Any:
-        return Http(port).open() if app is None else Asgi(app).open()
+    `seconds` or until `jobs` jobs are done; over sockets to `port`, or in-process to `app`. Several
+    ports (instances of one cluster): clients and miners are dealt across them in turn.
+    `distinct`: every job has a max_price of its own (a new shape); the miners' price 0.5 meets it.
+    `identities`: the clients submit under that many client keys (in turn), not all under one."""
+    ports = [port] if isinstance(port, int) else list(port)
 
-    client_conns = [await connect() for _ in range(clients)]
-    miner_conns = [await connect() for _ in range(MINERS)]
+    def connect(i: int) -> Any:
+        return Http(ports[i % len(ports)]).open() if app is None else Asgi(app).open()
+
+    client_conns = [await connect(i) for i in range(clients)]
+    miner_conns = [await connect(i) for i in range(MINERS)]
     for c, key in zip(miner_conns, MINER_KEYS):
         assert (await c.call("POST", "/v1/miners/register", {"capabilities": {"price": 0.5}}, key))[0] == 200
     outstanding = asyncio.Semaphore(2 * MINERS)  # a steady queue, so latency means something
@@ -355,7 +369,7 @@ async def lifecycle(port: int, seconds: float, clients: int = 8, app: Any = None
     requests, budget, shapes = [0], [jobs if jobs is not None else math.inf], [0]
     stop = time.perf_counter() + seconds
 
-    async def client(c: Http) -> None:
+    async def client(c: Http, key: str) -> None:
         while time.perf_counter() < stop and budget[0] > 0:
             budget[0] -= 1
             await outstanding.acquire()
@@ -364,7 +378,7 @@ async def lifecycle(port: int, seconds: float, clients: int = 8, app: Any = None
                 shapes[0] += 1
                 body["constraints"] = {"max_price": distinct_price(shapes[0])}
             t = time.perf_counter()
-            status, job = await c.call("POST", "/v1/jobs", body, CLIENT_KEY)
+            status, job = await c.call("POST", "/v1/jobs", body, key)
             assert status == 201, job
             submitted[job["job_id"]] = t
             requests[0] += 1
@@ -385,7 +399,7 @@ async def lifecycle(port: int, seconds: float, clients: int = 8, app: Any = None
 
     started = time.perf_counter()
     last_done = [started]
-    submitting = asyncio.gather(*(client(c) for c in client_conns))
+    submitting = asyncio.gather(*(client(c, CLIENT_KEYS[i % identities]) for i, c in enumerate(client_conns)))
     await asyncio.gather(*(miner(c, k) for c, k in zip(miner_conns, MINER_KEYS)))
     for _ in client_conns:  # a client still waiting for a slot the miners no longer free: let it see the time
         outstanding.release()
@@ -394,29 +408,38 @@ async def lifecycle(port: int, seconds: float, clients: int = 8, app: Any = None
     elapsed = (last_done[0] if jobs is not None else time.perf_counter()) - started
     for c in client_conns + miner_conns:
         c.close()
-    return {"requests": requests[0], "req_per_s": requests[0] / elapsed, "jobs_per_s": len(latencies) / elapsed,
+    return {"requests": requests[0], "jobs": len(latencies), "req_per_s": requests[0] / elapsed,
+            "jobs_per_s": len(latencies) / elapsed,
             "p50_ms": pct(latencies, 0.5) * 1000, "p99_ms": pct(latencies, 0.99) * 1000,
             "connections": clients + MINERS}
 
 
-async def wake(port: int, trials: int) -> dict[str, float]:
-    """A miner waits in a long-poll; a client submits a matching job; time until the miner holds it."""
-    waiter, submitter = await Http(port).open(), await Http(port).open()
+async def wake(port: int, trials: int, submit_port: int | None = None, settle: float = 0.003) -> dict[str, float]:
+    """A miner waits in a long-poll on `port`; a client submits a matching job (to `submit_port`:
+    another instance of the cluster, or the same) `settle` seconds after the poll was sent; time until
+    the miner holds it (p50, p99), and until the submit was answered (submit_p50). Jobs an earlier run
+    left queued are taken first: a poll would find them at once, and time a submit, not a wake-up."""
+    waiter, submitter = await Http(port).open(), await Http(port if submit_port is None else submit_port).open()
     key = MINER_KEYS[0]
     await waiter.call("POST", "/v1/miners/register", {"capabilities": {}, "region": "wake"}, key)
-    times = []
+    while (taken := await waiter.call("POST", "/v1/miners/poll", {"max_wait_seconds": 0}, key))[0] == 200:
+        await waiter.call("POST", f"/v1/miners/{taken[1]['job_id']}/result", {"result": {}}, key)
+    times, submits = [], []
     for _ in range(trials):
         poll = asyncio.create_task(waiter.call("POST", "/v1/miners/poll", {"max_wait_seconds": 10}, key))
-        await asyncio.sleep(0.003)  # let the poll reach the server and park
+        await asyncio.sleep(settle)  # let the poll reach the server and park
         t = time.perf_counter()
-        await submitter.call("POST", "/v1/jobs", {"payload": {"w": 1}, "constraints": {"region": "wake"}}, CLIENT_KEY)
+        body = {"payload": {"w": 1}, "constraints": {"region": "wake"}}
+        _, submitted = await submitter.call("POST", "/v1/jobs", body, CLIENT_KEY)
+        submits.append(time.perf_counter() - t)
         status, job = await poll
         times.append(time.perf_counter() - t)
-        assert status == 200
+        assert status == 200 and job["job_id"] == submitted["job_id"], (status, job)
         await waiter.call("POST", f"/v1/miners/{job['job_id']}/result", {"result": {}}, key)
     waiter.close()
     submitter.close()
-    return {"p50_ms": pct(times, 0.5) * 1000, "p99_ms": pct(times, 0.99) * 1000}
+    return {"p50_ms": pct(times, 0.5) * 1000, "p99_ms": pct(times, 0.99) * 1000,
+            "submit_p50_ms": pct(submits, 0.5) * 1000}
 
 
 def seed(db: Path, jobs: int) -> float:
@@ -1462,6 +1485,324 @@ def fleet_bench(bench: dict[str, float]) -> str:
             f"fleet_attacked_idle_cpu_pct={bench['fleet_attacked_idle_cpu_pct']:.1f}")
 
 
+# === PostgreSQL: the lifecycle on a private cluster, one instance and two ===
+
+PG_WAKE_WARMUP = 10  # cross-instance wake-ups before the measured ones: both instances listen by then
+PG_WAKE_SETTLE = 0.01  # s from a poll sent to the submit: its first claim (a round trip or two) is done, it waits
+PG_STATEMENTS_SHOWN = 5
+
+
+@dataclasses.dataclass
+class PgCluster:
+    """A private PostgreSQL cluster started for this run: its directory (data/, the Unix socket, the
+    server log), binaries, and whether pg_stat_statements is loaded."""
+
+    root: Path
+    bindir: Path
+    owner: list[str]  # the command prefix that runs its tools as the postgres user (as root), or nothing
+    statements: bool
+
+    def url(self, dbname: str) -> str:
+        return f"postgresql://postgres@/{dbname}?host={urllib.parse.quote(str(self.root), safe='')}"
+
+    def admin(self) -> Any:
+        """A new autocommit connection to the `postgres` database (psycopg)."""
+        import psycopg
+        return psycopg.connect(self.url("postgres"), autocommit=True)
+
+    def create_database(self, name: str) -> str:
+        with self.admin() as conn:
+            conn.execute(f"CREATE DATABASE {name} TEMPLATE template0 ENCODING 'UTF8'")
+        return self.url(name)
+
+    def postmaster(self) -> int:
+        return int((self.root / "data" / "postmaster.pid").read_text().split()[0])
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU the cluster has used so far: the postmaster's, its live processes' (backends,
+        checkpointer, WAL writer, autovacuum...), and those of its processes that ended (in the
+        postmaster's cutime and cstime once it reaped them)."""
+        postmaster, ticks = self.postmaster(), 0
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rpartition(")")[2].split()
+            except OSError:  # ended meanwhile
+                continue
+            if int(stat.parent.name) == postmaster:
+                ticks += sum(int(f) for f in fields[11:15])
+            elif int(fields[1]) == postmaster:
+                ticks += int(fields[11]) + int(fields[12])
+        return ticks / os.sysconf("SC_CLK_TCK")
+
+    def transactions(self, dbname: str) -> tuple[int, int]:
+        """Transactions committed in `dbname` so far, and deadlocks detected there (pg_stat_database's
+        xact_commit and deadlocks; each backend reports at least once a second while busy)."""
+        with self.admin() as conn:
+            return conn.execute("SELECT xact_commit, deadlocks FROM pg_stat_database WHERE datname = %s",
+                                (dbname,)).fetchone()
+
+    def wal_flushes(self) -> int:
+        """Times the cluster has flushed its WAL to disk so far (pg_stat_wal.wal_sync): durable commits,
+        several to a flush when they come together."""
+        with self.admin() as conn:
+            return conn.execute("SELECT wal_sync FROM pg_stat_wal").fetchone()[0]
+
+    def reset_statements(self) -> None:
+        if self.statements:
+            with self.admin() as conn:
+                conn.execute("SELECT pg_stat_statements_reset()")
+
+    def top_statements(self, dbname: str, n: int = PG_STATEMENTS_SHOWN) -> list[tuple[int, float, float, str]]:
+        """The `n` statements of `dbname` with the most total execution time since the last reset:
+        (calls, total ms, mean ms, text)."""
+        if not self.statements:
+            return []
+        with self.admin() as conn:
+            return conn.execute(
+                "SELECT calls, total_exec_time, mean_exec_time, query FROM pg_stat_statements"
+                " WHERE dbid = (SELECT oid FROM pg_database WHERE datname = %s)"
+                " ORDER BY total_exec_time DESC LIMIT %s", (dbname, n)).fetchall()
+
+    def settings(self) -> dict[str, str]:
+        with self.admin() as conn:
+            return {name: conn.execute(f"SHOW {name}").fetchone()[0]
+                    for name in ("server_version", "fsync", "synchronous_commit", "full_page_writes",
+                                 "wal_sync_method", "max_connections", "shared_buffers")}
+
+
+def pg_tools() -> tuple[Path, bool]:
+    """The directory of PostgreSQL's server binaries (pg_config --bindir) and whether pg_stat_statements
+    can be loaded; raises SystemExit saying what is missing."""
+    why = "(Debian: apt-get install postgresql postgresql-contrib)"
+    if shutil.which("pg_config") is None:
+        raise SystemExit(f"--postgres needs PostgreSQL: pg_config is not on PATH {why}")
+    try:
+        import psycopg  # noqa: F401 - the bench's own queries
+        import psycopg_pool  # noqa: F401 - the coordinator's
+    except ImportError:
+        raise SystemExit("--postgres needs the PostgreSQL driver: pip install -e '.[postgres]'") from None
+
+    def config(flag: str) -> Path:
+        return Path(subprocess.run(["pg_config", flag], capture_output=True, text=True, check=True).stdout.strip())
+    bindir = config("--bindir")
+    missing = [tool for tool in ("initdb", "pg_ctl", "postgres") if not (bindir / tool).is_file()]
+    if missing:
+        raise SystemExit(f"--postgres needs PostgreSQL's server: no {', '.join(missing)} in {bindir} {why}")
+    return bindir, (config("--pkglibdir") / "pg_stat_statements.so").is_file()
+
+
+@contextmanager
+def pg_cluster() -> Iterator[PgCluster]:
+    """A private PostgreSQL cluster for the run: initdb into a new temporary directory (as the postgres
+    user when run as root: the server refuses root), listening on a Unix socket there only, with the
+    server's default durability (fsync, synchronous_commit and full_page_writes on), max_connections
+    100 and pg_stat_statements loaded where postgresql-contrib is installed. Stopped and removed on
+    the way out, whatever ends the run; raises SystemExit when it cannot start."""
+    bindir, statements = pg_tools()
+    root = Path(tempfile.mkdtemp(prefix="aitbc-pg-"))  # short: the socket's path must stay under 108 bytes
+    owner = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    cluster = PgCluster(root, bindir, owner, statements)
+    data, log = root / "data", root / "server.log"
+    try:
+        if owner:
+            shutil.chown(root, "postgres", "postgres")
+        # --no-sync: initdb's files are not flushed before the server starts (a benchmark's cluster is
+        # thrown away); the server's own durability settings are untouched
+        made = subprocess.run([*owner, str(bindir / "initdb"), "-D", str(data), "-U", "postgres", "-A", "trust",
+                               "-E", "UTF8", "--no-locale", "--no-sync"], capture_output=True, text=True)
+        if made.returncode:
+            raise SystemExit(f"initdb failed:\n{made.stdout[-2000:]}{made.stderr[-2000:]}")
+        options = f"-c listen_addresses= -k {root} -c max_connections=100"
+        if statements:
+            options += " -c shared_preload_libraries=pg_stat_statements"
+        started = subprocess.run([*owner, str(bindir / "pg_ctl"), "-D", str(data), "-l", str(log), "-w", "-s",
+                                  "-t", "60", "-o", options, "start"], capture_output=True, text=True)
+        if started.returncode:
+            tail = log.read_text(errors="replace")[-2000:] if log.exists() else started.stderr
+            raise SystemExit(f"PostgreSQL did not start:\n{tail}")
+        if statements:
+            with cluster.admin() as conn:
+                conn.execute("CREATE EXTENSION pg_stat_statements")
+        yield cluster
+    finally:
+        interrupt = signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not leave it running
+        try:
+            stopped = not (data / "postmaster.pid").exists()
+            for mode in () if stopped else ("fast", "immediate"):
+                stop = subprocess.run([*owner, str(bindir / "pg_ctl"), "-D", str(data), "-m", mode, "-w", "-s",
+                                       "-t", "60", "stop"], capture_output=True, text=True)
+                if stopped := stop.returncode == 0:
+                    break
+                print(f"PostgreSQL in {root}: pg_ctl stop -m {mode} failed: {stop.stderr.strip()}", file=sys.stderr)
+            if stopped:  # (a server still running keeps its directory: it is its to remove)
+                shutil.rmtree(root, ignore_errors=True)
+        finally:
+            signal.signal(signal.SIGINT, interrupt)
+
+
+class WaitSampler:
+    """What the coordinator's backends are doing, from pg_stat_activity every 50 ms in a thread of its
+    own: on the CPU, waiting on a lock (a hot row), on WAL (the commit's flush), or idle inside a
+    transaction (waiting for the coordinator's next statement). (Its own backend is not counted; its
+    CPU, ~1% of the cluster's, is.)"""
+
+    def __init__(self, cluster: PgCluster, dbname: str) -> None:
+        self.cluster, self.dbname = cluster, dbname
+        self.counts: collections.Counter[str] = collections.Counter()
+        self.samples = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="wait-sampler", daemon=True)
+
+    def __enter__(self) -> WaitSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        with self.cluster.admin() as conn:
+            while not self._stop.wait(0.05):
+                rows = conn.execute(
+                    "SELECT state, coalesce(wait_event_type || ':' || wait_event, 'CPU'), count(*)"
+                    " FROM pg_stat_activity WHERE datname = %s AND state IN ('active', 'idle in transaction')"
+                    " GROUP BY 1, 2", (self.dbname,)).fetchall()
+                self.samples += 1
+                for state, wait, n in rows:
+                    self.counts[wait if state == "active" else "idle in transaction"] += n
+
+    def summary(self, shown: int = 5) -> str:
+        """The busiest states as backends on average (e.g. 'CPU 1.2, Lock:transactionid 0.3')."""
+        return ", ".join(f"{name} {n / max(1, self.samples):.2f}" for name, n in self.counts.most_common(shown)) or "-"
+
+
+def machine_cpu() -> tuple[int, int]:
+    """(busy, all) CPU ticks of the whole machine so far, every core, from /proc/stat."""
+    ticks = [int(t) for t in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    return sum(ticks) - ticks[3] - ticks[4], sum(ticks)  # less idle and iowait
+
+
+def pg_lifecycle(cluster: PgCluster | None, dbname: str, ports: list[int], pids: list[int], seconds: float,
+                 warmup_jobs: int, identities: int = 1) -> dict[str, Any]:
+    """The lifecycle for `seconds` against the coordinator processes `pids` on `ports` (clients and
+    miners dealt across them; the clients under `identities` keys), after `warmup_jobs` jobs to warm
+    up; its figures with the CPU per job each side used in the window (ms): the coordinators
+    (`coord_ms`; their event loop threads alone `loop_ms`), the cluster's processes (`server_ms`;
+    none on SQLite) and this process (the load generator); the machine's busy share and ours; the
+    commits, WAL flushes, backend states and top statements of the database `dbname`."""
+    asyncio.run(lifecycle(ports, math.inf, jobs=warmup_jobs, identities=identities))  # prepared, caches warm
+
+    def coordinators() -> tuple[float, float]:
+        return sum(cpu_seconds(pid) for pid in pids), sum(cpu_seconds(pid, pid) for pid in pids)
+    if cluster is not None:
+        cluster.reset_statements()
+        (commits, deadlocks), flushes = cluster.transactions(dbname), cluster.wal_flushes()
+        server_cpu = cluster.cpu_seconds()
+    (coord_cpu, loop_cpu), generator_cpu, machine = coordinators(), time.thread_time(), machine_cpu()
+    started = time.perf_counter()
+    with contextlib.ExitStack() as stack:
+        waits = stack.enter_context(WaitSampler(cluster, dbname)) if cluster is not None else None
+        result: dict[str, Any] = asyncio.run(lifecycle(ports, seconds, identities=identities))
+    elapsed = time.perf_counter() - started
+    (coord_after, loop_after), (busy, ticks) = coordinators(), machine_cpu()
+    jobs = result["jobs"]
+    result["coord_ms"] = (coord_after - coord_cpu) / jobs * 1000
+    result["loop_ms"] = (loop_after - loop_cpu) / jobs * 1000
+    result["generator_ms"] = (time.thread_time() - generator_cpu) / jobs * 1000  # its event loop's thread
+    result["server_ms"] = 0.0
+    if cluster is not None:
+        result["server_ms"] = (cluster.cpu_seconds() - server_cpu) / jobs * 1000
+        commits_after, deadlocks_after = cluster.transactions(dbname)
+        result["commits_per_s"] = (commits_after - commits) / elapsed
+        result["deadlocks"] = deadlocks_after - deadlocks
+        result["flushes_per_s"] = (cluster.wal_flushes() - flushes) / elapsed
+        result["waits"] = waits.summary() if waits is not None else "-"
+        result["statements"] = cluster.top_statements(dbname)
+    ours = (result["coord_ms"] + result["server_ms"] + result["generator_ms"]) * jobs / 1000  # CPU seconds
+    result["machine_pct"] = (busy - machine[0]) / (ticks - machine[1]) * 100
+    result["ours_pct"] = ours / (elapsed * (os.cpu_count() or 1)) * 100
+    return result
+
+
+def postgres_run(quick: bool) -> None:
+    """`--postgres`: the lifecycle against one `serve` and against two on one database of a private
+    PostgreSQL cluster (and two again with eight client identities instead of one), with SQLite in the
+    same run for reference; wake-ups within an instance and across; the CPU per job on each side; the
+    BENCH line."""
+    seconds, trials, warmup = (3.0, 50, 100) if quick else (15.0, 200, 400)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that the cluster is stopped on a kill too
+    began = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="aitbc-bench-") as tmp, pg_cluster() as cluster:
+        work = Path(tmp)
+        cluster_up = time.perf_counter() - began
+        shown = cluster.settings()
+        with server("coord", work, work / "sqlite.db") as (port, pid):
+            sqlite = pg_lifecycle(None, "", [port], [pid], seconds, warmup)
+        # the instances of one cluster share the keys that sign receipts and checkpoints
+        keys = {k: secrets.token_hex(32) for k in ("RECEIPT_SIGNING_KEY_HEX", "RECEIPT_ATTESTATION_KEY_HEX")}
+        runs: dict[str, dict[str, Any]] = {}
+        for name, instances, identities in (("1 instance", 1, 1), ("2 instances", 2, 1),
+                                            ("2 instances, 8 client identities", 2, len(CLIENT_KEYS))):
+            dbname = f"lifecycle_{len(runs)}"
+            url = cluster.create_database(dbname)
+            with contextlib.ExitStack() as stack:
+                started = [stack.enter_context(server("coord", work, url, extra_env=keys)) for _ in range(instances)]
+                runs[name] = pg_lifecycle(cluster, dbname, [port for port, _ in started], [pid for _, pid in started],
+                                          seconds, warmup, identities)
+        url = cluster.create_database("wake")
+        with server("coord", work, url, extra_env=keys) as (a, _), server("coord", work, url, extra_env=keys) as (b, _):
+            asyncio.run(wake(b, PG_WAKE_WARMUP, submit_port=a))  # B listens by then; both have prepared
+            same = asyncio.run(wake(a, trials, submit_port=a, settle=PG_WAKE_SETTLE))
+            cross = asyncio.run(wake(b, trials, submit_port=a, settle=PG_WAKE_SETTLE))
+    took = time.perf_counter() - began
+    one, two = runs["1 instance"], runs["2 instances"]
+    ratio = one["jobs_per_s"] / sqlite["jobs_per_s"]
+    rows = [
+        ("PostgreSQL (private cluster, Unix socket): fsync / synchronous_commit / full_page_writes",
+         f"{shown['server_version'].split()[0]}: {shown['fsync']} / {shown['synchronous_commit']} / "
+         f"{shown['full_page_writes']} ({shown['wal_sync_method']}, shared_buffers {shown['shared_buffers']}, "
+         f"max_connections {shown['max_connections']}); up in {cluster_up:.1f} s"),
+        *pg_rows("SQLite, 1 instance", sqlite, seconds),
+        *[row for name, r in runs.items() for row in pg_rows(f"PostgreSQL, {name}", r, seconds)],
+        ("pg_ratio_1: PostgreSQL 1 instance / SQLite jobs/s (target >= 0.25)", f"{ratio:.2f}"),
+        (f"wake, same instance: submit to A until the miner polling A holds it p50 / p99 ({trials} jobs; "
+         "the submit's own p50)", f"{same['p50_ms']:.2f} / {same['p99_ms']:.2f} ms ({same['submit_p50_ms']:.2f})"),
+        (f"wake, across: submit to A until the miner polling B holds it p50 / p99 (target p99 <= 50; the submit's "
+         "p50)", f"{cross['p50_ms']:.2f} / {cross['p99_ms']:.2f} ms ({cross['submit_p50_ms']:.2f})"),
+        ("the whole --postgres run", f"{took:.0f} s"),
+    ]
+    print_table(rows, quick)
+    for name, r in runs.items():
+        print(f"top {PG_STATEMENTS_SHOWN} statements by total time, PostgreSQL {name} "
+              "(calls a job, total ms, mean ms):")
+        for calls, total, mean, text in r["statements"]:
+            print(f"  {calls / r['jobs']:>6.2f} {total:>9,.0f} {mean:>8.3f}  {' '.join(text.split())[:110]}")
+        if not r["statements"]:
+            print("  (pg_stat_statements is not available: install postgresql-contrib)")
+    print(f"BENCH pg_jobs_per_s_1={one['jobs_per_s']:.0f} pg_jobs_per_s_2={two['jobs_per_s']:.0f} "
+          f"sqlite_jobs_per_s={sqlite['jobs_per_s']:.0f} pg_ratio_1={ratio:.2f} "
+          f"pg_wake_same_p50_ms={same['p50_ms']:.2f} pg_wake_same_p99_ms={same['p99_ms']:.2f} "
+          f"pg_wake_cross_p50_ms={cross['p50_ms']:.2f} pg_wake_cross_p99_ms={cross['p99_ms']:.2f} "
+          f"pg_coord_cpu_ms_per_job={two['coord_ms']:.2f} pg_server_cpu_ms_per_job={two['server_ms']:.2f}")
+
+
+def pg_rows(name: str, r: dict[str, Any], seconds: float) -> list[tuple[str, str]]:
+    """Table rows for one lifecycle window of postgres_run."""
+    rows = [(f"{name}: lifecycle ({seconds:g} s): jobs/s, submit-to-completed p50 / p99",
+             f"{r['jobs_per_s']:,.0f} jobs/s, {r['p50_ms']:.1f} / {r['p99_ms']:.1f} ms"),
+            (f"{name}: CPU per job: coordinator (its event loop) / PostgreSQL / load generator",
+             f"{r['coord_ms']:.2f} ({r['loop_ms']:.2f}) / {r['server_ms']:.2f} / {r['generator_ms']:.2f} ms"),
+            (f"{name}: the machine's cores busy, of which this run's",
+             f"{r['machine_pct']:.0f}%, {r['ours_pct']:.0f}%")]
+    if "commits_per_s" in r:
+        rows.append((f"{name}: commits, WAL flushes (a job), deadlocks; backends by state, on average",
+                     f"{r['commits_per_s']:,.0f}/s ({r['commits_per_s'] / r['jobs_per_s']:.2f}), "
+                     f"{r['flushes_per_s']:,.0f}/s ({r['flushes_per_s'] / r['jobs_per_s']:.2f}), {r['deadlocks']}; "
+                     f"{r['waits']}"))
+    return rows
+
+
 # === The run ===
 
 def print_table(rows: list[tuple[str, str]], quick: bool) -> None:
@@ -1639,6 +1980,9 @@ def main() -> None:
                         help="only the receipt-log scenario: proofs at 1,000 and at N leaves, and log_proof_reads")
     parser.add_argument("--retention", action="store_true",
                         help="only the retention scenario, the fleet-size reads and (without --quick) pruning's impact")
+    parser.add_argument("--postgres", action="store_true",
+                        help="only the PostgreSQL scenario: a private cluster, the lifecycle on 1 and 2 instances"
+                             " beside SQLite, wake-ups within and across instances, CPU per job on each side")
     parser.add_argument("--bare-server", type=int, metavar="PORT", help=argparse.SUPPRESS)
     parser.add_argument("--slowloris", metavar="PORT:N", help=argparse.SUPPRESS)
     parser.add_argument("--heartbeats", metavar="PORT:KEYFILE", help=argparse.SUPPRESS)
@@ -1649,6 +1993,8 @@ def main() -> None:
         slowloris_process(args.slowloris)
     elif args.heartbeats:
         heartbeats_process(args.heartbeats)
+    elif args.postgres:
+        postgres_run(args.quick)
     elif args.fleet:
         fleet_only(args.fleet, args.quick)
     elif args.log:
