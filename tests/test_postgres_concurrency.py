@@ -166,7 +166,8 @@ def check_invariants(conn: ac.PgConnection) -> dict[str, int]:
     wrong = conn.execute("SELECT job_id, state, COUNT(receipts.seq) FROM jobs LEFT JOIN receipts USING (job_id)"
                          " GROUP BY job_id, state HAVING (state = 'COMPLETED') <> (COUNT(receipts.seq) = 1)").fetchall()
     assert not wrong, f"jobs without exactly one receipt when COMPLETED, or with one otherwise: {wrong}"
-    assert conn.execute("SELECT COUNT(*) FROM receipts WHERE job_id NOT IN (SELECT job_id FROM jobs)").fetchone()[0] == 0
+    orphans = conn.execute("SELECT COUNT(*) FROM receipts WHERE job_id NOT IN (SELECT job_id FROM jobs)")
+    assert orphans.fetchone()[0] == 0
 
     held = conn.execute("SELECT job_id, state, assigned_miner_id FROM jobs WHERE"
                         " (state IN ('RUNNING', 'COMPLETED') AND assigned_miner_id IS NULL)"
@@ -174,7 +175,8 @@ def check_invariants(conn: ac.PgConnection) -> dict[str, int]:
                         " OR attempts > ? OR attempts < 0", (MAX_ATTEMPTS,)).fetchall()
     assert not held, f"jobs in a state their holder contradicts: {held}"
     over = conn.execute("SELECT miner_id, concurrency, COUNT(*) FROM miners JOIN jobs ON assigned_miner_id = miner_id"
-                        " AND state = 'RUNNING' GROUP BY miner_id, concurrency HAVING COUNT(*) > concurrency").fetchall()
+                        " AND state = 'RUNNING' GROUP BY miner_id, concurrency"
+                        " HAVING COUNT(*) > concurrency").fetchall()
     assert not over, f"miners holding more jobs than their concurrency: {over}"
 
     assert conn.execute("SELECT COALESCE(SUM(balance_micro), 0) FROM addresses").fetchone()[0] == 0
@@ -365,7 +367,8 @@ def test_a_result_that_read_its_job_first_completes_it_and_the_cancel_is_refused
     pause = Pause(monkeypatch, "get_report")
     result, cancel = race(db, threads, pause, result_unit(claimed), cancel_unit(claimed))
     assert result.error is None and isinstance(cancel.error, ac.Conflict)
-    assert (ac.get_job(db.conn, claimed)["state"], ac.get_latest_receipt(db.conn, claimed)) == ("COMPLETED", result.value)
+    assert ac.get_job(db.conn, claimed)["state"] == "COMPLETED"
+    assert ac.get_latest_receipt(db.conn, claimed) == result.value
     assert check_invariants(db.conn) == {"COMPLETED": 1}
 
 
