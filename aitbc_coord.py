@@ -1623,7 +1623,8 @@ def lock_miners(conn: sqlite3.Connection, miner_ids: Iterable[str]) -> None:
                      " FOR NO KEY UPDATE", (json.dumps(miner_ids),))
 
 
-def lock_sweep_rows(conn: sqlite3.Connection, now: int, silent_holders: Sequence[str], miner_ids: Iterable[str]) -> None:
+def lock_sweep_rows(conn: sqlite3.Connection, now: int, silent_holders: Sequence[str],
+                    miner_ids: Iterable[str]) -> None:
     """PostgreSQL: lock, before a sweep writes anything, the rows it may write, in LOCK ORDER: the
     miners named, those holding RUNNING jobs due at `now`, and `silent_holders`; then the active jobs
     due at `now` and the RUNNING jobs of `silent_holders`. (A unit waiting for a job the sweep holds
@@ -1633,8 +1634,9 @@ def lock_sweep_rows(conn: sqlite3.Connection, now: int, silent_holders: Sequence
     due = [r[0] for r in conn.execute("SELECT DISTINCT assigned_miner_id FROM jobs WHERE state = 'RUNNING'"
                                       " AND expires_at <= ?", (now,))]
     lock_miners(conn, {*miner_ids, *silent_holders, *due})
-    conn.execute("SELECT 1 FROM jobs WHERE (state IN ('QUEUED', 'RUNNING') AND expires_at <= :now) OR (state = 'RUNNING'"
-                 " AND assigned_miner_id IN (SELECT value FROM json_each(:silent))) ORDER BY seq FOR UPDATE",
+    conn.execute("SELECT 1 FROM jobs WHERE (state IN ('QUEUED', 'RUNNING') AND expires_at <= :now)"
+                 " OR (state = 'RUNNING' AND assigned_miner_id IN (SELECT value FROM json_each(:silent)))"
+                 " ORDER BY seq FOR UPDATE",
                  {"now": now, "silent": json.dumps(list(silent_holders))})
 
 

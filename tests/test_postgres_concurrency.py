@@ -1,6 +1,7 @@
 """PostgreSQL only (issue 18): the units of work on several connections at once, each unit in a
 transaction of its own and each connection in a thread of its own, as the writers of N coordinator
-instances sharing one database run them. Claims (FOR UPDATE SKIP LOCKED), a result racing the sweep,
+instances sharing one database run them. Claims (FOR UPDATE SKIP LOCKED), a result racing the sweep
+(tx_sweep, and the cluster's tx_cluster_sweep) or a cancel, a miner's report racing its own poll,
 concurrent first submits of a shape, and after a mixed soak the invariants the rows keep.
 
 Interleavings are forced, never timed: a thread is held inside its open transaction by an Event right
@@ -66,7 +67,8 @@ def submit(conn: ac.PgConnection, client: str = "client", now: int = T0, ttl_ms:
 
 def register(conn: ac.PgConnection, miner: str, concurrency: int = 1, region: str | None = None,
              now: int = T0) -> None:
-    assert run(conn, ac.tx_register, miner, {"price": 0.25}, concurrency, region, now, MAX_ATTEMPTS).error is None
+    """Register `miner`, heard from at `now` (on the wall clock, and on the database's for tx_cluster_sweep)."""
+    assert run(conn, ac.tx_register, miner, {"price": 0.25}, concurrency, region, now, MAX_ATTEMPTS, now).error is None
 
 
 class Database:
@@ -166,7 +168,8 @@ def check_invariants(conn: ac.PgConnection) -> dict[str, int]:
     wrong = conn.execute("SELECT job_id, state, COUNT(receipts.seq) FROM jobs LEFT JOIN receipts USING (job_id)"
                          " GROUP BY job_id, state HAVING (state = 'COMPLETED') <> (COUNT(receipts.seq) = 1)").fetchall()
     assert not wrong, f"jobs without exactly one receipt when COMPLETED, or with one otherwise: {wrong}"
-    assert conn.execute("SELECT COUNT(*) FROM receipts WHERE job_id NOT IN (SELECT job_id FROM jobs)").fetchone()[0] == 0
+    orphans = conn.execute("SELECT COUNT(*) FROM receipts WHERE job_id NOT IN (SELECT job_id FROM jobs)")
+    assert orphans.fetchone()[0] == 0
 
     held = conn.execute("SELECT job_id, state, assigned_miner_id FROM jobs WHERE"
                         " (state IN ('RUNNING', 'COMPLETED') AND assigned_miner_id IS NULL)"
@@ -174,7 +177,8 @@ def check_invariants(conn: ac.PgConnection) -> dict[str, int]:
                         " OR attempts > ? OR attempts < 0", (MAX_ATTEMPTS,)).fetchall()
     assert not held, f"jobs in a state their holder contradicts: {held}"
     over = conn.execute("SELECT miner_id, concurrency, COUNT(*) FROM miners JOIN jobs ON assigned_miner_id = miner_id"
-                        " AND state = 'RUNNING' GROUP BY miner_id, concurrency HAVING COUNT(*) > concurrency").fetchall()
+                        " AND state = 'RUNNING' GROUP BY miner_id, concurrency"
+                        " HAVING COUNT(*) > concurrency").fetchall()
     assert not over, f"miners holding more jobs than their concurrency: {over}"
 
     assert conn.execute("SELECT COALESCE(SUM(balance_micro), 0) FROM addresses").fetchone()[0] == 0
@@ -300,15 +304,23 @@ def claimed(db: Database) -> str:
     register(db.conn, "m")
     job, _, _ = run(db.conn, ac.tx_poll, "m", T0, ac.Matcher(cache_queue=False)).value
     assert job["job_id"] == job_id
-    run(db.conn, ac.tx_sweep, T0, lambda miner: False, TIMEOUT_MS, MAX_ATTEMPTS, 0, None, None, (), (), ["m"])
+    run(db.conn, lambda conn: ac.Outcome(ac.refresh_offers(conn, ["m"])))  # as the next tick does
     assert ac.get_miner(db.conn, "m")["offer_status"] == "reserved"
     return job_id
 
 
-# The sweep's duty that takes the job back: (its `now`, which miners it finds silent, what it calls)
+# A sweep whose duty takes the job back: (the data-layer call that does, its `now`, the unit). tx_sweep
+# is the one instance's (silence by the Coordinator's monotonic clock: is_silent), tx_cluster_sweep
+# the cluster's (silence by heard_at on the database's clock: m was heard at T0).
 SWEEPS = {
-    "silent-miner": (T0 + 2_000, lambda miner: miner == "m", "release_running"),
-    "expiry": (T0 + DEADLINE_MS, lambda miner: False, "expire_due_jobs"),
+    "silent-miner": ("release_running", T0 + 2_000,
+                     (ac.tx_sweep, (T0 + 2_000, lambda miner: miner == "m", TIMEOUT_MS, MAX_ATTEMPTS, 0))),
+    "expiry": ("expire_due_jobs", T0 + DEADLINE_MS,
+               (ac.tx_sweep, (T0 + DEADLINE_MS, lambda miner: False, TIMEOUT_MS, MAX_ATTEMPTS, 0))),
+    "cluster-silent-miner": ("release_running", T0 + 2_000,
+                             (ac.tx_cluster_sweep, (T0 + 2_000, T0 + TIMEOUT_MS + 1, 0, TIMEOUT_MS, MAX_ATTEMPTS, 0))),
+    "cluster-expiry": ("expire_due_jobs", T0 + DEADLINE_MS,
+                       (ac.tx_cluster_sweep, (T0 + DEADLINE_MS, T0 + 1_000, 0, TIMEOUT_MS, MAX_ATTEMPTS, 0))),
 }
 
 
@@ -317,8 +329,7 @@ def result_unit(job_id: str) -> Unit:
 
 
 def sweep_unit(duty: str) -> Unit:
-    now, is_silent, _ = SWEEPS[duty]
-    return ac.tx_sweep, (now, is_silent, TIMEOUT_MS, MAX_ATTEMPTS, 0)
+    return SWEEPS[duty][2]
 
 
 @pytest.mark.parametrize("duty", SWEEPS)
@@ -339,13 +350,13 @@ def test_a_result_that_read_its_job_first_completes_it_and_the_sweep_takes_nothi
 def test_a_sweep_that_took_the_job_back_first_has_the_late_result_refused(db, claimed, threads, monkeypatch,
                                                                         duty) -> None:
     conn, job_id = db.conn, claimed
-    now, _, call = SWEEPS[duty]
+    call, now, _ = SWEEPS[duty]
     pause = Pause(monkeypatch, call)  # the sweep has taken the job back, not yet committed
     sweep, result = race(db, threads, pause, sweep_unit(duty), result_unit(job_id))
     assert isinstance(result.error, ac.Conflict), result
     assert sweep.error is None
     job = ac.get_job(conn, job_id)
-    if duty == "expiry":
+    if duty.endswith("expiry"):
         assert (job["state"], job["finished_at"], sweep.value) == ("EXPIRED", now, 0)
         assert check_invariants(conn) == {"EXPIRED": 1}
     else:
@@ -365,7 +376,8 @@ def test_a_result_that_read_its_job_first_completes_it_and_the_cancel_is_refused
     pause = Pause(monkeypatch, "get_report")
     result, cancel = race(db, threads, pause, result_unit(claimed), cancel_unit(claimed))
     assert result.error is None and isinstance(cancel.error, ac.Conflict)
-    assert (ac.get_job(db.conn, claimed)["state"], ac.get_latest_receipt(db.conn, claimed)) == ("COMPLETED", result.value)
+    assert ac.get_job(db.conn, claimed)["state"] == "COMPLETED"
+    assert ac.get_latest_receipt(db.conn, claimed) == result.value
     assert check_invariants(db.conn) == {"COMPLETED": 1}
 
 
@@ -448,8 +460,9 @@ SHAPES = [{}, {"region": "eu"}]
 
 def test_after_a_mixed_soak_every_invariant_holds(db, threads) -> None:
     """Submitters, two poll-and-report workers per miner (concurrency 2), a canceller and a sweeper
-    (finding a random miner silent, re-registering another now and then), for SOAK_SECONDS; then the
-    invariants, and every result that was accepted is the job's completion with its receipt."""
+    (tx_sweep or a cluster tick, finding a random miner silent, re-registering another now and then),
+    for SOAK_SECONDS; then the invariants, and every result that was accepted is the job's completion
+    with its receipt."""
     conn = db.conn
     for miner, region in MINERS.items():
         register(conn, miner, concurrency=2, region=region)
@@ -507,10 +520,15 @@ def test_after_a_mixed_soak_every_invariant_holds(db, threads) -> None:
         stop.wait(0.01)
 
     def sweeping(own: ac.PgConnection, rng: random.Random, _: Any) -> None:
-        silent = {rng.choice(list(MINERS))} if rng.random() < 0.5 else set()
-        out = run(own, ac.tx_sweep, now(), silent.__contains__, TIMEOUT_MS, MAX_ATTEMPTS, now() - 60_000,
-                  retried=retried)
-        ran["sweep"] += 1
+        at, quiet = now(), rng.choice(list(MINERS)) if rng.random() < 0.5 else None  # quiet: found silent
+        if rng.random() < 0.5:  # one instance's sweep
+            out = run(own, ac.tx_sweep, at, lambda miner: miner == quiet, TIMEOUT_MS, MAX_ATTEMPTS, at - 60_000,
+                      retried=retried)
+            ran["sweep"] += 1
+        else:  # a tick in a cluster: this instance's part, then the cluster's (silent: not heard at `at`)
+            run(own, ac.tx_record_heard, {m: at for m in MINERS if m != quiet}, at, retried=retried)
+            out = run(own, ac.tx_cluster_sweep, at, at, 0, 0, MAX_ATTEMPTS, at - 60_000, retried=retried)
+            ran["cluster sweep"] += 1
         ran["taken back"] += out.value
         if rng.random() < 0.2:
             miner = rng.choice(list(MINERS))
@@ -528,7 +546,7 @@ def test_after_a_mixed_soak_every_invariant_holds(db, threads) -> None:
         future.result(WAIT)
 
     for kind in ("submit", "claim", "result accepted", "fail accepted", "abandon", "cancel accepted", "sweep",
-                 "register", "taken back"):
+                 "cluster sweep", "register", "taken back"):
         assert ran[kind] > 0, (kind, ran, retried)
     states = check_invariants(conn)
     assert states.get("COMPLETED", 0) == len(accepted) > 0
