@@ -3478,8 +3478,16 @@ class PollHub:
             fifo = self.kinds[kind] = collections.OrderedDict()
             self.profiles[kind] = profile
         fifo[waiter] = None
-        if waiter.since < next(iter(fifo)).since:  # back from a claim that missed: keep its place
-            fifo.move_to_end(waiter, last=False)
+        # oldest first by when the poll began, not by when its claim ended: one back from a claim that
+        # missed keeps its place, and claims that end out of order (PostgreSQL's run on threads) too
+        later = []
+        for other in reversed(fifo):
+            if other is not waiter:
+                if other.since < waiter.since:
+                    break
+                later.append(other)
+        for other in reversed(later):
+            fifo.move_to_end(other)
 
     def unpark(self, waiter: Waiter) -> None:
         waiter.parked = False
