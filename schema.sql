@@ -415,4 +415,12 @@ ALTER TABLE receipts DROP COLUMN provider;
 ALTER TABLE receipts DROP COLUMN client_id;
 ALTER TABLE receipts DROP COLUMN attested;
 
-PRAGMA user_version = 6;
+-- Version 7: claims that never reached their miner (a poll's answer lost after its claim committed).
+-- A heartbeat's `inflight` is checked against the jobs the miner held before its previous heartbeat
+-- (aitbc_coord.release_unreceived): short_since is when a heartbeat was first found short of them (a
+-- second short heartbeat in a row puts the shortfall back in the queue), NULL while none is; every job
+-- assigned up to known_through was counted by a heartbeat (Unix ms), which decides which go back.
+ALTER TABLE miners ADD COLUMN short_since INTEGER;
+ALTER TABLE miners ADD COLUMN known_through INTEGER;
+
+PRAGMA user_version = 7;

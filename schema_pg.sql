@@ -495,4 +495,9 @@ CREATE TABLE schema_version (
     version bigint NOT NULL
 );
 CREATE UNIQUE INDEX schema_version_one_row ON schema_version ((true));
-INSERT INTO schema_version (version) VALUES (6);
+INSERT INTO schema_version (version) VALUES (7);
+
+-- Version 7: claims that never reached their miner; as in schema.sql (migrate_pg runs this section to
+-- upgrade a version 6 database: the section runs to the end of the file).
+ALTER TABLE miners ADD COLUMN short_since bigint;
+ALTER TABLE miners ADD COLUMN known_through bigint;

@@ -163,8 +163,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 # runs twice, [sqlite] and [postgres]: make_settings gives the second a PostgreSQL database of its own
 # (one per tmp_path, so a test that restarts its coordinator finds its data again). A test about
 # SQLite itself (its files, pragmas, VM steps, the writer's internals) is marked sqlite_only.
-BOTH_BACKENDS = {"test_authz", "test_explorer", "test_inputs", "test_jobs", "test_lifecycle", "test_log",
-                 "test_market", "test_miners", "test_paging", "test_receipts", "test_retention"}
+BOTH_BACKENDS = {"test_authz", "test_explorer", "test_inflight", "test_inputs", "test_jobs", "test_lifecycle",
+                 "test_log", "test_market", "test_miners", "test_paging", "test_receipts", "test_retention"}
 _pg_database: Callable[[Path], str] | None = None  # the [postgres] run's database for a tmp_path
 
 

@@ -344,7 +344,7 @@ async def heard_from_a_fleet(h: Any) -> tuple[int, int]:
     h.clock.advance(5)
     at = int(h.clock.t * 1000)
     h.coord.unrecorded = {f"m{i}": at for i in range(0, n, 2)}
-    h.coord.unrecorded_beats = {f"m{i}": at for i in range(1, n, 2)}
+    h.coord.unrecorded_beats = {f"m{i}": (at, None) for i in range(1, n, 2)}
     return n, at
 
 
@@ -420,7 +420,7 @@ async def test_liveness_a_failed_commit_did_not_record_waits_for_the_next_sweep(
             calls.append(len(seen) + len(beats))
             if len(calls) == 3:
                 db._wconn = FailingCommit()  # type: ignore[assignment]
-                h.coord.unrecorded_beats["m301"] = at + 2000  # in this unit, heard from again meanwhile
+                h.coord.unrecorded_beats["m301"] = (at + 2000, None)  # in this unit, heard from again meanwhile
             touch(conn, seen, beats)
 
         monkeypatch.setattr(ac, "touch_miners", third_unit_fails)

@@ -210,6 +210,40 @@ def test_a_script_that_fails_leaves_nothing(pg_url: str) -> None:
         assert conn.execute("SELECT COUNT(*) FROM schema_version").fetchone()[0] == 1
 
 
+def version_6_schema() -> str:
+    """schema_pg.sql as version 6 was: the script without its version 7 section (the file's last), and
+    that version recorded."""
+    text = SCHEMA_PG.read_text(encoding="utf-8")
+    return text[:text.index("-- Version 7:")].replace("VALUES (7);", "VALUES (6);")
+
+
+def test_migrate_upgrades_a_version_6_database_in_place(pg_url: str, new_pg_database: Callable[[], str]) -> None:
+    """A database version 6 made (with a miner in it) is brought to the current version by migrate_pg: the
+    same catalog as a new database's, its rows kept, the new columns empty; a second migrate changes
+    nothing."""
+    with pg_connect(pg_url) as conn:
+        conn.execute(version_6_schema())
+        conn.execute("INSERT INTO miners (miner_id, offer_id, capabilities, price, sla, concurrency, status,"
+                     " session_token, created_at, registered_at, last_seen, last_heartbeat)"
+                     " VALUES ('m0', 'o0', '{}', 0, '', 1, 'ONLINE', 't', 1, 1, 1, 5)")
+    assert ac.migrate_pg(pg_url) == (6, ac.SCHEMA_VERSION)
+    assert ac.migrate_pg(pg_url) == (ac.SCHEMA_VERSION, ac.SCHEMA_VERSION)
+    fresh = new_pg_database()
+    load_pg_schema(fresh)
+    assert pg_catalog(pg_url) == pg_catalog(fresh)
+    with pg_connect(pg_url) as conn:
+        assert conn.execute("SELECT version FROM schema_version").fetchall() == [(ac.SCHEMA_VERSION,)]
+        assert conn.execute("SELECT miner_id, last_heartbeat, short_since, known_through FROM miners").fetchall() \
+            == [("m0", 5, None, None)]
+
+
+def test_migrate_refuses_a_version_it_knows_no_upgrade_from(pg_url: str) -> None:
+    with pg_connect(pg_url) as conn:
+        conn.execute(version_6_schema().replace("VALUES (6);", "VALUES (5);"))
+    with pytest.raises(ac.ConfigError, match="schema version 5; this coordinator knows no upgrade from it"):
+        ac.migrate_pg(pg_url)
+
+
 # --- The same writes give the same derived rows ---
 
 def ints(rows: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
