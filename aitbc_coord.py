@@ -2585,10 +2585,10 @@ def judge_inflight(beat: Beat, last_heartbeat: int | None, short_since: int | No
     heartbeat, so one releases nothing: it is recorded (short_since = its time), and the next puts back
     the difference if the previous recorded heartbeat was that short one (short_since equals
     last_heartbeat: a heartbeat that was not short, or one another instance recorded meanwhile, moved
-    last_heartbeat on, so nothing needs clearing). Which go back: first the jobs no
-    heartbeat has yet counted (assigned after known_through), oldest first (the miner's retry of a lost
-    poll is answered by a newer claim), then the newest (a job held through earlier heartbeats is one
-    it knows). A heartbeat that counts every job assigned up to it moves known_through there."""
+    last_heartbeat on, so nothing needs clearing). Which go back: first the jobs no heartbeat has yet
+    counted (assigned after known_through), oldest first (the miner's retry of a lost poll is answered
+    by a newer claim), then the newest (a job held through earlier heartbeats is one it knows). A
+    heartbeat that counts every job assigned up to it moves known_through there."""
     at, inflight = beat
     if inflight is None:
         return InflightVerdict(short_since, known_through)
@@ -3813,9 +3813,9 @@ def tx_register(conn: sqlite3.Connection, miner_id: str, capabilities: dict[str,
 def release_unreceived(conn: sqlite3.Connection, beats: Mapping[str, Beat]) -> Wake:
     """Judge heartbeats (miner -> (Unix ms, inflight)) not yet recorded, before their last_heartbeat is
     written (judge_inflight), and put back in the queue the jobs found never to have reached their
-    miner, as if never claimed (the attempt given back); whom that wakes. A beat no newer
-    than the miner's recorded heartbeat (another instance recorded a later one) is not judged. Expects
-    an open transaction with the miners' rows locked (lock_miners), and locks the jobs' (LOCK ORDER)."""
+    miner, as if never claimed (the attempt given back); whom that wakes. A beat no newer than the
+    miner's recorded heartbeat (another instance recorded a later one) is not judged. Expects an open
+    transaction with the miners' rows locked (lock_miners), and locks the jobs' (LOCK ORDER)."""
     if not beats:
         return Wake()
     evidence: dict[str, list[sqlite3.Row]] = {}
@@ -4059,8 +4059,8 @@ def tx_sweep(conn: sqlite3.Connection, now: int, is_silent: Callable[[str], bool
     the miners `is_silent` names (the Coordinator measures silence on a monotonic clock); record the
     last_seen of miners heard from since the last sweep (`seen`: miner -> wall-clock ms) and the
     last_heartbeat of those whose heartbeats changed nothing else (`beats`: miner -> (ms, inflight),
-    judged as tx_heartbeat judges one); mark the miners newly
-    found `silent` offline and those heard from again (`back`) online. Then bring the offers of every
+    judged as tx_heartbeat judges one); mark the miners newly found `silent` offline and those heard
+    from again (`back`) online. Then bring the offers of every
     miner this touched, and of those whose slots changed since the last sweep (`slots`), up to date.
     The value is the number of jobs taken back."""
     silent, back, slots = list(silent), list(back), list(slots)
@@ -4795,10 +4795,10 @@ LIVENESS_UNIT = 256  # miners whose last_seen / last_heartbeat one unit of work 
 
 def liveness_units(seen: dict[str, int], beats: dict[str, Beat],
                    size: int = LIVENESS_UNIT) -> list[tuple[dict[str, int], dict[str, Beat]]]:
-    """`seen` (miner -> wall-clock ms) and `beats` (miner -> (wall-clock ms, inflight)) cut into units of work of at most `size` miners
-    together; at least one, maybe empty. A unit runs on the event loop and an update of a miner row
-    costs ~7 us: at 10,000 miners a sweep records ~1,000, which in one unit held the loop 12-56 ms,
-    a stall every request arriving meanwhile waited out."""
+    """`seen` (miner -> wall-clock ms) and `beats` (miner -> (wall-clock ms, inflight)) cut into units of
+    work of at most `size` miners together; at least one, maybe empty. A unit runs on the event loop
+    and an update of a miner row costs ~7 us: at 10,000 miners a sweep records ~1,000, which in one
+    unit held the loop 12-56 ms, a stall every request arriving meanwhile waited out."""
     items = [(True, item) for item in seen.items()] + [(False, item) for item in beats.items()]
     units = []
     for at in range(0, max(len(items), 1), size):
