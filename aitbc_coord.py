@@ -1239,10 +1239,29 @@ PG_UPGRADES: dict[int, Callable[[], str]] = {
 }
 
 
+# Rolling upgrades (PostgreSQL, where N instances share a database): the oldest schema version whose
+# coordinator can still work on a database at SCHEMA_VERSION, recorded beside the version. Upgrade steps
+# stay additive (expand, then contract in a later release) so that this can stay one version behind;
+# raise it with a step older code cannot live with (a dropped or renamed column, a NOT NULL column
+# without a default, a column whose meaning changed). Version 7 only added nullable columns.
+SCHEMA_COMPATIBLE_FROM = 6
+
+
+def read_pg_version(raw: Any) -> tuple[int, int]:
+    """(the schema version, the oldest version whose code can work on it) of a PostgreSQL database;
+    (0, 0) when it has no schema. A version 6 database recorded no floor: its own version."""
+    if not raw.execute("SELECT to_regclass('schema_version') IS NOT NULL").fetchone()[0]:
+        return 0, 0
+    row = raw.execute("SELECT to_jsonb(v) FROM schema_version v").fetchone()[0]
+    return row["version"], row.get("compatible_from") or row["version"]
+
+
 def migrate_pg(url: str) -> tuple[int, int]:
-    """Create or check the PostgreSQL schema (schema_pg.sql) in one transaction; (before, after).
-    Instances that start together wait on one transaction-level advisory lock, so exactly one of
-    them creates it. Raises ConfigError (server unreachable, schema newer than this coordinator)."""
+    """Create, upgrade or check the PostgreSQL schema (schema_pg.sql) in one transaction; (before,
+    after). Instances that start together wait on one transaction-level advisory lock, so exactly one
+    of them creates or upgrades it. A database one rollout ahead (a newer schema whose
+    compatible_from is at most SCHEMA_VERSION) is used as it is: (before, before). Raises ConfigError
+    (server unreachable, a schema this coordinator cannot work on or knows no upgrade from)."""
     psycopg = load_psycopg()
     try:
         raw = pg_connect(url, connect_timeout=10)
@@ -1251,11 +1270,16 @@ def migrate_pg(url: str) -> tuple[int, int]:
     try:
         with raw.transaction():
             raw.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATE_LOCK,))
-            made = raw.execute("SELECT to_regclass('schema_version') IS NOT NULL").fetchone()[0]
-            before = raw.execute("SELECT version FROM schema_version").fetchone()[0] if made else 0
+            before, floor = read_pg_version(raw)
+            if floor > SCHEMA_VERSION:
+                raise ConfigError(f"the PostgreSQL database has schema version {before}, which needs a coordinator"
+                                  f" of schema version {floor} or newer (this one's is {SCHEMA_VERSION});"
+                                  f" upgrade aitbc-coord")
             if before > SCHEMA_VERSION:
-                raise ConfigError(f"the PostgreSQL database has schema version {before}, newer than this "
-                                  f"coordinator's {SCHEMA_VERSION}; upgrade aitbc-coord")
+                log.warning("the PostgreSQL database's schema version %d is newer than this coordinator's %d and"
+                            " works with it (from version %d): using it as it is; upgrade this instance to"
+                            " finish the rollout", before, SCHEMA_VERSION, floor)
+                return before, before
             if before == 0:
                 raw.execute(schema_sql("schema_pg"))
             elif before < min(PG_UPGRADES) - 1:
@@ -1264,7 +1288,9 @@ def migrate_pg(url: str) -> tuple[int, int]:
             elif before < SCHEMA_VERSION:
                 for version in range(before + 1, SCHEMA_VERSION + 1):
                     raw.execute(PG_UPGRADES[version]())
-                raw.execute("UPDATE schema_version SET version = %s", (SCHEMA_VERSION,))
+            if before < SCHEMA_VERSION:
+                raw.execute("UPDATE schema_version SET version = %s, compatible_from = %s",
+                            (SCHEMA_VERSION, SCHEMA_COMPATIBLE_FROM))
         return before, SCHEMA_VERSION
     except psycopg.Error as exc:
         raise ConfigError(f"cannot migrate the PostgreSQL database: {exc}") from None
@@ -4720,7 +4746,9 @@ def copy_to_postgres(path: str, url: str) -> CopyReport:
     changed = (f"{path} changed during the copy (a coordinator started on it?): nothing was copied; stop it"
                f" and copy again")
     try:
-        migrate_pg(url)
+        if (version := migrate_pg(url)[1]) != SCHEMA_VERSION:
+            raise CopyFailed(f"the PostgreSQL database has schema version {version}, newer than this coordinator's"
+                             f" {SCHEMA_VERSION}: copy with the aitbc-coord that made it")
         psycopg = load_psycopg()
         try:
             raw = pg_connect(url, connect_timeout=10)

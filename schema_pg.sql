@@ -501,3 +501,7 @@ INSERT INTO schema_version (version) VALUES (7);
 -- upgrade a version 6 database: the section runs to the end of the file).
 ALTER TABLE miners ADD COLUMN short_since bigint;
 ALTER TABLE miners ADD COLUMN known_through bigint;
+-- Rolling upgrades: the oldest schema version whose coordinator can still work on this database
+-- (aitbc_coord.SCHEMA_COMPATIBLE_FROM, written by migrate_pg); a coordinator refuses a newer schema only
+-- when this is above its own version.
+ALTER TABLE schema_version ADD COLUMN compatible_from bigint NOT NULL DEFAULT 6;

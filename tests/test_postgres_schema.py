@@ -15,8 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from click.testing import CliRunner
 
 import aitbc_coord as ac
+from conftest import harness
 
 SCHEMA_PG = Path(__file__).resolve().parent.parent / "schema_pg.sql"
 
@@ -242,6 +244,68 @@ def test_migrate_refuses_a_version_it_knows_no_upgrade_from(pg_url: str) -> None
         conn.execute(version_6_schema().replace("VALUES (6);", "VALUES (5);"))
     with pytest.raises(ac.ConfigError, match="schema version 5; this coordinator knows no upgrade from it"):
         ac.migrate_pg(pg_url)
+
+
+def set_pg_version(url: str, version: int, compatible_from: int) -> None:
+    with pg_connect(url) as conn:
+        conn.execute("UPDATE schema_version SET version = %s, compatible_from = %s", (version, compatible_from))
+
+
+def test_migrate_records_the_oldest_version_that_can_share_the_database(pg_url: str) -> None:
+    assert ac.migrate_pg(pg_url) == (0, ac.SCHEMA_VERSION)
+    with pg_connect(pg_url) as conn:
+        assert conn.execute("SELECT version, compatible_from FROM schema_version").fetchall() \
+            == [(ac.SCHEMA_VERSION, ac.SCHEMA_COMPATIBLE_FROM)]
+    assert ac.SCHEMA_COMPATIBLE_FROM < ac.SCHEMA_VERSION  # version 7 was additive: 6 and 7 share a database
+
+
+@pytest.mark.anyio
+async def test_an_instance_one_rollout_behind_serves_from_a_newer_compatible_schema(
+        tmp_path: Path, pg_url: str, caplog: pytest.LogCaptureFixture) -> None:
+    """A rolling restart: instances already upgraded migrated the database to the next version, which
+    says this version still works on it. This instance runs on it as it is, changes nothing in it, and
+    says so; the next version's own objects (here a column) stay."""
+    ac.migrate_pg(pg_url)
+    newer = ac.SCHEMA_VERSION + 1
+    with pg_connect(pg_url) as conn:
+        conn.execute("ALTER TABLE jobs ADD COLUMN next_version_note text")  # what the newer step added
+    set_pg_version(pg_url, newer, ac.SCHEMA_VERSION)
+    with caplog.at_level("WARNING", logger="aitbc_coord"):
+        assert ac.migrate_pg(pg_url) == (newer, newer)
+    assert f"schema version {newer} is newer than this coordinator's {ac.SCHEMA_VERSION}" in caplog.text
+    async with harness(tmp_path, db_path=pg_url) as h:
+        await h.register(capabilities={"gpu": "a100"})
+        job = await h.submit({"n": 1})
+        assert (await h.take())["job_id"] == job["job_id"]
+        assert (await h.result(job["job_id"])).status_code == 200
+    with pg_connect(pg_url) as conn:
+        assert conn.execute("SELECT version, compatible_from FROM schema_version").fetchall() \
+            == [(newer, ac.SCHEMA_VERSION)]
+        assert conn.execute("SELECT COUNT(*) FROM jobs WHERE state = 'COMPLETED'").fetchone()[0] == 1
+
+
+def test_a_schema_this_coordinator_cannot_work_on_is_refused_with_what_to_do(pg_url: str) -> None:
+    ac.migrate_pg(pg_url)
+    set_pg_version(pg_url, ac.SCHEMA_VERSION + 2, ac.SCHEMA_VERSION + 1)
+    expected = (f"the PostgreSQL database has schema version {ac.SCHEMA_VERSION + 2}, which needs a coordinator"
+                f" of schema version {ac.SCHEMA_VERSION + 1} or newer (this one's is {ac.SCHEMA_VERSION});"
+                f" upgrade aitbc-coord")
+    with pytest.raises(ac.ConfigError) as refused:
+        ac.migrate_pg(pg_url)
+    assert str(refused.value) == expected
+    done = CliRunner().invoke(ac.cli, ["migrate", "--db", pg_url])
+    assert done.exit_code == 1 and done.output == f"Error: {expected}\n"
+    with pg_connect(pg_url) as conn:  # refused, and left as it was
+        assert conn.execute("SELECT version FROM schema_version").fetchone()[0] == ac.SCHEMA_VERSION + 2
+
+
+def test_an_upgraded_version_6_database_records_its_floor(pg_url: str) -> None:
+    with pg_connect(pg_url) as conn:
+        conn.execute(version_6_schema())
+    ac.migrate_pg(pg_url)
+    with pg_connect(pg_url) as conn:
+        assert conn.execute("SELECT version, compatible_from FROM schema_version").fetchall() \
+            == [(ac.SCHEMA_VERSION, ac.SCHEMA_COMPATIBLE_FROM)]
 
 
 # --- The same writes give the same derived rows ---
