@@ -1432,6 +1432,12 @@ class PgDatabase(Database):
             if isinstance(exc, psycopg.Error):
                 log.error("unit %s failed: %s", fn.__name__, exc)
                 exc = Unavailable()
+            elif isinstance(exc, ApiError):
+                # A refusal (404, 409, ...) goes back to its request, which needs no traceback; this one
+                # would lead through this thread's finished frames (the batch, its outcomes) back to the
+                # error itself: a reference cycle per refused request, left to the cycle collector,
+                # which `serve` runs on a clock (see Database._commit_batch).
+                exc.__traceback__ = None
             return None, exc
         conn.raw.execute("RELEASE unit")
         return result, None

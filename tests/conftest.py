@@ -34,8 +34,10 @@ def anyio_backend() -> str:
 
 
 @pytest.fixture(autouse=True)
-def _isolated_cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.chdir(tmp_path)  # no developer's .env leaks into a test
+def _isolated_cwd(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    # no developer's .env leaks into a test. (Not tmp_path: a test that takes tmp_path, itself or through
+    # a fixture, is one with a database, which BOTH_BACKENDS runs on each backend; the rest run once.)
+    monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))
 
 
 class FakeClock:
@@ -97,6 +99,11 @@ class Harness:
         return await self.client.post(f"/v1/miners/{job_id}/result", json={"result": result or {"ok": 1}, **body},
                                       headers=headers)
 
+    async def rows(self, sql: str, *params: Any) -> list[tuple[Any, ...]]:
+        """The rows of one query (`?` placeholders) on the coordinator's database, either backend, read in
+        one snapshot through its own read path: what a test checks behind the API."""
+        return await self.coord.db.read(lambda conn: [tuple(row) for row in conn.execute(sql, params).fetchall()])
+
 
 def database_of(tmp_path: Path) -> str:
     """The test's database: tmp_path/coord.db, or in a test's [postgres] run its PostgreSQL database's URL."""
@@ -114,6 +121,55 @@ def open_database(target: str | Path) -> Any:
     SQL behind the coordinator's back: `?` placeholders on both, each statement committed at once."""
     target = str(target)
     return ac.PgConnection(ac.pg_connect(target)) if ac.is_postgres_url(target) else ac.connect(target)
+
+
+@contextlib.contextmanager
+def failing_commits(db: ac.Database, fail: Callable[[], bool] = lambda: True) -> Iterator[list[str]]:
+    """While the block runs, each commit of the writer's transactions for which `fail()` is then true fails
+    as a full disk would: nothing of its batch is durable. Either backend (SQLite: the COMMIT statement;
+    PostgreSQL: the writer connection's transaction block). Yields the failed commits, one entry each."""
+    real, failures = db._wconn, []
+    failure = database_error_of(db)
+
+    class SqliteWriter:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(real, name)
+
+        def execute(self, sql: str, *args: object) -> object:
+            if sql == "COMMIT" and fail():
+                failures.append(sql)
+                raise failure
+            return real.execute(sql, *args)
+
+    class PgWriter:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(real, name)
+
+        @contextlib.contextmanager
+        def transaction(self) -> Iterator[None]:
+            with real.transaction():  # an exception leaving the block rolls the transaction back
+                yield
+                if fail():
+                    failures.append("COMMIT")
+                    raise failure
+
+    db._wconn = PgWriter() if isinstance(db, ac.PgDatabase) else SqliteWriter()
+    try:
+        yield failures
+    finally:
+        db._wconn = real
+
+
+def database_error(coord: ac.Coordinator) -> Exception:
+    """What the coordinator's database driver raises when the database is gone (disk I/O error on
+    SQLite, a lost server connection on PostgreSQL): for tests that break reads or writes."""
+    return database_error_of(coord.db)
+
+
+def database_error_of(db: ac.Database) -> Exception:
+    if isinstance(db, ac.PgDatabase):
+        return ac.load_psycopg().OperationalError("server closed the connection unexpectedly")
+    return ac.sqlite3.OperationalError("disk I/O error")
 
 
 def http_scope(method: str, path: str, key: str, body: bytes | None = None) -> dict[str, Any]:
@@ -159,18 +215,24 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.postgres)
 
 
-# Both backends. In these modules every test that takes tmp_path (the harness's database lives under it)
-# runs twice, [sqlite] and [postgres]: make_settings gives the second a PostgreSQL database of its own
-# (one per tmp_path, so a test that restarts its coordinator finds its data again). A test about
-# SQLite itself (its files, pragmas, VM steps, the writer's internals) is marked sqlite_only.
-BOTH_BACKENDS = {"test_authz", "test_explorer", "test_inflight", "test_inputs", "test_jobs", "test_lifecycle",
-                 "test_log", "test_market", "test_miners", "test_paging", "test_receipts", "test_retention"}
+# Both backends. In these modules every test that takes tmp_path, itself or through a fixture (the
+# harness's database lives under it), runs twice, [sqlite] and [postgres]: make_settings and database_of
+# give the second a PostgreSQL database of its own (one per tmp_path, so a test that restarts its
+# coordinator finds its data again). A test about SQLite itself (its files, pragmas, VM steps, the
+# writer's internals) is marked sqlite_only; a test elsewhere may opt in with the both_backends marker.
+# Modules left out have no database in play (settings, sockets, the log's client, packaging, receipt
+# parsing) or test SQLite's own crash path (test_crash; PostgreSQL's is test_postgres_serve's).
+BOTH_BACKENDS = {"test_authz", "test_db", "test_explorer", "test_faults", "test_fleet", "test_hostile", "test_http",
+                 "test_http_details", "test_inflight", "test_inputs", "test_jobs", "test_lifecycle", "test_limits",
+                 "test_log", "test_log_audit", "test_market", "test_miners", "test_ops", "test_paging",
+                 "test_receipts", "test_retention", "test_storage", "test_wire"}
 _pg_database: Callable[[Path], str] | None = None  # the [postgres] run's database for a tmp_path
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    if (metafunc.module.__name__.rpartition(".")[2] in BOTH_BACKENDS and "tmp_path" in metafunc.fixturenames
-            and metafunc.definition.get_closest_marker("sqlite_only") is None):
+    both = (metafunc.module.__name__.rpartition(".")[2] in BOTH_BACKENDS
+            or metafunc.definition.get_closest_marker("both_backends") is not None)
+    if both and "tmp_path" in metafunc.fixturenames and metafunc.definition.get_closest_marker("sqlite_only") is None:
         metafunc.parametrize("db_backend", ["sqlite", "postgres"], indirect=True)
 
 

@@ -13,7 +13,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import aitbc_coord as ac
-from conftest import CLIENT, Harness, harness
+from conftest import CLIENT, Harness, failing_commits, harness, open_database
 
 pytestmark = pytest.mark.anyio
 
@@ -26,6 +26,7 @@ def schema_of(path: Path) -> list[tuple[str, str]]:
         conn.close()
 
 
+@pytest.mark.sqlite_only  # the SQLite schema (test_postgres_schema: PostgreSQL's)
 def test_migrate_creates_then_is_idempotent(tmp_path: Path) -> None:
     db = tmp_path / "sub" / "c.db"
     assert ac.migrate(str(db)) == (0, ac.SCHEMA_VERSION)
@@ -60,6 +61,7 @@ def normalised_schema(path: Path) -> list[tuple[str, ...]]:
         conn.close()
 
 
+@pytest.mark.sqlite_only  # upgrades of a SQLite file
 def test_an_upgraded_database_ends_identical_to_a_fresh_one(tmp_path: Path) -> None:
     old, fresh = tmp_path / "old.db", tmp_path / "fresh.db"
     conn = sqlite3.connect(old)
@@ -79,6 +81,7 @@ def test_an_upgraded_database_ends_identical_to_a_fresh_one(tmp_path: Path) -> N
     conn.close()
 
 
+@pytest.mark.sqlite_only  # PRAGMA user_version (test_postgres_schema: PostgreSQL's)
 def test_a_newer_database_is_refused(tmp_path: Path) -> None:
     db = tmp_path / "c.db"
     ac.migrate(str(db))
@@ -89,6 +92,7 @@ def test_a_newer_database_is_refused(tmp_path: Path) -> None:
         ac.migrate(str(db))
 
 
+@pytest.mark.sqlite_only  # a SQLite file
 def test_an_unreadable_database_is_a_clear_error(tmp_path: Path) -> None:
     db = tmp_path / "c.db"
     db.write_bytes(b"this is not a database" * 100)
@@ -102,6 +106,7 @@ def test_old_sqlite_is_refused() -> None:
     ac.check_sqlite_version("3.35.0")
 
 
+@pytest.mark.sqlite_only  # PRAGMA
 @pytest.mark.parametrize(("mode", "level"), [("FULL", 2), ("NORMAL", 1)])
 def test_connections_carry_the_pragmas(tmp_path: Path, mode: str, level: int) -> None:
     db = str(tmp_path / "c.db")
@@ -121,9 +126,9 @@ def test_connections_carry_the_pragmas(tmp_path: Path, mode: str, level: int) ->
 
 async def test_an_acknowledged_submit_is_already_committed(h: Harness) -> None:
     job = await h.submit()
-    other = sqlite3.connect(h.coord.settings.db_path)  # a separate connection sees it at once
+    other = open_database(h.coord.settings.target)  # a separate connection sees it at once
     try:
-        assert other.execute("SELECT state FROM jobs WHERE job_id = ?", (job["job_id"],)).fetchone() == ("QUEUED",)
+        assert tuple(other.execute("SELECT state FROM jobs WHERE job_id = ?", (job["job_id"],)).fetchone()) == ("QUEUED",)
     finally:
         other.close()
 
@@ -178,27 +183,14 @@ async def test_a_refused_unit_of_work_leaves_nothing_for_the_cycle_collector(h: 
 
 
 async def test_a_failed_commit_acknowledges_nothing(h: Harness) -> None:
-    db = h.coord.db
-    real = db._wconn
-    failures = []
-
-    class FailingCommit:
-        in_transaction = property(lambda self: real.in_transaction)
-
-        def execute(self, sql: str, *args: object) -> object:
-            if sql == "COMMIT":
-                failures.append(sql)
-                raise sqlite3.OperationalError("disk full")
-            return real.execute(sql, *args)
-
-    db._wconn = FailingCommit()  # type: ignore[assignment]
-    r = await h.client.post("/v1/jobs", json={"payload": {}}, headers=CLIENT)
-    db._wconn = real
+    with failing_commits(h.coord.db) as failures:
+        r = await h.client.post("/v1/jobs", json={"payload": {}}, headers=CLIENT)
     assert failures and r.status_code == 503 and r.headers["retry-after"] == "1"
     assert (await h.client.get("/v1/jobs", headers=CLIENT)).json()["items"] == []
     assert (await h.client.post("/v1/jobs", json={"payload": {}}, headers=CLIENT)).status_code == 201
 
 
+@pytest.mark.sqlite_only  # SQLite's one write lock
 async def test_another_process_holding_the_write_lock_is_waited_out(h: Harness) -> None:
     other = sqlite3.connect(h.coord.settings.db_path, isolation_level=None)
     other.execute("BEGIN IMMEDIATE")  # e.g. a migrate run by hand while the server runs
@@ -227,6 +219,7 @@ async def test_job_counts_follow_every_transition(tmp_path: Path) -> None:
         assert {k: v for k, v in kept.items() if v} == db_counts
 
 
+@pytest.mark.sqlite_only  # WAL file
 async def test_the_wal_shrinks_back_under_its_bound_once_a_pinned_reader_lets_go(tmp_path: Path) -> None:
     """A reader holding a snapshot (a backup, a slow dashboard read) keeps the WAL growing; once it is
     gone and a checkpoint can reset the log, the -wal file is back under WAL_SIZE_LIMIT_BYTES."""
@@ -260,6 +253,7 @@ async def test_the_wal_shrinks_back_under_its_bound_once_a_pinned_reader_lets_go
         assert samples[("aitbc_db_bytes", ())] > 30_000_000 and ("aitbc_db_free_bytes", ()) in samples
 
 
+@pytest.mark.sqlite_only  # an upgrade of a SQLite file
 def test_an_upgrade_keeps_the_fleet_totals_the_rows_imply(tmp_path: Path) -> None:
     """Offer statuses, the market totals and the completed jobs' run time, backfilled from version 1 rows."""
     db = tmp_path / "old.db"
@@ -289,6 +283,7 @@ def test_an_upgrade_keeps_the_fleet_totals_the_rows_imply(tmp_path: Path) -> Non
         conn.close()
 
 
+@pytest.mark.sqlite_only  # the SQLite file's mode
 def test_a_database_the_coordinator_creates_is_readable_by_its_owner_only(tmp_path: Path) -> None:
     """The quick start's database was created 0644 (the umask's default) while backups and archives are
     0600; its -wal and -shm files take the database file's mode from SQLite."""
