@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sqlite3
 from pathlib import Path
 
 import pytest
@@ -66,15 +65,11 @@ async def test_faulty_miners_never_corrupt_the_books(tmp_path: Path) -> None:
 
 
 async def account(h: Harness, jobs: list[str], accepted: dict[str, set[str]], stale: list) -> None:
-    conn = sqlite3.connect(h.coord.settings.db_path)
-    try:
-        states = dict(conn.execute("SELECT job_id, state FROM jobs").fetchall())
-        holders = dict(conn.execute("SELECT job_id, assigned_miner_id FROM jobs").fetchall())
-        receipts: dict[str, list[tuple[str, str]]] = {}
-        for job_id, rid, body in conn.execute("SELECT job_id, receipt_id, body FROM receipts"):
-            receipts.setdefault(job_id, []).append((rid, json.loads(ac.unpack_receipt(body, rid, job_id))["provider"]))
-    finally:
-        conn.close()
+    states = dict(await h.rows("SELECT job_id, state FROM jobs"))
+    holders = dict(await h.rows("SELECT job_id, assigned_miner_id FROM jobs"))
+    receipts: dict[str, list[tuple[str, str]]] = {}
+    for job_id, rid, body in await h.rows("SELECT job_id, receipt_id, body FROM receipts"):
+        receipts.setdefault(job_id, []).append((rid, json.loads(ac.unpack_receipt(body, rid, job_id))["provider"]))
     assert stale == []  # no late or foreign result was ever accepted
     assert sorted(states) == sorted(jobs)  # nothing lost, nothing invented
     assert all(len(r) == 1 for r in receipts.values())  # nothing completed twice

@@ -8,15 +8,15 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sqlite3
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 import aitbc_coord as ac
-from conftest import CLIENT, FakeClock, harness
+from conftest import CLIENT, FakeClock, Harness, database_of, failing_commits, harness, open_database
 
 pytestmark = pytest.mark.anyio
 ANY = ac.compact_json(dict.fromkeys(ac.CONSTRAINT_KEYS))
@@ -29,6 +29,19 @@ def profile(miner_id: str, region: str | None = None, price: float = 1.0) -> ac.
 
 def constraints(**set_: Any) -> str:
     return ac.compact_json({**dict.fromkeys(ac.CONSTRAINT_KEYS), **set_})
+
+
+def count_writes(h: Harness, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The units of work the coordinator commits from now on, by name (either backend)."""
+    units: list[str] = []
+    write = h.coord.db.write
+
+    async def counted(fn: Any, *args: Any) -> Any:
+        units.append(fn.__name__)
+        return await write(fn, *args)
+
+    monkeypatch.setattr(h.coord.db, "write", counted)
+    return units
 
 
 async def test_a_job_no_parked_miner_can_run_examines_none_of_them() -> None:
@@ -179,11 +192,14 @@ async def test_a_parked_poll_keeps_its_miner_alive_without_writes(tmp_path: Path
         waiting = asyncio.create_task(h.poll(wait=30))
         await h.parked(1)
         await h.coord.sweep()  # records the poll's own request as its last_seen, once
-        before = h.coord.db._wconn.total_changes
+        sqlite = not isinstance(h.coord.db, ac.PgDatabase)
+        before = h.coord.db._wconn.total_changes if sqlite else None
         for _ in range(4):  # then sweeps while it waits write nothing for it
             mono.advance(30)
             assert await h.coord.sweep() == 0
-        assert h.coord.db._wconn.total_changes == before
+        # (on PostgreSQL instances share no memory: a sweep stamps its parked miners' heard_at, on the
+        # database's clock, once a third of HEARTBEAT_TIMEOUT_SECONDS, so that another instance sees them)
+        assert not sqlite or h.coord.db._wconn.total_changes == before
         h.coord.hub.close()
         await waiting
         assert (await h.job(job["job_id"]))["state"] == "RUNNING"
@@ -196,8 +212,7 @@ async def test_jobs_that_each_name_their_own_price_share_a_few_shapes(tmp_path: 
             job = await h.submit(constraints={"max_price": 1 + i / 1_000_000})
             assert (await h.take())["job_id"] == job["job_id"]
             assert (await h.result(job["job_id"])).status_code == 200
-        shapes = h.coord.db._rconn.execute("SELECT COUNT(*) FROM shapes").fetchone()[0]
-        assert shapes == 1
+        assert await h.rows("SELECT COUNT(*) FROM shapes") == [(1,)]
 
 
 async def test_a_miner_inside_a_price_bucket_takes_only_the_jobs_it_meets(tmp_path: Path) -> None:
@@ -231,6 +246,7 @@ def _empty_poll_steps(path: str, now: int) -> int:
     return steps[0]
 
 
+@pytest.mark.sqlite_only  # SQLite VM steps (its progress handler)
 def test_an_empty_poll_costs_the_same_after_thousands_of_distinct_shapes(tmp_path: Path) -> None:
     fresh, used = str(tmp_path / "fresh.db"), str(tmp_path / "used.db")
     now = 1_764_000_000_000
@@ -256,15 +272,21 @@ async def test_a_job_queued_while_a_poll_claims_is_not_missed(tmp_path: Path, mo
     async with harness(tmp_path) as h:
         await h.register()
         assert (await h.poll()).status_code == 204  # the queue is known to be empty: claims now read first
-        original, first = ac.read_poll, [True]
+        original, first, loop, loop_thread = ac.read_poll, [True], asyncio.get_running_loop(), threading.get_ident()
+
+        def arrive() -> None:
+            h.coord.hub.notify(ac.Wake(queued=[("j", ANY, 1)]))
+            loop.create_task(h.submit())
 
         def job_arrives_during_the_first_claim(conn: Any, *args: Any) -> Any:
             out = original(conn, *args)  # finds nothing...
             if first[0]:
                 first[0] = False  # ...and a job is committed and notified before the poll has parked
-                h.coord.hub.notify(ac.Wake(queued=[("j", ANY, 1)]))
+                if threading.get_ident() == loop_thread:
+                    arrive()
+                else:  # PostgreSQL reads in a worker thread: the loop runs this before it resumes the claim
+                    loop.call_soon_threadsafe(arrive)
                 conn.execute("SELECT 1")  # (the read itself is unchanged)
-                asyncio.get_running_loop().create_task(h.submit())
             return out
 
         monkeypatch.setattr(ac, "read_poll", job_arrives_during_the_first_claim)
@@ -317,21 +339,23 @@ async def test_a_heartbeat_does_not_cost_a_waiting_poll_its_place(tmp_path: Path
         await polls["c"]
 
 
-async def test_steady_heartbeats_are_recorded_by_the_sweep_not_a_write_each(tmp_path: Path) -> None:
+async def test_steady_heartbeats_are_recorded_by_the_sweep_not_a_write_each(tmp_path: Path,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     async with harness(tmp_path) as h:
         await h.register()
         miner = {"X-Api-Key": ac.DEV_KEYS["miner"]}
         assert (await h.client.post("/v1/miners/heartbeat", json={"inflight": 0}, headers=miner)).status_code == 200
-        units = h.coord.db._wconn.total_changes
+        writes = count_writes(h, monkeypatch)
         h.clock.advance(15)
         assert (await h.client.post("/v1/miners/heartbeat", json={"inflight": 0}, headers=miner)).status_code == 200
-        assert h.coord.db._wconn.total_changes == units  # the same report again: kept in memory
+        assert writes == []  # the same report again: kept in memory
         await h.coord.sweep()
-        row = ac.get_miner(h.coord.db._rconn, (await h.client.get(
-            "/v1/admin/miners", headers={"X-Api-Key": ac.DEV_KEYS["admin"]})).json()["items"][0]["miner_id"])
+        miner_id = (await h.client.get("/v1/admin/miners", headers={"X-Api-Key": ac.DEV_KEYS["admin"]})
+                    ).json()["items"][0]["miner_id"]
+        row = await h.coord.db.read(ac.get_miner, miner_id)
         assert row["last_heartbeat"] == int(h.clock.t * 1000) == row["last_seen"]
         r = await h.client.post("/v1/miners/heartbeat", json={"inflight": 0, "status": "DRAINING"}, headers=miner)
-        assert r.status_code == 200 and ac.get_miner(h.coord.db._rconn, row["miner_id"])["status"] == "DRAINING"
+        assert r.status_code == 200 and (await h.coord.db.read(ac.get_miner, miner_id))["status"] == "DRAINING"
         assert (await h.client.post("/v1/miners/heartbeat", json={}, headers={"X-Api-Key": "nope"})).status_code == 401
 
 
@@ -346,6 +370,11 @@ async def heard_from_a_fleet(h: Any) -> tuple[int, int]:
     h.coord.unrecorded = {f"m{i}": at for i in range(0, n, 2)}
     h.coord.unrecorded_beats = {f"m{i}": (at, None) for i in range(1, n, 2)}
     return n, at
+
+
+async def fleet_rows(h: Harness, n: int) -> dict[int, Any]:
+    """Miners m0 .. m{n-1}'s rows, by number."""
+    return await h.coord.db.read(lambda conn: {i: ac.get_miner(conn, f"m{i}") for i in range(n)})
 
 
 async def test_a_sweep_records_a_fleets_liveness_a_bounded_unit_at_a_time(tmp_path: Path,
@@ -364,7 +393,7 @@ async def test_a_sweep_records_a_fleets_liveness_a_bounded_unit_at_a_time(tmp_pa
         n, at = await heard_from_a_fleet(h)
         await h.coord.sweep()
         assert sum(unit_sizes) == n and max(unit_sizes) <= ac.LIVENESS_UNIT and len(unit_sizes) == 4
-        rows = {i: ac.get_miner(h.coord.db._rconn, f"m{i}") for i in range(n)}
+        rows = await fleet_rows(h, n)
         assert all(rows[i]["last_seen"] == at for i in range(0, n, 2))
         assert all(rows[i]["last_heartbeat"] == at for i in range(1, n, 2))
         assert not h.coord.unrecorded and not h.coord.unrecorded_beats
@@ -389,7 +418,7 @@ async def test_a_stop_records_the_liveness_a_sweep_in_flight_and_the_requests_si
         await touching.wait()  # the sweep's own unit is committed, the next one running
         h.clock.advance(1)
         h.coord.heard_from("m1")  # heard from again meanwhile
-    conn = ac.connect(str(tmp_path / "coord.db"), "NORMAL", readonly=True)
+    conn = open_database(database_of(tmp_path))
     try:
         rows = {i: ac.get_miner(conn, f"m{i}") for i in range(n)}
     finally:
@@ -405,32 +434,22 @@ async def test_liveness_a_failed_commit_did_not_record_waits_for_the_next_sweep(
     from again meanwhile keeps its newer reading), and the next sweep records them."""
     async with harness(tmp_path) as h:
         n, at = await heard_from_a_fleet(h)
-        db, real, calls = h.coord.db, h.coord.db._wconn, []
+        db, calls = h.coord.db, []
         touch = ac.touch_miners
-
-        class FailingCommit:
-            in_transaction = property(lambda self: real.in_transaction)
-
-            def execute(self, sql: str, *args: object) -> object:
-                if sql == "COMMIT" and len(calls) == 3:
-                    raise sqlite3.OperationalError("disk I/O error")
-                return real.execute(sql, *args)
 
         def third_unit_fails(conn: Any, seen: dict[str, int], beats: dict[str, int]) -> None:
             calls.append(len(seen) + len(beats))
             if len(calls) == 3:
-                db._wconn = FailingCommit()  # type: ignore[assignment]
                 h.coord.unrecorded_beats["m301"] = (at + 2000, None)  # in this unit, heard from again meanwhile
             touch(conn, seen, beats)
 
         monkeypatch.setattr(ac, "touch_miners", third_unit_fails)
-        with pytest.raises(ac.Unavailable):
+        with failing_commits(db, lambda: len(calls) == 3) as failures, pytest.raises(ac.Unavailable):
             await h.coord.sweep()
-        db._wconn = real
-        assert calls[:3] == [ac.LIVENESS_UNIT] * 3 and len(calls) == 3  # the fourth never ran
-        assert ac.get_miner(db._rconn, "m301")["last_heartbeat"] != at + 2000
+        assert calls[:3] == [ac.LIVENESS_UNIT] * 3 and len(calls) == 3 and len(failures) == 1  # the fourth never ran
+        assert (await db.read(ac.get_miner, "m301"))["last_heartbeat"] != at + 2000
         await h.coord.sweep()
-        rows = {i: ac.get_miner(db._rconn, f"m{i}") for i in range(n)}
+        rows = await fleet_rows(h, n)
         assert [i for i in range(0, n, 2) if rows[i]["last_seen"] != at] == []
         assert [i for i in range(1, n, 2) if rows[i]["last_heartbeat"] != at and i != 301] == []
         assert rows[301]["last_heartbeat"] == at + 2000

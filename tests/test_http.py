@@ -8,7 +8,7 @@ import re
 import pytest
 
 import aitbc_coord as ac
-from conftest import ADMIN, CLIENT, CLIENT_KEY, MINER, MINER_KEY, Harness, harness, http_scope
+from conftest import ADMIN, CLIENT, CLIENT_KEY, MINER, MINER_KEY, Harness, database_error, harness, http_scope
 
 pytestmark = pytest.mark.anyio
 PROTECTED = [("POST", "/v1/jobs", "client"), ("GET", "/v1/jobs", "client"), ("GET", "/v1/jobs/{job_id}", "client"),
@@ -206,7 +206,7 @@ async def test_health(h: Harness) -> None:
 
 async def test_health_is_degraded_when_the_database_cannot_be_read(h: Harness) -> None:
     async def broken(*args: object) -> None:
-        raise ac.sqlite3.OperationalError("disk I/O error")
+        raise database_error(h.coord)
 
     h.coord.db.read = broken  # type: ignore[method-assign]
     r = await h.client.get("/v1/health")

@@ -16,7 +16,7 @@ from starlette.applications import Starlette
 from starlette.routing import Mount
 
 import aitbc_coord as ac
-from conftest import CLIENT, harness, make_settings
+from conftest import CLIENT, database_of, harness, make_settings
 from test_serve import start_server
 
 pytestmark = pytest.mark.anyio
@@ -79,7 +79,7 @@ def test_root_path_setting_is_a_path_prefix(tmp_path: Path) -> None:
 def test_serve_behind_a_proxy_that_strips_the_prefix(tmp_path: Path) -> None:
     """The proxy forwards /coordinator/v1/... as /v1/...; serve --root-path names the prefix for links
     and the OpenAPI document, as uvicorn's own --root-path does. Migrations run once at start."""
-    proc, base = start_server(tmp_path, "--db", str(tmp_path / "c.db"), "--root-path", "/coordinator",
+    proc, base = start_server(tmp_path, "--db", database_of(tmp_path), "--root-path", "/coordinator",
                               env={"APP_ENV": "dev"})
     try:
         with httpx.Client(base_url=base, timeout=10) as http:

@@ -8,7 +8,7 @@ import sqlite3
 import pytest
 
 import aitbc_coord as ac
-from conftest import ADMIN, CLIENT, MINER, FakeClock, Harness, harness
+from conftest import ADMIN, CLIENT, MINER, FakeClock, Harness, database_error, harness
 
 pytestmark = pytest.mark.anyio
 TWO = {"CLIENT_API_KEYS": "alice=key-a,bob=key-b", "RATE_LIMIT_REQUESTS": "5", "RATE_LIMIT_WINDOW_SECONDS": "60"}
@@ -71,6 +71,7 @@ async def test_a_miner_may_hold_only_so_many_long_polls(tmp_path) -> None:
         assert (await h.poll()).status_code == 204  # the cap frees with the polls
 
 
+@pytest.mark.sqlite_only  # SQLite's one write lock, held by another process
 async def test_a_database_locked_by_another_process_is_a_503_not_a_500(tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(ac.Database, "BUSY_RETRY_SECONDS", 0.2)
     async with harness(tmp_path) as h:
@@ -87,7 +88,7 @@ async def test_a_database_locked_by_another_process_is_a_503_not_a_500(tmp_path,
 
 async def test_a_failing_read_is_a_503_not_a_500(h: Harness) -> None:
     async def broken(*args: object) -> None:
-        raise sqlite3.OperationalError("disk I/O error")
+        raise database_error(h.coord)
 
     h.coord.db.read = broken  # type: ignore[method-assign]
     for path, headers in (("/v1/jobs", CLIENT), ("/v1/explorer/blocks", {}), ("/v1/admin/miners", ADMIN)):

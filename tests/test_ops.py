@@ -155,6 +155,7 @@ def test_json_log_lines() -> None:
     assert line["ts"].endswith("Z")
 
 
+@pytest.mark.sqlite_only  # `aitbc-coord backup` copies the SQLite file (PostgreSQL: pg_dump)
 async def test_backup_under_write_load_holds_every_earlier_job(tmp_path) -> None:
     async with harness(tmp_path) as h:
         acked: list[str] = []
@@ -184,6 +185,7 @@ async def test_backup_under_write_load_holds_every_earlier_job(tmp_path) -> None
     assert oct(dest.stat().st_mode & 0o777) == "0o600"
 
 
+@pytest.mark.sqlite_only  # `aitbc-coord backup` copies the SQLite file (PostgreSQL: pg_dump)
 async def test_a_backup_restores(tmp_path) -> None:
     async with harness(tmp_path, {"RECEIPT_SIGNING_KEY_HEX": EDGE_SEED}) as h:
         job_id = await run_one_job(h)

@@ -12,9 +12,11 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 from nacl.signing import SigningKey
 
 import aitbc_coord as ac
+from conftest import database_of, open_database
 
 CLIENT = {"X-Api-Key": ac.DEV_KEYS["client"]}
 MINER = {"X-Api-Key": ac.DEV_KEYS["miner"]}
@@ -40,9 +42,10 @@ def start_server(tmp_path: Path, *args: str, env: dict[str, str] | None = None) 
     raise AssertionError("serve did not start")
 
 
+@pytest.mark.both_backends
 def test_serve_runs_a_whole_job_the_way_upstream_clients_do(tmp_path: Path) -> None:
     seed = SigningKey.generate().encode().hex()
-    proc, base = start_server(tmp_path, "--db", str(tmp_path / "c.db"),
+    proc, base = start_server(tmp_path, "--db", database_of(tmp_path),
                               env={"APP_ENV": "dev", "RECEIPT_SIGNING_KEY_HEX": seed})
     try:
         with httpx.Client(base_url=base + "/v1", timeout=10) as http:
@@ -154,12 +157,12 @@ def test_sigterm_releases_a_waiting_long_poll_and_exits_cleanly(tmp_path: Path) 
             proc.kill()
 
 
+@pytest.mark.both_backends
 def test_sigterm_under_load_loses_no_acknowledged_write(tmp_path: Path) -> None:
-    import sqlite3
     import threading
 
-    db = tmp_path / "c.db"
-    proc, base = start_server(tmp_path, "--db", str(db), env={"APP_ENV": "dev"})
+    db = database_of(tmp_path)
+    proc, base = start_server(tmp_path, "--db", db, env={"APP_ENV": "dev"})
     acked: list[str] = []
     stop = threading.Event()
 
@@ -190,10 +193,11 @@ def test_sigterm_under_load_loses_no_acknowledged_write(tmp_path: Path) -> None:
             w.join(timeout=15)
         if proc.poll() is None:
             proc.kill()
-    conn = sqlite3.connect(db)
+    conn = open_database(db)
     try:
         stored = {r[0] for r in conn.execute("SELECT job_id FROM jobs")}
-        assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+        if not ac.is_postgres_url(db):
+            assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
     finally:
         conn.close()
     assert len(acked) >= 100 and set(acked) <= stored  # every 201 was committed

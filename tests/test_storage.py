@@ -132,6 +132,7 @@ def schema_4_database(path: Path) -> tuple[str, str]:
     return old_text, new_text
 
 
+@pytest.mark.sqlite_only  # an upgrade of a schema 4 SQLite file
 async def test_an_upgrade_from_schema_4_packs_every_receipt_and_serves_the_same_bytes(tmp_path: Path) -> None:
     db, fresh = tmp_path / "coord.db", tmp_path / "fresh.db"
     texts = schema_4_database(db)
@@ -174,6 +175,7 @@ def kept_bytes(db: str) -> int:
         conn.close()
 
 
+@pytest.mark.sqlite_only  # SQLite pages (dbstat)
 async def test_a_job_kept_for_good_stores_less_than_1_kib(tmp_path: Path) -> None:
     """Under the default settings (receipts signed, not attested), once payloads are pruned: the bytes
     200 jobs add, per job. tests/bench.py's kept_bytes_per_job measures the pages at scale (~930)."""

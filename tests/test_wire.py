@@ -25,7 +25,6 @@ import contextlib
 import dataclasses
 import functools
 import json
-import sqlite3
 import types
 import typing
 from collections.abc import Iterator
@@ -37,7 +36,7 @@ import pytest
 from pydantic import BaseModel, ConfigDict, RootModel, TypeAdapter, ValidationError, create_model
 
 import aitbc_coord as ac
-from conftest import ADMIN, CLIENT, Harness, harness
+from conftest import ADMIN, CLIENT, Harness, database_error, harness
 from test_receipts import EDGE_ATTESTATION_SEED, EDGE_SEED
 
 pytestmark = pytest.mark.anyio
@@ -465,13 +464,13 @@ async def probe_errors(h: Harness, table: dict[Route, Probe]) -> None:
 def database_down(coord: ac.Coordinator) -> Iterator[None]:
     """Every read and write fails as a disk I/O error would, until the block ends."""
     async def broken(*args: object) -> None:
-        raise sqlite3.OperationalError("disk I/O error")
+        raise database_error(coord)
 
-    coord.db.read = coord.db.write = broken  # type: ignore[method-assign,assignment]
+    coord.db.read = coord.db.peek = coord.db.write = broken  # type: ignore[method-assign,assignment]
     try:
         yield
     finally:
-        del coord.db.read, coord.db.write
+        del coord.db.read, coord.db.peek, coord.db.write
 
 
 async def probe_unavailable_and_throttled(h: Harness, table: dict[Route, Probe]) -> None:
