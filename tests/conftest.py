@@ -219,7 +219,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 # harness's database lives under it), runs twice, [sqlite] and [postgres]: make_settings and database_of
 # give the second a PostgreSQL database of its own (one per tmp_path, so a test that restarts its
 # coordinator finds its data again). A test about SQLite itself (its files, pragmas, VM steps, the
-# writer's internals) is marked sqlite_only; a test elsewhere may opt in with the both_backends marker.
+# writer's internals), or one with no database in play (key and archive files, CLI commands), is marked
+# sqlite_only; a test elsewhere may opt in with the both_backends marker.
 # Modules left out have no database in play (settings, sockets, the log's client, packaging, receipt
 # parsing) or test SQLite's own crash path (test_crash; PostgreSQL's is test_postgres_serve's).
 BOTH_BACKENDS = {"test_authz", "test_db", "test_explorer", "test_faults", "test_fleet", "test_hostile", "test_http",

@@ -197,6 +197,7 @@ def _vm_steps(conn: sqlite3.Connection, fn, *args) -> int:  # noqa: ANN001
     return steps[0]
 
 
+@pytest.mark.sqlite_only  # SQLite VM steps
 def test_a_page_costs_the_same_with_1000_or_50000_jobs(tmp_path: Path) -> None:
     """SQLite VM steps of each public first page (and admin stats) at two table sizes."""
     path = str(tmp_path / "depth.db")

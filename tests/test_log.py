@@ -77,6 +77,7 @@ def large(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[sqlite3.Co
 
 # --- the tree and its proofs, against the independent verifier ---
 
+@pytest.mark.sqlite_only  # the tree in a SQLite file (the log's SQL on PostgreSQL: the harness tests)
 def test_every_leaf_and_every_pair_of_sizes_up_to_200(tmp_path: Path) -> None:
     tree = build(tmp_path / "log.db", SMALL)
     conn = ac.connect(str(tmp_path / "log.db"), "OFF", readonly=True)
@@ -98,6 +99,7 @@ def test_every_leaf_and_every_pair_of_sizes_up_to_200(tmp_path: Path) -> None:
     conn.close()
 
 
+@pytest.mark.sqlite_only  # the tree in a SQLite file (the log's SQL on PostgreSQL: the harness tests)
 def test_a_proof_proves_nothing_else(tmp_path: Path) -> None:
     tree = build(tmp_path / "log.db", 37)
     conn = ac.connect(str(tmp_path / "log.db"), "OFF", readonly=True)
@@ -133,6 +135,7 @@ def test_random_leaves_and_pairs_up_to_100000(large: tuple[sqlite3.Connection, r
     assert rfc.verify_consistency(m, n, tree.root(m), tree.root(n), hashes(proof["consistency_path"]))
 
 
+@pytest.mark.sqlite_only  # SQLite VM steps
 def test_appending_reads_nothing_while_its_edge_is_current(tmp_path: Path) -> None:
     """A leaf costs its own row and the subtrees it completes (O(log n) hashing, no full-tree work);
     after a rolled-back append, the next one reads the frontier once and hashes right."""
@@ -482,6 +485,7 @@ def spoil(path: Path, how: str) -> None:
     ("loose", "is readable or writable by group or others; chmod 600 it"), ("directory", "is not a regular file"),
     ("symlink to /dev/null", "is not a regular file"),
 ])
+@pytest.mark.sqlite_only  # a key file beside the SQLite file
 def test_a_development_key_file_that_cannot_be_used_says_why_and_how_to_start_afresh(tmp_path: Path, how: str,
                                                                                    why: str) -> None:
     """Break report 17 #7: these made uvicorn exit 3 ("Application startup failed"); a directory or
@@ -496,6 +500,7 @@ def test_a_development_key_file_that_cannot_be_used_says_why_and_how_to_start_af
     assert made and kept == path and ac.load_dev_seed(str(tmp_path / "coord.db")) == (seed, path, False)
 
 
+@pytest.mark.sqlite_only  # a key file beside the SQLite file
 def test_the_development_key_is_made_whole_or_not_at_all_and_a_racing_start_uses_the_winner(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Break report 17 #7: the key file was created (O_EXCL) and then written, so a concurrent start read
@@ -578,6 +583,7 @@ async def test_a_log_keeps_its_origin_a_new_one_configured_refuses_to_start(tmp_
             assert [(k["origin"], k["status"]) for k in keys if k["role"] == "log"] == [(origin, "active")]
 
 
+@pytest.mark.sqlite_only  # an upgrade of a SQLite file
 def test_an_upgrade_appends_the_receipts_issued_before_it_once_in_issue_order(tmp_path: Path) -> None:
     db = tmp_path / "v2.db"
     text = ac.schema_sql()

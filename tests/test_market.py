@@ -180,6 +180,7 @@ async def test_a_miner_offer_can_take_a_bid(tmp_path) -> None:
         assert r.json()["offer_id"] == listed[0]["id"]
 
 
+@pytest.mark.sqlite_only  # SQLite VM steps
 def test_reads_cost_the_same_with_100_or_20000_miners(tmp_path) -> None:
     """SQLite VM steps of every read that lists or counts miners, at two fleet sizes: the admin miner
     page, market and admin stats, the offers page (with and without a status filter, by offset and by

@@ -270,6 +270,7 @@ def _poll_vm_steps(conn: sqlite3.Connection, matcher: ac.Matcher, now: int) -> i
     return steps[0]
 
 
+@pytest.mark.sqlite_only  # SQLite VM steps
 def test_poll_cost_does_not_grow_with_jobs_the_miner_cannot_run(tmp_path) -> None:
     """SQLite VM steps of one claim, with 100 vs 100,000 queued jobs pinned to another region."""
     path = str(tmp_path / "depth.db")

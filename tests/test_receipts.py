@@ -345,6 +345,7 @@ async def test_non_finite_numbers_are_refused_at_the_edge(tmp_path) -> None:
 
 # --- configuration of keys ---
 
+@pytest.mark.sqlite_only  # no database in play (settings and key files)
 def test_malformed_keys_and_loose_key_files_are_start_up_errors(tmp_path: Path) -> None:
     for env, name in (({"RECEIPT_SIGNING_KEY_HEX": "abc"}, "RECEIPT_SIGNING_KEY_HEX"),
                       ({"RECEIPT_ATTESTATION_KEY_HEX": "z" * 64}, "RECEIPT_ATTESTATION_KEY_HEX"),
@@ -365,6 +366,7 @@ def test_malformed_keys_and_loose_key_files_are_start_up_errors(tmp_path: Path) 
         ac.Settings.load({"RECEIPT_SIGNING_KEY_FILE": str(key_file)})
 
 
+@pytest.mark.sqlite_only  # no database in play (the keygen command)
 def test_keygen_prints_a_seed_that_works_and_writes_private_files(tmp_path: Path) -> None:
     runner = CliRunner()
     out = runner.invoke(ac.cli, ["keygen"]).output
@@ -386,6 +388,7 @@ def test_keygen_prints_a_seed_that_works_and_writes_private_files(tmp_path: Path
     assert loaded.signing_seed is not None
 
 
+@pytest.mark.sqlite_only  # no database in play (the verify command)
 def test_verify_command(tmp_path: Path) -> None:
     runner = CliRunner()
     receipt = {**EDGE_PAYLOAD, "signature": EDGE_SIGNATURE, "attestations": [EDGE_ATTESTATION]}
@@ -433,6 +436,7 @@ async def test_a_1_1_receipt_verifies_as_the_sdk_does_and_its_digests_match_what
     assert not independently_valid(forged, EDGE_SIGNATURE["key_id"], EDGE_ATTESTATION["key_id"])
 
 
+@pytest.mark.sqlite_only  # no database in play (the verify command)
 def test_verify_command_accepts_a_1_1_receipt(tmp_path: Path) -> None:
     signer = ac.Signer(SigningKey(bytes.fromhex(EDGE_SEED)))
     body = {"version": "1.1", "receipt_id": "e" * 32, "job_id": "f" * 32, "provider": "rig", "client": "alice",

@@ -303,6 +303,7 @@ async def test_nothing_is_pruned_that_was_not_archived(tmp_path: Path, monkeypat
         assert (await h.coord.retain())["pruned"] == 2
 
 
+@pytest.mark.sqlite_only  # no database in play (archive files)
 def test_a_second_file_for_a_day_never_replaces_the_first(tmp_path: Path) -> None:
     day = ac.day_start(int(T0 * 1000))
     names = []
@@ -314,6 +315,7 @@ def test_a_second_file_for_a_day_never_replaces_the_first(tmp_path: Path) -> Non
     assert [line["n"] for name in names for line in ac.read_archive(tmp_path / name)] == [0, 1, 2]
 
 
+@pytest.mark.sqlite_only  # no database in play (archive files)
 def test_two_writers_of_one_day_each_publish_a_whole_file_of_their_own(tmp_path: Path) -> None:
     """The server's upkeep and an `aitbc-coord archive` into ARCHIVE_DIR, interleaved: each writes its own
     partial file and publishes under its own name; neither truncates nor replaces the other's."""
@@ -333,6 +335,7 @@ def test_two_writers_of_one_day_each_publish_a_whole_file_of_their_own(tmp_path:
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([first.name, second.name])
 
 
+@pytest.mark.sqlite_only  # no database in play (archive files)
 def test_only_partial_files_of_writers_that_are_gone_are_removed(tmp_path: Path) -> None:
     child = os.fork()
     if child == 0:
@@ -359,6 +362,7 @@ def test_only_partial_files_of_writers_that_are_gone_are_removed(tmp_path: Path)
     assert {p.name for p in tmp_path.iterdir()} == set(files) - removed
 
 
+@pytest.mark.sqlite_only  # no database in play (backup files)
 def test_two_backups_to_one_name_never_share_a_file(tmp_path: Path) -> None:
     db = str(tmp_path / "c.db")
     ac.migrate(db)
@@ -435,6 +439,7 @@ async def test_a_pruned_archive_line_keeps_the_summary(tmp_path: Path) -> None:
     assert line["finished_at"] == int((T0 + 2) * 1000) and isinstance(line["pruned_at"], int)
 
 
+@pytest.mark.sqlite_only  # no database in play (archive files)
 def test_a_gzip_archive_is_read_as_it_was_written(tmp_path: Path) -> None:
     path = tmp_path / "jobs.jsonl.gz"
     with gzip.open(path, "wb") as f:
