@@ -197,7 +197,7 @@ def test_sigterm_under_load_loses_no_acknowledged_write(tmp_path: Path) -> None:
     try:
         stored = {r[0] for r in conn.execute("SELECT job_id FROM jobs")}
         if not ac.is_postgres_url(db):
-            assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+            assert tuple(conn.execute("PRAGMA integrity_check").fetchone()) == ("ok",)
     finally:
         conn.close()
     assert len(acked) >= 100 and set(acked) <= stored  # every 201 was committed
