@@ -247,7 +247,8 @@ def db_backend(request: pytest.FixtureRequest) -> Iterator[str]:
         return
     create = request.getfixturevalue("new_pg_database")
     databases: dict[Path, str] = {}
-    _pg_database = lambda tmp_path: databases.get(tmp_path) or databases.setdefault(tmp_path, create(migrated=True))  # noqa: E731
+    _pg_database = lambda tmp_path: (databases.get(tmp_path)  # noqa: E731
+                                     or databases.setdefault(tmp_path, create(migrated=True)))
     try:
         yield backend
     finally:

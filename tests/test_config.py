@@ -111,7 +111,7 @@ def test_env_file_is_read_and_the_real_environment_wins(tmp_path: Path) -> None:
     env_file.write_text("JOB_TTL_SECONDS=120\nCOORDINATOR_ID=from-file\nDB_SYNCHRONOUS=normal\n")
     s = load({"COORDINATOR_ID": "from-env"}, env_file=str(env_file))
     assert (s.job_ttl_seconds, s.coordinator_id, s.db_synchronous) == (120, "from-env", "NORMAL")
-    (Path.cwd() / ".env").write_text("JOB_TTL_SECONDS=77\n")  # each test runs in a directory of its own: ./.env is picked up
+    (Path.cwd() / ".env").write_text("JOB_TTL_SECONDS=77\n")  # each test runs in a directory of its own: ./.env
     assert load({}).job_ttl_seconds == 77
     with pytest.raises(ac.ConfigError, match="no such file"):
         load({}, env_file=str(tmp_path / "missing.env"))

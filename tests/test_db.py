@@ -128,7 +128,8 @@ async def test_an_acknowledged_submit_is_already_committed(h: Harness) -> None:
     job = await h.submit()
     other = open_database(h.coord.settings.target)  # a separate connection sees it at once
     try:
-        assert tuple(other.execute("SELECT state FROM jobs WHERE job_id = ?", (job["job_id"],)).fetchone()) == ("QUEUED",)
+        row = other.execute("SELECT state FROM jobs WHERE job_id = ?", (job["job_id"],)).fetchone()
+        assert tuple(row) == ("QUEUED",)
     finally:
         other.close()
 

@@ -203,8 +203,9 @@ client = st.sampled_from(CLIENTS)
 miner = st.sampled_from(MINERS)
 job_ref = st.integers(0, 30)
 price = st.sampled_from([0.5, 1.0, 1.02, 1.5, 3.0])
-constraints = st.fixed_dictionaries({}, optional={"region": st.sampled_from(["eu", "us"]), "max_price": price,
-                                                  "models": st.just(["llama"]), "min_vram_gb": st.sampled_from([8, 80])})
+constraints = st.fixed_dictionaries({}, optional={
+    "region": st.sampled_from(["eu", "us"]), "max_price": price, "models": st.just(["llama"]),
+    "min_vram_gb": st.sampled_from([8, 80])})
 capabilities = st.fixed_dictionaries({"price": price}, optional={
     "region": st.sampled_from(["eu", "us"]), "models": st.just(["llama", "sd"]),
     "gpus": st.just([{"name": "A100", "memory_mb": 81920}])})
@@ -212,7 +213,8 @@ capabilities = st.fixed_dictionaries({"price": price}, optional={
 WRITES = st.one_of(
     st.builds(submit, client, constraints, st.sampled_from([5, 60, 3600]),
               st.sampled_from([None, None, "k1", "k2"]), st.integers(0, 3)),
-    st.builds(lambda m, caps, c: request("POST", "/v1/miners/register", KEY[m], {"capabilities": caps, "concurrency": c}),
+    st.builds(lambda m, caps, c: request("POST", "/v1/miners/register", KEY[m],
+                                         {"capabilities": caps, "concurrency": c}),
               miner, capabilities, st.integers(1, 2)),
     st.builds(lambda m, inflight, status: request("POST", "/v1/miners/heartbeat", KEY[m],
                                                   {"inflight": inflight, "status": status}),
@@ -220,8 +222,8 @@ WRITES = st.one_of(
     st.builds(lambda m: request("POST", "/v1/miners/poll", KEY[m], {}), miner),
     st.builds(work, miner, st.sampled_from(["result", "result", "fail"])),
     st.builds(work, miner, st.just("result")),
-    st.builds(lambda m, k, units: on_job("POST", "/v1/miners/{job}/result", KEY[m], k,
-                                         {"result": {"out": k}, "metrics": {"units": units, "unit_type": "gpu_seconds"}}),
+    st.builds(lambda m, k, units: on_job("POST", "/v1/miners/{job}/result", KEY[m], k, {
+                  "result": {"out": k}, "metrics": {"units": units, "unit_type": "gpu_seconds"}}),
               miner, job_ref, st.sampled_from([1, 2.5, 30])),
     st.builds(lambda m, k, retry: on_job("POST", "/v1/miners/{job}/fail", KEY[m], k,
                                          {"error_code": "OOM", "error_message": "out of memory", "retryable": retry}),
@@ -253,9 +255,10 @@ READS = st.one_of(
     st.builds(log_reads, job_ref),
 )
 SESSION = st.lists(st.one_of(WRITES, WRITES, READS), min_size=10, max_size=40)
-EVERY_READ = [paged("/v1/admin/jobs", ADMIN), paged("/v1/admin/miners", ADMIN), request("GET", "/v1/admin/stats", ADMIN),
-              paged("/v1/marketplace/offers"), request("GET", "/v1/marketplace/stats"), paged("/v1/explorer/blocks"),
-              paged("/v1/explorer/transactions"), paged("/v1/explorer/addresses"), paged("/v1/explorer/receipts"),
+EVERY_READ = [paged("/v1/admin/jobs", ADMIN), paged("/v1/admin/miners", ADMIN),
+              request("GET", "/v1/admin/stats", ADMIN), paged("/v1/marketplace/offers"),
+              request("GET", "/v1/marketplace/stats"), paged("/v1/explorer/blocks"), paged("/v1/explorer/transactions"),
+              paged("/v1/explorer/addresses"), paged("/v1/explorer/receipts"),
               *(paged("/v1/jobs", KEY[c]) for c in CLIENTS), log_reads(0)]
 
 
