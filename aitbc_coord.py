@@ -1362,7 +1362,8 @@ class PgDatabase(Database):
         raw = await asyncio.to_thread(pg_connect, self.path)
         held = False
         try:
-            held = await asyncio.to_thread(lambda: bool(raw.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone()[0]))
+            held = await asyncio.to_thread(
+                lambda: bool(raw.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone()[0]))
             yield held
         finally:
             if held:  # released now: a session's locks go only once the server has ended it, after close
