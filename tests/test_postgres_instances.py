@@ -134,12 +134,13 @@ async def test_cluster_duties_run_once_a_tick_summed_over_instances_and_survive_
             a0, b0, started = a.coord.cluster_duties, b.coord.cluster_duties, time.monotonic()
             await asyncio.sleep(2.0)
             ran, elapsed = a.coord.cluster_duties - a0 + b.coord.cluster_duties - b0, time.monotonic() - started
-        # once a tick (runs at least 0.9 of a tick apart), not once a tick per instance
-        assert elapsed / tick - 3 <= ran <= elapsed / (0.9 * tick) + 1, (ran, elapsed)
+        # once a tick (runs at least 0.9 of a tick apart), not once a tick per instance; the lower bound
+        # only says they keep running (a loaded machine stretches 0.1 s ticks)
+        assert elapsed / tick / 2 - 2 <= ran <= elapsed / (0.9 * tick) + 1, (ran, elapsed)
         b1, started = b.coord.cluster_duties, time.monotonic()
         await asyncio.sleep(1.0)  # A has stopped: B takes the duties over at once
         ran, elapsed = b.coord.cluster_duties - b1, time.monotonic() - started
-        assert elapsed / tick - 3 <= ran <= elapsed / (0.9 * tick) + 1, (ran, elapsed)
+        assert elapsed / tick / 2 - 2 <= ran <= elapsed / (0.9 * tick) + 1, (ran, elapsed)
 
 
 async def test_instances_publish_one_checkpoint_of_a_size_and_run_one_retention_pass_at_a_time(
