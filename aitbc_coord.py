@@ -1400,10 +1400,17 @@ class PgDatabase(Database):
         retention pass) runs on one instance at a time; an instance that dies loses the lock with its
         session. Raises psycopg.Error when the server cannot be reached."""
         raw = await asyncio.to_thread(pg_connect, self.path)
+        held = False
         try:
-            yield await asyncio.to_thread(lambda: bool(raw.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone()[0]))
+            held = await asyncio.to_thread(lambda: bool(raw.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone()[0]))
+            yield held
         finally:
-            await asyncio.to_thread(raw.close)  # the session ends: the lock is released
+            # released before the session ends: the server ends a closed connection's session when it gets
+            # to it, and a duty run again at once must not find the lock still held
+            if held:
+                with contextlib.suppress(*DB_ERRORS):
+                    await asyncio.to_thread(raw.execute, "SELECT pg_advisory_unlock(%s)", (key,))
+            await asyncio.to_thread(raw.close)
 
     async def read(self, fn: Callable[..., T], *args: Any) -> T:
         if not self.open:
