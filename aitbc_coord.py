@@ -13,7 +13,9 @@ Transactions: every write is a unit of work run by the one writer; units that ar
 commit is in flight share the next BEGIN IMMEDIATE ... COMMIT (group commit), each inside its own
 SAVEPOINT, and no response is sent before its commit. Background duties (retention) run as units of
 their own, never in a request's transaction. Reads use their own connection and never wait on the
-writer (WAL).
+writer (WAL). On PostgreSQL each unit is a transaction of its own on one of a few writer connections
+(the server merges concurrent commits' WAL flushes itself), and units take their locks in one order
+(LOCK ORDER), so that units on any number of instances never deadlock.
 
 Map (sections in this order; each uses only what stands above it, so a request read from the ASGI
 app at the bottom down to the database near the top, and back, scrolls one way each time):
@@ -1231,6 +1233,14 @@ def _configure_pg(raw: Any) -> None:
     raw.row_factory = _pg_row_maker
 
 
+def claim_counter_stripe(raw: Any) -> int:
+    """Give a writer's connection a stripe of the striped totals no other live session adds to
+    (schema_pg.sql's claim_counter_stripe: a session-level advisory lock, held until the connection
+    closes): its transactions then never wait for another's on a total (LOCK ORDER). Returns the
+    stripe; raises psycopg.Error."""
+    return int(raw.execute("SELECT claim_counter_stripe()").fetchone()[0])
+
+
 MIGRATE_LOCK = 0x61697462_63000001  # pg_advisory_xact_lock key ("aitbc" and 1): one migration at a time
 # PostgreSQL upgrade steps, as UPGRADES: PG_UPGRADES[n] takes a version n-1 database to version n (the
 # first PostgreSQL schema was version 6).
@@ -1304,35 +1314,55 @@ def migrate_database(settings: Settings) -> tuple[int, int]:
 
 
 class PgDatabase(Database):
-    """Database's interface on PostgreSQL. Writes keep the group commit (a batch of units in one
-    transaction, each in its own SAVEPOINT), run by a writer thread on a connection of its own: every
-    statement is a network round trip the event loop must not wait through. A batch that deadlocks
-    with another instance's, or fails serialisation, runs again. Reads take a connection from a pool
-    in a worker thread, each read one READ ONLY REPEATABLE READ transaction (one snapshot, as
-    SQLite's BEGIN gives). Raises what Database raises; database errors are psycopg.Error."""
+    """Database's interface on PostgreSQL. Each unit of work runs in a transaction of its own, on one
+    of WRITERS connections, each used by a thread of its own (every statement is a network round trip
+    the event loop must not wait through); units start in the order they were written and commit in
+    any order. No group commit: PostgreSQL merges the WAL flushes of concurrent commits itself, and a
+    batch would hold every unit's locks until the last one's commit (LOCK ORDER says why units never
+    wait for each other in a cycle). A unit that deadlocks anyway (a safety net) or fails
+    serialisation runs again, RETRIES runs in all, each counted in `retried` by the error's name (a
+    metric). Reads take a connection from a pool in a worker thread, each
+    read one READ ONLY REPEATABLE READ transaction (one snapshot, as SQLite's BEGIN gives). Raises
+    what Database raises; database errors are psycopg.Error.
 
-    MAX_BATCH = 32  # units a batch: below the 64 subtransactions a PostgreSQL backend caches
-    RETRIES = 3  # runs of a batch that deadlocked or failed serialisation, in all
+    The abort hooks are not run: what they reset holds nothing a rolled-back unit could leave wrong
+    here (the Matcher reads which shapes hold jobs afresh, and learns only committed shapes; LogEdge
+    checks itself against the leaf before each append)."""
+
+    WRITERS = 3  # connections writing at once, per instance
+    RETRIES = 3  # runs of a unit that deadlocked or failed serialisation, in all
     READ_POOL = 4  # connections for reads
 
     def __init__(self, url: str) -> None:
         super().__init__(url)
         self._pool: Any = None
+        self.retried: collections.Counter[str] = collections.Counter()  # runs again, by the error's name
+        self._retried_lock = threading.Lock()  # writer threads count into it
 
     async def start(self) -> None:
-        """Open the writer's connection and the read pool, and start the writer task; raises
-        psycopg.Error when the server cannot be reached."""
+        """Open the writers' and the readers' pools; raises psycopg.Error when the server cannot be
+        reached."""
         load_psycopg()
         from psycopg_pool import ConnectionPool
         self._loop = asyncio.get_running_loop()
-        self._wconn = await asyncio.to_thread(pg_connect, self.path)
+        self._wpool = ConnectionPool(self.path, min_size=self.WRITERS, max_size=self.WRITERS, open=False,
+                                     kwargs={"autocommit": True}, configure=self._configure_writer)
         self._pool = ConnectionPool(self.path, min_size=1, max_size=self.READ_POOL, open=False,
                                     kwargs={"autocommit": True}, configure=self._configure_reader)
-        await asyncio.to_thread(self._pool.open, True, 10.0)
-        self._thread = concurrent.futures.ThreadPoolExecutor(1, "aitbc-pg-writer")
-        self._wake = asyncio.Event()
-        self._writer = asyncio.create_task(self._run_writer())
+        try:
+            await asyncio.to_thread(self._wpool.open, True, 10.0)
+            await asyncio.to_thread(self._pool.open, True, 10.0)
+        except BaseException:
+            await asyncio.to_thread(self._wpool.close)
+            await asyncio.to_thread(self._pool.close)
+            raise
+        self._writers = concurrent.futures.ThreadPoolExecutor(self.WRITERS, "aitbc-pg-writer")
         self.open = True
+
+    @staticmethod
+    def _configure_writer(raw: Any) -> None:
+        _configure_pg(raw)
+        claim_counter_stripe(raw)
 
     @staticmethod
     def _configure_reader(raw: Any) -> None:
@@ -1341,13 +1371,49 @@ class PgDatabase(Database):
         raw.isolation_level = load_psycopg().IsolationLevel.REPEATABLE_READ
 
     async def close(self) -> None:
-        """Commit what is queued, then close the connections."""
-        self.open, self._closing = False, True
-        self._wake.set()
-        await self._writer
-        self._thread.shutdown()
-        await asyncio.to_thread(self._wconn.close)
+        """Commit what was written before, then close the connections."""
+        self.open = False
+        await asyncio.to_thread(self._writers.shutdown)  # the units queued run first
+        await asyncio.to_thread(self._wpool.close)
         await asyncio.to_thread(self._pool.close)
+
+    async def write(self, fn: Callable[..., T], *args: Any) -> T:
+        if not self.open:
+            raise Unavailable("database not open")
+        started = time.perf_counter()
+        try:
+            result = await self._loop.run_in_executor(self._writers, self._run, fn, args)
+        except DB_ERRORS as exc:  # rolled back: nothing of it is durable, so nothing is acknowledged
+            log.error("unit %s failed: %s", fn.__name__, exc)
+            raise Unavailable() from None
+        if self.commit_observer is not None:
+            self.commit_observer(1, time.perf_counter() - started)
+        return result
+
+    async def write_alone(self, fn: Callable[..., T], *args: Any) -> T:
+        """As `write`: every unit has a transaction of its own here."""
+        return await self.write(fn, *args)
+
+    def _run(self, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
+        """A writer thread: fn in a transaction of its own, run again (RETRIES runs in all) when it
+        deadlocked or failed serialisation. Raises what fn raised (its transaction rolled back),
+        psycopg.Error."""
+        psycopg = load_psycopg()
+        again = (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure)
+        with self._wpool.connection() as raw:
+            conn = PgConnection(raw)
+            for attempt in range(1, self.RETRIES + 1):
+                try:
+                    with raw.transaction():
+                        return fn(conn, *args)
+                except again as exc:
+                    with self._retried_lock:
+                        self.retried[type(exc).__name__] += 1
+                    if attempt == self.RETRIES:
+                        raise
+                    log.warning("unit %s ran into another's locks (%s): running it again", fn.__name__,
+                                str(exc).partition("\n")[0])
+        raise AssertionError("unreachable")
 
     async def wal_checkpoint(self) -> tuple[int, int, int]:
         """Nothing to do: PostgreSQL checkpoints its own WAL."""
@@ -1394,59 +1460,6 @@ class PgDatabase(Database):
                 return fn(PgConnection(raw), *args)
             with raw.transaction():
                 return fn(PgConnection(raw), *args)
-
-    async def _commit_batch(self, batch: list[tuple[Callable[..., Any], tuple[Any, ...], asyncio.Future[Any]]]) -> None:
-        started = time.perf_counter()
-        try:
-            outcomes = await self._loop.run_in_executor(self._thread, self._run_batch, batch)
-            if self.commit_observer is not None:
-                self.commit_observer(len(batch), time.perf_counter() - started)
-        except DB_ERRORS as exc:  # nothing of this batch is durable, so nothing is acknowledged
-            log.error("write batch of %d aborted: %s", len(batch), exc)
-            for hook in self.abort_hooks:
-                hook()
-            outcomes = [(fut, None, Unavailable()) for _, _, fut in batch]
-        _settle_all(outcomes)
-        del batch, outcomes  # as in Database._commit_batch: no cycle through a refused unit's traceback
-
-    def _run_batch(self, batch: list[tuple[Callable[..., Any], tuple[Any, ...], asyncio.Future[Any]]]) -> list[Any]:
-        """The writer thread: the batch in one transaction; (future, result, error) a unit. Raises
-        psycopg.Error when the transaction failed (after RETRIES runs, for a deadlock)."""
-        psycopg = load_psycopg()
-        conn = PgConnection(self._wconn)
-        for attempt in range(1, self.RETRIES + 1):
-            try:
-                with self._wconn.transaction():
-                    return [(fut, *self._run_unit(conn, fn, args)) for fn, args, fut in batch]
-            except (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure) as exc:
-                if attempt == self.RETRIES:
-                    raise
-                log.warning("write batch of %d ran into another's locks (%s): running it again", len(batch), exc)
-        raise AssertionError("unreachable")
-
-    @staticmethod
-    def _run_unit(conn: Any, fn: Callable[..., Any], args: tuple[Any, ...]) -> tuple[Any, BaseException | None]:
-        psycopg = load_psycopg()
-        conn.raw.execute("SAVEPOINT unit")
-        try:
-            result = fn(conn, *args)
-        except (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure, psycopg.OperationalError):
-            raise  # the whole batch runs again, or fails
-        except Exception as exc:  # this unit's writes are undone; the rest of the batch commits
-            conn.raw.execute("ROLLBACK TO unit")
-            conn.raw.execute("RELEASE unit")
-            if isinstance(exc, psycopg.Error):
-                log.error("unit %s failed: %s", fn.__name__, exc)
-                exc = Unavailable()
-            elif isinstance(exc, ApiError):
-                # A refusal (404, 409, ...) goes back to its request, which needs no traceback; this one
-                # would lead through this thread's finished frames (the batch, its outcomes) back to the
-                # error itself: a reference cycle per refused request, left to the cycle collector,
-                # which `serve` runs on a clock (see Database._commit_batch).
-                exc.__traceback__ = None
-            return None, exc
-        conn.raw.execute("RELEASE unit")
-        return result, None
 
 
 # === Data layer ===
@@ -1657,12 +1670,34 @@ def lock_job(conn: sqlite3.Connection, job_id: str, miner_id: str | None = None)
         conn.execute("SELECT 1 FROM jobs WHERE job_id = ? FOR UPDATE", (job_id,))
 
 
-# LOCK ORDER. On PostgreSQL units run concurrently, and two that wait for each other's row locks
-# deadlock (one is aborted after deadlock_timeout, 1 s by default, and runs again). Units that write a
-# miner's row and rows of its jobs therefore lock them in one order: the miners' rows first (by id),
-# then the jobs' (by seq), then what triggers write (addresses, totals). A poll's first statement
-# updates its miner; a report locks the miner's row before the job's; a registration writes the
-# miner's row before it releases its jobs; a sweep locks every row it may write up front.
+# LOCK ORDER. On PostgreSQL units of work run concurrently, each in a transaction of its own, on the
+# writers of every instance (PgDatabase). Units that wait for each other's locks in a cycle deadlock:
+# PostgreSQL aborts one after deadlock_timeout (1 s by default) and it runs again. No cycle can form,
+# because every unit takes its locks in this one order, and those of one kind in key order:
+#   1. an advisory lock a unit waits for before anything else: a new shape's numbering (tx_submit's
+#      ensure_shape; a second insert of the same shape waits for it, then finds the first's row),
+#      publishing a checkpoint (tx_checkpoint);
+#   2. miners' rows, by miner_id (lock_miners; a poll's first statement updates its own miner's row,
+#      a registration's inserts or updates it);
+#   3. jobs' rows, by seq (lock_job, lock_jobs, lock_sweep_rows; a claim skips what is locked);
+#   4. addresses' rows, by address (lock_addresses, lock_jobs, lock_sweep_rows: before the statements
+#      whose triggers write them);
+#   5. idempotency keys (a submit's own key; a sweep's deletions, its last writes);
+#   6. the striped totals: each writer adds to a stripe no other live session adds to
+#      (claim_counter_stripe), so no unit ever waits for another on a total;
+#   7. the receipt log's numbering lock (the log_leaves trigger), last: a result appends its leaf as
+#      its last write, and the holder then waits for nothing but its own commit.
+# A unit waits only for a lock ranked after every lock it holds (or for a higher key of the kind it
+# holds last), so a cycle of waits would need one wait that goes back down the order: there is none.
+# What a unit would need to lock out of order it leaves alone: a job due to expire that a claim gave a
+# miner while the sweep waited for the job's row waits for the next sweep (its miner's row would come
+# after the job's). What a unit inserts has a key nobody
+# else holds, save an identity's first address row and an idempotency key, each the only one of its
+# kind the unit writes; a lock the unit holds already is never waited for. Retention's units (one pass
+# in the cluster at a time) take finished jobs' rows, which other units take one at a time, and want
+# nothing those hold; sweep_state is written only under a lock tried, never waited for (SWEEP_LOCK).
+# On SQLite the one writer runs one unit at a time, and every lock_* below does
+# nothing.
 
 
 def lock_miners(conn: sqlite3.Connection, miner_ids: Iterable[str]) -> None:
@@ -1673,29 +1708,56 @@ def lock_miners(conn: sqlite3.Connection, miner_ids: Iterable[str]) -> None:
                      " FOR NO KEY UPDATE", (json.dumps(miner_ids),))
 
 
+def lock_addresses(conn: sqlite3.Connection, addresses: Iterable[str | None]) -> None:
+    """PostgreSQL: lock the addresses rows (those that exist) of these identities until the unit
+    commits, in address order, before a statement whose triggers write them (LOCK ORDER). Nothing on
+    SQLite."""
+    if isinstance(conn, PgConnection) and (keys := sorted({a for a in addresses if a is not None})):
+        conn.execute("SELECT 1 FROM addresses WHERE address IN (SELECT value FROM json_each(?)) ORDER BY address"
+                     " FOR NO KEY UPDATE", (json.dumps(keys),))
+
+
+def lock_jobs_where(conn: sqlite3.Connection, where: str, params: Mapping[str, Any]) -> None:
+    """PostgreSQL: lock the jobs matching `where` (SQL over jobs' columns, `params` its :names) in seq
+    order, then the addresses rows of their clients and holders (LOCK ORDER: their miners' rows are
+    locked already), before a statement changes them. Nothing on SQLite."""
+    if isinstance(conn, PgConnection):
+        rows = conn.execute(f"SELECT client_id, assigned_miner_id FROM jobs WHERE {where} ORDER BY seq FOR UPDATE",
+                            params).fetchall()
+        lock_addresses(conn, {a for row in rows for a in row})
+
+
 def lock_jobs(conn: sqlite3.Connection, seqs: Iterable[int]) -> None:
-    """PostgreSQL: lock these jobs' rows until the unit commits, in seq order (LOCK ORDER: their miners'
-    rows are locked already). Nothing on SQLite."""
+    """PostgreSQL: lock these jobs' rows, then their addresses rows, as lock_jobs_where. Nothing on SQLite."""
     if isinstance(conn, PgConnection) and (seqs := sorted(set(seqs))):
-        conn.execute("SELECT 1 FROM jobs WHERE seq IN (SELECT CAST(value AS INTEGER) FROM json_each(?))"
-                     " ORDER BY seq FOR UPDATE", (json.dumps(seqs),))
+        lock_jobs_where(conn, "seq IN (SELECT CAST(value AS INTEGER) FROM json_each(:seqs))", {"seqs": json.dumps(seqs)})
 
 
 def lock_sweep_rows(conn: sqlite3.Connection, now: int, silent_holders: Sequence[str],
-                    miner_ids: Iterable[str]) -> None:
+                    miner_ids: Iterable[str], judged: Iterable[str] = ()) -> list[int] | None:
     """PostgreSQL: lock, before a sweep writes anything, the rows it may write, in LOCK ORDER: the
     miners named, those holding RUNNING jobs due at `now`, and `silent_holders`; then the active jobs
-    due at `now` and the RUNNING jobs of `silent_holders`. (A unit waiting for a job the sweep holds
-    then holds no row the sweep still needs.) Nothing on SQLite."""
+    due at `now` and the RUNNING jobs of `silent_holders` and of the miners whose heartbeats it judges
+    (`judged`, among those named: release_unreceived may put them back); then the addresses rows of those jobs'
+    clients and holders. (A unit waiting for a row the sweep holds then holds no row the sweep still
+    needs.) Returns the seqs of the due jobs to expire, for expire_due_jobs: a due job whose holder was
+    not locked first (a claim committed while the sweep waited for the job's row) is left to the next
+    sweep, as its miner's row cannot be locked now without breaking the order. None on SQLite, where
+    it does nothing."""
     if not isinstance(conn, PgConnection):
-        return
+        return None
     due = [r[0] for r in conn.execute("SELECT DISTINCT assigned_miner_id FROM jobs WHERE state = 'RUNNING'"
                                       " AND expires_at <= ?", (now,))]
-    lock_miners(conn, {*miner_ids, *silent_holders, *due})
-    conn.execute("SELECT 1 FROM jobs WHERE (state IN ('QUEUED', 'RUNNING') AND expires_at <= :now)"
-                 " OR (state = 'RUNNING' AND assigned_miner_id IN (SELECT value FROM json_each(:silent)))"
-                 " ORDER BY seq FOR UPDATE",
-                 {"now": now, "silent": json.dumps(list(silent_holders))})
+    locked = {*miner_ids, *silent_holders, *due}
+    lock_miners(conn, locked)
+    rows = conn.execute("SELECT seq, client_id, assigned_miner_id, state IN ('QUEUED', 'RUNNING') AND expires_at <= :now"
+                        " FROM jobs WHERE (state IN ('QUEUED', 'RUNNING') AND expires_at <= :now)"
+                        " OR (state = 'RUNNING' AND assigned_miner_id IN (SELECT value FROM json_each(:held)))"
+                        " ORDER BY seq FOR UPDATE",
+                        {"now": now, "held": json.dumps([*silent_holders, *judged])}).fetchall()
+    rows = [r for r in rows if r[2] is None or r[2] in locked]
+    lock_addresses(conn, {a for r in rows for a in (r[1], r[2])})
+    return [r[0] for r in rows if r[3]]
 
 
 def get_job(conn: sqlite3.Connection, job_id: str) -> sqlite3.Row | None:
@@ -1830,8 +1892,15 @@ def release_running(conn: sqlite3.Connection, where: str, params: Mapping[str, A
         {"max": max_attempts, "now": now, "reason": " " + reason, **params}).fetchall()
 
 
-def expire_due_jobs(conn: sqlite3.Connection, now: int) -> list[sqlite3.Row]:
-    """Expire every active job at or past its deadline; returns the miners whose slots were freed."""
+def expire_due_jobs(conn: sqlite3.Connection, now: int, seqs: Sequence[int] | None = None) -> list[sqlite3.Row]:
+    """Expire every active job at or past its deadline (of `seqs` only, when given: those
+    lock_sweep_rows locked); returns the miners whose slots were freed."""
+    if seqs is not None:
+        return conn.execute(
+            "UPDATE jobs SET state = 'EXPIRED', error = 'job expired', finished_at = ?"
+            " WHERE seq IN (SELECT CAST(value AS INTEGER) FROM json_each(?))"
+            " AND state IN ('QUEUED', 'RUNNING') AND expires_at <= ? RETURNING assigned_miner_id",
+            (now, json.dumps(list(seqs)), now)).fetchall()
     return conn.execute(
         "UPDATE jobs SET state = 'EXPIRED', error = 'job expired', finished_at = ?"
         " WHERE state IN ('QUEUED', 'RUNNING') AND expires_at <= ? RETURNING assigned_miner_id",
@@ -1899,6 +1968,7 @@ def touch_miner(conn: sqlite3.Connection, miner_id: str, now: int) -> sqlite3.Ro
 def touch_miners(conn: sqlite3.Connection, seen: Mapping[str, int], beats: Mapping[str, Beat]) -> None:
     """Record when each miner was last heard from and last heartbeated (wall-clock ms), never moving
     either back."""
+    lock_miners(conn, [*seen, *beats])  # in id order, before any is written (LOCK ORDER)
     conn.executemany("UPDATE miners SET last_seen = MAX(last_seen, ?) WHERE miner_id = ?",
                      [(at, miner_id) for miner_id, at in seen.items()])
     conn.executemany("UPDATE miners SET last_heartbeat = MAX(COALESCE(last_heartbeat, 0), ?) WHERE miner_id = ?",
@@ -3197,7 +3267,9 @@ class LogEdge:
     them back. Each append checks `size` against the index it was given and, on PostgreSQL (where other
     instances append too), `last` (the hash of the leaf at size - 1) against the leaf before its own, so
     an append that was rolled back, or one made elsewhere, costs one read of the frontier, never a
-    wrong hash. Used by one writer at a time, by units of work."""
+    wrong hash. Used by units of work, one at a time: on PostgreSQL, where an instance's writers run
+    units at once, the log's numbering lock lets one append at a time (the next waits in
+    insert_log_leaf until the first commits), and an append is its unit's last write."""
 
     def __init__(self) -> None:
         self.size, self.frontier, self.last = -1, [], b""
@@ -3806,8 +3878,9 @@ class Peers:
 
 
 # === Units of work ===
-# Each runs inside the writer's transaction (Database.write), in its own SAVEPOINT, and returns an
-# Outcome: its value, whom to wake after the commit, and an error to raise after it.
+# Each runs inside the writer's transaction (Database.write), in its own SAVEPOINT (PostgreSQL: in a
+# transaction of its own, taking its locks in LOCK ORDER), and returns an Outcome: its value, whom to
+# wake after the commit, and an error to raise after it.
 
 def tx_submit(conn: sqlite3.Connection, client_id: str, payload: str, constraints: str, shape: str, ttl_ms: int,
               now: int, idem: tuple[str, str] | None, idem_since: int, value: str | None = None) -> Outcome:
@@ -3832,6 +3905,7 @@ def tx_cancel(conn: sqlite3.Connection, client_id: str, job_id: str, now: int) -
     job = get_job(conn, job_id)
     if job is None or job["client_id"] != client_id:
         raise NotFound("job not found")
+    lock_addresses(conn, (job["client_id"], job["assigned_miner_id"]))  # what finish_job's triggers write
     wake = Wake(miners={job["assigned_miner_id"]} if job["assigned_miner_id"] else set())
     if job["state"] in ACTIVE_STATES and job["expires_at"] <= now:
         finish_job(conn, job["seq"], JobState.EXPIRED, now, "job expired")
@@ -3848,6 +3922,7 @@ def tx_register(conn: sqlite3.Connection, miner_id: str, capabilities: dict[str,
     (PostgreSQL): now on the database server's clock, for touch_heard."""
     token = secrets.token_hex(16)
     upsert_miner(conn, miner_id, capabilities, concurrency, region, token, now)  # its row before its jobs' (LOCK ORDER)
+    lock_jobs_where(conn, "state = 'RUNNING' AND assigned_miner_id = :miner", {"miner": miner_id})
     released = release_running(conn, "assigned_miner_id = :miner", {"miner": miner_id}, max_attempts,
                                now, "re-registered")
     if heard_at is not None:
@@ -3891,6 +3966,12 @@ def release_unreceived(conn: sqlite3.Connection, beats: Mapping[str, Beat]) -> W
             wake.miners.add(miner_id)
             wake.add_rows([row])
     return wake
+
+
+def tx_refresh_offers(conn: sqlite3.Connection, miner_ids: Sequence[str]) -> None:
+    """Bring these miners' offers up to date (refresh_offers), their rows locked first (LOCK ORDER)."""
+    lock_miners(conn, miner_ids)
+    refresh_offers(conn, miner_ids)
 
 
 def tx_heartbeat(conn: sqlite3.Connection, miner_id: str, inflight: int | None, status: str,
@@ -3974,6 +4055,7 @@ def _load_reported_job(conn: sqlite3.Connection, miner_id: str, job_id: str) -> 
         raise NotFound("miner not registered")
     if job["seq"] is None:
         raise NotFound("job not found")
+    lock_addresses(conn, (job["client_id"], job["assigned_miner_id"], miner_id))  # what its triggers and receipt write
     return job
 
 
@@ -4017,8 +4099,9 @@ def tx_result(conn: sqlite3.Connection, miner_id: str, job_id: str, result: dict
                                                   without_nulls(metrics, metrics_json), now, coordinator_id,
                                                   canonical_digest(result_json, canonical=True), busy_ms))
         receipt_id, stored = receipt["receipt_id"], insert_receipt(conn, receipt, job["client_id"], now, text)
-        append_to_log(conn, edge or LogEdge(), receipt_id, stored.encode())
     add_miner_outcome(conn, miner_id, now, 1, 0, busy_ms, receipt_id)
+    if receipt_id is not None:  # the last write: the log's numbering lock is held only to the commit (LOCK ORDER)
+        append_to_log(conn, edge or LogEdge(), receipt_id, stored.encode())
     return Outcome(stored, Wake(miners={miner_id}))
 
 
@@ -4111,12 +4194,13 @@ def tx_sweep(conn: sqlite3.Connection, now: int, is_silent: Callable[[str], bool
     The value is the number of jobs taken back."""
     silent, back, slots = list(silent), list(back), list(slots)
     silent_holders = [m for m in list_running_miners(conn) if is_silent(m)]
-    lock_sweep_rows(conn, now, silent_holders, [*(seen or ()), *(beats or ()), *back, *silent, *slots])
-    wake = release_unreceived(conn, beats or {})  # judged before their last_heartbeat is written
+    beats = beats or {}
+    due = lock_sweep_rows(conn, now, silent_holders, [*(seen or ()), *beats, *back, *silent, *slots], beats)
+    wake = release_unreceived(conn, beats)  # judged before their last_heartbeat is written
     if seen or beats:
-        touch_miners(conn, seen or {}, beats or {})
+        touch_miners(conn, seen or {}, beats)
     changed = mark_miners_online(conn, back, True) + mark_miners_online(conn, silent, False)
-    wake.miners.update(r[0] for r in expire_due_jobs(conn, now) if r[0] is not None)
+    wake.miners.update(r[0] for r in expire_due_jobs(conn, now, due) if r[0] is not None)
     lost = []
     for miner_id in silent_holders:
         lost += release_running(conn, "assigned_miner_id = :miner", {"miner": miner_id}, max_attempts, now,
@@ -4154,15 +4238,16 @@ def tx_cluster_sweep(conn: sqlite3.Connection, now: int, db_now: int, tick_ms: i
         "SELECT DISTINCT jobs.assigned_miner_id FROM jobs JOIN miners ON miners.miner_id = jobs.assigned_miner_id"
         " WHERE jobs.state = 'RUNNING' AND miners.heard_at < ?", (cutoff,))]
     silent = [r[0] for r in conn.execute("SELECT miner_id FROM miners WHERE online = 1 AND heard_at < ?", (cutoff,))]
-    lock_sweep_rows(conn, now, silent_holders, silent)  # what it may write, up front (LOCK ORDER)
+    due = lock_sweep_rows(conn, now, silent_holders, silent)  # what it may write, up front (LOCK ORDER)
     wake = Wake()
-    wake.miners.update(r[0] for r in expire_due_jobs(conn, now) if r[0] is not None)
+    wake.miners.update(r[0] for r in expire_due_jobs(conn, now, due) if r[0] is not None)
     lost = []
     for miner_id in silent_holders:
         lost += release_running(conn, "assigned_miner_id = :miner", {"miner": miner_id}, max_attempts, now,
                                 f"lost (no request for {heartbeat_timeout_ms / 1000:g}s)")
-    offline = [r[0] for r in conn.execute("UPDATE miners SET online = 0 WHERE online = 1 AND heard_at < ?"
-                                          " RETURNING miner_id", (cutoff,))]
+    offline = [r[0] for r in conn.execute("UPDATE miners SET online = 0 WHERE online = 1 AND heard_at < ? AND miner_id"
+                                          " IN (SELECT value FROM json_each(?)) RETURNING miner_id",
+                                          (cutoff, json.dumps(silent)))]  # those locked: another tick takes the rest
     refresh_offers(conn, {*offline, *wake.miners, *silent_holders})
     wake.add_rows(lost)
     delete_idempotency_before(conn, idem_cutoff)
@@ -4175,6 +4260,7 @@ def tx_fresh_cluster(conn: sqlite3.Connection, db_now: int, heartbeat_timeout_ms
     from `db_now` before it can be found silent. The value is whether it did."""
     if db_now - conn.execute("SELECT last_run FROM sweep_state WHERE id = 1").fetchone()[0] < heartbeat_timeout_ms:
         return Outcome(False)
+    conn.execute("SELECT 1 FROM miners WHERE heard_at < ? ORDER BY miner_id FOR NO KEY UPDATE", (db_now,))  # LOCK ORDER
     conn.execute("UPDATE miners SET heard_at = ? WHERE heard_at < ?", (db_now, db_now))
     return Outcome(True)
 
@@ -5004,7 +5090,7 @@ class Coordinator:
                      " timeout")
         miners = await self.db.read(list_miner_ids)
         for i in range(0, len(miners), 1000):
-            await self.db.write(refresh_offers, miners[i:i + 1000])
+            await self.db.write(tx_refresh_offers, miners[i:i + 1000])
 
     async def open_log(self) -> None:
         """Settle the receipt log's key and origin, and publish a checkpoint if it has none of its size."""
@@ -7324,7 +7410,8 @@ class Metrics:
         self.latency = Histogram("aitbc_http_request_duration_seconds", "HTTP request latency by route template",
                                  ["method", "route"], registry=self.registry,
                                  buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30))
-        self.commit_seconds = Histogram("aitbc_db_commit_seconds", "Duration of one group commit",
+        self.commit_seconds = Histogram("aitbc_db_commit_seconds",
+                                        "Duration of one group commit (PostgreSQL: of one unit's transaction)",
                                         registry=self.registry,
                                         buckets=(.0005, .001, .0025, .005, .01, .025, .05, .1, .25, 1))
         self.full_collection = Histogram("aitbc_gc_full_collection_seconds",
@@ -7412,6 +7499,13 @@ class Metrics:
         yield GaugeMetricFamily("aitbc_polls_waiting", "Miner long-polls waiting for work", value=snap.get("waiting", 0))
         yield CounterMetricFamily("aitbc_receipts_issued", "Signed receipts issued", value=snap.get("receipts", 0))
         yield from self.collect_storage(snap)
+        if (retried := snap.get("retried")) is not None:  # PostgreSQL
+            again = CounterMetricFamily("aitbc_db_unit_retries", "Units of work run again after a deadlock or a "
+                                        "serialisation failure (LOCK ORDER: none expected)",
+                                        labels=["error"])
+            for error in ("DeadlockDetected", "SerializationFailure"):
+                again.add_metric([error], retried[error])
+            yield again
         guard = self.guard
         if guard is not None:
             yield GaugeMetricFamily("aitbc_connections_open", "Client connections open", value=guard.open)
@@ -7527,7 +7621,7 @@ class App:
                                  "receipts": stats["receipts_total"], "online": stats["online_miners"],
                                  "waiting": coord.hub.count, "db_bytes": page_size * pages,
                                  "free_bytes": page_size * free, "wal_bytes": wal_bytes,
-                                 "upkeep": coord.upkeep}
+                                 "upkeep": coord.upkeep, "retried": getattr(coord.db, "retried", None)}
         return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 

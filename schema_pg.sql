@@ -22,9 +22,9 @@
 -- - Totals that every job's lifecycle updates (job_counts, counters, fleet_totals) would be single
 --   rows that every writer on every instance waits on until its commit. Here each is spread over
 --   stripes: the key gains a `stripe` column, a trigger adds its change to the stripe of its backend
---   (pg_backend_pid() % 16), and a read sums the stripes of a key (SUM ... GROUP BY key): exact, and
---   two writers on different stripes never wait for each other. Stripe 0 of every key is seeded, so
---   the sums have every key from the start.
+--   (counter_stripe(): a coordinator's writer connection claims one of its own), and a read sums the
+--   stripes of a key (SUM ... GROUP BY key): exact, and two writers on different stripes never wait
+--   for each other. Stripe 0 of every key is seeded, so the sums have every key from the start.
 -- - shapes.constraints is unbounded text (gpu, cuda, region and models strings have no length limit),
 --   and a B-tree entry over ~2,700 bytes is refused. Its uniqueness is a unique index on the text's
 --   SHA-256 (shapes_constraints_digest), which `INSERT ... ON CONFLICT DO NOTHING` (no conflict
@@ -40,7 +40,8 @@
 -- - The schema's version is the one row of schema_version (SQLite: PRAGMA user_version).
 --
 -- Advisory locks taken here (two-key form, first key 1095324738 = 'AITB'): (1095324738, 1) numbers
--- shapes, (1095324738, 2) numbers log leaves. Other second keys are free for the coordinator's own.
+-- shapes, (1095324738, 2) numbers log leaves, (1095324738, 65536 + s) is held by the session whose
+-- counter stripe is s (claim_counter_stripe). Other second keys are free for the coordinator's own.
 
 -- Helpers
 
@@ -66,10 +67,27 @@ CREATE FUNCTION constraints_digest(constraints text) RETURNS bytea
     LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE
     RETURN sha256(convert_to(constraints, 'UTF8'));
 
--- The stripe of the totals this backend (connection) adds to.
+-- The stripe of the totals this backend (connection) adds to: the one it claimed (a coordinator's
+-- writers do, claim_counter_stripe), else one of 0-15 by its process id (a session of psql, the copy).
 CREATE FUNCTION counter_stripe() RETURNS smallint
     LANGUAGE sql STABLE
-    RETURN (pg_backend_pid() % 16)::smallint;
+    RETURN COALESCE(CAST(NULLIF(current_setting('aitbc.stripe', true), '') AS smallint),
+                    (pg_backend_pid() % 16)::smallint);
+
+-- Claim a stripe of 16 or more that no other live session holds, for this session's life (a session-level
+-- advisory lock (1095324738, 65536 + stripe), released when the connection closes), and make it this
+-- session's counter_stripe(); returns it. Two sessions that each add only to a stripe of their own never
+-- wait for each other on a total, so no cycle of waits can pass through the totals.
+CREATE FUNCTION claim_counter_stripe() RETURNS smallint LANGUAGE plpgsql AS $$
+BEGIN
+    FOR s IN 16..32767 LOOP
+        IF pg_try_advisory_lock(1095324738, 65536 + s) THEN
+            PERFORM set_config('aitbc.stripe', s::text, false);
+            RETURN s;
+        END IF;
+    END LOOP;
+    RAISE EXCEPTION 'every counter stripe is claimed';
+END $$;
 
 -- Version 1: jobs, miners, shapes, idempotency keys, job counts.
 

@@ -10,6 +10,7 @@ for that transaction's lock (pg_blocking_pids) before it lets the first one go o
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import concurrent.futures
 import itertools
@@ -81,7 +82,10 @@ class Database:
         self.conn = self.connect()
 
     def connect(self, kind: type[ac.PgConnection] = ac.PgConnection, *args: Any) -> Any:
-        conn = kind(ac.pg_connect(self.url), *args)
+        """A writer's connection, as PgDatabase opens them (with a counter stripe of its own)."""
+        raw = ac.pg_connect(self.url)
+        ac.claim_counter_stripe(raw)
+        conn = kind(raw, *args)
         self.opened.append(conn)
         return conn
 
@@ -153,6 +157,13 @@ def race(db: Database, threads: concurrent.futures.ThreadPoolExecutor, pause: Pa
 
 
 # --- Invariants ---
+
+def deadlocks(conn: ac.PgConnection) -> int:
+    """Deadlocks PostgreSQL detected in this test's database (pg_stat_database, which a backend updates
+    at its transaction's end and the statistics snapshot of this transaction caches: read it afresh)."""
+    conn.execute("SELECT pg_stat_clear_snapshot()")
+    return int(conn.execute("SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()").fetchone()[0])
+
 
 def check_invariants(conn: ac.PgConnection) -> dict[str, int]:
     """What must hold of the rows whatever ran concurrently; returns the jobs in each state."""
@@ -548,6 +559,8 @@ def test_after_a_mixed_soak_every_invariant_holds(db, threads) -> None:
     for kind in ("submit", "claim", "result accepted", "fail accepted", "abandon", "cancel accepted", "sweep",
                  "cluster sweep", "register", "taken back"):
         assert ran[kind] > 0, (kind, ran, retried)
+    assert not retried, f"units ran again (LOCK ORDER): {retried}"
+    assert deadlocks(conn) == 0
     states = check_invariants(conn)
     assert states.get("COMPLETED", 0) == len(accepted) > 0
     for job_id, miner, receipt in accepted:
@@ -555,3 +568,94 @@ def test_after_a_mixed_soak_every_invariant_holds(db, threads) -> None:
         assert (job["state"], job["assigned_miner_id"]) == ("COMPLETED", miner)
         assert ac.get_latest_receipt(conn, job_id) == receipt
     assert sum(states.values()) == len(submitted)
+
+
+CLIENT_KEYS = [f"client-{k}" for k in range(8)]
+LIFECYCLE_MINERS = [f"miner-{k}" for k in range(8)]
+JOBS_PER_CLIENT = 20
+
+
+def test_two_instances_running_lifecycles_for_many_clients_never_run_a_unit_again(pg_url: str) -> None:
+    """Two instances' writers (two PgDatabase, WRITERS connections each) on one database run whole
+    lifecycles at once: eight client keys submit on either instance, eight miners poll and report on
+    either (results with receipts: balances move, the receipt log grows), and both instances tick
+    (their part, then the cluster's duties). No unit ran again (PgDatabase.retried: a deadlock or a
+    serialisation failure) and PostgreSQL detected no deadlock; every job is
+    completed with its receipt, each client paid for its jobs, and the rows keep every invariant."""
+    ac.migrate_pg(pg_url)
+    total = len(CLIENT_KEYS) * JOBS_PER_CLIENT
+    shape = constraints()
+
+    def now() -> int:
+        return T0 + int(time.monotonic() * 1000) % 1_000_000
+
+    async def main() -> list[ac.PgDatabase]:
+        instances = [ac.PgDatabase(pg_url), ac.PgDatabase(pg_url)]
+        for db in instances:
+            await db.start()
+        try:
+            edges = [ac.LogEdge(), ac.LogEdge()]  # each instance's own
+            matchers = [ac.Matcher(cache_queue=False), ac.Matcher(cache_queue=False)]
+            for k, miner in enumerate(LIFECYCLE_MINERS):
+                out = await instances[k % 2].write(ac.tx_register, miner, {"price": 0.25}, 2, None, now(),
+                                                   MAX_ATTEMPTS, now())
+                assert out.error is None
+            completed: list[str] = []
+            done = asyncio.Event()
+
+            async def client(k: int, name: str) -> None:
+                for n in range(JOBS_PER_CLIENT):
+                    out = await instances[(k + n) % 2].write(ac.tx_submit, name, PAYLOAD, *shape, 600_000, now(),
+                                                             None, 0)
+                    assert out.error is None
+
+            async def mining(k: int, miner: str) -> None:
+                turn = k
+                while not done.is_set():
+                    turn += 1
+                    i = turn % 2  # a poll on one instance, its report on the other, as a balancer deals them
+                    out = await instances[i].write(ac.tx_poll, miner, now(), matchers[i])
+                    job = out.value[0]
+                    if not job:
+                        await asyncio.sleep(0.002)
+                        continue
+                    i = 1 - i
+                    out = await instances[i].write(ac.tx_result, miner, job["job_id"], {"n": turn}, {}, now(), SIGNER,
+                                                   "coord", edges[i], None)
+                    assert out.error is None, out.error
+                    completed.append(job["job_id"])
+                    if len(completed) == total:
+                        done.set()
+
+            async def ticking(i: int) -> None:
+                while not done.is_set():
+                    at = now()
+                    await instances[i].write(ac.tx_record_heard, {m: at for m in LIFECYCLE_MINERS}, at - TIMEOUT_MS)
+                    await instances[i].write(ac.tx_cluster_sweep, at, at, 0, TIMEOUT_MS, MAX_ATTEMPTS, at - 60_000)
+                    await asyncio.sleep(0.01)
+
+            await asyncio.wait_for(asyncio.gather(*[client(k, c) for k, c in enumerate(CLIENT_KEYS)],
+                                                  *[mining(k, m) for k, m in enumerate(LIFECYCLE_MINERS)],
+                                                  ticking(0), ticking(1)), WAIT * 4)
+            assert sorted(completed) == sorted(set(completed))
+        finally:
+            for db in instances:
+                await db.close()
+        return instances
+
+    instances = asyncio.run(main())
+    assert [dict(db.retried) for db in instances] == [{}, {}], "units ran again (LOCK ORDER)"
+    raw = ac.pg_connect(pg_url)
+    try:
+        conn = ac.PgConnection(raw)
+        assert deadlocks(conn) == 0
+        assert check_invariants(conn) == {"COMPLETED": total}
+        assert ac.get_counter(conn, "receipts") == total == ac.get_log_size(conn)
+        balances = dict(conn.execute("SELECT address, balance_micro FROM addresses").fetchall())
+        paid = dict(conn.execute("SELECT jobs.client_id, -SUM(CAST(sqlite_round(receipts.price * 1000000) AS bigint))"
+                                 " FROM receipts JOIN jobs USING (job_id) GROUP BY jobs.client_id").fetchall())
+        assert {c: balances[c] for c in CLIENT_KEYS} == paid and all(paid[c] < 0 for c in CLIENT_KEYS)
+        stripes = conn.execute("SELECT COUNT(DISTINCT stripe) FROM job_counts WHERE stripe >= 16").fetchone()[0]
+        assert stripes >= 2  # each writer added to a stripe of its own
+    finally:
+        raw.close()

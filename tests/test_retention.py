@@ -155,15 +155,22 @@ async def test_retention_runs_alone_in_small_batches(tmp_path: Path, monkeypatch
             await h.take()
         for job in jobs:
             await h.result(job["job_id"])
-        batches: list[list[str]] = []
+        batches: list[list[str]] = []  # the units of each transaction
         database = type(h.coord.db)
-        commit = database._commit_batch
+        if isinstance(h.coord.db, ac.PgDatabase):  # a transaction a unit
+            run = database._run
 
-        async def recorded(db: ac.Database, batch: list[Any]) -> None:
-            batches.append([fn.__name__ for fn, _, _ in batch])
-            await commit(db, batch)
+            def recorded_unit(db: ac.PgDatabase, fn: Any, args: tuple[Any, ...]) -> Any:
+                batches.append([fn.__name__])
+                return run(db, fn, args)
+            monkeypatch.setattr(database, "_run", recorded_unit)
+        else:
+            commit = database._commit_batch
 
-        monkeypatch.setattr(database, "_commit_batch", recorded)
+            async def recorded(db: ac.Database, batch: list[Any]) -> None:
+                batches.append([fn.__name__ for fn, _, _ in batch])
+                await commit(db, batch)
+            monkeypatch.setattr(database, "_commit_batch", recorded)
         h.clock.advance(2 * DAY)
         done, *_ = await asyncio.gather(h.coord.retain(), *(h.submit({"during": i}) for i in range(40)))
         assert done["pruned"] == 150
