@@ -126,9 +126,11 @@ def open_database(target: str | Path) -> Any:
 @contextlib.contextmanager
 def failing_commits(db: ac.Database, fail: Callable[[], bool] = lambda: True) -> Iterator[list[str]]:
     """While the block runs, each commit of the writer's transactions for which `fail()` is then true fails
-    as a full disk would: nothing of its batch is durable. Either backend (SQLite: the COMMIT statement;
-    PostgreSQL: the writer connection's transaction block). Yields the failed commits, one entry each."""
-    real, failures = db._wconn, []
+    as a full disk would: nothing of its batch (SQLite) or unit (PostgreSQL) is durable. Either backend
+    (SQLite: the COMMIT statement; PostgreSQL: the transaction block of each pooled writer connection).
+    Yields the failed commits, one entry each."""
+    pg = isinstance(db, ac.PgDatabase)
+    real, failures = db._wpool if pg else db._wconn, []
     failure = database_error_of(db)
 
     class SqliteWriter:
@@ -142,22 +144,40 @@ def failing_commits(db: ac.Database, fail: Callable[[], bool] = lambda: True) ->
             return real.execute(sql, *args)
 
     class PgWriter:
+        def __init__(self, raw: Any) -> None:
+            self.raw = raw
+
         def __getattr__(self, name: str) -> Any:
-            return getattr(real, name)
+            return getattr(self.raw, name)
 
         @contextlib.contextmanager
         def transaction(self) -> Iterator[None]:
-            with real.transaction():  # an exception leaving the block rolls the transaction back
+            with self.raw.transaction():  # an exception leaving the block rolls the transaction back
                 yield
                 if fail():
                     failures.append("COMMIT")
                     raise failure
 
-    db._wconn = PgWriter() if isinstance(db, ac.PgDatabase) else SqliteWriter()
+    class PgWriters:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(real, name)
+
+        @contextlib.contextmanager
+        def connection(self) -> Iterator[PgWriter]:
+            with real.connection() as raw:
+                yield PgWriter(raw)
+
+    if pg:
+        db._wpool = PgWriters()
+    else:
+        db._wconn = SqliteWriter()
     try:
         yield failures
     finally:
-        db._wconn = real
+        if pg:
+            db._wpool = real
+        else:
+            db._wconn = real
 
 
 def database_error(coord: ac.Coordinator) -> Exception:
