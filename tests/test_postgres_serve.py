@@ -136,7 +136,10 @@ def cluster(tmp_path: Path, url: str, env: dict[str, str] | None = None) -> Iter
         a.stop()
         b.stop()
     for instance in (a, b):
-        assert "Traceback" not in instance.log.read_text(), instance.log.read_text()
+        log = instance.log.read_text()
+        assert "Traceback" not in log, log
+        # units of work never wait on each other's locks in a cycle (LOCK ORDER): no deadlock retried
+        assert "ran into another's locks" not in log, log
 
 
 def percentiles(seconds: list[float]) -> tuple[float, float]:
@@ -357,6 +360,7 @@ class Load:
         self.refused: list[tuple[str, int, str, bool]] = []  # (job, status, detail, after a lost answer)
         self.unregistered: list[int] = []
         self.lost_answers = 0  # polls whose answer never came (the instance died)
+        self.unavailable = 0  # results answered 503, sent again
         self.paused = [threading.Event() for _ in range(miners)]
         self.idle = [threading.Event() for _ in range(miners)]
         self.stop_clients, self.stop_miners = threading.Event(), threading.Event()
@@ -417,6 +421,9 @@ class Load:
                                   json={"result": {"job": job_id}, "metrics": {"units": 1}})
                 except httpx.TransportError:
                     lost = True  # it may have committed: ask again, through the next instance
+                    continue
+                if r.status_code == 503:  # not committed: again, as a miner node does after Retry-After
+                    self.unavailable += 1
                     continue
                 with self.lock:
                     if r.status_code == 200:
