@@ -32,6 +32,7 @@ import pytest
 from nacl.signing import SigningKey
 
 import aitbc_coord as ac
+import rfc9162 as rfc
 from conftest import open_database
 
 SEED = SigningKey.generate().encode().hex()
@@ -169,10 +170,10 @@ async def test_a_job_submitted_to_a_wakes_a_miner_long_polling_b_every_time(
         tmp_path: Path, pg_url: str, record_property: Callable[[str, object], None]) -> None:
     with cluster(tmp_path, pg_url) as (a, b):
         async with httpx.AsyncClient(base_url=a.base, headers=CLIENT, timeout=20) as client, \
-                httpx.AsyncClient(base_url=b.base, headers=miner(0), timeout=20) as on_b, \
-                httpx.AsyncClient(base_url=a.base, headers=miner(0), timeout=20) as on_a:
-            gpus = [{"name": "a100", "memory_mb": 81920}]
-            assert (await on_b.post("/v1/miners/register", json={"capabilities": {"gpus": gpus}})).status_code == 200
+                httpx.AsyncClient(base_url=b.base, headers=miner(0), timeout=20) as on_b:
+            gpus = [{"name": "a100", "memory_mb": 81920}]  # it holds every job it gets (the clock is the wake)
+            r = await on_b.post("/v1/miners/register", json={"capabilities": {"gpus": gpus}, "concurrency": 200})
+            assert r.status_code == 200
             waits: list[float] = []
             for n in range(200):
                 poll = asyncio.create_task(timed(on_b.post("/v1/miners/poll", json={"max_wait_seconds": 10})))
@@ -183,9 +184,8 @@ async def test_a_job_submitted_to_a_wakes_a_miner_long_polling_b_every_time(
                 answer, arrived = await asyncio.wait_for(poll, 15)
                 assert answer.status_code == 200 and answer.json()["job_id"] == r.json()["job_id"], n
                 waits.append(arrived - started)
-                done = await (on_a if n % 2 else on_b).post(f"/v1/miners/{r.json()['job_id']}/result",
-                                                            json={"result": {"n": n}, "metrics": {"units": 1}})
-                assert done.status_code == 200, done.text
+            miners = (await client.get("/v1/admin/miners", headers=ADMIN)).json()["items"]
+            assert [(m["miner_id"], m["inflight"]) for m in miners] == [("m0", 200)]
         sent, received = a.metrics()["aitbc_peer_wakeups_sent_total"], b.metrics()["aitbc_peer_wakeups_received_total"]
     assert sent >= 200 and received >= 200  # the wake-ups went through the database, not around it
     p50, p99 = percentiles(waits)
@@ -516,11 +516,26 @@ def test_kill_9_of_an_instance_under_load_loses_duplicates_and_strands_nothing(
             for t in threads:
                 t.join(timeout=30)
         assert drained, f"not drained: {[tuple(r) for r in left]}; stranded claims {stranded}"
+        same_checkpoint(a, b, pg_url)
     account(pg_url, load, stranded)
     record_property("stranded_by_kill", len(by_kill))
     print(f"pgserve: kill -9 of A then B under load: acked={len(load.acked)} results_200={len(load.receipts)} "
           f"polls_unanswered={load.lost_answers} stranded_by_the_kills={len(by_kill)} stranded_by_hand=1, "
           "all back in the queue and completed")
+
+
+def same_checkpoint(a: Instance, b: Instance, url: str) -> None:
+    """Both instances soon serve one checkpoint, of every leaf of the log, signed with the log's key
+    (the instances publish in turn, one checkpoint per size)."""
+    with contextlib.closing(open_database(url)) as conn:
+        leaves = conn.execute("SELECT COUNT(*) FROM log_leaves").fetchone()[0]
+    deadline = time.monotonic() + 20
+    while (seen := [httpx.get(f"{i.base}/v1/log/checkpoint", timeout=5).json() for i in (a, b)])[0]["tree_size"] != \
+            leaves or seen[0] != seen[1]:
+        assert time.monotonic() < deadline, (seen, leaves)
+        time.sleep(0.1)
+    public = bytes(SigningKey(bytes.fromhex(SEED)).verify_key)
+    assert rfc.parse_checkpoint(rfc.open_signed_note(seen[0]["note"], seen[0]["origin"], public))[1] == leaves
 
 
 def account(url: str, load: Load, stranded: dict[str, str]) -> None:
@@ -548,4 +563,4 @@ def account(url: str, load: Load, stranded: dict[str, str]) -> None:
     assert [index for index, _ in leaves] == list(range(len(leaves)))  # one leaf per receipt, no gap
     assert {r for _, r in leaves} == {r["receipt_id"] for receipts in stored.values() for r in receipts}
     assert all(jobs[j][0] == "COMPLETED" for j in stranded)
-    assert len(load.acked) > 100 and len(load.receipts) > 100
+    assert len(load.acked) > 20 and len(load.receipts) > 20
