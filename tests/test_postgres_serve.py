@@ -149,15 +149,15 @@ def percentiles(seconds: list[float]) -> tuple[float, float]:
     return cuts[49] * 1000, cuts[98] * 1000
 
 
-async def wait_parked(instance: Instance, n: int = 1) -> None:
-    """Until `n` long-polls wait on `instance` (its aitbc_polls_waiting), without a fixed sleep."""
-    async with httpx.AsyncClient(base_url=instance.base, timeout=5) as http:
-        for _ in range(2000):
-            r = await http.get("/metrics")
-            if f"\naitbc_polls_waiting {float(n)}\n" in r.text:
-                return
-            await asyncio.sleep(0.002)
-    raise AssertionError(f"{n} polls never waited on {instance.name}")
+async def wait_parked(http: httpx.AsyncClient, n: int = 1) -> None:
+    """Until `n` long-polls wait on the instance `http` talks to (its aitbc_polls_waiting), without a
+    fixed sleep."""
+    for _ in range(2000):
+        r = await http.get("/metrics")
+        if f"\naitbc_polls_waiting {float(n)}\n" in r.text:
+            return
+        await asyncio.sleep(0.002)
+    raise AssertionError(f"{n} polls never waited on {http.base_url}")
 
 
 async def timed(request: Any) -> tuple[httpx.Response, float]:
@@ -170,14 +170,15 @@ async def test_a_job_submitted_to_a_wakes_a_miner_long_polling_b_every_time(
         tmp_path: Path, pg_url: str, record_property: Callable[[str, object], None]) -> None:
     with cluster(tmp_path, pg_url) as (a, b):
         async with httpx.AsyncClient(base_url=a.base, headers=CLIENT, timeout=20) as client, \
-                httpx.AsyncClient(base_url=b.base, headers=miner(0), timeout=20) as on_b:
+                httpx.AsyncClient(base_url=b.base, headers=miner(0), timeout=20) as on_b, \
+                httpx.AsyncClient(base_url=b.base, timeout=20) as watch:
             gpus = [{"name": "a100", "memory_mb": 81920}]  # it holds every job it gets (the clock is the wake)
             r = await on_b.post("/v1/miners/register", json={"capabilities": {"gpus": gpus}, "concurrency": 200})
             assert r.status_code == 200
             waits: list[float] = []
             for n in range(200):
                 poll = asyncio.create_task(timed(on_b.post("/v1/miners/poll", json={"max_wait_seconds": 10})))
-                await wait_parked(b)
+                await wait_parked(watch)
                 started = time.perf_counter()
                 r = await client.post("/v1/jobs", json={"payload": {"n": n}, "constraints": {"gpu": "a100"}})
                 assert r.status_code == 201, r.text
@@ -200,7 +201,8 @@ async def test_a_slot_freed_on_a_wakes_the_same_miners_poll_parked_on_b(
     with cluster(tmp_path, pg_url) as (a, b):
         async with httpx.AsyncClient(base_url=a.base, headers=CLIENT, timeout=20) as client, \
                 httpx.AsyncClient(base_url=a.base, headers=miner(0), timeout=20) as on_a, \
-                httpx.AsyncClient(base_url=b.base, headers=miner(0), timeout=20) as on_b:
+                httpx.AsyncClient(base_url=b.base, headers=miner(0), timeout=20) as on_b, \
+                httpx.AsyncClient(base_url=b.base, timeout=20) as watch:
             r = await on_a.post("/v1/miners/register", json={"capabilities": {}, "concurrency": 1})
             assert r.status_code == 200
             first, second = [(await client.post("/v1/jobs", json={"payload": {"n": n}})).json()["job_id"]
@@ -208,7 +210,7 @@ async def test_a_slot_freed_on_a_wakes_the_same_miners_poll_parked_on_b(
             taken = await on_a.post("/v1/miners/poll", json={"max_wait_seconds": 0})
             assert taken.status_code == 200 and taken.json()["job_id"] == first
             poll = asyncio.create_task(timed(on_b.post("/v1/miners/poll", json={"max_wait_seconds": 10})))
-            await wait_parked(b)  # its one slot is taken: the second job waits for it
+            await wait_parked(watch)  # its one slot is taken: the second job waits for it
             freed = time.perf_counter()
             done = await on_a.post(f"/v1/miners/{first}/result", json={"result": {"ok": 1}, "metrics": {"units": 1}})
             assert done.status_code == 200 and done.json()["receipt"]["job_id"] == first
@@ -312,12 +314,13 @@ async def test_a_listener_cut_off_by_the_server_reconnects_and_no_job_waits_past
     cut, after = [], []
     with cluster(tmp_path, pg_url) as (a, b), contextlib.closing(open_database(pg_url)) as admin:
         async with httpx.AsyncClient(base_url=a.base, headers=CLIENT, timeout=20) as client, \
-                httpx.AsyncClient(base_url=b.base, headers=miner(0), timeout=20) as on_b:
+                httpx.AsyncClient(base_url=b.base, headers=miner(0), timeout=20) as on_b, \
+                httpx.AsyncClient(base_url=b.base, timeout=20) as watch:
             assert (await on_b.post("/v1/miners/register", json={"capabilities": {}})).status_code == 200
             for n in range(12):
                 reconnects = b.metrics()["aitbc_peer_listener_reconnects_total"]
                 poll = asyncio.create_task(timed(on_b.post("/v1/miners/poll", json={"max_wait_seconds": max_wait})))
-                await wait_parked(b)
+                await wait_parked(watch)
                 if n % 2 == 0:
                     ended = admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE"
                                           " datname = current_database() AND query LIKE 'LISTEN %'").fetchall()
