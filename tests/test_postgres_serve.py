@@ -520,13 +520,13 @@ def test_kill_9_of_an_instance_under_load_loses_duplicates_and_strands_nothing(
             by_kill = dict(stranded)
             by_hand = strand_a_claim(pg_url, load, MINERS - 1)
             stranded[by_hand], struck = f"m{MINERS - 1}", time.monotonic()
+            load.stop_clients.set()  # (the miners go on: polls, results, heartbeats)
             with contextlib.closing(open_database(pg_url)) as conn:  # the miner's heartbeats give it back
-                while (row := tuple(conn.execute("SELECT state, assigned_miner_id FROM jobs WHERE job_id = ?",
-                                                 (by_hand,)).fetchone())) == ("RUNNING", stranded[by_hand]):
+                while tuple(conn.execute("SELECT state, assigned_miner_id FROM jobs WHERE job_id = ?",
+                                         (by_hand,)).fetchone()) == ("RUNNING", stranded[by_hand]):
                     assert time.monotonic() < struck + 30, f"the stranded claim of {by_hand} was never given back"
                     time.sleep(0.02)
             given_back = time.monotonic() - struck
-            load.stop_clients.set()
             drained, deadline = False, time.monotonic() + 30
             with contextlib.closing(open_database(pg_url)) as conn:
                 while not drained and time.monotonic() < deadline:
