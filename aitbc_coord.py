@@ -7468,6 +7468,22 @@ class Metrics:
                                 "retention pass plus the monotonic time since, while that pauses retention (else 0)",
                                 value=upkeep.clock_step_ms / 1000)
 
+    @staticmethod
+    def collect_cluster(snap: Mapping[str, Any]) -> Iterable[Metric]:
+        """PostgreSQL: what this instance does for the cluster (its duty ticks, its wake-up listener)."""
+        peers: Peers | None = snap.get("peers")
+        if peers is None:
+            return
+        yield CounterMetricFamily("aitbc_cluster_duty_ticks", "Sweep ticks in which this instance ran the "
+                                  "cluster's duties (summed over instances: one a tick)", value=snap["duties"])
+        yield GaugeMetricFamily("aitbc_peer_listener_connected", "1 while this instance listens for the other "
+                                "instances' wake-ups", value=int(peers.connected))
+        for name, value, help_text in (
+                ("aitbc_peer_listener_reconnects", peers.reconnects, "Times the wake-up listener lost its connection"),
+                ("aitbc_peer_wakeups_sent", peers.sent, "Batches of wake-ups sent to the other instances"),
+                ("aitbc_peer_wakeups_received", peers.received, "Wake-up payloads received from other instances")):
+            yield CounterMetricFamily(name, help_text, value=value)
+
     def observe_request(self, method: str, route: str, status: int, seconds: float) -> None:
         """Count one HTTP request (methods no route serves are counted as OTHER: labels stay bounded)."""
         key = (method if method in KNOWN_METHODS else "OTHER", route, status)
@@ -7506,6 +7522,7 @@ class Metrics:
             for error in ("DeadlockDetected", "SerializationFailure"):
                 again.add_metric([error], retried[error])
             yield again
+        yield from self.collect_cluster(snap)
         guard = self.guard
         if guard is not None:
             yield GaugeMetricFamily("aitbc_connections_open", "Client connections open", value=guard.open)
@@ -7621,7 +7638,8 @@ class App:
                                  "receipts": stats["receipts_total"], "online": stats["online_miners"],
                                  "waiting": coord.hub.count, "db_bytes": page_size * pages,
                                  "free_bytes": page_size * free, "wal_bytes": wal_bytes,
-                                 "upkeep": coord.upkeep, "retried": getattr(coord.db, "retried", None)}
+                                 "upkeep": coord.upkeep, "retried": getattr(coord.db, "retried", None),
+                                 "peers": coord.peers, "duties": coord.cluster_duties}
         return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
