@@ -1262,8 +1262,13 @@ def read_pg_version(raw: Any) -> tuple[int, int]:
     (0, 0) when it has no schema. A version 6 database recorded no floor: its own version."""
     if not raw.execute("SELECT to_regclass('schema_version') IS NOT NULL").fetchone()[0]:
         return 0, 0
-    row = raw.execute("SELECT to_jsonb(v) FROM schema_version v").fetchone()[0]
-    return row["version"], row.get("compatible_from") or row["version"]
+    rows = raw.execute("SELECT to_jsonb(v) FROM schema_version v").fetchall()
+    if len(rows) != 1 or not isinstance(rows[0][0].get("version"), int):
+        raise ConfigError("the PostgreSQL database's schema_version table does not hold one version: not a"
+                          " coordinator's database, or a damaged one; restore it from a backup")
+    row = rows[0][0]
+    floor = row.get("compatible_from")
+    return row["version"], floor if isinstance(floor, int) and floor > 0 else row["version"]
 
 
 def migrate_pg(url: str) -> tuple[int, int]:
@@ -5372,9 +5377,11 @@ class Coordinator:
     async def heartbeat(self, miner_id: str, inflight: int | None, status: str, metadata: str | None) -> None:
         """Record a heartbeat; raises NotFound for an unregistered miner. One that repeats what the last
         written one said is kept in memory and recorded by the next sweep: a fleet's steady heartbeats
-        cost no write each. Either way its `inflight` is judged (release_unreceived)."""
+        cost no write each. Either way its `inflight` is judged (release_unreceived). On PostgreSQL every
+        heartbeat is written: another instance may have changed the row (a status, a registration) since
+        this one last wrote it, and what this one remembers would then hide a change."""
         now = self.now()
-        if metadata is None and self.reported.get(miner_id) == (inflight, status):
+        if metadata is None and self.reported.get(miner_id) == (inflight, status) and not self.settings.postgres_url:
             self.unrecorded_beats[miner_id] = (now, inflight)
             return
         await self.apply(tx_heartbeat, miner_id, inflight, status, metadata, now)

@@ -67,27 +67,11 @@ CREATE FUNCTION constraints_digest(constraints text) RETURNS bytea
     LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE
     RETURN sha256(convert_to(constraints, 'UTF8'));
 
--- The stripe of the totals this backend (connection) adds to: the one it claimed (a coordinator's
--- writers do, claim_counter_stripe), else one of 0-15 by its process id (a session of psql, the copy).
+-- The stripe of the totals this backend (connection) adds to (as version 6 made it; version 7 below
+-- lets a coordinator's writer connections claim stripes of their own).
 CREATE FUNCTION counter_stripe() RETURNS smallint
     LANGUAGE sql STABLE
-    RETURN COALESCE(CAST(NULLIF(current_setting('aitbc.stripe', true), '') AS smallint),
-                    (pg_backend_pid() % 16)::smallint);
-
--- Claim a stripe of 16 or more that no other live session holds, for this session's life (a session-level
--- advisory lock (1095324738, 65536 + stripe), released when the connection closes), and make it this
--- session's counter_stripe(); returns it. Two sessions that each add only to a stripe of their own never
--- wait for each other on a total, so no cycle of waits can pass through the totals.
-CREATE FUNCTION claim_counter_stripe() RETURNS smallint LANGUAGE plpgsql AS $$
-BEGIN
-    FOR s IN 16..32767 LOOP
-        IF pg_try_advisory_lock(1095324738, 65536 + s) THEN
-            PERFORM set_config('aitbc.stripe', s::text, false);
-            RETURN s;
-        END IF;
-    END LOOP;
-    RAISE EXCEPTION 'every counter stripe is claimed';
-END $$;
+    RETURN (pg_backend_pid() % 16)::smallint;
 
 -- Version 1: jobs, miners, shapes, idempotency keys, job counts.
 
@@ -523,3 +507,24 @@ ALTER TABLE miners ADD COLUMN known_through bigint;
 -- (aitbc_coord.SCHEMA_COMPATIBLE_FROM, written by migrate_pg); a coordinator refuses a newer schema only
 -- when this is above its own version.
 ALTER TABLE schema_version ADD COLUMN compatible_from bigint NOT NULL DEFAULT 6;
+-- The stripe of the totals this backend (connection) adds to: the one it claimed (a coordinator's
+-- writers do, claim_counter_stripe), else one of 0-15 by its process id (a session of psql, the copy).
+CREATE OR REPLACE FUNCTION counter_stripe() RETURNS smallint
+    LANGUAGE sql STABLE
+    RETURN COALESCE(CAST(NULLIF(current_setting('aitbc.stripe', true), '') AS smallint),
+                    (pg_backend_pid() % 16)::smallint);
+
+-- Claim a stripe of 16 or more that no other live session holds, for this session's life (a session-level
+-- advisory lock (1095324738, 65536 + stripe), released when the connection closes), and make it this
+-- session's counter_stripe(); returns it. Two sessions that each add only to a stripe of their own never
+-- wait for each other on a total, so no cycle of waits can pass through the totals.
+CREATE FUNCTION claim_counter_stripe() RETURNS smallint LANGUAGE plpgsql AS $$
+BEGIN
+    FOR s IN 16..32767 LOOP
+        IF pg_try_advisory_lock(1095324738, 65536 + s) THEN
+            PERFORM set_config('aitbc.stripe', s::text, false);
+            RETURN s;
+        END IF;
+    END LOOP;
+    RAISE EXCEPTION 'every counter stripe is claimed';
+END $$;

@@ -184,3 +184,31 @@ async def test_a_duty_lock_released_is_free_for_the_next_pass_at_once(tmp_path: 
         lock = h.coord.db.cluster_lock
         async with lock(ac.RETENTION_LOCK) as first, lock(ac.RETENTION_LOCK) as second:
             assert (first, second) == (True, False)  # while held, nobody else has it
+
+
+async def test_a_heartbeat_repeated_to_one_instance_still_counts_after_another_changed_the_miner(
+        tmp_path: Path, pg_url: str) -> None:
+    """An instance that remembered the last heartbeat it wrote must not skip one that repeats it: another
+    instance may have changed the row since (a breaker's report: a miner stayed DRAINING for good behind a
+    balancer that sent its heartbeats to A after one went to B; and one re-registered on B stayed ONLINE
+    while it told A it was draining)."""
+    async def beat(h: Harness, status: str) -> None:
+        r = await h.client.post("/v1/miners/heartbeat", json={"inflight": 0, "status": status}, headers=MINER)
+        assert r.status_code == 200
+
+    async def status(h: Harness) -> str:
+        return (await h.rows("SELECT status FROM miners"))[0][0]
+
+    async with two_instances(tmp_path, pg_url) as (a, b):
+        await a.register(capabilities={"gpu": "a100"})
+        await beat(a, "ONLINE")
+        await beat(b, "DRAINING")
+        await beat(a, "ONLINE")  # the same as A last wrote: still written
+        assert await status(a) == "ONLINE"
+        job = await a.submit({"n": 1})
+        assert (await a.take())["job_id"] == job["job_id"]
+        await beat(a, "DRAINING")
+        await b.register(capabilities={"gpu": "a100"})  # ONLINE again, the job taken back
+        await beat(a, "DRAINING")
+        assert await status(b) == "DRAINING"
+        assert (await a.poll()).status_code == 204

@@ -213,10 +213,15 @@ def test_a_script_that_fails_leaves_nothing(pg_url: str) -> None:
 
 
 def version_6_schema() -> str:
-    """schema_pg.sql as version 6 was: the script without its version 7 section (the file's last), and
-    that version recorded."""
-    text = SCHEMA_PG.read_text(encoding="utf-8")
-    return text[:text.index("-- Version 7:")].replace("VALUES (7);", "VALUES (6);")
+    """schema_pg.sql as version 6 shipped it (tests/data/schema_pg_v6.sql, kept as released)."""
+    return (SCHEMA_PG.parent / "tests" / "data" / "schema_pg_v6.sql").read_text(encoding="utf-8")
+
+
+def pg_functions(url: str) -> dict[str, str]:
+    """Each function of the schema and its definition as PostgreSQL prints it."""
+    with pg_connect(url) as conn:
+        return dict(conn.execute("SELECT proname, pg_get_functiondef(oid) FROM pg_proc"
+                                 " WHERE pronamespace = current_schema()::regnamespace").fetchall())
 
 
 def test_migrate_upgrades_a_version_6_database_in_place(pg_url: str, new_pg_database: Callable[[], str]) -> None:
@@ -233,6 +238,7 @@ def test_migrate_upgrades_a_version_6_database_in_place(pg_url: str, new_pg_data
     fresh = new_pg_database()
     load_pg_schema(fresh)
     assert pg_catalog(pg_url) == pg_catalog(fresh)
+    assert pg_functions(pg_url) == pg_functions(fresh)  # a function changed or added reaches old databases too
     with pg_connect(pg_url) as conn:
         assert conn.execute("SELECT version FROM schema_version").fetchall() == [(ac.SCHEMA_VERSION,)]
         assert conn.execute("SELECT miner_id, last_heartbeat, short_since, known_through FROM miners").fetchall() \
@@ -297,6 +303,21 @@ def test_a_schema_this_coordinator_cannot_work_on_is_refused_with_what_to_do(pg_
     assert done.exit_code == 1 and done.output == f"Error: {expected}\n"
     with pg_connect(pg_url) as conn:  # refused, and left as it was
         assert conn.execute("SELECT version FROM schema_version").fetchone()[0] == ac.SCHEMA_VERSION + 2
+
+
+@pytest.mark.parametrize("damage", ["DELETE FROM schema_version", "ALTER TABLE schema_version DROP COLUMN compatible_from"])
+def test_a_damaged_version_record_is_refused_in_a_line_or_read_as_version_6_left_it(pg_url: str, damage: str) -> None:
+    """A breaker emptied schema_version: migrate and serve ended in a TypeError traceback."""
+    ac.migrate_pg(pg_url)
+    with pg_connect(pg_url) as conn:
+        conn.execute(damage)
+    if damage.startswith("DELETE"):
+        with pytest.raises(ac.ConfigError, match="schema_version table does not hold one version"):
+            ac.migrate_pg(pg_url)
+        done = CliRunner().invoke(ac.cli, ["migrate", "--db", pg_url])
+        assert done.exit_code == 1 and done.output.startswith("Error: the PostgreSQL database's schema_version")
+    else:  # as a version 6 database's record reads: its own version is its floor
+        assert ac.migrate_pg(pg_url) == (ac.SCHEMA_VERSION, ac.SCHEMA_VERSION)
 
 
 def test_an_upgraded_version_6_database_records_its_floor(pg_url: str) -> None:
