@@ -339,6 +339,7 @@ async def test_a_heartbeat_does_not_cost_a_waiting_poll_its_place(tmp_path: Path
         await polls["c"]
 
 
+@pytest.mark.sqlite_only  # one writer: on PostgreSQL every heartbeat is written (another instance may have changed the row)
 async def test_steady_heartbeats_are_recorded_by_the_sweep_not_a_write_each(tmp_path: Path,
                                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     async with harness(tmp_path) as h:
