@@ -1253,8 +1253,9 @@ PG_UPGRADES: dict[int, Callable[[], str]] = {
 # coordinator can still work on a database at SCHEMA_VERSION, recorded beside the version. Upgrade steps
 # stay additive (expand, then contract in a later release) so that this can stay one version behind;
 # raise it with a step older code cannot live with (a dropped or renamed column, a NOT NULL column
-# without a default, a column whose meaning changed). Version 7 only added nullable columns.
-SCHEMA_COMPATIBLE_FROM = 6
+# without a default, a column whose meaning changed). Version 7 cannot be shared with version 6 code
+# on PostgreSQL: it stripes the addresses rows, which version 6's balance updates would each hit.
+SCHEMA_COMPATIBLE_FROM = 7
 
 
 def read_pg_version(raw: Any) -> tuple[int, int]:
@@ -1685,19 +1686,17 @@ def lock_job(conn: sqlite3.Connection, job_id: str, miner_id: str | None = None)
 #   2. miners' rows, by miner_id (lock_miners; a poll's first statement updates its own miner's row,
 #      a registration's inserts or updates it);
 #   3. jobs' rows, by seq (lock_job, lock_jobs, lock_sweep_rows; a claim skips what is locked);
-#   4. addresses' rows, by address (lock_addresses, lock_jobs, lock_sweep_rows: before the statements
-#      whose triggers write them);
-#   5. idempotency keys (a submit's own key; a sweep's deletions, its last writes);
-#   6. the striped totals: each writer adds to a stripe no other live session adds to
-#      (claim_counter_stripe), so no unit ever waits for another on a total;
-#   7. the receipt log's numbering lock (the log_leaves trigger), last: a result appends its leaf as
+#   4. idempotency keys (a submit's own key; a sweep's deletions, its last writes);
+#   5. the striped totals and the explorer's addresses: each writer adds to a stripe no other live
+#      session adds to (claim_counter_stripe), so no unit ever waits for another on them;
+#   6. the receipt log's numbering lock (the log_leaves trigger), last: a result appends its leaf as
 #      its last write, and the holder then waits for nothing but its own commit.
 # A unit waits only for a lock ranked after every lock it holds (or for a higher key of the kind it
 # holds last), so a cycle of waits would need one wait that goes back down the order: there is none.
 # What a unit would need to lock out of order it leaves alone: a job due to expire that a claim gave a
 # miner while the sweep waited for the job's row waits for the next sweep (its miner's row would come
 # after the job's). What a unit inserts has a key nobody
-# else holds, save an identity's first address row and an idempotency key, each the only one of its
+# else holds, save an idempotency key, the only one of its
 # kind the unit writes; a lock the unit holds already is never waited for. Retention's units (one pass
 # in the cluster at a time) take finished jobs' rows, which other units take one at a time, and want
 # nothing those hold; sweep_state is written only under a lock tried, never waited for (SWEEP_LOCK).
@@ -1713,27 +1712,16 @@ def lock_miners(conn: sqlite3.Connection, miner_ids: Iterable[str]) -> None:
                      " FOR NO KEY UPDATE", (json.dumps(miner_ids),))
 
 
-def lock_addresses(conn: sqlite3.Connection, addresses: Iterable[str | None]) -> None:
-    """PostgreSQL: lock the addresses rows (those that exist) of these identities until the unit
-    commits, in address order, before a statement whose triggers write them (LOCK ORDER). Nothing on
-    SQLite."""
-    if isinstance(conn, PgConnection) and (keys := sorted({a for a in addresses if a is not None})):
-        conn.execute("SELECT 1 FROM addresses WHERE address IN (SELECT value FROM json_each(?)) ORDER BY address"
-                     " FOR NO KEY UPDATE", (json.dumps(keys),))
-
-
 def lock_jobs_where(conn: sqlite3.Connection, where: str, params: Mapping[str, Any]) -> None:
     """PostgreSQL: lock the jobs matching `where` (SQL over jobs' columns, `params` its :names) in seq
-    order, then the addresses rows of their clients and holders (LOCK ORDER: their miners' rows are
-    locked already), before a statement changes them. Nothing on SQLite."""
+    order (LOCK ORDER: their miners' rows are locked already), before a statement changes them.
+    Nothing on SQLite."""
     if isinstance(conn, PgConnection):
-        rows = conn.execute(f"SELECT client_id, assigned_miner_id FROM jobs WHERE {where} ORDER BY seq FOR UPDATE",
-                            params).fetchall()
-        lock_addresses(conn, {a for row in rows for a in row})
+        conn.execute(f"SELECT 1 FROM jobs WHERE {where} ORDER BY seq FOR UPDATE", params)
 
 
 def lock_jobs(conn: sqlite3.Connection, seqs: Iterable[int]) -> None:
-    """PostgreSQL: lock these jobs' rows, then their addresses rows, as lock_jobs_where. Nothing on SQLite."""
+    """PostgreSQL: lock these jobs' rows, as lock_jobs_where. Nothing on SQLite."""
     if isinstance(conn, PgConnection) and (seqs := sorted(set(seqs))):
         lock_jobs_where(conn, "seq IN (SELECT CAST(value AS INTEGER) FROM json_each(:seqs))", {"seqs": json.dumps(seqs)})
 
@@ -1743,8 +1731,7 @@ def lock_sweep_rows(conn: sqlite3.Connection, now: int, silent_holders: Sequence
     """PostgreSQL: lock, before a sweep writes anything, the rows it may write, in LOCK ORDER: the
     miners named, those holding RUNNING jobs due at `now`, and `silent_holders`; then the active jobs
     due at `now` and the RUNNING jobs of `silent_holders` and of the miners whose heartbeats it judges
-    (`judged`, among those named: release_unreceived may put them back); then the addresses rows of those jobs'
-    clients and holders. (A unit waiting for a row the sweep holds then holds no row the sweep still
+    (`judged`, among those named: release_unreceived may put them back). (A unit waiting for a row the sweep holds then holds no row the sweep still
     needs.) Returns the seqs of the due jobs to expire, for expire_due_jobs: a due job whose holder was
     not locked first (a claim committed while the sweep waited for the job's row) is left to the next
     sweep, as its miner's row cannot be locked now without breaking the order. None on SQLite, where
@@ -1760,9 +1747,7 @@ def lock_sweep_rows(conn: sqlite3.Connection, now: int, silent_holders: Sequence
                         " OR (state = 'RUNNING' AND assigned_miner_id IN (SELECT value FROM json_each(:held)))"
                         " ORDER BY seq FOR UPDATE",
                         {"now": now, "held": json.dumps([*silent_holders, *judged])}).fetchall()
-    rows = [r for r in rows if r[2] is None or r[2] in locked]
-    lock_addresses(conn, {a for r in rows for a in (r[1], r[2])})
-    return [r[0] for r in rows if r[3]]
+    return [r[0] for r in rows if r[3] and (r[2] is None or r[2] in locked)]
 
 
 def get_job(conn: sqlite3.Connection, job_id: str) -> sqlite3.Row | None:
@@ -2166,8 +2151,12 @@ def insert_receipt(conn: sqlite3.Connection, receipt: dict[str, Any], client_id:
                   pack_receipt(body, receipt["receipt_id"], receipt["job_id"])))
     if price is not None:  # two statements, not a trigger: a trigger costs its sub-program on every firing
         for address, sign in ((receipt["provider"], 1), (client_id, -1)):
-            conn.execute("UPDATE addresses SET balance_micro = balance_micro + ? * CAST(ROUND(? * 1000000) AS INTEGER)"
-                         " WHERE address = ?", (sign, price, address))
+            if isinstance(conn, PgConnection):  # the address's row in this writer's stripe (schema_pg.sql)
+                conn.execute("SELECT addresses_add(?, 0, ? * CAST(ROUND(? * 1000000) AS INTEGER), 0)",
+                             (address, sign, price))
+            else:
+                conn.execute("UPDATE addresses SET balance_micro = balance_micro + ? * CAST(ROUND(? * 1000000)"
+                             " AS INTEGER) WHERE address = ?", (sign, price, address))
     return body
 
 
@@ -2458,9 +2447,13 @@ def get_receipt_prices(conn: sqlite3.Connection, job_ids: Sequence[str]) -> dict
 
 def list_addresses(conn: sqlite3.Connection, limit: int, offset: int,
                    before: tuple[int, str] | None = None) -> list[sqlite3.Row]:
-    """Addresses by last activity, newest first; `before` is (last_active, address)."""
+    """Addresses by last activity, newest first; `before` is (last_active, address). On PostgreSQL an
+    address is the sum of its stripes (schema_pg.sql): read whole, then paged."""
     where = "WHERE (last_active, address) < (?, ?)" if before is not None else ""
-    return conn.execute(f"SELECT * FROM addresses {where} ORDER BY last_active DESC, address DESC LIMIT ? OFFSET ?",
+    table = "addresses" if not isinstance(conn, PgConnection) else (
+        "(SELECT address, SUM(tx_count) AS tx_count, SUM(balance_micro) AS balance_micro,"
+        " MAX(last_active) AS last_active FROM addresses GROUP BY address) AS addresses")
+    return conn.execute(f"SELECT * FROM {table} {where} ORDER BY last_active DESC, address DESC LIMIT ? OFFSET ?",
                         (*(before or ()), limit, offset)).fetchall()
 
 
@@ -3910,7 +3903,6 @@ def tx_cancel(conn: sqlite3.Connection, client_id: str, job_id: str, now: int) -
     job = get_job(conn, job_id)
     if job is None or job["client_id"] != client_id:
         raise NotFound("job not found")
-    lock_addresses(conn, (job["client_id"], job["assigned_miner_id"]))  # what finish_job's triggers write
     wake = Wake(miners={job["assigned_miner_id"]} if job["assigned_miner_id"] else set())
     if job["state"] in ACTIVE_STATES and job["expires_at"] <= now:
         finish_job(conn, job["seq"], JobState.EXPIRED, now, "job expired")
@@ -4060,7 +4052,6 @@ def _load_reported_job(conn: sqlite3.Connection, miner_id: str, job_id: str) -> 
         raise NotFound("miner not registered")
     if job["seq"] is None:
         raise NotFound("job not found")
-    lock_addresses(conn, (job["client_id"], job["assigned_miner_id"], miner_id))  # what its triggers and receipt write
     return job
 
 
@@ -4726,7 +4717,7 @@ def job_counts_differ(raw: Any) -> str | None:
 
 
 def tx_counts_differ(raw: Any) -> str | None:
-    return _difference("tx_count of", dict(raw.execute("SELECT address, tx_count FROM addresses").fetchall()),
+    return _difference("tx_count of", dict(raw.execute("SELECT address, SUM(tx_count) FROM addresses GROUP BY address").fetchall()),
                        dict(raw.execute(TX_COUNTS_IMPLIED).fetchall()))
 
 
@@ -4748,7 +4739,7 @@ def balances_differ(raw: Any) -> str | None:
                 raise CopyFailed(f"check failed: receipt {receipt_id} does not read as a receipt: {exc}") from None
             moves[provider] = moves.get(provider, 0) + micro
             moves[client] = moves.get(client, 0) - micro
-    kept = dict(raw.execute("SELECT address, balance_micro FROM addresses").fetchall())
+    kept = dict(raw.execute("SELECT address, SUM(balance_micro) FROM addresses GROUP BY address").fetchall())
     return _difference("balance_micro of", kept, {a: m for a, m in moves.items() if a in kept or m})
 
 

@@ -287,7 +287,7 @@ CREATE TRIGGER bids_count_update AFTER UPDATE OF status ON bids
     FOR EACH ROW WHEN ((OLD.status IN ('pending', 'matched')) IS DISTINCT FROM (NEW.status IN ('pending', 'matched')))
     EXECUTE FUNCTION bids_count_update();
 
--- Not striped: one row per identity, so only one identity's own jobs wait for each other.
+-- (Version 7 stripes it as the totals: see the end of the file.)
 CREATE TABLE addresses (
     address       text COLLATE "C" PRIMARY KEY,
     tx_count      bigint NOT NULL,
@@ -506,7 +506,7 @@ ALTER TABLE miners ADD COLUMN known_through bigint;
 -- Rolling upgrades: the oldest schema version whose coordinator can still work on this database
 -- (aitbc_coord.SCHEMA_COMPATIBLE_FROM, written by migrate_pg); a coordinator refuses a newer schema only
 -- when this is above its own version.
-ALTER TABLE schema_version ADD COLUMN compatible_from bigint NOT NULL DEFAULT 6;
+ALTER TABLE schema_version ADD COLUMN compatible_from bigint NOT NULL DEFAULT 7;
 -- The stripe of the totals this backend (connection) adds to: the one it claimed (a coordinator's
 -- writers do, claim_counter_stripe), else one of 0-15 by its process id (a session of psql, the copy).
 CREATE OR REPLACE FUNCTION counter_stripe() RETURNS smallint
@@ -527,4 +527,47 @@ BEGIN
         END IF;
     END LOOP;
     RAISE EXCEPTION 'every counter stripe is claimed';
+END $$;
+
+-- The explorer's addresses striped as the totals: every submit and result of one identity wrote its
+-- one row, so its jobs ran one commit after another once each unit committed alone. A writer now adds
+-- to the identity's row in its own stripe (counter_stripe()), and a read sums an address's stripes
+-- (tx_count, balance_micro) and takes the latest of their last_active (list_addresses).
+ALTER TABLE addresses ADD COLUMN stripe smallint NOT NULL DEFAULT 0 CHECK (stripe >= 0);
+ALTER TABLE addresses DROP CONSTRAINT addresses_pkey;
+ALTER TABLE addresses ADD PRIMARY KEY (address, stripe);
+ALTER TABLE addresses ALTER COLUMN stripe DROP DEFAULT;  -- the rows there were are stripe 0
+
+-- Add to an identity's row in this backend's stripe: jobs (tx_count), millionths (balance_micro), and
+-- activity at least at `at` (0: none).
+CREATE FUNCTION addresses_add(touched text, jobs bigint, micro bigint, at bigint) RETURNS void LANGUAGE sql AS $$
+    INSERT INTO addresses AS a (address, stripe, tx_count, balance_micro, last_active)
+    VALUES (touched, counter_stripe(), jobs, micro, at)
+    ON CONFLICT (address, stripe) DO UPDATE SET tx_count = a.tx_count + excluded.tx_count,
+        balance_micro = a.balance_micro + excluded.balance_micro,
+        last_active = GREATEST(a.last_active, excluded.last_active);
+$$;
+
+CREATE OR REPLACE FUNCTION addresses_touch(touched text, at bigint) RETURNS void LANGUAGE sql AS $$
+    SELECT addresses_add(touched, 1, 0, at);
+$$;
+
+CREATE OR REPLACE FUNCTION jobs_address_assign() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF OLD.assigned_miner_id IS NOT NULL THEN
+        PERFORM addresses_add(OLD.assigned_miner_id, -1, 0, 0);
+    END IF;
+    IF NEW.assigned_miner_id IS NOT NULL THEN
+        PERFORM addresses_touch(NEW.assigned_miner_id, COALESCE(NEW.assigned_at, NEW.requested_at));
+    END IF;
+    RETURN NULL;
+END $$;
+
+CREATE OR REPLACE FUNCTION jobs_address_finish() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM addresses_add(NEW.client_id, 0, 0, NEW.finished_at);
+    IF NEW.assigned_miner_id IS NOT NULL AND NEW.assigned_miner_id <> NEW.client_id THEN
+        PERFORM addresses_add(NEW.assigned_miner_id, 0, 0, NEW.finished_at);
+    END IF;
+    RETURN NULL;
 END $$;

@@ -211,7 +211,7 @@ class Lifecycle(RuleBasedStateMachine):
         counted = collections.Counter(dict(self.conn.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state")))
         kept = {k: v for k, v in ac.get_job_counts(self.conn).items() if v}
         assert kept == dict(counted + self.deleted_states)
-        for row in self.conn.execute("SELECT address, tx_count FROM addresses"):
+        for row in self.conn.execute("SELECT address, SUM(tx_count) FROM addresses GROUP BY address"):
             touching = self.conn.execute("SELECT COUNT(*) FROM jobs WHERE client_id = ? OR assigned_miner_id = ?",
                                          (row[0], row[0])).fetchone()[0]
             assert row[1] == touching + self.deleted_touches[row[0]], (row[0], row[1], touching)
