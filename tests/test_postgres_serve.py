@@ -476,15 +476,21 @@ class Load:
 def strand_a_claim(url: str, load: Load, i: int) -> str:
     """Commit a claim for miner `i` straight into the database, as an instance that dies before its
     answer is sent would have (the miner waits, idle, meanwhile), and never answer it: the job id.
-    A job only this miner can run is queued first, so that there is one to claim."""
+    A job only this miner can run is queued first, so that there is one to claim. (A real kill may
+    have stranded a claim of this miner already: its slot is then taken until the miner's heartbeats
+    give that job back, within seconds; the claim is tried until the slot is free.)"""
     async def claim() -> str:
         db = ac.PgDatabase(url)
         await db.start()
         try:
-            out = await db.write(ac.tx_poll, f"m{i}", int(time.time() * 1000), ac.Matcher(cache_queue=False))
+            for _ in range(60):
+                out = await db.write(ac.tx_poll, f"m{i}", int(time.time() * 1000), ac.Matcher(cache_queue=False))
+                job, _, ready = out.value
+                if ready:
+                    break
+                await asyncio.sleep(0.5)
         finally:
             await db.close()
-        job, _, ready = out.value
         assert ready and job is not None, out.value  # its slot was free and a job it can run queued
         return str(job["job_id"])
 
