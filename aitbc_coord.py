@@ -5372,11 +5372,13 @@ class Coordinator:
         heartbeat is written: another instance may have changed the row (a status, a registration) since
         this one last wrote it, and what this one remembers would then hide a change."""
         now = self.now()
-        if metadata is None and self.reported.get(miner_id) == (inflight, status) and not self.settings.postgres_url:
+        remembered = not self.settings.postgres_url  # one writer: what this process wrote is what is stored
+        if remembered and metadata is None and self.reported.get(miner_id) == (inflight, status):
             self.unrecorded_beats[miner_id] = (now, inflight)
             return
         await self.apply(tx_heartbeat, miner_id, inflight, status, metadata, now)
-        self.reported[miner_id] = (inflight, status)
+        if remembered:
+            self.reported[miner_id] = (inflight, status)
 
     def registered(self, miner_id: str) -> None:
         """A (re-)registration reset what the miner had reported."""
