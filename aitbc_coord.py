@@ -3976,11 +3976,13 @@ def tx_heartbeat(conn: sqlite3.Connection, miner_id: str, inflight: int | None, 
     """Record a heartbeat, putting back the jobs it shows never reached the miner (release_unreceived);
     raises NotFound for an unregistered miner."""
     lock_miners(conn, [miner_id])  # before its jobs are read (LOCK ORDER)
+    before = conn.execute("SELECT status FROM miners WHERE miner_id = ?", (miner_id,)).fetchone()
     wake = release_unreceived(conn, {miner_id: (now, inflight)})
-    if update_heartbeat(conn, miner_id, inflight, status, metadata, now) is None:
+    if before is None or update_heartbeat(conn, miner_id, inflight, status, metadata, now) is None:
         raise NotFound("miner not registered")
     refresh_offers(conn, [miner_id])  # a DRAINING miner's offer closes
-    wake.miners.add(miner_id)  # a status change, or a slot a job put back freed, may let its own poll take work
+    if before["status"] != status:  # a status change may let its own poll take work (a job put back woke it)
+        wake.miners.add(miner_id)  # (not otherwise: a woken poll claims for itself, ahead of older polls)
     return Outcome("ok", wake)
 
 
