@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -22,13 +23,18 @@ async def two_instances(tmp_path: Path, url: str) -> AsyncIterator[tuple[Harness
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     async with harness(tmp_path / "a", db_path=url) as a, harness(tmp_path / "b", db_path=url) as b:
-        for h in (a, b):
-            for _ in range(500):  # each listens before the test starts (no fixed sleep)
-                if h.coord.peers is not None and h.coord.peers.connected:
-                    break
-                await asyncio.sleep(0.01)
-            assert h.coord.peers is not None and h.coord.peers.connected
+        for h in (a, b):  # each listens, and counts the other, before the test starts
+            await until(lambda h=h: h.coord.peers is not None and h.coord.peers.connected and h.coord.peers.others == 1)
         yield a, b
+
+
+async def until(condition: Callable[[], bool], seconds: float = 5.0) -> None:
+    """Wait until `condition()` holds (no fixed sleep); AssertionError after `seconds`."""
+    for _ in range(int(seconds / 0.01)):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    assert condition()
 
 
 async def test_a_job_submitted_to_one_instance_wakes_a_miner_polling_another(tmp_path: Path, pg_url: str) -> None:
@@ -70,7 +76,8 @@ async def test_a_listener_cut_off_reconnects_and_no_job_waits_past_a_tick(tmp_pa
         reconnects = peers.reconnects
         with contextlib.closing(ac.PgConnection(ac.pg_connect(pg_url))) as admin:
             killed = admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
-                                   " WHERE query LIKE 'LISTEN%' AND datname = current_database()").fetchall()
+                                   " WHERE application_name = ? AND datname = current_database()",
+                                   (ac.Peers.LISTENER_NAME,)).fetchall()
         assert len(killed) == 2  # A's listener and B's
         job = await a.submit({"n": 1})
         r = await asyncio.wait_for(poll, 10)  # B's reconnect woke the poll, which claimed
@@ -87,6 +94,63 @@ async def test_a_listener_cut_off_reconnects_and_no_job_waits_past_a_tick(tmp_pa
         assert await b.coord.reannounce() == 1
         r = await asyncio.wait_for(poll, 10)
         assert r.status_code == 200 and r.json()["job_id"] == lost["job_id"]
+
+
+async def test_an_instance_alone_sends_no_wake_ups_and_starts_once_another_listens(tmp_path: Path, pg_url: str) -> None:
+    """One instance on PostgreSQL has no one to wake: it sends nothing. A second one starting is counted
+    at once (it announces itself) and gets the first's wake-ups; once it stops, the first sends nothing
+    again."""
+    for name in "ab":
+        (tmp_path / name).mkdir()
+    async with harness(tmp_path / "a", db_path=pg_url) as a:
+        peers = a.coord.peers
+        assert peers is not None
+        await until(lambda: peers.connected and peers.others == 0)
+        await a.register(capabilities={"gpu": "a100"})
+        for n in range(3):
+            job = await a.submit({"n": n})
+            assert (await a.take())["job_id"] == job["job_id"]
+            assert (await a.result(job["job_id"])).status_code == 200
+        await asyncio.sleep(0.05)  # a flush would have run by now
+        assert peers.sent == 0
+        async with harness(tmp_path / "b", db_path=pg_url) as b:
+            await until(lambda: b.coord.peers is not None and b.coord.peers.connected and peers.others == 1, 1.0)
+            poll = asyncio.create_task(b.poll(wait=20))
+            await b.parked(1)
+            job = await a.submit({"n": "across"})
+            r = await asyncio.wait_for(poll, 10)
+            assert r.status_code == 200 and r.json()["job_id"] == job["job_id"]
+            assert peers.sent >= 1
+        await until(lambda: peers.others == 0)  # within a count's interval of B's stop
+        sent = peers.sent
+        await a.submit({"n": "alone again"})
+        await asyncio.sleep(0.05)
+        assert peers.sent == sent
+
+
+async def test_polls_on_postgresql_claim_at_once_while_claims_find_work_and_read_first_once_none_does(
+        tmp_path: Path, pg_url: str) -> None:
+    """A claim is a unit of work on a writer; while jobs are being found, a poll claims at once rather
+    than read first (a read, a thread hop and four statements saved a job), and once a claim with a
+    free slot found nothing the next poll reads first (renewals of an idle fleet write nothing)."""
+    async with harness(tmp_path, db_path=pg_url) as h:
+        await h.register(capabilities={"gpu": "a100"}, concurrency=4)
+        peeks: list[str] = []
+        peek = h.coord.db.peek
+
+        async def counted(fn: Any, *args: Any) -> Any:
+            peeks.append(fn.__name__)
+            return await peek(fn, *args)
+        h.coord.db.peek = counted  # type: ignore[method-assign]
+        jobs = [await h.submit({"n": n}) for n in range(3)]
+        assert [(await h.take())["job_id"] for _ in jobs] == [j["job_id"] for j in jobs]
+        assert peeks == []
+        assert (await h.poll()).status_code == 204  # a claim with a free slot finds nothing
+        assert peeks == []
+        assert (await h.poll()).status_code == 204 and peeks == ["read_poll"]  # now reads first
+        assert (await h.poll()).status_code == 204 and peeks == ["read_poll"] * 2
+        job = await h.submit({"n": 3})  # queued: claims go straight to their unit again
+        assert (await h.take())["job_id"] == job["job_id"] and peeks == ["read_poll"] * 2
 
 
 def test_a_loop_turns_wake_ups_go_out_in_payloads_postgresql_accepts() -> None:

@@ -87,13 +87,15 @@ class Instance:
             self.proc = subprocess.Popen([sys.executable, "-m", "aitbc_coord", "serve", "--port", str(self.port),
                                           "--log-level", "warning"], cwd=self.cwd, env=self.env, stdout=log, stderr=log)
 
-    def ready(self) -> None:
-        """Wait until it answers and listens for the other instances' wake-ups."""
+    def ready(self, others: int | None = None) -> None:
+        """Wait until it answers and listens for the other instances' wake-ups (and with `others`, counts
+        that many other instances listening: it sends them wake-ups)."""
         deadline = time.monotonic() + 60
         while True:
             assert self.proc is not None and self.proc.poll() is None, self.log.read_text()
             with contextlib.suppress(httpx.TransportError):
-                if self.metrics().get("aitbc_peer_listener_connected") == 1:
+                seen = self.metrics()
+                if seen.get("aitbc_peer_listener_connected") == 1 and others in (None, seen.get("aitbc_peer_instances")):
                     return
             assert time.monotonic() < deadline, f"{self.name} did not start:\n{self.log.read_text()}"
             time.sleep(0.05)
@@ -132,8 +134,8 @@ def cluster(tmp_path: Path, url: str, env: dict[str, str] | None = None) -> Iter
     try:
         a.launch()
         b.launch()
-        a.ready()
-        b.ready()
+        a.ready(others=1)
+        b.ready(others=1)
         yield a, b
     finally:
         a.stop()
@@ -332,7 +334,8 @@ async def test_a_listener_cut_off_by_the_server_reconnects_and_no_job_waits_past
                 await wait_parked(watch)
                 if n % 2 == 0:
                     ended = admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE"
-                                          " datname = current_database() AND query LIKE 'LISTEN %'").fetchall()
+                                          " datname = current_database() AND application_name = ?",
+                                          (ac.Peers.LISTENER_NAME,)).fetchall()
                     assert [tuple(row) for row in ended] == [(True,), (True,)]  # A's listener and B's
                 started = time.perf_counter()
                 r = await client.post("/v1/jobs", json={"payload": {"n": n}})
@@ -344,8 +347,8 @@ async def test_a_listener_cut_off_by_the_server_reconnects_and_no_job_waits_past
                 done = await on_b.post(f"/v1/miners/{r.json()['job_id']}/result", json={"result": {"n": n}})
                 assert done.status_code == 200, done.text
                 if n % 2 == 0:  # both listen again before the next round (B's counted the cut)
-                    a.ready()
-                    b.ready()
+                    a.ready(others=1)
+                    b.ready(others=1)
                     assert b.metrics()["aitbc_peer_listener_reconnects_total"] > reconnects
     p50, p99 = percentiles(cut)
     record_property("listener_cut_wake_p50_ms", round(p50, 2))
