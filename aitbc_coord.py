@@ -1315,6 +1315,9 @@ def migrate_pg(url: str) -> tuple[int, int]:
                 raw.execute("UPDATE schema_version SET version = %s, compatible_from = %s",
                             (SCHEMA_VERSION, SCHEMA_COMPATIBLE_FROM))
         return before, SCHEMA_VERSION
+    except psycopg.errors.InsufficientPrivilege as exc:
+        raise ConfigError(f"cannot migrate the PostgreSQL database: {exc}: the URL's role must own the database"
+                          f" (createdb -O ROLE) or hold CREATE on its public schema") from None
     except psycopg.Error as exc:
         raise ConfigError(f"cannot migrate the PostgreSQL database: {exc}") from None
     finally:
@@ -5131,8 +5134,11 @@ class Coordinator:
             seed, path, made = load_dev_seed(":memory:" if s.postgres_url else s.db_path)
             self.signer = Signer.from_settings(s, seed)
             log.warning("no RECEIPT_SIGNING_KEY_HEX/_FILE: receipts are signed with a development key %s %s "
-                        "(APP_ENV=dev only; it proves nothing to anyone else)",
-                        "made now in" if made else "kept in", path or "memory")
+                        "(APP_ENV=dev only; it proves nothing to anyone else)%s",
+                        "made now in" if made else "kept in", path or "memory",
+                        "; on PostgreSQL a new one at every start, and the receipt log keeps the first one's"
+                        " name: give every instance one key from the start (aitbc-coord keygen --out FILE,"
+                        " RECEIPT_SIGNING_KEY_FILE=FILE)" if s.postgres_url else "")
         if self.signer is not None:
             await self.db.write(add_signing_keys, self.signer.key_ids(), self.now())
             for key_id, role in self.signer.key_ids():
@@ -8312,7 +8318,7 @@ def cli() -> None:
 @cli.command()
 @click.option("--host", help="Bind address (APP_HOST, default 127.0.0.1).")
 @click.option("--port", type=click.IntRange(0, 65535), help="Port, 0 picks a free one (APP_PORT, default 8011).")
-@click.option("--db", "db_path", help="Database file (DATABASE_URL, default ./coordinator.db).")
+@click.option("--db", "db_path", help="Database file, or a postgresql:// URL (DATABASE_URL, default ./coordinator.db).")
 @click.option("--env-file", type=click.Path(dir_okay=False), help="Read settings from this file instead of ./.env.")
 @click.option("--log-level", type=click.Choice(LOG_LEVELS, case_sensitive=False),
               help="LOG_LEVEL, default info.")
@@ -8342,7 +8348,7 @@ def serve(host: str | None, port: int | None, db_path: str | None, env_file: str
 
 
 @cli.command("migrate")
-@click.option("--db", "db_path", help="Database file (DATABASE_URL, default ./coordinator.db).")
+@click.option("--db", "db_path", help="Database file, or a postgresql:// URL (DATABASE_URL, default ./coordinator.db).")
 @click.option("--env-file", type=click.Path(dir_okay=False), help="Read settings from this file instead of ./.env.")
 def migrate_command(db_path: str | None, env_file: str | None) -> None:
     """Create or upgrade the database schema (safe to repeat).
@@ -9078,7 +9084,7 @@ def audit_command(log_url: str, state_path: str, key: str | None, full: bool, al
 @click.argument("dest", type=click.Path(file_okay=False))
 @click.option("--before", type=click.DateTime(formats=["%Y-%m-%d"]),
               help="Export jobs that finished before this UTC day (default: today, so only whole days).")
-@click.option("--db", "db_path", help="Database file (DATABASE_URL, default ./coordinator.db).")
+@click.option("--db", "db_path", help="Database file, or a postgresql:// URL (DATABASE_URL, default ./coordinator.db).")
 @click.option("--env-file", type=click.Path(dir_okay=False), help="Read settings from this file instead of ./.env.")
 def archive_command(dest: str, before: Any, db_path: str | None, env_file: str | None) -> None:
     """Export finished jobs with their receipts to DEST, one file per UTC day, only reading the database.
@@ -9115,7 +9121,7 @@ def archive_command(dest: str, before: Any, db_path: str | None, env_file: str |
 
 @cli.command("backup")
 @click.argument("dest", type=click.Path(dir_okay=False))
-@click.option("--db", "db_path", help="Database file (DATABASE_URL, default ./coordinator.db).")
+@click.option("--db", "db_path", help="Database file, or a postgresql:// URL (DATABASE_URL, default ./coordinator.db).")
 @click.option("--env-file", type=click.Path(dir_okay=False), help="Read settings from this file instead of ./.env.")
 def backup_command(dest: str, db_path: str | None, env_file: str | None) -> None:
     """Copy the database to the new file DEST, consistently, while the server runs.

@@ -468,6 +468,18 @@ async def test_dev_makes_a_signing_key_beside_the_database_and_keeps_it(tmp_path
     assert any("development key kept in" in r.getMessage() for r in caplog.records)
 
 
+async def test_on_postgresql_the_dev_key_warning_says_each_start_makes_a_new_one(
+        pg_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A newcomer's two starts left two retired signing and log keys behind: the warning only said
+    "made now in memory"."""
+    async with harness(tmp_path, db_path=pg_url):  # APP_ENV=dev, no key configured
+        pass
+    warned = [r.getMessage() for r in caplog.records if "development key made now in memory" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].endswith(
+        "; on PostgreSQL a new one at every start, and the receipt log keeps the first one's name: give every"
+        " instance one key from the start (aitbc-coord keygen --out FILE, RECEIPT_SIGNING_KEY_FILE=FILE)")
+
+
 def spoil(path: Path, how: str) -> None:
     """Leave at `path` a development key file as the break report found them."""
     if how == "directory":

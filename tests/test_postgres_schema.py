@@ -305,6 +305,25 @@ def test_a_schema_this_coordinator_cannot_work_on_is_refused_with_what_to_do(pg_
         assert conn.execute("SELECT version FROM schema_version").fetchone()[0] == ac.SCHEMA_VERSION + 2
 
 
+def test_a_role_that_may_not_create_the_tables_is_told_what_it_needs(pg_url: str) -> None:
+    """A newcomer's database owned by postgres, the URL naming another role: the error said only
+    "permission denied for schema public"."""
+    role = f"aitbc_guest_{secrets.token_hex(4)}"
+    with pg_connect(pg_url) as conn:
+        conn.execute(f"CREATE ROLE {role} LOGIN")
+    try:
+        as_guest = re.sub(r"^postgresql://[^@/]*@", f"postgresql://{role}@", pg_url)
+        assert as_guest != pg_url
+        done = CliRunner().invoke(ac.cli, ["migrate", "--db", as_guest])
+        assert done.exit_code == 1
+        assert "permission denied for schema public" in done.output
+        assert done.output.rstrip().endswith("the URL's role must own the database (createdb -O ROLE) or hold"
+                                             " CREATE on its public schema")
+    finally:
+        with pg_connect(pg_url) as conn:
+            conn.execute(f"DROP ROLE {role}")
+
+
 @pytest.mark.parametrize("damage", ["DELETE FROM schema_version", "ALTER TABLE schema_version DROP COLUMN compatible_from"])
 def test_a_damaged_version_record_is_refused_in_a_line_or_read_as_version_6_left_it(pg_url: str, damage: str) -> None:
     """A breaker emptied schema_version: migrate and serve ended in a TypeError traceback."""
