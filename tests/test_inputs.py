@@ -255,6 +255,9 @@ class Snapshots:
         self.conn = open_database(db)
 
     def take(self) -> list[list[tuple[Any, ...]]]:
+        if isinstance(self.conn, ac.PgConnection):  # one round trip, not eight: half this test's time
+            arrays = ", ".join(f"ARRAY(SELECT CAST(row_to_json(q) AS text) FROM ({sql}) AS q)" for sql in SNAPSHOT_SQL)
+            return [[(row,) for row in column] for column in self.conn.execute(f"SELECT {arrays}").fetchone()]
         return [[tuple(row) for row in self.conn.execute(sql).fetchall()] for sql in SNAPSHOT_SQL]
 
     def job(self, job_id: str) -> tuple[Any, ...] | None:
@@ -377,6 +380,7 @@ class World:
         self.failures: dict[tuple[str, str], list[str]] = {}
         self.counts: dict[tuple[str, str], int] = {}
         self.sent = 0
+        self.unchanged: list[list[tuple[Any, ...]]] | None = None  # the snapshot after a refusal that changed nothing
 
     async def setup(self) -> None:
         h = self.h
@@ -399,18 +403,18 @@ class World:
         for job in r.json()["items"]:
             await self.h.client.post(f"/v1/jobs/{job['job_id']}/cancel", headers=CLIENT)
 
-    async def ensure_held(self) -> None:
-        """A RUNNING job held by the miner, with nothing else queued."""
+    async def ensure_held(self) -> bool:
+        """A RUNNING job held by the miner, with nothing else queued; whether it had to make one."""
         row = self.snap.job(self.held) if self.held else None
         if row is not None and row[0] == "RUNNING":
-            return
+            return False
         for _ in range(2):
             await self.cancel_queued()
             job = await self.h.submit()
             r = await self.h.poll()
             if r.status_code == 200 and r.json()["job_id"] == job["job_id"]:
                 self.held = job["job_id"]
-                return
+                return True
             await self.register()  # slot taken or status changed: start the miner afresh
         raise AssertionError("could not hand the miner a job")
 
@@ -451,14 +455,18 @@ class World:
             await self.cancel_queued()
 
     async def probe(self, place: Place, value: Any) -> None:
-        if place.route.startswith("/v1/miners/{job_id}/"):
-            await self.ensure_held()
-        before = self.snap.take()
+        made = place.route.startswith("/v1/miners/{job_id}/") and await self.ensure_held()
+        # the state after the last refusal, which changed nothing, is the state now unless a job was made
+        before = self.unchanged if self.unchanged is not None and not made else self.snap.take()
         r = await self.send(place, value)
         self.sent += 1
+        self.unchanged = None
         problems = answer_problems(place, r.status_code, r.text)
-        if 400 <= r.status_code < 500 and self.snap.take() != before:
-            problems.append(f"refused with {r.status_code} but the database changed")
+        if 400 <= r.status_code < 500:
+            if (after := self.snap.take()) != before:
+                problems.append(f"refused with {r.status_code} but the database changed")
+            else:
+                self.unchanged = after
         want = expected(place, value)
         if want == "refuse" and r.status_code != 422:
             problems.append(f"should be refused with a 422 naming it, got {r.status_code} {r.text[:80]}")
