@@ -1111,8 +1111,12 @@ def is_postgres_url(url: str) -> bool:
     return url.startswith(POSTGRES_SCHEMES)
 
 
+PSYCOPG_MIN = (3, 2, 4)  # earlier ones drop notifications that arrive while a LISTEN connection runs a statement
+
+
 def load_psycopg() -> Any:
-    """The psycopg module, imported on first use; raises ConfigError when the extra is not installed."""
+    """The psycopg module, imported on first use; raises ConfigError when the extra is not installed or
+    is older than PSYCOPG_MIN."""
     global DB_ERRORS, INTEGRITY_ERRORS
     try:
         import psycopg
@@ -1120,6 +1124,10 @@ def load_psycopg() -> Any:
     except ImportError:
         raise ConfigError("DATABASE_URL names PostgreSQL, but its driver is not installed:"
                           " pip install 'aitbc-coordinator[postgres]'") from None
+    if tuple(int(n) for n in re.findall(r"\d+", psycopg.__version__)[:3]) < PSYCOPG_MIN:
+        raise ConfigError(f"psycopg {psycopg.__version__} drops wake-ups between instances (a notification that"
+                          f" arrives while the listener's connection runs a statement): pip install"
+                          f" 'psycopg[binary]>={'.'.join(map(str, PSYCOPG_MIN))}'")
     DB_ERRORS = (sqlite3.Error, psycopg.Error)
     INTEGRITY_ERRORS = (sqlite3.IntegrityError, psycopg.IntegrityError)
     return psycopg
@@ -3800,12 +3808,16 @@ class Peers:
     Nothing is sent while no other instance listens (one instance on PostgreSQL has no one to wake):
     the listener's session carries LISTENER_NAME as its application_name, and the listener counts the
     other such sessions of the database (pg_stat_activity) every LISTEN_SECONDS, and at once when an
-    instance announces that it started or stops (a payload with no wake-up in it, sent on both)."""
+    instance announces that it started or stops (a payload with no wake-up in it, sent on both). An
+    instance that starts listening is counted only some time after, so wake-ups held back (since the
+    last count that found nobody began) are kept, as are those whose NOTIFY failed, and sent once a
+    count finds others: the sweep's re-announcement covers queued jobs, but not a freed slot."""
 
     CHANNEL = "aitbc_wake"
     LISTENER_NAME = "aitbc-coord wake-up listener"  # the listener's application_name
     LISTEN_SECONDS = 0.5  # a wait for notifications, between counts of the other instances
     MAX_PAYLOAD = 7900  # bytes; PostgreSQL refuses a payload of 8,000 or more
+    MAX_UNSENT = 1000  # queued jobs kept for another instance while none is counted (_keep)
     RECONNECT_SECONDS = (0.05, 2.0)  # first and longest wait between attempts
 
     def __init__(self, url: str, on_wake: Callable[[Wake], None], on_connect: Callable[[], None],
@@ -3816,6 +3828,9 @@ class Peers:
         self.pending = Wake()
         self.connected = False
         self.others: int | None = None  # other instances listening; None: not counted (send)
+        self._counts = 0  # counts of the others begun (the listener's)
+        self.unsent = Wake()  # held back or failed: for the next count that finds others (_counted)
+        self._unsent_at = 0  # the count in force when the last of them was kept
         self.sent = self.received = self.reconnects = 0
         self._stop = threading.Event()
         self._conn: Any = None
@@ -3858,17 +3873,44 @@ class Peers:
 
     async def _flush(self) -> None:
         wake, self.pending = self.pending, Wake()
-        if wake and self.notify is not None and self.others != 0:
-            try:
-                await asyncio.to_thread(self.notify, self.CHANNEL, self.payloads(wake))
-                self.sent += 1
-            except DB_ERRORS as exc:  # the others' sweeps re-announce what they missed
-                log.warning("wake-ups for other instances not sent: %s", exc)
+        if not wake or self.notify is None:
+            return
+        if self.others == 0:  # nobody listens, as of the last count: kept in case one has just begun to
+            self._keep(wake)
+            return
+        try:
+            await asyncio.to_thread(self.notify, self.CHANNEL, self.payloads(wake))
+            self.sent += 1
+        except DB_ERRORS as exc:
+            log.warning("wake-ups for other instances not sent: %s (again once the listener counts them)", exc)
+            self._keep(wake)
+
+    def _keep(self, wake: Wake) -> None:
+        """Keep wake-ups not sent, for _counted: every miner named, and up to MAX_UNSENT jobs (the sweep
+        re-announces the queue's heads, which covers the rest)."""
+        self.unsent.queued += wake.queued[:max(0, self.MAX_UNSENT - len(self.unsent.queued))]
+        self.unsent.miners |= wake.miners
+        self._unsent_at = self._counts
+
+    def _counted(self, others: int, count: int) -> None:
+        """On the loop: count number `count` found `others` other instances listening. The wake-ups kept
+        (_keep) go out once a count finds others: one may have listened already when they were held
+        back (it started or reconnected, and was not counted yet), or their NOTIFY failed. A count that
+        found nobody, begun after the last was kept, makes them moot: an instance that begins to listen
+        later has its polls claim afresh (on_connect)."""
+        if not self.unsent:
+            return
+        if others:
+            wake, self.unsent = self.unsent, Wake()
+            self.send(wake)
+        elif self._unsent_at < count:
+            self.unsent = Wake()
 
     def payloads(self, wake: Wake) -> list[str]:
         """`wake` as JSON payloads of at most MAX_PAYLOAD bytes: {"i": sender, "q": [[job_id,
         constraints, shape_id], ...], "m": [miner_id, ...]}; a job whose constraints do not fit is sent
-        without them (null: the receiver reads them)."""
+        without them (null: the receiver reads them). ({"i": sender} alone: an instance starting or
+        stopping.)"""
         items = [("q", [job_id, text if len(text) < self.MAX_PAYLOAD // 2 else None, shape_id])
                  for job_id, text, shape_id in wake.queued] + [("m", miner) for miner in sorted(wake.miners)]
         out: list[str] = []
@@ -3895,12 +3937,16 @@ class Peers:
                 self.connected, wait = True, self.RECONNECT_SECONDS[0]
                 self._loop.call_soon_threadsafe(self.on_connect)
                 while not self._stop.is_set():
-                    self.others = self._count_others(conn)
-                    for note in conn.notifies(timeout=self.LISTEN_SECONDS):
-                        if self._stop.is_set():
-                            break
-                        if not self._receive(note.payload):  # another instance started or stops: count again
-                            break
+                    self._counts += 1
+                    count = self._counts
+                    self.others = others = self._count_others(conn)
+                    self._loop.call_soon_threadsafe(self._counted, others, count)
+                    # until the next count is due or an instance started or stops; a packet's notifications
+                    # are all handled (leaving the generator amid one drops the rest)
+                    deadline, recount = time.monotonic() + self.LISTEN_SECONDS, False
+                    while not recount and not self._stop.is_set() and (left := deadline - time.monotonic()) > 0:
+                        for note in conn.notifies(timeout=left, stop_after=1):
+                            recount = not self._receive(note.payload) or recount
             except DB_ERRORS as exc:
                 if self._stop.is_set():
                     break

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -125,6 +126,8 @@ async def test_an_instance_alone_sends_no_wake_ups_and_starts_once_another_liste
         sent = peers.sent
         await a.submit({"n": "alone again"})
         await asyncio.sleep(0.05)
+        assert peers.sent == sent
+        await until(lambda: not peers.unsent)  # kept for one that may have begun to listen: not past a count
         assert peers.sent == sent
 
 
@@ -276,3 +279,119 @@ async def test_a_heartbeat_repeated_to_one_instance_still_counts_after_another_c
         await beat(a, "DRAINING")
         assert await status(b) == "DRAINING"
         assert (await a.poll()).status_code == 204
+
+
+
+@contextlib.contextmanager
+def listener_held(peers: ac.Peers, before_count: bool = False) -> Iterator[tuple[threading.Event, threading.Event]]:
+    """Hold `peers`' listener thread right after its next count of the other instances (as a busy
+    process may leave a thread unscheduled), or just before it, until `release` is set or the block
+    ends: what is sent to it meanwhile waits in its socket (and is read, before_count, with the count's
+    answer). Yields (held, release)."""
+    held, release = threading.Event(), threading.Event()
+    count = peers._count_others
+
+    def count_then_hold(conn: Any) -> int:
+        n = -1 if before_count else count(conn)
+        if not release.is_set():
+            held.set()
+            release.wait(10)
+        return count(conn) if before_count else n
+    peers._count_others = count_then_hold  # type: ignore[method-assign]
+    try:
+        yield held, release
+    finally:
+        release.set()
+        peers._count_others = count  # type: ignore[method-assign]
+
+
+async def test_a_wake_up_that_arrives_with_another_instances_start_is_not_lost(tmp_path: Path, pg_url: str) -> None:
+    """A third instance's start announced and B's wake-up read by A's listener in one packet: the start
+    makes A count the instances again, and the wake-up behind it still reaches A's poll (it was dropped
+    with the rest of the packet: the poll waited for its deadline)."""
+    async with two_instances(tmp_path, pg_url) as (a, b):
+        await a.register(capabilities={"gpu": "a100"})
+        poll = asyncio.create_task(a.poll(wait=20))
+        await a.parked(1)
+        assert a.coord.peers is not None and b.coord.peers is not None
+        with listener_held(a.coord.peers) as (held, _):
+            await until(held.is_set)
+            with contextlib.closing(ac.PgConnection(ac.pg_connect(pg_url))) as c:  # "C" starts
+                c.execute("SELECT pg_notify(?, ?)", (ac.Peers.CHANNEL, ac.compact_json({"i": "c"})))
+            sent = b.coord.peers.sent
+            job = await b.submit({"n": 1})
+            await until(lambda: b.coord.peers.sent > sent)  # type: ignore[union-attr]
+        r = await asyncio.wait_for(poll, 5)
+        assert r.status_code == 200 and r.json()["job_id"] == job["job_id"]
+
+
+async def test_a_slot_freed_before_an_instance_counted_a_new_one_still_wakes_the_new_ones_poll(
+        tmp_path: Path, pg_url: str) -> None:
+    """A, alone, sends no wake-ups. B starts, listens, and parks a poll of a miner whose one slot a job
+    taken through A holds; A frees the slot before it has counted B (its listener is slow to run). The
+    poll gets the next job once A has counted B (the wake-up was dropped: no tick re-announces a freed
+    slot, and the poll waited for its deadline)."""
+    for name in "ab":
+        (tmp_path / name).mkdir()
+    async with harness(tmp_path / "a", db_path=pg_url) as a:
+        peers = a.coord.peers
+        assert peers is not None
+        await until(lambda: peers.connected and peers.others == 0)
+        await a.register(capabilities={"gpu": "a100"}, concurrency=1)
+        first, second = await a.submit({"n": 1}), await a.submit({"n": 2})
+        assert (await a.take())["job_id"] == first["job_id"]
+        with listener_held(peers) as (held, release):
+            await until(held.is_set)
+            async with harness(tmp_path / "b", db_path=pg_url) as b:
+                await until(lambda: b.coord.peers is not None and b.coord.peers.others == 1)
+                poll = asyncio.create_task(b.poll(wait=20))
+                await b.parked(1)
+                assert (await a.result(first["job_id"])).status_code == 200
+                await until(lambda: peers._flushing is None)  # A's wake-up is sent, or not, before A counts B
+                release.set()
+                r = await asyncio.wait_for(poll, 5)
+                assert r.status_code == 200 and r.json()["job_id"] == second["job_id"]
+
+
+async def test_a_wake_up_that_arrives_while_the_listener_counts_the_instances_is_not_lost(
+        tmp_path: Path, pg_url: str) -> None:
+    """The listener's connection runs a count of the instances every half second; a notification read
+    with the count's answer still reaches the polls (psycopg before 3.2.4 dropped it)."""
+    async with two_instances(tmp_path, pg_url) as (a, b):
+        await a.register(capabilities={"gpu": "a100"})
+        poll = asyncio.create_task(a.poll(wait=20))
+        await a.parked(1)
+        assert a.coord.peers is not None and b.coord.peers is not None
+        with listener_held(a.coord.peers, before_count=True) as (held, _):
+            await until(held.is_set)
+            sent = b.coord.peers.sent
+            job = await b.submit({"n": 1})
+            await until(lambda: b.coord.peers.sent > sent)  # type: ignore[union-attr]
+        r = await asyncio.wait_for(poll, 5)
+        assert r.status_code == 200 and r.json()["job_id"] == job["job_id"]
+
+
+async def test_a_slot_freed_whose_wake_up_could_not_be_sent_still_wakes_the_miners_poll(
+        tmp_path: Path, pg_url: str) -> None:
+    """A's NOTIFY fails (its pool had no connection to give, the server restarted): the queue's heads
+    are re-announced each tick, but a freed slot is not, and the miner's poll on B waited for its
+    deadline. A keeps the wake-up and sends it at its listener's next count of B."""
+    async with two_instances(tmp_path, pg_url) as (a, b):
+        await a.register(capabilities={"gpu": "a100"}, concurrency=1)
+        first, second = await a.submit({"n": 1}), await a.submit({"n": 2})
+        assert (await a.take())["job_id"] == first["job_id"]
+        poll = asyncio.create_task(b.poll(wait=20))  # its one slot is taken: it waits for the slot
+        await b.parked(1)
+        peers = a.coord.peers
+        assert peers is not None
+        notify, failed = peers.notify, []
+
+        def fail_once(channel: str, payloads: list[str]) -> None:
+            if not failed:
+                failed.append(payloads)
+                raise ac.load_psycopg().OperationalError("the pool had no connection to give")
+            notify(channel, payloads)  # type: ignore[misc]
+        peers.notify = fail_once
+        assert (await a.result(first["job_id"])).status_code == 200
+        r = await asyncio.wait_for(poll, 5)
+        assert failed and r.status_code == 200 and r.json()["job_id"] == second["job_id"]
