@@ -305,24 +305,33 @@ def listener_held(peers: ac.Peers, before_count: bool = False) -> Iterator[tuple
         peers._count_others = count  # type: ignore[method-assign]
 
 
-async def test_a_wake_up_that_arrives_with_another_instances_start_is_not_lost(tmp_path: Path, pg_url: str) -> None:
-    """A third instance's start announced and B's wake-up read by A's listener in one packet: the start
-    makes A count the instances again, and the wake-up behind it still reaches A's poll (it was dropped
-    with the rest of the packet: the poll waited for its deadline)."""
-    async with two_instances(tmp_path, pg_url) as (a, b):
+async def a_wake_up_reaches_a_held_listener(tmp_path: Path, url: str, before_count: bool,
+                                            meanwhile: Callable[[], None] = lambda: None) -> None:
+    """B queues a job while A's listener is held (listener_held; `meanwhile` runs first): A's poll
+    still gets it."""
+    async with two_instances(tmp_path, url) as (a, b):
         await a.register(capabilities={"gpu": "a100"})
         poll = asyncio.create_task(a.poll(wait=20))
         await a.parked(1)
         assert a.coord.peers is not None and b.coord.peers is not None
-        with listener_held(a.coord.peers) as (held, _):
+        with listener_held(a.coord.peers, before_count) as (held, _):
             await until(held.is_set)
-            with contextlib.closing(ac.PgConnection(ac.pg_connect(pg_url))) as c:  # "C" starts
-                c.execute("SELECT pg_notify(?, ?)", (ac.Peers.CHANNEL, ac.compact_json({"i": "c"})))
+            meanwhile()
             sent = b.coord.peers.sent
             job = await b.submit({"n": 1})
             await until(lambda: b.coord.peers.sent > sent)  # type: ignore[union-attr]
         r = await asyncio.wait_for(poll, 5)
         assert r.status_code == 200 and r.json()["job_id"] == job["job_id"]
+
+
+async def test_a_wake_up_that_arrives_with_another_instances_start_is_not_lost(tmp_path: Path, pg_url: str) -> None:
+    """A third instance's start announced and B's wake-up read by A's listener in one packet: the start
+    makes A count the instances again, and the wake-up behind it still reaches A's poll (it was dropped
+    with the rest of the packet: the poll waited for its deadline)."""
+    def c_starts() -> None:
+        with contextlib.closing(ac.PgConnection(ac.pg_connect(pg_url))) as c:
+            c.execute("SELECT pg_notify(?, ?)", (ac.Peers.CHANNEL, ac.compact_json({"i": "c"})))
+    await a_wake_up_reaches_a_held_listener(tmp_path, pg_url, before_count=False, meanwhile=c_starts)
 
 
 async def test_a_slot_freed_before_an_instance_counted_a_new_one_still_wakes_the_new_ones_poll(
@@ -357,18 +366,7 @@ async def test_a_wake_up_that_arrives_while_the_listener_counts_the_instances_is
         tmp_path: Path, pg_url: str) -> None:
     """The listener's connection runs a count of the instances every half second; a notification read
     with the count's answer still reaches the polls (psycopg before 3.2.4 dropped it)."""
-    async with two_instances(tmp_path, pg_url) as (a, b):
-        await a.register(capabilities={"gpu": "a100"})
-        poll = asyncio.create_task(a.poll(wait=20))
-        await a.parked(1)
-        assert a.coord.peers is not None and b.coord.peers is not None
-        with listener_held(a.coord.peers, before_count=True) as (held, _):
-            await until(held.is_set)
-            sent = b.coord.peers.sent
-            job = await b.submit({"n": 1})
-            await until(lambda: b.coord.peers.sent > sent)  # type: ignore[union-attr]
-        r = await asyncio.wait_for(poll, 5)
-        assert r.status_code == 200 and r.json()["job_id"] == job["job_id"]
+    await a_wake_up_reaches_a_held_listener(tmp_path, pg_url, before_count=True)
 
 
 async def test_a_slot_freed_whose_wake_up_could_not_be_sent_still_wakes_the_miners_poll(
