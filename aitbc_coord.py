@@ -1171,19 +1171,21 @@ class PgRow(tuple):  # type: ignore[type-arg]
 
     __slots__ = ()
     names: Mapping[str, int] = {}
+    columns: tuple[str, ...] = ()  # in order, a repeated name repeated (as sqlite3.Row's keys())
 
     def __getitem__(self, key: Any) -> Any:
         return tuple.__getitem__(self, self.names[key] if isinstance(key, str) else key)
 
     def keys(self) -> list[str]:
-        return list(self.names)
+        return list(self.columns)
 
 
 @functools.lru_cache(maxsize=1024)
 def _pg_row_class(names: tuple[bytes, ...]) -> type[PgRow]:
     """The PgRow class for a result's column names (as the server sent them)."""
-    positions = {name.decode(): i for i, name in reversed(list(enumerate(names)))}  # the first of a repeated name
-    return type("PgRow", (PgRow,), {"__slots__": (), "names": positions})
+    columns = tuple(name.decode() for name in names)
+    positions = {name: i for i, name in reversed(list(enumerate(columns)))}  # the first of a repeated name
+    return type("PgRow", (PgRow,), {"__slots__": (), "names": positions, "columns": columns})
 
 
 def _pg_row_maker(cursor: Any) -> Callable[[Sequence[Any]], PgRow]:
@@ -5316,7 +5318,8 @@ class Coordinator:
             raise
         self.slots_changed.update(out.wake.miners)
         if out.wake:  # nothing changed that could give anyone work: nobody to wake
-            self.matcher.queue(job[2] for job in out.wake.queued)
+            if out.wake.queued:  # (a slot freed alone queues nothing: PostgreSQL's hint stays as it is)
+                self.matcher.queue(job[2] for job in out.wake.queued)
             self.hub.notify(out.wake)
             if self.peers is not None:
                 self.peers.send(out.wake)

@@ -137,7 +137,7 @@ async def test_polls_on_postgresql_claim_at_once_while_claims_find_work_and_read
     than read first (a read, a thread hop and four statements saved a job), and once a claim with a
     free slot found nothing the next poll reads first (renewals of an idle fleet write nothing)."""
     async with harness(tmp_path, db_path=pg_url) as h:
-        await h.register(capabilities={"gpu": "a100"}, concurrency=4)
+        await h.register(capabilities={"gpu": "a100"}, concurrency=8)
         peeks: list[str] = []
         peek = h.coord.db.peek
 
@@ -154,6 +154,9 @@ async def test_polls_on_postgresql_claim_at_once_while_claims_find_work_and_read
         assert (await h.poll()).status_code == 204 and peeks == ["read_poll"] * 2
         job = await h.submit({"n": 3})  # queued: claims go straight to their unit again
         assert (await h.take())["job_id"] == job["job_id"] and peeks == ["read_poll"] * 2
+        assert (await h.poll()).status_code == 204 and peeks == ["read_poll"] * 2  # nothing found: reads next
+        assert (await h.result(job["job_id"])).status_code == 200  # a slot freed queues nothing (breaker)
+        assert (await h.poll()).status_code == 204 and peeks == ["read_poll"] * 3
 
 
 def test_a_loop_turns_wake_ups_go_out_in_payloads_postgresql_accepts() -> None:

@@ -772,3 +772,17 @@ def test_writers_on_different_stripes_never_wait_for_each_other(pg_url: str) -> 
     finally:
         for conn in conns:
             conn.close()
+
+
+def test_rows_read_as_sqlite3_rows_do(pg_url: str, tmp_path: Path) -> None:
+    """By position and by name (the first of a repeated name), keys() in column order (a breaker found
+    them reversed), and the same through both backends' connections."""
+    sql = "SELECT 1 AS b, 2 AS a, 3 AS b, 'x' AS c"
+    with contextlib.closing(sqlite3.connect(tmp_path / "rows.db")) as lite:
+        lite.row_factory = sqlite3.Row
+        expected = lite.execute(sql).fetchone()
+        want = (tuple(expected), expected.keys(), [expected[k] for k in ("a", "b", "c")])
+    with contextlib.closing(ac.connect_reader(pg_url)) as conn:
+        row = conn.execute(sql).fetchone()
+        assert (tuple(row), row.keys(), [row[k] for k in ("a", "b", "c")]) == want
+    assert want == ((1, 2, 3, "x"), ["b", "a", "b", "c"], [2, 1, "x"])
