@@ -2490,12 +2490,20 @@ def get_receipt_prices(conn: sqlite3.Connection, job_ids: Sequence[str]) -> dict
 def list_addresses(conn: sqlite3.Connection, limit: int, offset: int,
                    before: tuple[int, str] | None = None) -> list[sqlite3.Row]:
     """Addresses by last activity, newest first; `before` is (last_active, address). On PostgreSQL an
-    address is the sum of its stripes (schema_pg.sql): read whole, then paged."""
+    address is the sum of its stripes (schema_pg.sql) and its activity their latest: the page walks
+    the stripes' rows by activity (addresses_by_activity) and takes each address at its latest row
+    (the highest stripe among equals), whose sums are read for the rows on the page alone; a page
+    reads about its own rows times the stripes an address has, not every address."""
     where = "WHERE (last_active, address) < (?, ?)" if before is not None else ""
-    table = "addresses" if not isinstance(conn, PgConnection) else (
-        "(SELECT address, SUM(tx_count) AS tx_count, SUM(balance_micro) AS balance_micro,"
-        " MAX(last_active) AS last_active FROM addresses GROUP BY address) AS addresses")
-    return conn.execute(f"SELECT * FROM {table} {where} ORDER BY last_active DESC, address DESC LIMIT ? OFFSET ?",
+    if isinstance(conn, PgConnection):
+        keyset = "(a.last_active, a.address) < (?, ?) AND " if before is not None else ""
+        return conn.execute(
+            "SELECT a.address, sums.tx_count, sums.balance_micro, a.last_active FROM addresses AS a"
+            " CROSS JOIN LATERAL (SELECT SUM(s.tx_count) AS tx_count, SUM(s.balance_micro) AS balance_micro"
+            f" FROM addresses AS s WHERE s.address = a.address) AS sums WHERE {keyset}NOT EXISTS (SELECT 1"
+            " FROM addresses AS s WHERE s.address = a.address AND (s.last_active, s.stripe) > (a.last_active, a.stripe))"
+            " ORDER BY a.last_active DESC, a.address DESC LIMIT ? OFFSET ?", (*(before or ()), limit, offset)).fetchall()
+    return conn.execute(f"SELECT * FROM addresses {where} ORDER BY last_active DESC, address DESC LIMIT ? OFFSET ?",
                         (*(before or ()), limit, offset)).fetchall()
 
 
