@@ -1260,14 +1260,17 @@ def claim_counter_stripe(raw: Any) -> int:
 
 MIGRATE_LOCK = 0x61697462_63000001  # pg_advisory_xact_lock key ("aitbc" and 1): one migration at a time
 # PostgreSQL upgrade steps, as UPGRADES: PG_UPGRADES[n] takes a version n-1 database to version n (the
-# first PostgreSQL schema was version 6).
+# first PostgreSQL schema was version 6). Its versions follow SQLite's, and go past them where only
+# PostgreSQL's schema changes: PG_SCHEMA_VERSION is the one this code makes and works on.
 PG_UPGRADES: dict[int, Callable[[], str]] = {
     7: lambda: schema_section(7, "schema_pg"),  # claims that never reached their miner
+    8: lambda: schema_section(8, "schema_pg"),  # the per-job helpers in PL/pgSQL (plans kept)
 }
+PG_SCHEMA_VERSION = max(PG_UPGRADES)
 
 
 # Rolling upgrades (PostgreSQL, where N instances share a database): the oldest schema version whose
-# coordinator can still work on a database at SCHEMA_VERSION, recorded beside the version. Upgrade steps
+# coordinator can still work on a database at PG_SCHEMA_VERSION, recorded beside the version. Upgrade steps
 # stay additive (expand, then contract in a later release) so that this can stay one version behind;
 # raise it with a step older code cannot live with (a dropped or renamed column, a NOT NULL column
 # without a default, a column whose meaning changed). Version 7 cannot be shared with version 6 code
@@ -1293,7 +1296,7 @@ def migrate_pg(url: str) -> tuple[int, int]:
     """Create, upgrade or check the PostgreSQL schema (schema_pg.sql) in one transaction; (before,
     after). Instances that start together wait on one transaction-level advisory lock, so exactly one
     of them creates or upgrades it. A database one rollout ahead (a newer schema whose
-    compatible_from is at most SCHEMA_VERSION) is used as it is: (before, before). Raises ConfigError
+    compatible_from is at most PG_SCHEMA_VERSION) is used as it is: (before, before). Raises ConfigError
     (server unreachable, a schema this coordinator cannot work on or knows no upgrade from)."""
     psycopg = load_psycopg()
     try:
@@ -1304,27 +1307,27 @@ def migrate_pg(url: str) -> tuple[int, int]:
         with raw.transaction():
             raw.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATE_LOCK,))
             before, floor = read_pg_version(raw)
-            if floor > SCHEMA_VERSION:
+            if floor > PG_SCHEMA_VERSION:
                 raise ConfigError(f"the PostgreSQL database has schema version {before}, which needs a coordinator"
-                                  f" of schema version {floor} or newer (this one's is {SCHEMA_VERSION});"
+                                  f" of schema version {floor} or newer (this one's is {PG_SCHEMA_VERSION});"
                                   f" upgrade aitbc-coord")
-            if before > SCHEMA_VERSION:
+            if before > PG_SCHEMA_VERSION:
                 log.warning("the PostgreSQL database's schema version %d is newer than this coordinator's %d and"
                             " works with it (from version %d): using it as it is; upgrade this instance to"
-                            " finish the rollout", before, SCHEMA_VERSION, floor)
+                            " finish the rollout", before, PG_SCHEMA_VERSION, floor)
                 return before, before
             if before == 0:
                 raw.execute(schema_sql("schema_pg"))
             elif before < min(PG_UPGRADES) - 1:
                 raise ConfigError(f"the PostgreSQL database has schema version {before}; this coordinator"
-                                  f" knows no upgrade from it to {SCHEMA_VERSION}")
-            elif before < SCHEMA_VERSION:
-                for version in range(before + 1, SCHEMA_VERSION + 1):
+                                  f" knows no upgrade from it to {PG_SCHEMA_VERSION}")
+            elif before < PG_SCHEMA_VERSION:
+                for version in range(before + 1, PG_SCHEMA_VERSION + 1):
                     raw.execute(PG_UPGRADES[version]())
-            if before < SCHEMA_VERSION:
+            if before < PG_SCHEMA_VERSION:
                 raw.execute("UPDATE schema_version SET version = %s, compatible_from = %s",
-                            (SCHEMA_VERSION, SCHEMA_COMPATIBLE_FROM))
-        return before, SCHEMA_VERSION
+                            (PG_SCHEMA_VERSION, SCHEMA_COMPATIBLE_FROM))
+        return before, PG_SCHEMA_VERSION
     except psycopg.errors.InsufficientPrivilege as exc:
         raise ConfigError(f"cannot migrate the PostgreSQL database: {exc}: the URL's role must own the database"
                           f" (createdb -O ROLE) or hold CREATE on its public schema") from None
@@ -4973,9 +4976,9 @@ def copy_to_postgres(path: str, url: str) -> CopyReport:
     changed = (f"{path} changed during the copy (a coordinator started on it?): nothing was copied; stop it"
                f" and copy again")
     try:
-        if (version := migrate_pg(url)[1]) != SCHEMA_VERSION:
+        if (version := migrate_pg(url)[1]) != PG_SCHEMA_VERSION:
             raise CopyFailed(f"the PostgreSQL database has schema version {version}, newer than this coordinator's"
-                             f" {SCHEMA_VERSION}: copy with the aitbc-coord that made it")
+                             f" {PG_SCHEMA_VERSION}: copy with the aitbc-coord that made it")
         psycopg = load_psycopg()
         try:
             raw = pg_connect(url, connect_timeout=10)

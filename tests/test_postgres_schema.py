@@ -196,7 +196,7 @@ def test_the_schema_records_its_version_in_one_row(pg_url: str) -> None:
 
     load_pg_schema(pg_url)
     with pg_connect(pg_url) as conn:
-        assert conn.execute("SELECT version FROM schema_version").fetchall() == [(ac.SCHEMA_VERSION,)]
+        assert conn.execute("SELECT version FROM schema_version").fetchall() == [(ac.PG_SCHEMA_VERSION,)]
         with pytest.raises(psycopg.errors.UniqueViolation):
             conn.execute("INSERT INTO schema_version (version) VALUES (7)")
 
@@ -233,14 +233,14 @@ def test_migrate_upgrades_a_version_6_database_in_place(pg_url: str, new_pg_data
         conn.execute("INSERT INTO miners (miner_id, offer_id, capabilities, price, sla, concurrency, status,"
                      " session_token, created_at, registered_at, last_seen, last_heartbeat)"
                      " VALUES ('m0', 'o0', '{}', 0, '', 1, 'ONLINE', 't', 1, 1, 1, 5)")
-    assert ac.migrate_pg(pg_url) == (6, ac.SCHEMA_VERSION)
-    assert ac.migrate_pg(pg_url) == (ac.SCHEMA_VERSION, ac.SCHEMA_VERSION)
+    assert ac.migrate_pg(pg_url) == (6, ac.PG_SCHEMA_VERSION)
+    assert ac.migrate_pg(pg_url) == (ac.PG_SCHEMA_VERSION, ac.PG_SCHEMA_VERSION)
     fresh = new_pg_database()
     load_pg_schema(fresh)
     assert pg_catalog(pg_url) == pg_catalog(fresh)
     assert pg_functions(pg_url) == pg_functions(fresh)  # a function changed or added reaches old databases too
     with pg_connect(pg_url) as conn:
-        assert conn.execute("SELECT version FROM schema_version").fetchall() == [(ac.SCHEMA_VERSION,)]
+        assert conn.execute("SELECT version FROM schema_version").fetchall() == [(ac.PG_SCHEMA_VERSION,)]
         assert conn.execute("SELECT miner_id, last_heartbeat, short_since, known_through FROM miners").fetchall() \
             == [("m0", 5, None, None)]
 
@@ -258,11 +258,11 @@ def set_pg_version(url: str, version: int, compatible_from: int) -> None:
 
 
 def test_migrate_records_the_oldest_version_that_can_share_the_database(pg_url: str) -> None:
-    assert ac.migrate_pg(pg_url) == (0, ac.SCHEMA_VERSION)
+    assert ac.migrate_pg(pg_url) == (0, ac.PG_SCHEMA_VERSION)
     with pg_connect(pg_url) as conn:
         assert conn.execute("SELECT version, compatible_from FROM schema_version").fetchall() \
-            == [(ac.SCHEMA_VERSION, ac.SCHEMA_COMPATIBLE_FROM)]
-    assert ac.SCHEMA_COMPATIBLE_FROM <= ac.SCHEMA_VERSION
+            == [(ac.PG_SCHEMA_VERSION, ac.SCHEMA_COMPATIBLE_FROM)]
+    assert ac.SCHEMA_COMPATIBLE_FROM <= ac.PG_SCHEMA_VERSION
 
 
 @pytest.mark.anyio
@@ -272,13 +272,13 @@ async def test_an_instance_one_rollout_behind_serves_from_a_newer_compatible_sch
     says this version still works on it. This instance runs on it as it is, changes nothing in it, and
     says so; the next version's own objects (here a column) stay."""
     ac.migrate_pg(pg_url)
-    newer = ac.SCHEMA_VERSION + 1
+    newer = ac.PG_SCHEMA_VERSION + 1
     with pg_connect(pg_url) as conn:
         conn.execute("ALTER TABLE jobs ADD COLUMN next_version_note text")  # what the newer step added
-    set_pg_version(pg_url, newer, ac.SCHEMA_VERSION)
+    set_pg_version(pg_url, newer, ac.PG_SCHEMA_VERSION)
     with caplog.at_level("WARNING", logger="aitbc_coord"):
         assert ac.migrate_pg(pg_url) == (newer, newer)
-    assert f"schema version {newer} is newer than this coordinator's {ac.SCHEMA_VERSION}" in caplog.text
+    assert f"schema version {newer} is newer than this coordinator's {ac.PG_SCHEMA_VERSION}" in caplog.text
     async with harness(tmp_path, db_path=pg_url) as h:
         await h.register(capabilities={"gpu": "a100"})
         job = await h.submit({"n": 1})
@@ -286,15 +286,15 @@ async def test_an_instance_one_rollout_behind_serves_from_a_newer_compatible_sch
         assert (await h.result(job["job_id"])).status_code == 200
     with pg_connect(pg_url) as conn:
         assert conn.execute("SELECT version, compatible_from FROM schema_version").fetchall() \
-            == [(newer, ac.SCHEMA_VERSION)]
+            == [(newer, ac.PG_SCHEMA_VERSION)]
         assert conn.execute("SELECT COUNT(*) FROM jobs WHERE state = 'COMPLETED'").fetchone()[0] == 1
 
 
 def test_a_schema_this_coordinator_cannot_work_on_is_refused_with_what_to_do(pg_url: str) -> None:
     ac.migrate_pg(pg_url)
-    set_pg_version(pg_url, ac.SCHEMA_VERSION + 2, ac.SCHEMA_VERSION + 1)
-    expected = (f"the PostgreSQL database has schema version {ac.SCHEMA_VERSION + 2}, which needs a coordinator"
-                f" of schema version {ac.SCHEMA_VERSION + 1} or newer (this one's is {ac.SCHEMA_VERSION});"
+    set_pg_version(pg_url, ac.PG_SCHEMA_VERSION + 2, ac.PG_SCHEMA_VERSION + 1)
+    expected = (f"the PostgreSQL database has schema version {ac.PG_SCHEMA_VERSION + 2}, which needs a coordinator"
+                f" of schema version {ac.PG_SCHEMA_VERSION + 1} or newer (this one's is {ac.PG_SCHEMA_VERSION});"
                 f" upgrade aitbc-coord")
     with pytest.raises(ac.ConfigError) as refused:
         ac.migrate_pg(pg_url)
@@ -302,7 +302,7 @@ def test_a_schema_this_coordinator_cannot_work_on_is_refused_with_what_to_do(pg_
     done = CliRunner().invoke(ac.cli, ["migrate", "--db", pg_url])
     assert done.exit_code == 1 and done.output == f"Error: {expected}\n"
     with pg_connect(pg_url) as conn:  # refused, and left as it was
-        assert conn.execute("SELECT version FROM schema_version").fetchone()[0] == ac.SCHEMA_VERSION + 2
+        assert conn.execute("SELECT version FROM schema_version").fetchone()[0] == ac.PG_SCHEMA_VERSION + 2
 
 
 def test_a_role_that_may_not_create_the_tables_is_told_what_it_needs(pg_url: str) -> None:
@@ -336,7 +336,7 @@ def test_a_damaged_version_record_is_refused_in_a_line_or_read_as_version_6_left
         done = CliRunner().invoke(ac.cli, ["migrate", "--db", pg_url])
         assert done.exit_code == 1 and done.output.startswith("Error: the PostgreSQL database's schema_version")
     else:  # as a version 6 database's record reads: its own version is its floor
-        assert ac.migrate_pg(pg_url) == (ac.SCHEMA_VERSION, ac.SCHEMA_VERSION)
+        assert ac.migrate_pg(pg_url) == (ac.PG_SCHEMA_VERSION, ac.PG_SCHEMA_VERSION)
 
 
 def test_an_upgraded_version_6_database_records_its_floor(pg_url: str) -> None:
@@ -345,7 +345,7 @@ def test_an_upgraded_version_6_database_records_its_floor(pg_url: str) -> None:
     ac.migrate_pg(pg_url)
     with pg_connect(pg_url) as conn:
         assert conn.execute("SELECT version, compatible_from FROM schema_version").fetchall() \
-            == [(ac.SCHEMA_VERSION, ac.SCHEMA_COMPATIBLE_FROM)]
+            == [(ac.PG_SCHEMA_VERSION, ac.SCHEMA_COMPATIBLE_FROM)]
 
 
 # --- The same writes give the same derived rows ---
