@@ -1265,6 +1265,7 @@ MIGRATE_LOCK = 0x61697462_63000001  # pg_advisory_xact_lock key ("aitbc" and 1):
 PG_UPGRADES: dict[int, Callable[[], str]] = {
     7: lambda: schema_section(7, "schema_pg"),  # claims that never reached their miner
     8: lambda: schema_section(8, "schema_pg"),  # the per-job helpers in PL/pgSQL (plans kept)
+    9: lambda: schema_section(9, "schema_pg"),  # balances that pass a bigint (addresses.balance_micro numeric)
 }
 PG_SCHEMA_VERSION = max(PG_UPGRADES)
 

@@ -7,7 +7,7 @@
 --
 -- What differs, and why:
 -- - Every integer is bigint (times are Unix ms, ~1.8e12; integer is 32 bits), REAL is double precision
---   (real is 4 bytes), BLOB is bytea.
+--   (real is 4 bytes), BLOB is bytea. One exception: addresses.balance_micro is numeric (version 9).
 -- - Every text column is COLLATE "C": SQLite compares text by its bytes (BINARY), so keyset cursors and
 --   ORDER BY on ids follow byte order on both engines, and upper() changes ASCII letters only, as
 --   SQLite's does. One collation throughout also keeps every index usable where two text columns are
@@ -497,7 +497,7 @@ CREATE TABLE schema_version (
     version bigint NOT NULL
 );
 CREATE UNIQUE INDEX schema_version_one_row ON schema_version ((true));
-INSERT INTO schema_version (version) VALUES (8);  -- aitbc_coord.PG_SCHEMA_VERSION
+INSERT INTO schema_version (version) VALUES (9);  -- aitbc_coord.PG_SCHEMA_VERSION
 
 -- Version 7: claims that never reached their miner; as in schema.sql (migrate_pg runs this section to
 -- upgrade a version 6 database: the section runs to the end of the file).
@@ -615,3 +615,12 @@ CREATE OR REPLACE FUNCTION addresses_touch(touched text, at bigint) RETURNS void
 BEGIN
     PERFORM addresses_add(touched, 1, 0, at);
 END $$;
+
+-- Version 9: (PostgreSQL only) an address's balance is numeric. A receipt moves up to 10^18 millionths
+-- (MAX_AMOUNT), so ten of them pass a bigint: the row's update then failed ("bigint out of range"), and
+-- with it every later priced result of that miner or that client through the same writer (SQLite turns
+-- such a sum into a REAL and goes on). numeric does not overflow and stays exact; reads sum it as
+-- before (a whole numeric is read as an int). addresses_add still takes one move as a bigint. Version 7
+-- and 8 code works on it (compatible_from stays 7); the change rewrites addresses under an ACCESS
+-- EXCLUSIVE lock, so its writers wait for the upgrade's length (one row per identity and stripe).
+ALTER TABLE addresses ALTER COLUMN balance_micro TYPE numeric;

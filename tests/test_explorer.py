@@ -101,6 +101,22 @@ async def test_addresses_carry_balances_counts_and_recent_jobs(tmp_path) -> None
         assert len((await get(h, "/v1/explorer/addresses"))["items"][0]["recentTransactions"]) == 5
 
 
+async def test_balances_past_a_64_bit_integer_still_take_every_result(tmp_path) -> None:
+    """A receipt moves up to MAX_AMOUNT (10^18 millionths): ten of them are past a 64-bit integer. On
+    PostgreSQL the address's stripe row overflowed bigint, and every later priced result of that miner
+    or that client through the same writer failed with 503 (the job never completed). 28 results put
+    at least ten on one of the 3 writers' stripes."""
+    async with harness(tmp_path, KEYS) as h:
+        await h.register(RIG_A, capabilities={"price": ac.MAX_AMOUNT})
+        for _ in range(28):
+            job = await h.submit(headers=ALICE)
+            assert (await h.take(RIG_A))["job_id"] == job["job_id"]
+            r = await h.result(job["job_id"], headers=RIG_A, metrics={"units": 1})
+            assert r.status_code == 200, r.text
+        by = {a["address"]: a for a in (await get(h, "/v1/explorer/addresses"))["items"]}
+        assert (by["rig-a"]["balance"], by["alice"]["balance"]) == ("28000000000000.000000", "-28000000000000.000000")
+
+
 async def test_receipts_list_and_its_job_filter(tmp_path) -> None:
     async with harness(tmp_path, KEYS) as h:
         ids = await scenario(h)
