@@ -4684,6 +4684,9 @@ class CopyTable(NamedTuple):
     columns: tuple[str, ...]  # the source's, in order
     key: tuple[str, ...]  # its primary key: rows are copied and compared in this order
     striped: bool  # PostgreSQL's table has PG_STRIPE too
+    # the positions of INTEGER columns PostgreSQL holds as numeric (a sum past 2^63: schema_pg.sql's
+    # version 9), where SQLite has gone on in a REAL: such a REAL, a whole number, is copied as an int
+    wide: tuple[int, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -4733,11 +4736,14 @@ def plan_copy(src: sqlite3.Connection, raw: Any) -> list[CopyTable]:
     names = sorted(r[0] for r in src.execute("SELECT name FROM sqlite_master WHERE type = 'table'"
                                              " AND name NOT LIKE 'sqlite%'"))
     target: dict[str, list[str]] = {}
-    for table, column in raw.execute(
-            "SELECT table_name, column_name FROM information_schema.columns JOIN information_schema.tables"
+    numeric: set[tuple[str, str]] = set()
+    for table, column, kind in raw.execute(
+            "SELECT table_name, column_name, data_type FROM information_schema.columns JOIN information_schema.tables"
             " USING (table_schema, table_name) WHERE table_schema = current_schema() AND table_type = 'BASE TABLE'"
             " ORDER BY table_name, ordinal_position"):
         target.setdefault(table, []).append(column)
+        if kind == "numeric":
+            numeric.add((table, column))
     if missing := [name for name in names if name not in target]:  # PostgreSQL's own (schema_version) stay
         raise CopyFailed(f"the PostgreSQL database has no table {', '.join(missing)} (a coordinator's schema of"
                          f" another version?)")
@@ -4751,14 +4757,15 @@ def plan_copy(src: sqlite3.Connection, raw: Any) -> list[CopyTable]:
             raise CopyFailed(f"table {name} has the columns ({', '.join(target[name])}) in PostgreSQL, but"
                              f" ({', '.join(columns)}) in the source")
         key = tuple(r[1] for r in sorted(info, key=lambda r: r[5]) if r[5])
-        tables[name] = CopyTable(name, columns, key or columns, striped)
+        wide = tuple(i for i, r in enumerate(info) if r[2].upper() == "INTEGER" and (name, r[1]) in numeric)
+        tables[name] = CopyTable(name, columns, key or columns, striped, wide)
         parents[name] = {r[2] for r in src.execute(f'PRAGMA foreign_key_list("{name}")')}
     return [tables[name] for name in graphlib.TopologicalSorter(parents).static_order()]
 
 
 def copy_table(src: sqlite3.Connection, raw: Any, table: CopyTable) -> tuple[int, bytes]:
-    """COPY one table's rows in key order, values as read; (rows, the SHA-256 of their reprs in that
-    order: what read_back must find). Raises CopyFailed for text PostgreSQL cannot hold (U+0000),
+    """COPY one table's rows in key order, values as read (a whole REAL in a `wide` column as its int);
+    (rows, the SHA-256 of their reprs in that order: what read_back must find). Raises CopyFailed for text PostgreSQL cannot hold (U+0000),
     sqlite3.Error or psycopg.Error."""
     from psycopg import sql
     columns = table.columns + ((PG_STRIPE,) if table.striped else ())
@@ -4772,6 +4779,9 @@ def copy_table(src: sqlite3.Connection, raw: Any, table: CopyTable) -> tuple[int
     with raw.cursor() as pg, pg.copy(statement) as copy:
         key = ", ".join(f'"{c}"' for c in table.key)
         for row in cursor.execute(f'SELECT {quoted} FROM "{table.name}" ORDER BY {key}'):
+            if any(type(row[i]) is float and row[i].is_integer() for i in table.wide):
+                row = tuple(int(v) if i in table.wide and type(v) is float and v.is_integer() else v
+                            for i, v in enumerate(row))
             if any(type(value) is str and "\x00" in value for value in row):
                 held = ", ".join(c for c, v in zip(table.columns, row) if type(v) is str and "\x00" in v)
                 raise CopyFailed(f"{table.name} row {dict(zip(table.key, row[:len(table.key)]))}: {held} holds the"

@@ -271,6 +271,25 @@ def test_totals_that_count_deleted_rows_are_copied_as_they_were(tmp_path: Path, 
     assert rows(pg_url, "SELECT state, SUM(n) FROM job_counts GROUP BY state ORDER BY state") == kept
 
 
+async def test_balances_sqlite_holds_past_a_64_bit_integer_are_copied_exactly(tmp_path: Path, pg_url: str) -> None:
+    """Ten receipts at MAX_AMOUNT (10^18 millionths each) take a balance past 2^63, where SQLite goes
+    on in a REAL: the copy refused it ("invalid input syntax for type bigint", then, with a numeric
+    column, "read back otherwise"). Such a REAL is a whole number: it is copied as that number, and
+    the explorer answers the same on PostgreSQL."""
+    db = tmp_path / "rich.db"
+    async with harness(tmp_path, ENV, db_path=str(db)) as h:
+        await h.register(capabilities={"price": ac.MAX_AMOUNT / 3})
+        for i in range(11):
+            await complete(h, f"dear {i}")  # 3 units each: MAX_AMOUNT a job
+        before = await get(h, "/v1/explorer/addresses")
+    assert sorted(type(r[0]).__name__ for r in rows(str(db), "SELECT balance_micro FROM addresses")) == ["float"] * 2
+    done = copy(db, pg_url)
+    assert done.exit_code == 0, done.output
+    async with harness(tmp_path, ENV, db_path=pg_url) as h:
+        assert await get(h, "/v1/explorer/addresses") == before
+    assert [b["balance"] for b in before["items"]] == ["11000000000000.000000", "-11000000000000.000000"]
+
+
 def test_a_source_in_use_is_refused(tmp_path: Path, pg_url: str) -> None:
     db = tmp_path / "live.db"
 
