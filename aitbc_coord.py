@@ -2498,7 +2498,6 @@ def list_addresses(conn: sqlite3.Connection, limit: int, offset: int,
     the stripes' rows by activity (addresses_by_activity) and takes each address at its latest row
     (the highest stripe among equals), whose sums are read for the rows on the page alone; a page
     reads about its own rows times the stripes an address has, not every address."""
-    where = "WHERE (last_active, address) < (?, ?)" if before is not None else ""
     if isinstance(conn, PgConnection):
         keyset = "(a.last_active, a.address) < (?, ?) AND " if before is not None else ""
         return conn.execute(
@@ -2507,6 +2506,7 @@ def list_addresses(conn: sqlite3.Connection, limit: int, offset: int,
             f" FROM addresses AS s WHERE s.address = a.address) AS sums WHERE {keyset}NOT EXISTS (SELECT 1"
             " FROM addresses AS s WHERE s.address = a.address AND (s.last_active, s.stripe) > (a.last_active, a.stripe))"
             " ORDER BY a.last_active DESC, a.address DESC LIMIT ? OFFSET ?", (*(before or ()), limit, offset)).fetchall()
+    where = "WHERE (last_active, address) < (?, ?)" if before is not None else ""
     return conn.execute(f"SELECT * FROM addresses {where} ORDER BY last_active DESC, address DESC LIMIT ? OFFSET ?",
                         (*(before or ()), limit, offset)).fetchall()
 

@@ -29,6 +29,19 @@ async def two_instances(tmp_path: Path, url: str) -> AsyncIterator[tuple[Harness
         yield a, b
 
 
+@contextlib.asynccontextmanager
+async def alone(tmp_path: Path, url: str) -> AsyncIterator[tuple[Harness, ac.Peers]]:
+    """Instance A on its own, listening and counting no other instance (B's directory made beside it
+    for a test that starts one); yields A and its Peers."""
+    for name in "ab":
+        (tmp_path / name).mkdir()
+    async with harness(tmp_path / "a", db_path=url) as a:
+        peers = a.coord.peers
+        assert peers is not None
+        await until(lambda: peers.connected and peers.others == 0)
+        yield a, peers
+
+
 async def until(condition: Callable[[], bool], seconds: float = 5.0) -> None:
     """Wait until `condition()` holds (no fixed sleep); AssertionError after `seconds`."""
     for _ in range(int(seconds / 0.01)):
@@ -101,12 +114,7 @@ async def test_an_instance_alone_sends_no_wake_ups_and_starts_once_another_liste
     """One instance on PostgreSQL has no one to wake: it sends nothing. A second one starting is counted
     at once (it announces itself) and gets the first's wake-ups; once it stops, the first sends nothing
     again."""
-    for name in "ab":
-        (tmp_path / name).mkdir()
-    async with harness(tmp_path / "a", db_path=pg_url) as a:
-        peers = a.coord.peers
-        assert peers is not None
-        await until(lambda: peers.connected and peers.others == 0)
+    async with alone(tmp_path, pg_url) as (a, peers):
         await a.register(capabilities={"gpu": "a100"})
         for n in range(3):
             job = await a.submit({"n": n})
@@ -343,12 +351,7 @@ async def test_a_slot_freed_before_an_instance_counted_a_new_one_still_wakes_the
     taken through A holds; A frees the slot before it has counted B (its listener is slow to run). The
     poll gets the next job once A has counted B (the wake-up was dropped: no tick re-announces a freed
     slot, and the poll waited for its deadline)."""
-    for name in "ab":
-        (tmp_path / name).mkdir()
-    async with harness(tmp_path / "a", db_path=pg_url) as a:
-        peers = a.coord.peers
-        assert peers is not None
-        await until(lambda: peers.connected and peers.others == 0)
+    async with alone(tmp_path, pg_url) as (a, peers):
         await a.register(capabilities={"gpu": "a100"}, concurrency=1)
         first, second = await a.submit({"n": 1}), await a.submit({"n": 2})
         assert (await a.take())["job_id"] == first["job_id"]
