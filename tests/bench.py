@@ -1266,6 +1266,7 @@ class Heartbeats:
         self.port, self.keys = port, keys
         self.last_beat = [0.0] * len(keys)  # time.monotonic(): CLOCK_MONOTONIC, one clock for every process
         self.counts = dict.fromkeys(("beats", "beat errors", "5xx", "404/409 to results or heartbeats"), 0)
+        self.errors: collections.Counter[str] = collections.Counter()  # beat errors by kind
 
     async def run(self, i: int) -> None:
         due = time.monotonic() + random.uniform(0, HEARTBEAT_SECONDS)  # spread over the first interval
@@ -1281,8 +1282,9 @@ class Heartbeats:
             async with asyncio.timeout(HEARTBEAT_SECONDS):
                 status = await one_shot(self.port, miner_address(i),
                                         http_request("POST", "/v1/miners/heartbeat", b'{"inflight": 0}', self.keys[i]))
-        except (OSError, ValueError):
+        except (OSError, ValueError) as exc:
             self.counts["beat errors"] += 1
+            self.errors[f"{type(exc).__name__} {getattr(exc, 'errno', None) or ''}".strip()] += 1
             return
         self.counts["beats"] += status == 200
         self.counts["5xx"] += status >= 500
@@ -1310,6 +1312,8 @@ def heartbeats_process(spec: str) -> None:
             task.cancel()
         await settle(tasks)
         collector.cancel()
+        if beats.errors:
+            print(f"heartbeat errors by kind: {dict(beats.errors.most_common())}", file=sys.stderr, flush=True)
         return beats.report()
 
     print(json.dumps(run_fast(beat_until_stdin_closes())), flush=True)

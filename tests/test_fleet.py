@@ -105,6 +105,33 @@ async def test_renewals_cost_the_hub_the_same_with_any_number_of_polls() -> None
     assert abs(renewal_lines(5_000) - renewal_lines(5)) < 1  # the same, up to the loop's own set-up
 
 
+def return_lines(behind: int) -> float:
+    """Hub lines for each of 100 polls that began first to come back from claims that missed (as in a
+    burst of jobs) with `behind` polls parked after them, and then be picked in order."""
+    hub = ac.PollHub()
+    early = [hub.add(f"early{i}") for i in range(100)]  # began first, then went to claim
+    for i in range(behind):
+        hub.park(hub.add(f"m{i}"), profile(f"m{i}"), ready=True)
+
+    def come_back() -> None:
+        for w in reversed(early):  # claims end out of order
+            hub.park(w, profile(w.miner_id), ready=True)
+
+    lines = lines_run(come_back)
+    order = []
+    for n in range(100):
+        hub.notify(ac.Wake(queued=[(f"j{n}", ANY, 1)]))
+        order += [w.miner_id for w in early if w.woken_for and w.miner_id not in order]
+    assert order == [f"early{i}" for i in range(100)]  # each kept its place: the longest waiting first
+    return lines / 100
+
+
+async def test_a_poll_back_from_a_missed_claim_keeps_its_place_at_the_same_cost_behind_any_number() -> None:
+    """A burst at 10,000 miners: each poll whose claim missed parks again in its old place without
+    walking the polls that parked after it."""
+    assert return_lines(10_000) == return_lines(10)
+
+
 def test_the_rate_limiter_does_the_same_work_per_call_with_10_or_200000_callers() -> None:
     clock = FakeClock(0.0)
 
