@@ -3655,45 +3655,64 @@ class Waiter:
     profile: MinerProfile | None = None  # known once its first claim has read the miner
     parked: bool = False  # waiting on its event (not claiming)
     kind: str | None = None  # the miner kind whose queue it waits in for a new job (None: only its miner's)
-    ticket: int = 0  # its live entry in that queue (KindQueue); 0 while in none
+    ticket: int = 0  # its live entry in that queue's heap (KindQueue.earlier); 0 while in none
     woken_for: list[QueuedJob] = dataclasses.field(default_factory=list)  # jobs it was picked for
 
 
 class KindQueue:
-    """The ready parked polls of one miner kind, the longest-waiting first: a heap by when each poll
-    began, so a poll back from a claim that missed takes its old place in O(log n) however many
-    parked after it (with a list kept in order, each such return walked them: during a burst at
-    10,000 miners, half the server's time). A poll that leaves is dropped lazily: its entry is
-    skipped when it reaches the front, and the heap is rebuilt once stale entries outnumber the live
-    ones (amortised O(1) a removal)."""
+    """The ready parked polls of one miner kind, the longest-waiting first (by when each poll began).
 
-    __slots__ = ("heap", "live", "profile")
-    SLACK = 32  # stale entries tolerated beyond the live count before a rebuild
+    A poll that began after every poll parked here (a renewal, nearly all of them) goes to the back
+    of `fifo` in O(1). One that began earlier (back from a claim that missed, as during a burst, or
+    from a claim that ended out of order) goes into `earlier`, a heap, in O(log n) however many
+    parked after it: kept in one ordered list, each such return walked them, which at 10,000 miners
+    was half the server's time in a burst. The head is the older of the two fronts. A poll that
+    leaves `earlier` is dropped lazily: skipped once at the front, the heap rebuilt when stale
+    entries outnumber the live ones (a rebuild is as long as the polls that came back, never the
+    whole kind: no stall of the loop in a fleet's steady renewals)."""
+
+    __slots__ = ("earlier", "fifo", "profile", "stale")
+    SLACK = 32  # stale entries tolerated beyond the live ones before a rebuild
 
     def __init__(self, profile: MinerProfile) -> None:
-        self.heap: list[tuple[int, int, Waiter]] = []  # (since, ticket, waiter): since ties only with itself
-        self.live = 0
+        self.fifo: collections.OrderedDict[Waiter, None] = collections.OrderedDict()
+        self.earlier: list[tuple[int, int, Waiter]] = []  # (since, ticket, waiter): live while the ticket is its own
+        self.stale = 0
         self.profile = profile  # one profile of the kind: all of them satisfy the same constraints
 
+    def __len__(self) -> int:
+        return len(self.fifo) + len(self.earlier) - self.stale
+
     def push(self, waiter: Waiter, ticket: int) -> None:
-        waiter.ticket = ticket
-        heapq.heappush(self.heap, (waiter.since, ticket, waiter))
-        self.live += 1
+        """Add `waiter` in its place by `since`; `ticket`: unique, > 0."""
+        fifo = self.fifo
+        if not fifo or next(reversed(fifo)).since < waiter.since:
+            fifo[waiter] = None
+        else:
+            waiter.ticket = ticket
+            heapq.heappush(self.earlier, (waiter.since, ticket, waiter))
 
     def drop(self, waiter: Waiter) -> None:
         """`waiter` (in this queue) leaves it."""
+        if not waiter.ticket:
+            del self.fifo[waiter]
+            return
         waiter.ticket = 0
-        self.live -= 1
-        if len(self.heap) > 2 * self.live + self.SLACK:
-            self.heap = [entry for entry in self.heap if entry[1] == entry[2].ticket]
-            heapq.heapify(self.heap)
+        self.stale += 1
+        if 2 * self.stale > len(self.earlier) + self.SLACK:
+            self.earlier = [entry for entry in self.earlier if entry[1] == entry[2].ticket]
+            heapq.heapify(self.earlier)
+            self.stale = 0
 
     def head(self) -> Waiter:
         """The longest-waiting poll (the queue holds at least one)."""
-        heap = self.heap
-        while heap[0][1] != heap[0][2].ticket:
-            heapq.heappop(heap)
-        return heap[0][2]
+        earlier = self.earlier
+        while earlier and earlier[0][1] != earlier[0][2].ticket:
+            heapq.heappop(earlier)
+            self.stale -= 1
+        if earlier and (not self.fifo or earlier[0][0] < next(iter(self.fifo)).since):
+            return earlier[0][2]
+        return next(iter(self.fifo))
 
 
 class PollHub:
@@ -3796,7 +3815,7 @@ class PollHub:
         if waiter.kind is not None:
             kind_queue = self.kinds[waiter.kind]
             kind_queue.drop(waiter)
-            if not kind_queue.live:
+            if not kind_queue:
                 del self.kinds[waiter.kind]
             waiter.kind = None
 
