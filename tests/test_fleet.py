@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import aitbc_coord as ac
 from conftest import CLIENT, FakeClock, Harness, database_of, failing_commits, harness, open_database
@@ -130,6 +132,51 @@ async def test_a_poll_back_from_a_missed_claim_keeps_its_place_at_the_same_cost_
     """A burst at 10,000 miners: each poll whose claim missed parks again in its old place without
     walking the polls that parked after it."""
     assert return_lines(10_000) == return_lines(10)
+
+
+# (op, which poll): park a new poll of a miner; park again a poll that is not parked (back from a
+# claim, in any order); end a parked poll, or one that is claiming; queue a job (wakes the longest waiting)
+HUB_STEPS = st.lists(st.tuples(st.sampled_from(["start", "return", "end", "leave", "job"]), st.integers(0, 1_000)),
+                     max_size=300)
+
+
+@given(HUB_STEPS)
+@settings(max_examples=300, deadline=None)
+def test_a_queued_job_wakes_the_longest_waiting_parked_poll_whatever_came_before(steps: list[Any]) -> None:
+    """The hub against a reference (the parked polls sorted by when each began): every job goes to
+    the one that began first, through renewals, returns out of order, ends and rebuilds."""
+    ac.KindQueue.SLACK = 2  # rebuild often
+    try:
+        hub, parked, unparked = ac.PollHub(), [], []
+        n = 0
+        for op, i in steps:
+            if op == "start":
+                n += 1
+                w = hub.add(f"m{n}")
+                hub.park(w, profile(w.miner_id), ready=True)
+                parked.append(w)
+            elif op == "return" and unparked:
+                w = unparked.pop(i % len(unparked))
+                hub.park(w, profile(w.miner_id), ready=True)
+                parked.append(w)
+            elif op == "end" and parked:
+                hub.remove(parked.pop(i % len(parked)))
+            elif op == "leave" and unparked:
+                hub.remove(unparked.pop(i % len(unparked)))
+            elif op == "job":
+                expected = min(parked, key=lambda w: w.since) if parked else None
+                hub.notify(ac.Wake(queued=[(f"j{i}", ANY, 1)]))
+                woken = [w for w in parked if w.woken_for]
+                assert woken == ([expected] if expected else [])
+                if expected:
+                    expected.woken_for.clear()
+                    parked.remove(expected)
+                    hub.unpark(expected)  # as the poll does when it wakes
+                    unparked.append(expected)  # it claims, may miss, and comes back
+            queue = hub.kinds.get(profile("m").fit_key)
+            assert (len(queue) if queue else 0) == len(parked)
+    finally:
+        ac.KindQueue.SLACK = 32
 
 
 def test_the_rate_limiter_does_the_same_work_per_call_with_10_or_200000_callers() -> None:
