@@ -225,6 +225,36 @@ def bare_server(port: int) -> None:
     uvicorn.run(app, host="127.0.0.1", port=port, log_config=None, access_log=False, server_header=False)
 
 
+async def loop_lag(lags: list[float], every: float = 0.005) -> None:
+    """Append how late this event loop wakes a sleep of `every` seconds, until cancelled."""
+    while True:
+        due = time.perf_counter() + every
+        await asyncio.sleep(every)
+        lags.append(time.perf_counter() - due)
+
+
+def floor_server(port: int) -> None:
+    """The fleet's floor: an ASGI callable that does none of a coordinator's work (no authentication,
+    validation, database, hub, access line or metrics) under the same uvicorn, uvloop and httptools
+    as `serve`: 200 to a registration and a heartbeat, a poll held for its max_wait_seconds, then 204."""
+    import uvicorn
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        body, more = b"", True
+        while more:
+            message = await receive()
+            body, more = body + message.get("body", b""), message.get("more_body", False)
+        status, answer = 200, b'{"status":"ok"}'
+        if scope["path"] == "/v1/miners/poll":
+            await asyncio.sleep(json.loads(body or b"{}").get("max_wait_seconds", 0))
+            status, answer = 204, b""
+        await send({"type": "http.response.start", "status": status, "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": answer})
+
+    uvicorn.run(app, host="127.0.0.1", port=port, http="httptools", loop="uvloop", lifespan="off", log_config=None,
+                access_log=False, server_header=False, backlog=4096)
+
+
 def coordinator_env(synchronous: str = "FULL") -> dict[str, str]:
     return {"APP_ENV": "prod", "CLIENT_API_KEYS": ",".join(CLIENT_KEYS), "ADMIN_API_KEYS": ADMIN_KEY,
             "MINER_API_KEYS": ",".join(f"m{i}={k}" for i, k in enumerate(MINER_KEYS)),
@@ -247,8 +277,8 @@ def server(kind: str, workdir: Path, db: Path | str | None = None, synchronous: 
     or a postgresql:// URL (given as DATABASE_URL)."""
     port = free_port()
     env = {**os.environ, **coordinator_env(synchronous), **(extra_env or {})}
-    if kind == "bare":
-        cmd = [sys.executable, __file__, "--bare-server", str(port)]
+    if kind in ("bare", "floor"):
+        cmd = [sys.executable, __file__, f"--{kind}-server", str(port)]
     elif isinstance(db, str):
         cmd = [sys.executable, "-m", "aitbc_coord", "serve", "--port", str(port)]
         env["DATABASE_URL"] = db
@@ -928,13 +958,14 @@ class FleetPlan:
     burst: int  # jobs submitted as fast as a few connections allow, worked off by the fleet
     wake_jobs: int  # submitted one at a time, evenly over `wake_span` seconds
     wake_span: float
+    floor: bool = False  # also the same fleet idle against a do-nothing ASGI app (floor_server)
 
 
 def fleet_plan(miners: int, quick: bool) -> FleetPlan:
     """Idle window and wake phase together span two renewal cycles (quick: long-polls capped at 10 s)."""
     if quick:
         return FleetPlan(miners, max_wait=10.0, idle=20.0, after=5.0, burst=500, wake_jobs=300, wake_span=12.0)
-    return FleetPlan(miners, max_wait=30.0, idle=25.0, after=10.0, burst=5000, wake_jobs=300, wake_span=36.0)
+    return FleetPlan(miners, max_wait=30.0, idle=25.0, after=10.0, burst=5000, wake_jobs=300, wake_span=36.0, floor=True)
 
 
 def miner_address(i: int) -> str:
@@ -1123,7 +1154,8 @@ class Fleet:
 
     async def wake(self, jobs: int, span: float) -> dict[str, float]:
         """Submit `jobs` one at a time evenly over `span` seconds; submit latency, and time until held."""
-        conn, submits, woken = await Http(self.port).open(), [], []
+        conn, submits, woken, lags = await Http(self.port).open(), [], [], []
+        probe = asyncio.create_task(loop_lag(lags))  # this process's own delays are in every figure below
         started = time.perf_counter()
         for k in range(jobs):
             if time.perf_counter() > started + span + 2 * WAKE_TIMEOUT:  # a server this slow has told enough
@@ -1145,10 +1177,13 @@ class Fleet:
                 woken.append(asyncio.create_task(self.woken(job["job_id"], sent)))
         conn.close()
         times = await asyncio.gather(*woken)
+        probe.cancel()
         held = [t for t in times if t is not None]
         self.counts["never picked up"] += len(times) - len(held)
         return {"wake_p50_ms": pct(held, 0.5) * 1000, "wake_p99_ms": pct(held, 0.99) * 1000,
-                "submit_p50_ms": pct(submits, 0.5) * 1000, "submit_p99_ms": pct(submits, 0.99) * 1000}
+                "submit_p50_ms": pct(submits, 0.5) * 1000, "submit_p99_ms": pct(submits, 0.99) * 1000,
+                "lag_p50_ms": pct(lags, 0.5) * 1000, "lag_p99_ms": pct(lags, 0.99) * 1000,
+                "lag_max_ms": max(lags, default=0.0) * 1000}
 
     async def offline(self) -> dict[str, float]:
         """Miners the server shows offline (GET /v1/admin/miners, every page), and those of them whose
@@ -1422,6 +1457,23 @@ async def fleet_run(port: int, pid: int, keyfile: Path, keys: list[str], plan: F
     return {**out, "counts": fleet.counts, "worst_late_s": fleet.latest}
 
 
+async def floor_run(port: int, pid: int, keyfile: Path, keys: list[str], plan: FleetPlan) -> dict[str, Any]:
+    """The same fleet, parked and heartbeating, against floor_server: its idle window only."""
+    fleet = Fleet(port, keys, plan.max_wait, 120 + len(keys) / 100 + FIRST_BEATS + plan.idle + 60)
+    collector = asyncio.create_task(collect_on_a_clock())
+    fleet.start()
+    try:
+        await fleet.parked(120 + len(keys) / 100)
+        fleet.beats = HeartbeatProcess(port, keyfile)
+        await asyncio.sleep(FIRST_BEATS)
+        return await fleet.idle(pid, plan.idle, "floor")
+    finally:
+        await fleet.stop()
+        collector.cancel()
+        if fleet.beats is not None:
+            await fleet.beats.stop()
+
+
 def fleet_scenario(work: Path, plan: FleetPlan) -> tuple[list[tuple[str, str]], dict[str, float]]:
     """The fleet on its own server, then 10 such miners on a separate short server run (the baseline
     of the cost ratio); table rows and BENCH figures."""
@@ -1435,6 +1487,10 @@ def fleet_scenario(work: Path, plan: FleetPlan) -> tuple[list[tuple[str, str]], 
         env = {"MINER_API_KEYS": "", "MINER_API_KEYS_FILE": str(work / f"fleet-keys-{n}.txt")}
         with server("coord", work, work / f"fleet-{n}.db", extra_env=env) as (port, pid):
             runs[n] = run_fast(fleet_run(port, pid, work / f"fleet-keys-{n}.txt", keys, current))
+    if plan.floor:  # what the server stack alone costs under the same fleet: the idle target's floor
+        keys = write_fleet_keys(work / "fleet-keys-floor.txt", plan.miners)
+        with server("floor", work) as (port, pid):
+            runs[plan.miners].update(run_fast(floor_run(port, pid, work / "fleet-keys-floor.txt", keys, plan)))
     return fleet_rows(plan, runs[plan.miners], runs[10])
 
 
@@ -1450,6 +1506,9 @@ def fleet_rows(plan: FleetPlan, big: dict[str, Any], small: dict[str, Any]) -> t
          f"{counts['registered']:,} registered and parked in {big['parked_s']:.1f} s"),
         (f"fleet idle {big['idle_s']:.0f} s: server CPU, background answers, CPU per answer",
          f"{big['idle_cpu_pct']:.1f}% of a core, {big['idle_req_per_s']:,.0f} req/s, {big['idle_us_per_req']:.0f} us"),
+        *([(f"fleet idle floor: a do-nothing ASGI app under the same uvicorn, uvloop, httptools, {n} miners",
+            f"{big['floor_cpu_pct']:.1f}% of a core, {big['floor_req_per_s']:,.0f} req/s, "
+            f"{big['floor_us_per_req']:.0f} us")] if "floor_cpu_pct" in big else []),
         ("fleet idle: server units of work / group commits (GET /metrics)", f"{big['idle_units_per_s']:,.0f} / "
          f"{big['idle_commits_per_s']:,.0f} a second"),
         ("fleet generator CPU while idle (this process and the heartbeats process)", f"{big['idle_generator_cpu_pct']:.1f}% of a core"),
@@ -1470,6 +1529,8 @@ def fleet_rows(plan: FleetPlan, big: dict[str, Any], small: dict[str, Any]) -> t
         (f"fleet wake under the attack: submit until a miner holds it p50 / p99 ({plan.wake_jobs} over "
          f"{plan.wake_span:g} s)",
          f"{big['wake_p50_ms']:.2f} / {big['wake_p99_ms']:.2f} ms"),
+        ("fleet wake phase: the load generator's own loop lag p50 / p99 / most (in every figure above)",
+         f"{big['lag_p50_ms']:.2f} / {big['lag_p99_ms']:.2f} / {big['lag_max_ms']:.1f} ms"),
         ("fleet wake-phase submit latency p50 / p99", f"{big['submit_p50_ms']:.2f} / {big['submit_p99_ms']:.2f} ms"
          + (f" ({counts['submit timeouts']:,} unanswered in {WAKE_TIMEOUT:g} s)" if counts["submit timeouts"] else "")),
         (f"fleet idle again {big['after_s']:.0f} s after every job: server CPU, background answers",
@@ -1489,6 +1550,8 @@ def fleet_rows(plan: FleetPlan, big: dict[str, Any], small: dict[str, Any]) -> t
              "fleet_submit_p99_ms": big["submit_p99_ms"], "fleet_idle_cpu_pct": big["idle_cpu_pct"],
              "fleet_rss_mb": big["idle_rss_mb"], "fleet_cost_ratio": ratio,
              "fleet_attacked_idle_cpu_pct": big["attacked_cpu_pct"]}
+    if "floor_cpu_pct" in big:
+        bench["fleet_floor_idle_cpu_pct"] = big["floor_cpu_pct"]
     return rows, bench
 
 
@@ -1496,7 +1559,8 @@ def fleet_bench(bench: dict[str, float]) -> str:
     return (f"fleet_wake_p50_ms={bench['fleet_wake_p50_ms']:.2f} fleet_wake_p99_ms={bench['fleet_wake_p99_ms']:.2f} "
             f"fleet_submit_p99_ms={bench['fleet_submit_p99_ms']:.2f} fleet_idle_cpu_pct={bench['fleet_idle_cpu_pct']:.1f} "
             f"fleet_rss_mb={bench['fleet_rss_mb']:.0f} fleet_cost_ratio={bench['fleet_cost_ratio']:.2f} "
-            f"fleet_attacked_idle_cpu_pct={bench['fleet_attacked_idle_cpu_pct']:.1f}")
+            f"fleet_attacked_idle_cpu_pct={bench['fleet_attacked_idle_cpu_pct']:.1f}"
+            + (f" fleet_floor_idle_cpu_pct={bench['fleet_floor_idle_cpu_pct']:.1f}" if "fleet_floor_idle_cpu_pct" in bench else ""))
 
 
 # === PostgreSQL: the lifecycle on a private cluster, one instance and two ===
@@ -1998,11 +2062,14 @@ def main() -> None:
                         help="only the PostgreSQL scenario: a private cluster, the lifecycle on 1 and 2 instances"
                              " beside SQLite, wake-ups within and across instances, CPU per job on each side")
     parser.add_argument("--bare-server", type=int, metavar="PORT", help=argparse.SUPPRESS)
+    parser.add_argument("--floor-server", type=int, metavar="PORT", help=argparse.SUPPRESS)
     parser.add_argument("--slowloris", metavar="PORT:N", help=argparse.SUPPRESS)
     parser.add_argument("--heartbeats", metavar="PORT:KEYFILE", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.bare_server:
         bare_server(args.bare_server)
+    elif args.floor_server:
+        floor_server(args.floor_server)
     elif args.slowloris:
         slowloris_process(args.slowloris)
     elif args.heartbeats:
