@@ -248,7 +248,8 @@ def floor_server(port: int) -> None:
         if scope["path"] == "/v1/miners/poll":
             await asyncio.sleep(json.loads(body or b"{}").get("max_wait_seconds", 0))
             status, answer = 204, b""
-        await send({"type": "http.response.start", "status": status, "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(answer))]})
         await send({"type": "http.response.body", "body": answer})
 
     uvicorn.run(app, host="127.0.0.1", port=port, http="httptools", loop="uvloop", lifespan="off", log_config=None,
