@@ -666,7 +666,7 @@ class MinerProfile:
     concurrency: int
     status: str
     session_token: str
-    fit_key: str = ""  # equal for miners that satisfy the same constraints (capabilities and region)
+    fit_key: str = ""  # equal for miners that satisfy the same constraints (fit_key_of)
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> MinerProfile:
@@ -679,9 +679,23 @@ class MinerProfile:
         if known is None:
             if len(KNOWN_PROFILES) >= MAX_KNOWN_PROFILES:
                 KNOWN_PROFILES.clear()
-            known = KNOWN_PROFILES[key] = cls(key[0], load_json(key[1]), key[2], key[3], key[4], key[5],
-                                              f"{key[2]}\x00{key[1]}")
+            capabilities = load_json(key[1])
+            known = KNOWN_PROFILES[key] = cls(key[0], capabilities, key[2], key[3], key[4], key[5],
+                                              fit_key_of(capabilities, key[2]))
         return known
+
+
+def fit_key_of(capabilities: Mapping[str, Any], region: str | None) -> str:
+    """MinerProfile.fit_key: every value of a miner that matching reads (satisfies, fit_of), as JSON
+    text, so that miners with the same key meet the same jobs, and miners that may not never share
+    one (a region "None" and none at all included). Nothing else of the capabilities: they are
+    free-form (a hostname, a driver's version), and a key of all of them makes each miner a kind of
+    its own, which every newly queued job then examines (PollHub.notify)."""
+    gpus = capabilities.get("gpus")
+    cuda = capabilities.get("cuda")
+    return compact_json([region, [[g.get("name"), g.get("memory_mb")] for g in gpus if isinstance(g, dict)]
+                         if isinstance(gpus, list) else None, None if cuda is None else str(cuda),
+                         capabilities.get("models"), capabilities.get("price")])
 
 
 KNOWN_PROFILES: dict[tuple[Any, ...], MinerProfile] = {}  # (PROFILE_COLUMNS' values) -> MinerProfile
@@ -3733,7 +3747,7 @@ class PollHub:
 
     A poll parks after a claim that found nothing: under its miner (a freed slot or a status change
     wakes that miner's polls, and only them) and, when the miner has a free slot, in the queue of its
-    miner kind (miners with the same capabilities and region satisfy the same jobs), oldest first. A
+    miner kind (miners with the same fit_key_of satisfy the same jobs), oldest first. A
     newly queued job is matched against each parked kind once (cached) and wakes the longest-waiting
     poll among the kinds that can run it: never one that cannot, never more than one. A poll that is
     claiming is not parked; it compares marks when its claim is done (changed_since), so a job

@@ -25,8 +25,7 @@ ANY = ac.compact_json(dict.fromkeys(ac.CONSTRAINT_KEYS))
 
 
 def profile(miner_id: str, region: str | None = None, price: float = 1.0) -> ac.MinerProfile:
-    caps = ac.compact_json({"price": price})
-    return ac.MinerProfile(miner_id, {"price": price}, region, 1, "ONLINE", "t" * 32, f"{region}\x00{caps}")
+    return ac.MinerProfile(miner_id, {"price": price}, region, 1, "ONLINE", "t" * 32, ac.fit_key_of({"price": price}, region))
 
 
 def constraints(**set_: Any) -> str:
@@ -66,6 +65,54 @@ async def test_the_longest_waiting_able_miner_gets_the_job_across_kinds() -> Non
     hub.notify(ac.Wake(queued=[("j", constraints(max_price=1.0), 1)]))
     assert [w.miner_id for w in hub.waiters if w.event.is_set()] == ["cheap"]
     assert cheap.woken_for == [("j", constraints(max_price=1.0), 1)] and not dear.woken_for
+
+
+async def test_a_miner_with_no_region_never_gets_a_job_for_the_region_named_none(tmp_path: Path) -> None:
+    """Region "None" and no region at all are different miners to match: a claim by one never hands
+    the other its jobs (their kinds were once one key, "None" + capabilities, and whichever claimed
+    first decided for both)."""
+    env = {"MINER_API_KEYS": "named=key-named,nowhere=key-nowhere"}
+    named, nowhere = {"X-Api-Key": "key-named"}, {"X-Api-Key": "key-nowhere"}
+    async with harness(tmp_path, env) as h:
+        await h.register(named, capabilities={"price": 1}, region="None")
+        await h.register(nowhere, capabilities={"price": 1})
+        first, second = await h.submit(constraints={"region": "None"}), await h.submit(constraints={"region": "None"})
+        assert (await h.take(named))["job_id"] == first["job_id"]
+        assert (await h.poll(nowhere)).status_code == 204
+        assert (await h.job(second["job_id"]))["state"] == "QUEUED"
+        assert (await h.result(first["job_id"], headers=named)).status_code == 200
+        assert (await h.take(named))["job_id"] == second["job_id"]
+
+
+CAPABILITY_VALUES = st.one_of(st.none(), st.booleans(), st.sampled_from([0, 1, 1.0, 2, "1", "A100", "12.1", "None"]))
+CAPABILITIES = st.dictionaries(
+    st.sampled_from(["gpus", "cuda", "models", "price", "hostname", "gpu"]),
+    st.one_of(CAPABILITY_VALUES, st.lists(st.one_of(CAPABILITY_VALUES, st.fixed_dictionaries(
+        {}, optional={"name": CAPABILITY_VALUES, "memory_mb": st.sampled_from([1024, 2048.0, 81920, True, "2048"]),
+                      "serial": CAPABILITY_VALUES})), max_size=3)))
+REGIONS = st.sampled_from([None, "None", "", "eu", "null"])
+JOB_CONSTRAINTS = st.fixed_dictionaries({}, optional={
+    "region": REGIONS, "gpu": CAPABILITY_VALUES, "cuda": st.sampled_from([None, "12", "1", "True", "None"]),
+    "min_vram_gb": st.sampled_from([None, 1, 2, 80]), "max_price": st.sampled_from([None, 0.5, 1, 2]),
+    "models": st.lists(CAPABILITY_VALUES, max_size=2)})
+
+
+@given(CAPABILITIES, REGIONS, CAPABILITIES, REGIONS, st.lists(JOB_CONSTRAINTS, min_size=1, max_size=8))
+@settings(max_examples=500, deadline=None)
+def test_miners_of_one_kind_meet_the_same_jobs(caps_a: dict[str, Any], region_a: str | None, caps_b: dict[str, Any],
+                                               region_b: str | None, jobs: list[dict[str, Any]]) -> None:
+    """A kind (fit_key) is what the hub wakes and the matcher remembers fits by: two miners of one
+    kind must meet exactly the same jobs, and every shape the same way; what matching does not read
+    (a hostname) does not split a kind."""
+    a = ac.MinerProfile("a", caps_a, region_a, 1, "ONLINE", "t", ac.fit_key_of(caps_a, region_a))
+    b = ac.MinerProfile("b", caps_b, region_b, 1, "ONLINE", "t", ac.fit_key_of(caps_b, region_b))
+    if a.fit_key == b.fit_key:
+        for job in jobs:
+            assert ac.satisfies(job, a) == ac.satisfies(job, b), (job, a, b)
+            shape = ac.load_json(ac.shape_of({**dict.fromkeys(ac.CONSTRAINT_KEYS), **job}))
+            assert ac.fit_of(shape, a) == ac.fit_of(shape, b), (job, a, b)
+    other = {**caps_a, "hostname": f"{caps_a.get('hostname')}-2"}
+    assert ac.fit_key_of(other, region_a) == a.fit_key
 
 
 def lines_run(fn: Any) -> int:

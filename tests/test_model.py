@@ -73,7 +73,7 @@ class Lifecycle(RuleBasedStateMachine):
         return ac.get_job(self.conn, job_id)
 
     # max_price 1.0 and 1.03 share a threshold bucket; a miner asking 1.02 meets only some of its jobs
-    @rule(target=jobs, ttl=st.integers(1, 120), region=st.sampled_from([None, "eu"]),
+    @rule(target=jobs, ttl=st.integers(1, 120), region=st.sampled_from([None, "eu", "None"]),
           max_price=st.sampled_from([None, 0.9, 1.0, 1.03, 2.0]))
     def submit(self, ttl: int, region: str | None, max_price: float | None = None) -> str:
         constraints = {**dict.fromkeys(ac.CONSTRAINT_KEYS), "region": region, "max_price": max_price}
@@ -81,7 +81,7 @@ class Lifecycle(RuleBasedStateMachine):
                         ttl * 1000, self.now, None, 0)
         return out.value["job_id"]
 
-    @rule(miner=st.sampled_from(MINERS), concurrency=st.integers(1, 3), region=st.sampled_from([None, "eu", "us"]),
+    @rule(miner=st.sampled_from(MINERS), concurrency=st.integers(1, 3), region=st.sampled_from([None, "eu", "us", "None"]),
           price=st.sampled_from([1, 1.02]))
     def register(self, miner: str, concurrency: int, region: str | None, price: float = 1) -> None:
         self.unit(ac.tx_register, miner, {"price": price}, concurrency, region, self.now, MAX_ATTEMPTS)
