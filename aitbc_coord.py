@@ -1858,6 +1858,13 @@ def oldest_queued_in_shape(conn: sqlite3.Connection, shape_id: int, now: int, pr
     return None if row is None else int(row[0])
 
 
+def get_queued_job(conn: sqlite3.Connection, job_id: str, now: int, lock: bool = False) -> sqlite3.Row | None:
+    """seq and constraints of a job if it is live and QUEUED, else None; `lock` as in oldest_queued_in_shape
+    (a row another instance's claim holds is not QUEUED for this one)."""
+    return conn.execute("SELECT seq, constraints FROM jobs WHERE job_id = ? AND state = 'QUEUED' AND expires_at > ?"
+                        + (" /*FOR UPDATE SKIP LOCKED*/" if lock else ""), (job_id, now)).fetchone()
+
+
 def list_queue_heads(conn: sqlite3.Connection, now: int) -> list[QueuedJob]:
     """(job_id, constraints, shape_id) of the oldest live QUEUED job of each shape that has one."""
     heads = []
@@ -4213,8 +4220,13 @@ def read_poll(conn: sqlite3.Connection, miner_id: str, now: int,
     return miner, ready, ready and matcher.oldest(conn, miner, now) is not None
 
 
-def tx_poll(conn: sqlite3.Connection, miner_id: str, now: int, matcher: Matcher) -> Outcome:
-    """Claim the oldest QUEUED job the miner can run, if it has a free slot; raises NotFound.
+def tx_poll(conn: sqlite3.Connection, miner_id: str, now: int, matcher: Matcher,
+            picked: Sequence[str] = ()) -> Outcome:
+    """Claim, if the miner has a free slot, the first of `picked` (the jobs the poll hub woke this
+    poll for) that is still QUEUED and that it can run, else the oldest QUEUED job it can run;
+    raises NotFound. Polls woken together for different jobs may claim in any order (PostgreSQL runs
+    claims on threads): each takes its own, so that the one woken for the newer job, claiming first,
+    does not take the older job the other was woken for, which the other may be alone in able to run.
 
     The value is (job or None, the miner, whether it could take work).
     """
@@ -4224,6 +4236,10 @@ def tx_poll(conn: sqlite3.Connection, miner_id: str, now: int, matcher: Matcher)
     miner = MinerProfile.from_row(row)
     if miner.status.upper() in NO_WORK_STATUSES or row["running"] >= miner.concurrency:
         return Outcome((None, miner, False))
+    for job_id in picked:
+        queued = get_queued_job(conn, job_id, now, lock=True)
+        if queued is not None and satisfies(load_json(queued["constraints"]), miner):
+            return Outcome((assign_job(conn, queued["seq"], miner_id, now), miner, True))
     seq = matcher.oldest(conn, miner, now, lock=True)
     if seq is None:
         return Outcome((None, miner, True))
@@ -5828,7 +5844,8 @@ class Coordinator:
             mark = self.hub.mark(waiter.miner_id)
             job = None
             if self.matcher.worth_claiming():  # jobs may be queued: claim at once
-                job, profile, ready = await self.apply(tx_poll, waiter.miner_id, self.now(), self.matcher)
+                job, profile, ready = await self.apply(tx_poll, waiter.miner_id, self.now(), self.matcher,
+                                                       [p[0] for p in picked_for])
                 if ready:
                     self.matcher.claimed(job is not None)
             else:  # nothing queued: a read, so that renewals of an idle fleet cost no write or commit
@@ -5836,7 +5853,8 @@ class Coordinator:
                 if profile is None:
                     raise NotFound("miner not registered")
                 if available:  # queued since the set was read
-                    job, profile, ready = await self.apply(tx_poll, waiter.miner_id, self.now(), self.matcher)
+                    job, profile, ready = await self.apply(tx_poll, waiter.miner_id, self.now(), self.matcher,
+                                                           [p[0] for p in picked_for])
                     self.matcher.claimed(job is not None)
             if job is not None:
                 self.slots_changed.add(waiter.miner_id)

@@ -460,6 +460,34 @@ async def test_a_heartbeat_does_not_cost_a_waiting_poll_its_place(tmp_path: Path
         await polls["c"]
 
 
+async def test_polls_woken_together_each_claim_the_job_it_was_woken_for(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Claims of polls woken together may end in any order (PostgreSQL runs them on threads): the one
+    woken second, claiming first, takes the job it was woken for, not the older one woken for the
+    first, which the first could run and the other job not (it then sat idle while the newer job
+    waited for the second miner)."""
+    anywhere, eu = {"X-Api-Key": "key-a"}, {"X-Api-Key": "key-b"}
+    async with harness(tmp_path, {"MINER_API_KEYS": "a=key-a,b=key-b"}) as h:
+        await h.register(anywhere, capabilities={"price": 1})
+        await h.register(eu, capabilities={"price": 1}, region="eu")
+        waiting_a = asyncio.create_task(h.poll(anywhere, wait=5))
+        await h.parked(1)
+        waiting_b = asyncio.create_task(h.poll(eu, wait=5))
+        await h.parked(2)
+        write = h.coord.db.write
+
+        async def a_claims_after_b(fn: Any, *args: Any) -> Any:
+            if fn is ac.tx_poll and args[0] == "a":
+                await asyncio.wait([waiting_b])
+            return await write(fn, *args)
+
+        monkeypatch.setattr(h.coord.db, "write", a_claims_after_b)
+        first = await h.submit()  # a has waited longest: woken for it
+        second = await h.submit(constraints={"region": "eu"})  # only b can run it
+        assert (await waiting_b).json()["job_id"] == second["job_id"]
+        assert (await waiting_a).json()["job_id"] == first["job_id"]
+
+
 @pytest.mark.sqlite_only  # one writer: on PostgreSQL every heartbeat is written (another instance may have changed the row)
 async def test_steady_heartbeats_are_recorded_by_the_sweep_not_a_write_each(tmp_path: Path,
                                                                               monkeypatch: pytest.MonkeyPatch) -> None:
