@@ -3772,7 +3772,7 @@ class PollHub:
         self.fits: dict[tuple[str, str], bool] = {}
         self.queued_version = 0  # newly queued jobs notified so far
         self.recent: collections.deque[tuple[int, str]] = collections.deque(maxlen=self.RECENT)
-        self.slot_versions: dict[str, int] = {}  # per miner: freed slots and status changes notified
+        self.slot_versions: dict[str, int] = {}  # per miner with polls: freed slots and status changes notified
         self.started = 0
         self.count = 0
         self.examined = 0  # parked polls looked at to place a job (tests count it)
@@ -3801,8 +3801,9 @@ class PollHub:
         self.unpark(waiter)
         del polls[waiter]
         self.count -= 1
-        if not polls:
+        if not polls:  # nothing of a miner without polls is kept: a fleet's churn does not grow the hub
             del self.by_miner[waiter.miner_id]
+            self.slot_versions.pop(waiter.miner_id, None)
 
     def mark(self, miner_id: str) -> tuple[int, int]:
         """Where the hub stands for a claim about to start."""
@@ -3862,8 +3863,11 @@ class PollHub:
         """Wake the polls a committed change concerns: those of miners whose slot freed or status
         changed, and for each newly queued job the longest-waiting poll able to run it."""
         for miner_id in wake.miners:
+            polls = self.by_miner.get(miner_id)
+            if polls is None:  # no poll of it holds a mark to compare (its versions go with its last poll)
+                continue
             self.slot_versions[miner_id] = self.slot_versions.get(miner_id, 0) + 1
-            for waiter in list(self.by_miner.get(miner_id, ())):
+            for waiter in list(polls):
                 if waiter.kind is None:  # a ready poll already waits for any job: it keeps its place
                     self._wake(waiter)
         for job in wake.queued:
@@ -5511,6 +5515,7 @@ class Coordinator:
                 self.heard[miner_id] = now
             else:
                 silent.append(miner_id)
+                self.reported.pop(miner_id, None)  # (its next heartbeat is written: a miner gone for good is not kept)
         return silent
 
     async def anchor_db_clock(self) -> None:

@@ -226,6 +226,20 @@ def test_a_queued_job_wakes_the_longest_waiting_parked_poll_whatever_came_before
         ac.KindQueue.SLACK = 32
 
 
+def test_the_hub_keeps_nothing_of_miners_whose_polls_have_ended() -> None:
+    """A fleet's churn (miners that come, poll and go for good) does not grow the hub: slot versions
+    are kept while a miner has polls, which is while a claim may compare them (changed_since)."""
+    hub = ac.PollHub()
+    for i in range(1_000):
+        w = hub.add(f"m{i}")
+        mark = hub.mark(w.miner_id)
+        hub.notify(ac.Wake(miners={f"m{i}", f"never-polled{i}"}))  # its slot freed while it claimed
+        assert hub.changed_since(mark, profile(w.miner_id), ready=True)
+        hub.park(w, profile(w.miner_id), ready=i % 2 == 0)
+        hub.remove(w)
+    assert hub.by_miner == {} and hub.slot_versions == {} and hub.kinds == {} and hub.count == 0
+
+
 def test_the_rate_limiter_does_the_same_work_per_call_with_10_or_200000_callers() -> None:
     clock = FakeClock(0.0)
 
@@ -507,6 +521,21 @@ async def test_steady_heartbeats_are_recorded_by_the_sweep_not_a_write_each(tmp_
         r = await h.client.post("/v1/miners/heartbeat", json={"inflight": 0, "status": "DRAINING"}, headers=miner)
         assert r.status_code == 200 and (await h.coord.db.read(ac.get_miner, miner_id))["status"] == "DRAINING"
         assert (await h.client.post("/v1/miners/heartbeat", json={}, headers={"X-Api-Key": "nope"})).status_code == 401
+
+
+@pytest.mark.sqlite_only  # (what heartbeats were written is remembered with one writer only)
+async def test_a_miner_gone_silent_is_no_longer_remembered_by_its_heartbeat(tmp_path: Path) -> None:
+    mono = FakeClock(1000.0)
+    async with harness(tmp_path, monotonic=mono) as h:
+        await h.register()
+        miner = {"X-Api-Key": ac.DEV_KEYS["miner"]}
+        assert (await h.client.post("/v1/miners/heartbeat", json={"inflight": 0}, headers=miner)).status_code == 200
+        [miner_id] = h.coord.reported
+        mono.advance(31)
+        await h.coord.sweep()
+        assert miner_id not in h.coord.reported
+        assert (await h.client.post("/v1/miners/heartbeat", json={"inflight": 0}, headers=miner)).status_code == 200
+        assert (await h.coord.db.read(ac.get_miner, miner_id))["online"] == 1  # (written, not kept in memory)
 
 
 async def heard_from_a_fleet(h: Any) -> tuple[int, int]:
