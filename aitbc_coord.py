@@ -5219,7 +5219,8 @@ class Coordinator:
         # PostgreSQL: silence is judged on the database server's clock, the one clock instances share,
         # estimated here as its reading at an anchor plus the monotonic time since (db_time)
         self.db_anchor = (0, 0.0)  # (database clock, Unix ms; monotonic s) when it was last read
-        self.stamped: dict[str, float] = {}  # parked miners: monotonic time their heard_at was last written
+        # miners heard from, and those parked here since: monotonic time their heard_at was last written, in that order
+        self.stamped: dict[str, float] = {}
         self.cluster_duties = 0  # ticks in which this instance ran the cluster's duties
         self._sweeper: asyncio.Task[None] | None = None
         self.running = False  # between start() and stop()
@@ -5565,8 +5566,11 @@ class Coordinator:
         units = self.take_liveness()
         heard = {m: self.db_time(self.heard.get(m, mono)) for seen, beats in units for m in {*seen, *beats}}
         stale = mono - s.heartbeat_timeout_seconds / 3
-        self.stamped = {m: t for m, t in self.stamped.items() if m in self.hub.by_miner}
-        heard.update({m: self.db_time(mono) for m in self.hub.by_miner if self.stamped.get(m, -math.inf) < stale})
+        # stamped is in the order stamped: the due are at the front, and a tick walks them only, not
+        # every parked miner (each was heard by the request that parked it, and stamped by the next tick)
+        due = list(itertools.takewhile(lambda item: item[1] < stale, self.stamped.items()))
+        parked = self.hub.by_miner
+        heard.update({m: self.db_time(mono) for m, _ in due if m in parked and m not in heard})
         slots, self.slots_changed = self.slots_changed, set()
         try:
             names = list(heard)
@@ -5578,7 +5582,11 @@ class Coordinator:
             self.put_back_liveness(units)
             self.slots_changed |= slots
             raise
-        self.stamped.update((m, mono) for m in heard if m in self.hub.by_miner)
+        for m, _ in due:
+            self.stamped.pop(m, None)
+        for m in heard:  # due again in a third of the timeout, when it may be parked (its poll's body still came in)
+            self.stamped.pop(m, None)
+            self.stamped[m] = mono
         taken = await self.apply(tx_cluster_sweep, self.now(), self.db_time(), int(s.sweep_interval_seconds * 1000),
                                  timeout_ms, s.job_max_attempts, self.idempotency_cutoff())
         if taken is None:

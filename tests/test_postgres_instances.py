@@ -202,6 +202,60 @@ async def test_a_miner_heard_only_by_one_instance_is_alive_for_all_and_lost_once
         assert [m["status"] for m in miners] == ["offline"] or [m.get("online") for m in miners] == [False]
 
 
+class CountedPolls(dict):  # type: ignore[type-arg]
+    """A hub's by_miner that counts the look-ups and the steps of walks made of it."""
+
+    looked = 0
+
+    def __contains__(self, key: object) -> bool:
+        self.looked += 1
+        return super().__contains__(key)
+
+    def __iter__(self) -> Iterator[Any]:
+        for key in super().__iter__():
+            self.looked += 1
+            yield key
+
+
+async def test_a_tick_looks_at_the_parked_miners_due_a_write_not_at_every_parked_miner(
+        tmp_path: Path, pg_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A parked miner's heard_at is written again a third of HEARTBEAT_TIMEOUT_SECONDS (30) after the
+    last write: a tick (every 0.5 s) finds those due at the front of what it wrote, in that order,
+    instead of looking at each of 10,000 parked miners every time. One heard while its poll's body
+    was still coming in (not parked yet at that tick) is written again all the same."""
+    mono = FakeClock(1000.0)
+    async with harness(tmp_path, db_path=pg_url, monotonic=mono) as h:
+        hub = h.coord.hub
+        hub.by_miner = polls = CountedPolls()
+        written: list[set[str]] = []
+        touch = ac.touch_heard
+
+        def recorded(conn: Any, heard: dict[str, int]) -> None:
+            written.append(set(heard))
+            touch(conn, heard)
+
+        monkeypatch.setattr(ac, "touch_heard", recorded)
+        for i in range(500):  # each parked by a request: heard first, then in the hub
+            h.coord.heard_from(f"m{i}")
+            hub.add(f"m{i}")
+        h.coord.heard_from("late")  # its poll's body is still coming in
+        await h.coord.sweep()
+        assert written == [{f"m{i}" for i in range(500)} | {"late"}]
+        hub.add("late")
+        written.clear()
+        polls.looked = 0
+        for _ in range(9):  # 9 s: nobody due
+            mono.advance(1)
+            await h.coord.sweep()
+        assert polls.looked == 0 and written == [set()] * 9
+        for waiter in hub.waiters[:100]:  # 100 polls end (and their miners say nothing more)
+            hub.remove(waiter)
+        mono.advance(2)  # 11 s since the write: the parked are due
+        await h.coord.sweep()
+        assert written[-1] == {f"m{i}" for i in range(100, 500)} | {"late"}
+        assert polls.looked <= 501 + 100
+
+
 async def test_cluster_duties_run_once_a_tick_summed_over_instances_and_survive_one_stopping(
         tmp_path: Path, pg_url: str) -> None:
     tick = 0.1
