@@ -734,6 +734,7 @@ class Outcome:
     value: Any = None
     wake: Wake = dataclasses.field(default_factory=Wake)
     error: ApiError | ConfigError | None = None
+    handed: tuple[Any, Any] | None = None  # (Waiter, job row): a job claimed for a parked poll, to give it
 
 
 # === Database ===
@@ -3691,6 +3692,7 @@ class Waiter:
     kind: str | None = None  # the miner kind whose queue it waits in for a new job (None: only its miner's)
     ticket: int = 0  # its live entry in that queue's heap (KindQueue.earlier); 0 while in none
     woken_for: list[QueuedJob] = dataclasses.field(default_factory=list)  # jobs it was picked for
+    handed: Any = None  # a job claimed for it in a submit's own transaction, once committed (PollHub.take)
 
 
 class KindQueue:
@@ -3769,6 +3771,7 @@ class PollHub:
         self.by_miner: dict[str, dict[Waiter, None]] = {}
         self.kinds: dict[str, KindQueue] = {}  # ready and parked, the longest-waiting first
         self.tickets = 0  # entries made in the kinds' queues
+        self.handing: dict[Waiter, None] = {}  # taken for a hand-off whose transaction is not committed yet
         self.fits: dict[tuple[str, str], bool] = {}
         self.queued_version = 0  # newly queued jobs notified so far
         self.recent: collections.deque[tuple[int, str]] = collections.deque(maxlen=self.RECENT)
@@ -3873,16 +3876,47 @@ class PollHub:
         for job in wake.queued:
             self.queued_version += 1
             self.recent.append((self.queued_version, job[1]))
-            best = None
-            for kind_queue in self.kinds.values():
-                if self.can_run(kind_queue.profile, job[1]):
-                    head = kind_queue.head()
-                    self.examined += 1
-                    if best is None or head.since < best.since:
-                        best = head
+            best = self.longest_able(job[1])
             if best is not None:
                 best.woken_for.append(job)
                 self._wake(best)
+
+    def longest_able(self, constraints: str) -> Waiter | None:
+        """The longest-waiting parked poll able to run a job with `constraints` (stored text), or None."""
+        best = None
+        for kind_queue in self.kinds.values():
+            if self.can_run(kind_queue.profile, constraints):
+                head = kind_queue.head()
+                self.examined += 1
+                if best is None or head.since < best.since:
+                    best = head
+        return best
+
+    def take(self, constraints: str) -> Waiter | None:
+        """For a submit's own transaction: the longest-waiting parked poll able to run its job, taken out
+        of every queue without waking it, until deliver() or give_back(); None when there is none."""
+        waiter = self.longest_able(constraints)
+        if waiter is not None:
+            self.unpark(waiter)
+            self.handing[waiter] = None
+        return waiter
+
+    def deliver(self, waiter: Waiter, job: Any) -> None:
+        """The transaction that claimed `job` for a taken poll has committed: the poll answers with it."""
+        self.handing.pop(waiter, None)
+        waiter.handed = job
+        waiter.event.set()
+
+    def give_back(self, waiter: Waiter) -> None:
+        """No job was claimed for a taken poll (or its transaction was undone): it claims for itself."""
+        if waiter in self.handing:
+            del self.handing[waiter]
+            waiter.event.set()
+
+    def give_back_all(self) -> None:
+        """A batch failed to commit: every hand-off in it is undone."""
+        for waiter in list(self.handing):
+            self.give_back(waiter)
 
     def wake_all(self) -> None:
         """Wake every parked poll to claim again (what may have been queued is not known: another
@@ -4097,8 +4131,14 @@ class Peers:
 # wake after the commit, and an error to raise after it.
 
 def tx_submit(conn: sqlite3.Connection, client_id: str, payload: str, constraints: str, shape: str, ttl_ms: int,
-              now: int, idem: tuple[str, str] | None, idem_since: int, value: str | None = None) -> Outcome:
-    """Queue a job, or return the job an earlier request with the same Idempotency-Key made."""
+              now: int, idem: tuple[str, str] | None, idem_since: int, value: str | None = None,
+              hand_off: tuple[PollHub, Matcher] | None = None) -> Outcome:
+    """Queue a job, or return the job an earlier request with the same Idempotency-Key made.
+
+    `hand_off` (SQLite, where units run on the loop's thread): the longest-waiting parked poll able
+    to run the job claims in this same transaction, as its own claim would (the oldest job it can
+    run), and is given that job once this commits: one commit and a claim's round of the event loop
+    fewer between a submit and a miner holding its job."""
     if idem is not None:
         seen = get_idempotency(conn, client_id, idem[0], idem_since)
         if seen is not None:
@@ -4110,7 +4150,32 @@ def tx_submit(conn: sqlite3.Connection, client_id: str, payload: str, constraint
     row = insert_job(conn, job_id, client_id, payload, constraints, shape_id, now, now + ttl_ms, value)
     if idem is not None:
         put_idempotency(conn, client_id, idem[0], idem[1], job_id, now)
-    return Outcome(row, Wake(queued=[(job_id, constraints, shape_id)]))
+    out = Outcome(row, Wake(queued=[(job_id, constraints, shape_id)]))
+    if hand_off is not None:
+        hand_to_parked(conn, out, now, *hand_off)
+    return out
+
+
+def hand_to_parked(conn: sqlite3.Connection, out: Outcome, now: int, hub: PollHub, matcher: Matcher) -> None:
+    """tx_submit's hand-off (the unit's last step: nothing after it can undo the claim): the job `out`
+    queues goes to the poll hub.take picks, if its claim takes it; a job still queued is announced
+    as usual. A poll whose claim found nothing claims again for itself."""
+    job_id, constraints, shape_id = out.wake.queued[0]
+    waiter = hub.take(constraints)
+    if waiter is None:
+        return
+    try:
+        matcher.queue([shape_id])  # committed with this unit, or Matcher.reset if the batch is not
+        claimed = claim(conn, waiter.miner_id, now, matcher)
+    except BaseException:
+        hub.give_back(waiter)
+        raise
+    if claimed is None or claimed[0] is None:
+        hub.give_back(waiter)
+        return
+    out.handed = (waiter, claimed[0])
+    if claimed[0]["job_id"] == job_id:
+        out.wake.queued.clear()
 
 
 def tx_cancel(conn: sqlite3.Connection, client_id: str, job_id: str, now: int) -> Outcome:
@@ -4234,20 +4299,28 @@ def tx_poll(conn: sqlite3.Connection, miner_id: str, now: int, matcher: Matcher,
 
     The value is (job or None, the miner, whether it could take work).
     """
+    claimed = claim(conn, miner_id, now, matcher, picked)
+    if claimed is None:
+        raise NotFound("miner not registered")
+    return Outcome(claimed)
+
+
+def claim(conn: sqlite3.Connection, miner_id: str, now: int, matcher: Matcher,
+          picked: Sequence[str] = ()) -> tuple[sqlite3.Row | None, MinerProfile, bool] | None:
+    """A poll's claim (tx_poll's, or one a submit makes for a parked poll): (the job claimed, assigned
+    to the miner, or None; the miner; whether it had a free slot), or None when it is not registered."""
     row = touch_miner(conn, miner_id, now)
     if row is None:
-        raise NotFound("miner not registered")
+        return None
     miner = MinerProfile.from_row(row)
     if miner.status.upper() in NO_WORK_STATUSES or row["running"] >= miner.concurrency:
-        return Outcome((None, miner, False))
+        return None, miner, False
     for job_id in picked:
         queued = get_queued_job(conn, job_id, now, lock=True)
         if queued is not None and satisfies(load_json(queued["constraints"]), miner):
-            return Outcome((assign_job(conn, queued["seq"], miner_id, now), miner, True))
+            return assign_job(conn, queued["seq"], miner_id, now), miner, True
     seq = matcher.oldest(conn, miner, now, lock=True)
-    if seq is None:
-        return Outcome((None, miner, True))
-    return Outcome((assign_job(conn, seq, miner_id, now), miner, True))
+    return (None if seq is None else assign_job(conn, seq, miner_id, now)), miner, True
 
 
 def tx_release(conn: sqlite3.Connection, miner_id: str, job_id: str) -> Outcome:
@@ -5204,6 +5277,9 @@ class Coordinator:
         self.hub = PollHub()
         # On PostgreSQL other instances queue jobs too: no shape is known to be empty for long
         self.matcher = Matcher(cache_queue=settings.postgres_url is None)
+        # a submit hands its job to a parked poll in its own transaction where units run on the
+        # loop's thread (SQLite); on PostgreSQL they run on threads, and polls claim when woken
+        self.hand_off = None if settings.postgres_url else (self.hub, self.matcher)
         self.limiter = RateLimiter(settings.rate_limit_requests, settings.rate_limit_window_seconds)
         self.signer = Signer.from_settings(settings)
         self.notary: Notary | None = None  # signs the receipt log's checkpoints, once start() has one
@@ -5211,7 +5287,7 @@ class Coordinator:
         self.pruned_to = 0  # how far (wall-clock ms) old checkpoints have been thinned to one an hour
         self.log_edge = LogEdge()
         self.log_damage: str | None = None  # why the receipt log is damaged, as first found (logged once)
-        self.db.abort_hooks += [self.matcher.reset, self.log_edge.reset]
+        self.db.abort_hooks += [self.matcher.reset, self.log_edge.reset, self.hub.give_back_all]
         # On PostgreSQL other instances may share the database: wake-ups go to them and come from them
         self.peers = (Peers(settings.postgres_url, self.peer_wake, self.hub.wake_all, self.db.notify)  # type: ignore[attr-defined]
                       if settings.postgres_url else None)
@@ -5438,6 +5514,8 @@ class Coordinator:
             self.note_log_damage(exc)
             raise
         self.slots_changed.update(out.wake.miners)
+        if out.handed is not None:
+            self.hub.deliver(*out.handed)
         if out.wake:  # nothing changed that could give anyone work: nobody to wake
             if out.wake.queued:  # (a slot freed alone queues nothing: PostgreSQL's hint stays as it is)
                 self.matcher.queue(job[2] for job in out.wake.queued)
@@ -5839,9 +5917,16 @@ class Coordinator:
                 timer = loop.call_at(deadline, waiter.event.set)  # cheaper than wait_for's task
                 try:
                     await waiter.event.wait()
+                    while waiter in self.hub.handing:  # taken for a hand-off: its commit decides
+                        waiter.event.clear()
+                        await waiter.event.wait()
                 finally:
                     timer.cancel()
                     self.hub.unpark(waiter)
+                if waiter.handed is not None:
+                    job, waiter.handed = waiter.handed, None
+                    self.claimed(waiter.miner_id, job)
+                    return job, waited
                 if self.hub.closing or (loop.time() >= deadline and not waiter.woken_for):
                     return None, waited  # shutting down, or its time is up with nothing picked for it
         finally:
@@ -5849,6 +5934,14 @@ class Coordinator:
             self.heard_from(miner_id)  # a poll in progress kept it alive until now
             if waiter.woken_for:  # picked while it was leaving: the next able miner
                 self.hub.notify(Wake(queued=waiter.woken_for))
+
+    def claimed(self, miner_id: str, job: sqlite3.Row) -> None:
+        """A poll of `miner_id` got `job`: its slots changed, and the claim's time is kept for billing."""
+        self.slots_changed.add(miner_id)
+        self.claimed_at.pop(job["job_id"], None)  # (claimed again: now the latest)
+        self.claimed_at[job["job_id"]] = self.monotonic()
+        if len(self.claimed_at) > CLAIMS_TIMED:
+            self.claimed_at.popitem(last=False)
 
     async def _claim(self, waiter: Waiter) -> sqlite3.Row | None:
         """One claim for a poll; parks it when there was nothing (and nothing changed meanwhile)."""
@@ -5870,11 +5963,7 @@ class Coordinator:
                                                            [p[0] for p in picked_for])
                     self.matcher.claimed(job is not None)
             if job is not None:
-                self.slots_changed.add(waiter.miner_id)
-                self.claimed_at.pop(job["job_id"], None)  # (claimed again: now the latest)
-                self.claimed_at[job["job_id"]] = self.monotonic()
-                if len(self.claimed_at) > CLAIMS_TIMED:
-                    self.claimed_at.popitem(last=False)
+                self.claimed(waiter.miner_id, job)
             missed = [p for p in picked_for if job is None or p[0] != job["job_id"]]
             if missed:  # picked for jobs it did not get: those still queued go to the next able miner
                 still = await self.db.read(list_queued_among, [p[0] for p in missed])
@@ -6999,7 +7088,7 @@ async def submit_job(call: Call) -> Response:
     # stored canonical (keys sorted): its receipt's digest is then the SHA-256 of the text as stored
     row = await coord.apply(tx_submit, call.caller.identity, canonical_json(body.payload),  # type: ignore[union-attr]
                             stored_constraints(constraints), shape_of(constraints), ttl * 1000, now, idem,
-                            coord.idempotency_cutoff(), display_value(body.payload.get("value")))
+                            coord.idempotency_cutoff(), display_value(body.payload.get("value")), coord.hand_off)
     return json_response(job_view(row, coord.now()), 201)
 
 

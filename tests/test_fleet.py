@@ -10,6 +10,7 @@ import asyncio
 import json
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -439,13 +440,13 @@ async def test_many_parked_polls_one_job_one_claim(tmp_path: Path, monkeypatch: 
         polls = [asyncio.create_task(h.poll({"X-Api-Key": f"key-{i}"}, wait=10)) for i in range(50)]
         await h.parked(50)
         claims: list[str] = []
-        original = ac.tx_poll
+        original = ac.claim
 
         def counting(conn: Any, miner_id: str, *args: Any) -> Any:
             claims.append(miner_id)
             return original(conn, miner_id, *args)
 
-        monkeypatch.setattr(ac, "tx_poll", counting)
+        monkeypatch.setattr(ac, "claim", counting)  # a poll's own claim, or one made for it by a submit
         try:
             await h.client.post("/v1/jobs", json={"payload": {}}, headers=CLIENT)
             done, _ = await asyncio.wait(polls, timeout=5, return_when=asyncio.FIRST_COMPLETED)
@@ -633,3 +634,79 @@ async def test_liveness_a_failed_commit_did_not_record_waits_for_the_next_sweep(
         assert [i for i in range(1, n, 2) if rows[i]["last_heartbeat"] != at and i != 301] == []
         assert rows[301]["last_heartbeat"] == at + 2000
         assert not h.coord.unrecorded and not h.coord.unrecorded_beats
+
+
+def fleet_keys(n: int) -> dict[str, str]:
+    return {"MINER_API_KEYS": ",".join(f"m{i}=key-{i}" for i in range(n))}
+
+
+async def parked_fleet(h: Harness, n: int, wait: float = 10) -> list[asyncio.Task[Any]]:
+    """`n` registered miners, each with one long-poll parked (m0 the longest waiting)."""
+    for i in range(n):
+        await h.register({"X-Api-Key": f"key-{i}"})
+    polls = []
+    for i in range(n):  # one at a time: m0 has waited longest
+        polls.append(asyncio.create_task(h.poll({"X-Api-Key": f"key-{i}"}, wait=wait)))
+        await h.parked(i + 1)
+    return polls
+
+
+@pytest.mark.sqlite_only  # on PostgreSQL units run on threads: a woken poll claims for itself
+async def test_a_submit_hands_its_job_to_the_longest_waiting_poll_in_its_own_transaction(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    async with harness(tmp_path, fleet_keys(3)) as h:
+        polls = await parked_fleet(h, 3)
+        writes = count_writes(h, monkeypatch)
+        job = await h.submit()
+        done, _ = await asyncio.wait(polls, timeout=5, return_when=asyncio.FIRST_COMPLETED)
+        assert [t.result().json()["job_id"] for t in done] == [job["job_id"]] and done.pop() is polls[0]
+        assert writes == ["tx_submit"]  # no claim of its own: one commit between the submit and the miner
+        row = await h.coord.db.read(ac.get_job, job["job_id"])
+        assert row["state"] == "RUNNING" and row["attempts"] == 1
+        r = await h.client.post(f"/v1/miners/{job['job_id']}/result", json={"result": {}}, headers={"X-Api-Key": "key-0"})
+        assert r.status_code == 200, r.text
+        h.coord.hub.close()
+        await asyncio.gather(*polls)
+
+
+@pytest.mark.sqlite_only
+async def test_a_handed_poll_gets_the_oldest_job_it_can_run_and_the_new_one_wakes_the_next(
+        tmp_path: Path) -> None:
+    async with harness(tmp_path, fleet_keys(2)) as h:
+        polls = await parked_fleet(h, 2)
+        # a job queued whose wake-up has not reached the hub (as if it were still on the way)
+        older = await h.coord.db.write(ac.tx_submit, "c", "{}", ac.compact_json({}), ac.shape_of({}), 60_000,
+                                       h.coord.now(), None, 0)
+        h.coord.matcher.queue([older.wake.queued[0][2]])
+        newer = await h.submit()
+        await asyncio.wait_for(asyncio.gather(*polls), 5)
+        assert [p.result().json()["job_id"] for p in polls] == [older.value["job_id"], newer["job_id"]]
+
+
+@pytest.mark.sqlite_only
+async def test_a_hand_off_whose_commit_fails_leaves_the_poll_waiting_for_the_next_job(tmp_path: Path) -> None:
+    async with harness(tmp_path, fleet_keys(1)) as h:
+        (poll,) = await parked_fleet(h, 1, wait=30)
+        with failing_commits(h.coord.db) as failed:
+            r = await h.client.post("/v1/jobs", json={"payload": {}}, headers=CLIENT)
+        assert r.status_code == 503 and failed and not h.coord.hub.handing
+        await h.parked(1)  # it was given back, claimed (nothing was committed) and parked again
+        job = await h.submit()
+        assert (await asyncio.wait_for(poll, 5)).json()["job_id"] == job["job_id"]
+
+
+@pytest.mark.sqlite_only
+async def test_a_poll_whose_time_runs_out_during_its_hand_off_still_gets_the_job(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    async with harness(tmp_path, fleet_keys(1)) as h:
+        (poll,) = await parked_fleet(h, 1, wait=0.3)
+        original = ac.claim
+
+        def slow(*args: Any) -> Any:
+            time.sleep(0.5)  # the poll's deadline passes while the submit's transaction is open
+            return original(*args)
+
+        monkeypatch.setattr(ac, "claim", slow)
+        job = await h.submit()
+        r = await asyncio.wait_for(poll, 5)
+        assert r.status_code == 200 and r.json()["job_id"] == job["job_id"]  # not a 204 with the job lost to it

@@ -306,13 +306,13 @@ async def test_one_queued_job_wakes_one_waiting_miner(tmp_path, monkeypatch: pyt
         waiting = [asyncio.create_task(h.poll(miner(i), wait=20)) for i in range(3)]
         await h.parked(3)
         claims: list[str] = []
-        original = ac.tx_poll
+        original = ac.claim
 
         def counting(*args: Any) -> Any:
             claims.append(args[1])
             return original(*args)
 
-        monkeypatch.setattr(ac, "tx_poll", counting)
+        monkeypatch.setattr(ac, "claim", counting)  # a poll's own claim, or one made for it by a submit
         job = await h.submit()
         await asyncio.wait(waiting, timeout=5, return_when=asyncio.FIRST_COMPLETED)
         await asyncio.sleep(0.05)  # room for any other (wrongly woken) poll to reach the database
