@@ -734,7 +734,6 @@ class Outcome:
     value: Any = None
     wake: Wake = dataclasses.field(default_factory=Wake)
     error: ApiError | ConfigError | None = None
-    handed: tuple[Any, Any] | None = None  # (Waiter, job row): a job claimed for a parked poll, to give it
 
 
 # === Database ===
@@ -962,6 +961,7 @@ class Database:
     def __init__(self, path: str, synchronous: str = "FULL") -> None:
         self.path, self.synchronous = path, synchronous
         self.abort_hooks: list[Callable[[], None]] = []  # run after a batch failed to commit
+        self.commit_hooks: list[Callable[[], None]] = []  # run once a batch has committed, before its units' answers
         self.commit_observer: Callable[[int, float], None] | None = None  # (units, seconds) per commit
         self._pending: list[tuple[Callable[..., Any], tuple[Any, ...], asyncio.Future[Any]]] = []
         self._alone: list[tuple[Callable[..., Any], tuple[Any, ...], asyncio.Future[Any]]] = []
@@ -1079,6 +1079,8 @@ class Database:
             committed = self._loop.create_future()
             self._commits.put(committed)
             await committed  # raises what COMMIT raised
+            for hook in self.commit_hooks:  # (not the units' awaiters: one may have gone, its request cancelled)
+                hook()
             if self.commit_observer is not None:
                 self.commit_observer(len(batch), time.perf_counter() - started)
         except sqlite3.Error as exc:  # nothing of this batch is durable, so nothing is acknowledged
@@ -3771,7 +3773,8 @@ class PollHub:
         self.by_miner: dict[str, dict[Waiter, None]] = {}
         self.kinds: dict[str, KindQueue] = {}  # ready and parked, the longest-waiting first
         self.tickets = 0  # entries made in the kinds' queues
-        self.handing: dict[Waiter, None] = {}  # taken for a hand-off whose transaction is not committed yet
+        # taken for a hand-off whose transaction is not committed yet: the job claimed for each (None while claiming)
+        self.handing: dict[Waiter, Any] = {}
         self.fits: dict[tuple[str, str], bool] = {}
         self.queued_version = 0  # newly queued jobs notified so far
         self.recent: collections.deque[tuple[int, str]] = collections.deque(maxlen=self.RECENT)
@@ -3901,11 +3904,22 @@ class PollHub:
             self.handing[waiter] = None
         return waiter
 
-    def deliver(self, waiter: Waiter, job: Any) -> None:
-        """The transaction that claimed `job` for a taken poll has committed: the poll answers with it."""
-        self.handing.pop(waiter, None)
-        waiter.handed = job
-        waiter.event.set()
+    def hold(self, waiter: Waiter, job: Any) -> None:
+        """`job` was claimed for the taken `waiter`: it is the poll's once the transaction commits."""
+        self.handing[waiter] = job
+
+    def deliver_all(self) -> list[tuple[str, Any]]:
+        """The transaction that claimed the held jobs has committed: each poll answers with its job.
+        Returns (miner id, job) for each whose poll ended meanwhile (its client gone): nobody holds those."""
+        orphans = []
+        for waiter, job in self.handing.items():
+            if waiter in self.by_miner.get(waiter.miner_id, ()):
+                waiter.handed = job
+                waiter.event.set()
+            else:
+                orphans.append((waiter.miner_id, job))
+        self.handing.clear()
+        return orphans
 
     def give_back(self, waiter: Waiter) -> None:
         """No job was claimed for a taken poll (or its transaction was undone): it claims for itself."""
@@ -4173,7 +4187,7 @@ def hand_to_parked(conn: sqlite3.Connection, out: Outcome, now: int, hub: PollHu
     if claimed is None or claimed[0] is None:
         hub.give_back(waiter)
         return
-    out.handed = (waiter, claimed[0])
+    hub.hold(waiter, claimed[0])  # delivered by the commit (Coordinator.deliver_hand_offs)
     if claimed[0]["job_id"] == job_id:
         out.wake.queued.clear()
 
@@ -5288,10 +5302,13 @@ class Coordinator:
         self.log_edge = LogEdge()
         self.log_damage: str | None = None  # why the receipt log is damaged, as first found (logged once)
         self.db.abort_hooks += [self.matcher.reset, self.log_edge.reset, self.hub.give_back_all]
+        if self.hand_off is not None:
+            self.db.commit_hooks.append(self.deliver_hand_offs)
         # On PostgreSQL other instances may share the database: wake-ups go to them and come from them
         self.peers = (Peers(settings.postgres_url, self.peer_wake, self.hub.wake_all, self.db.notify)  # type: ignore[attr-defined]
                       if settings.postgres_url else None)
         self._peer_reads: set[asyncio.Task[None]] = set()
+        self._releases: set[asyncio.Task[None]] = set()  # jobs handed to polls that had ended (deliver_hand_offs)
         # PostgreSQL: silence is judged on the database server's clock, the one clock instances share,
         # estimated here as its reading at an anchor plus the monotonic time since (db_time)
         self.db_anchor = (0, 0.0)  # (database clock, Unix ms; monotonic s) when it was last read
@@ -5514,8 +5531,6 @@ class Coordinator:
             self.note_log_damage(exc)
             raise
         self.slots_changed.update(out.wake.miners)
-        if out.handed is not None:
-            self.hub.deliver(*out.handed)
         if out.wake:  # nothing changed that could give anyone work: nobody to wake
             if out.wake.queued:  # (a slot freed alone queues nothing: PostgreSQL's hint stays as it is)
                 self.matcher.queue(job[2] for job in out.wake.queued)
@@ -5528,6 +5543,23 @@ class Coordinator:
             finally:
                 del out  # the traceback holds this frame: the frame must not hold the error (a cycle)
         return out.value
+
+    def deliver_hand_offs(self) -> None:
+        """A batch committed (Database.commit_hooks): its hand-offs reach their polls. A job handed to a
+        poll that ended before the commit goes back to the queue, as miner_poll's does for a poll whose
+        client has gone."""
+        for miner_id, job in self.hub.deliver_all():
+            log.info("poll of %s ended before its hand-off committed; job %s back in the queue", miner_id, job["job_id"])
+            task = asyncio.get_running_loop().create_task(self._release_orphan(miner_id, job["job_id"]))
+            self._releases.add(task)
+            task.add_done_callback(self._releases.discard)
+
+    async def _release_orphan(self, miner_id: str, job_id: str) -> None:
+        try:
+            await self.apply(tx_release, miner_id, job_id)
+        except Exception as exc:  # noqa: BLE001 - its lease ends it, as any job whose miner went away
+            log.warning("job %s, handed to a poll of %s that had ended, not put back (%s): its lease ends it",
+                        job_id, miner_id, exc)
 
     def peer_wake(self, wake: Wake) -> None:
         """What another instance committed (Peers): wake the polls here it concerns. A job sent without

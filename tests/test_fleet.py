@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sqlite3
 import sys
 import threading
 import time
@@ -710,3 +711,51 @@ async def test_a_poll_whose_time_runs_out_during_its_hand_off_still_gets_the_job
         job = await h.submit()
         r = await asyncio.wait_for(poll, 5)
         assert r.status_code == 200 and r.json()["job_id"] == job["job_id"]  # not a 204 with the job lost to it
+
+
+@pytest.mark.sqlite_only
+async def test_a_hand_off_whose_submit_request_went_away_before_the_commit_still_reaches_the_poll(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    async with harness(tmp_path, fleet_keys(1)) as h:
+        (poll,) = await parked_fleet(h, 1, wait=0.5)
+        loop, original = asyncio.get_running_loop(), ac.claim
+        submit: list[asyncio.Task[Any]] = []
+
+        def then_cancel(*args: Any) -> Any:
+            loop.call_soon(submit[0].cancel)  # the submitter's request is cancelled while the commit runs
+            return original(*args)
+
+        monkeypatch.setattr(ac, "claim", then_cancel)
+        submit.append(asyncio.create_task(h.coord.apply(
+            ac.tx_submit, "c", "{}", ac.compact_json({}), ac.shape_of({}), 60_000, h.coord.now(), None, 0, None,
+            h.coord.hand_off)))
+        with pytest.raises(asyncio.CancelledError):
+            await submit[0]
+        r = await asyncio.wait_for(poll, 5)  # the commit, not the submitter's coroutine, hands the job over
+        assert r.status_code == 200 and not h.coord.hub.handing
+        row = await h.coord.db.read(ac.get_job, r.json()["job_id"])
+        assert row["state"] == "RUNNING" and row["assigned_miner_id"] == "m0"
+
+
+@pytest.mark.sqlite_only
+async def test_a_hand_off_whose_poll_ended_before_the_commit_puts_the_job_back_in_the_queue(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    async with harness(tmp_path, fleet_keys(1)) as h:
+        (poll,) = await parked_fleet(h, 1, wait=30)
+        loop, original = asyncio.get_running_loop(), ac.claim
+
+        def then_cancel_poll(*args: Any) -> Any:
+            loop.call_soon(poll.cancel)  # the poll's request ends while the submit's commit runs
+            return original(*args)
+
+        monkeypatch.setattr(ac, "claim", then_cancel_poll)
+        job = await h.submit()
+        with pytest.raises(asyncio.CancelledError):
+            await poll
+        monkeypatch.setattr(ac, "claim", original)
+        for _ in range(200):  # the release is a unit of its own, after the commit
+            if (await h.coord.db.read(ac.get_job, job["job_id"]))["state"] == "QUEUED":
+                break
+            await asyncio.sleep(0.01)
+        assert (await h.take({"X-Api-Key": "key-0"}))["job_id"] == job["job_id"]  # not held by nobody until its lease ends
+
