@@ -4183,6 +4183,9 @@ def hand_to_parked(conn: sqlite3.Connection, out: Outcome, now: int, hub: PollHu
         claimed = claim(conn, waiter.miner_id, now, matcher)
     except BaseException:
         hub.give_back(waiter)
+        # the unit is undone, the shape it may have made too, whose id the next new shape takes: the
+        # matcher read it inside this unit and must not keep it
+        matcher.reset()
         raise
     if claimed is None or claimed[0] is None:
         hub.give_back(waiter)

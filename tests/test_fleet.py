@@ -759,3 +759,26 @@ async def test_a_hand_off_whose_poll_ended_before_the_commit_puts_the_job_back_i
             await asyncio.sleep(0.01)
         assert (await h.take({"X-Api-Key": "key-0"}))["job_id"] == job["job_id"]  # not held by nobody until its lease ends
 
+
+@pytest.mark.sqlite_only
+async def test_a_hand_off_whose_claim_fails_leaves_no_shape_of_its_undone_submit_in_the_matcher(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    async with harness(tmp_path, fleet_keys(1)) as h:
+        await h.register({"X-Api-Key": "key-0"}, region="eu")
+        poll = asyncio.create_task(h.poll({"X-Api-Key": "key-0"}, wait=30))
+        await h.parked(1)
+        original = ac.assign_job
+
+        def failing(*args: Any) -> Any:
+            raise sqlite3.OperationalError("disk I/O error")  # after the matcher read the submit's new shape
+
+        monkeypatch.setattr(ac, "assign_job", failing)
+        r = await h.client.post("/v1/jobs", json={"payload": {}, "constraints": {"region": "eu"}}, headers=CLIENT)
+        monkeypatch.setattr(ac, "assign_job", original)
+        # whether the submit stands or not, no shape the matcher knows may differ from the committed one
+        await h.parked(1)
+        us = await h.submit(constraints={"region": "us"})  # a new shape (the undone one's id, if it was undone)
+        eu = await h.submit(constraints={"region": "eu"})
+        got = (await asyncio.wait_for(poll, 5)).json()["job_id"]
+        assert got != us["job_id"]  # never a job the miner cannot run
+        assert got in {eu["job_id"], *([r.json()["job_id"]] if r.status_code == 201 else [])}
