@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -713,19 +714,26 @@ async def test_a_poll_whose_time_runs_out_during_its_hand_off_still_gets_the_job
         assert r.status_code == 200 and r.json()["job_id"] == job["job_id"]  # not a 204 with the job lost to it
 
 
+def cancel_during_hand_off(monkeypatch: pytest.MonkeyPatch, task: Callable[[], asyncio.Task[Any]]) -> Any:
+    """From now on, a hand-off's claim cancels task() as it runs: while the submit's commit is under
+    way. Returns the real claim()."""
+    loop, original = asyncio.get_running_loop(), ac.claim
+
+    def then_cancel(*args: Any) -> Any:
+        loop.call_soon(task().cancel)
+        return original(*args)
+
+    monkeypatch.setattr(ac, "claim", then_cancel)
+    return original
+
+
 @pytest.mark.sqlite_only
 async def test_a_hand_off_whose_submit_request_went_away_before_the_commit_still_reaches_the_poll(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     async with harness(tmp_path, fleet_keys(1)) as h:
         (poll,) = await parked_fleet(h, 1, wait=0.5)
-        loop, original = asyncio.get_running_loop(), ac.claim
         submit: list[asyncio.Task[Any]] = []
-
-        def then_cancel(*args: Any) -> Any:
-            loop.call_soon(submit[0].cancel)  # the submitter's request is cancelled while the commit runs
-            return original(*args)
-
-        monkeypatch.setattr(ac, "claim", then_cancel)
+        cancel_during_hand_off(monkeypatch, lambda: submit[0])  # the submitter's request is cancelled
         submit.append(asyncio.create_task(h.coord.apply(
             ac.tx_submit, "c", "{}", ac.compact_json({}), ac.shape_of({}), 60_000, h.coord.now(), None, 0, None,
             h.coord.hand_off)))
@@ -742,13 +750,7 @@ async def test_a_hand_off_whose_poll_ended_before_the_commit_puts_the_job_back_i
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     async with harness(tmp_path, fleet_keys(1)) as h:
         (poll,) = await parked_fleet(h, 1, wait=30)
-        loop, original = asyncio.get_running_loop(), ac.claim
-
-        def then_cancel_poll(*args: Any) -> Any:
-            loop.call_soon(poll.cancel)  # the poll's request ends while the submit's commit runs
-            return original(*args)
-
-        monkeypatch.setattr(ac, "claim", then_cancel_poll)
+        original = cancel_during_hand_off(monkeypatch, lambda: poll)  # the poll's request ends
         job = await h.submit()
         with pytest.raises(asyncio.CancelledError):
             await poll
